@@ -1,0 +1,1247 @@
+//! Throughput, latency and idle-cost benchmark for the `ai-cmd-executor` worker.
+//!
+//! Run with `cargo bench --bench throughput` (or `scripts/bench.sh [--quick]`).
+//! The benchmark drives the real worker binary through its public interface
+//! only: it starts `ai-cmd-executor run --spool DIR [--config FILE]` on a fresh
+//! temporary spool, drops job files into `DIR/pending/` (write to `DIR/tmp/`,
+//! then rename), and watches `DIR/completed/` with inotify for the results.
+//!
+//! Sections, all in one run on one machine:
+//!
+//! 1. **Throughput** of `N` jobs of `true` at parallelism 1 and 2, compared with
+//!    a raw reference (a tight `bash -c true` spawn+wait loop in this process,
+//!    measured seconds before).
+//! 2. **Latency** of single jobs dropped into an idle worker: drop to
+//!    `started_at`, drop to result file, and result latency minus a bare
+//!    `bash -c true`; once with the spool on the default temp dir (disk) and
+//!    once under `/dev/shm` (tmpfs). The cost of write+fsync of a small file
+//!    next to the spool is printed as the durability floor.
+//! 3. **Idle** cost after a warm-up: RSS, CPU time and wake-ups (context
+//!    switches over all threads) over an idle window, with `RUST_BACKTRACE`
+//!    unset and set to `1`.
+//!
+//! Environment overrides: `BENCH_JOBS` (default 1000), `BENCH_IDLE_SECS`
+//! (default 30), `BENCH_LATENCY_SAMPLES` (default 200).
+//!
+//! Every figure is printed with its target and PASS/MISS. The benchmark never
+//! fails on a MISS; it exits non-zero only when the worker does not process
+//! jobs (dies, or a result does not appear before a deadline). Every worker
+//! it starts is stopped on every exit path (see [`Worker`]).
+
+#![warn(missing_docs)]
+
+use std::collections::{HashMap, HashSet};
+use std::fs::{self, File};
+use std::io::{self, Write as _};
+use std::os::fd::AsFd as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::{Duration, Instant, SystemTime};
+
+use anyhow::{Context as _, Result, anyhow, bail, ensure};
+use inotify::{EventMask, Inotify, WatchMask};
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+use tempfile::TempDir;
+use tokio::signal::unix::{SignalKind, signal};
+
+/// The worker binary under test, built by cargo for this bench.
+const WORKER_BIN: &str = env!("CARGO_BIN_EXE_ai-cmd-executor");
+
+/// Job file body used for every benchmark job.
+const TRUE_JOB: &[u8] = br#"{"command": "true"}"#;
+
+/// Default number of jobs per throughput run (`BENCH_JOBS` overrides).
+const DEFAULT_JOBS: usize = 1000;
+
+/// Default idle window in seconds (`BENCH_IDLE_SECS` overrides).
+const DEFAULT_IDLE_SECS: f64 = 30.0;
+
+/// Default number of latency samples (`BENCH_LATENCY_SAMPLES` overrides).
+const DEFAULT_LATENCY_SAMPLES: usize = 200;
+
+/// Parallelism levels for the throughput section.
+const PARALLELISM: [usize; 2] = [1, 2];
+
+/// Number of bare `bash -c true` runs used as the spawn-cost reference.
+const BARE_SPAWN_SAMPLES: usize = 200;
+
+/// Number of write+fsync probes for the durability floor.
+const FSYNC_SAMPLES: usize = 100;
+
+/// Size of the write+fsync probe file (about the size of a result file).
+const FSYNC_PROBE_BYTES: usize = 300;
+
+/// Pause between latency samples, so each job lands on an idle worker that
+/// has finished any bookkeeping after writing the previous result.
+const LATENCY_GAP: Duration = Duration::from_millis(2);
+
+/// Number of warm-up jobs before the idle window.
+const IDLE_WARMUP_JOBS: usize = 100;
+
+/// Pause between the end of the idle warm-up and the start of the window.
+const IDLE_SETTLE: Duration = Duration::from_secs(1);
+
+/// Sampling period of the per-thread counters during the idle window.
+const IDLE_SAMPLE_PERIOD: Duration = Duration::from_millis(100);
+
+/// How long a fresh worker may take to create its spool and run a warm-up job.
+const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Fail when no awaited result has appeared for this long.
+const STALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long the malformed idle warm-up job may stay in `pending/`/`running/`.
+const MALFORMED_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How long a worker gets to exit after SIGTERM before it is SIGKILLed.
+const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Target: worker throughput / raw throughput.
+const TARGET_RATIO: f64 = 0.85;
+
+/// Target: p50 of drop -> `started_at`, in ms.
+const TARGET_START_P50_MS: f64 = 0.5;
+
+/// Target: p50 of result latency minus bare spawn, in ms.
+const TARGET_OVERHEAD_P50_MS: f64 = 0.5;
+
+/// Target: idle VmRSS, in KiB (8 MiB).
+const TARGET_RSS_KIB: u64 = 8 * 1024;
+
+/// Target: context switches over all worker threads during the idle window.
+const TARGET_IDLE_WAKEUPS: u64 = 0;
+
+fn main() -> ExitCode {
+    match run() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(err) => {
+            let _ = io::stdout().flush();
+            eprintln!("\nbenchmark FAILED: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Runs all sections in order and prints the report.
+fn run() -> Result<()> {
+    install_interrupt_handler()?;
+    let settings = Settings::from_env()?;
+    let mut report = Report::default();
+
+    println!("ai-cmd-executor benchmark");
+    println!("machine: {}", machine_line());
+    println!("worker:  {WORKER_BIN}");
+    println!(
+        "settings: BENCH_JOBS={} BENCH_IDLE_SECS={} BENCH_LATENCY_SAMPLES={}",
+        settings.jobs,
+        settings.idle.as_secs_f64(),
+        settings.latency_samples
+    );
+
+    report.section(&format!("1. Throughput: {} jobs of `true`", settings.jobs));
+    for p in PARALLELISM {
+        throughput(&mut report, settings.jobs, p)?;
+    }
+
+    report.section(&format!(
+        "2. Latency: {} jobs dropped one at a time into an idle worker (P=1)",
+        settings.latency_samples
+    ));
+    latency(
+        &mut report,
+        "disk (default temp dir)",
+        None,
+        settings.latency_samples,
+    )?;
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        latency(
+            &mut report,
+            "tmpfs (/dev/shm)",
+            Some(shm),
+            settings.latency_samples,
+        )?;
+    } else {
+        println!("\n  [tmpfs] skipped: /dev/shm does not exist");
+    }
+
+    report.section(&format!(
+        "3. Idle: {:.0} s window after {} jobs + 1 malformed job",
+        settings.idle.as_secs_f64(),
+        IDLE_WARMUP_JOBS
+    ));
+    idle(&mut report, Backtrace::Removed, settings.idle)?;
+    idle(&mut report, Backtrace::Enabled, settings.idle)?;
+
+    report.summary();
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Interruption
+// ---------------------------------------------------------------------------
+
+/// Set when SIGINT, SIGTERM or SIGHUP arrives; checked by every wait loop.
+static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Starts a thread that catches SIGINT, SIGTERM and SIGHUP and sets
+/// [`INTERRUPTED`] instead of letting them kill the benchmark.
+///
+/// The wait loops then fail with "interrupted", and the normal return path
+/// drops every [`Worker`] guard and temporary spool. The handlers are
+/// installed with tokio's signal support (no `unsafe`, no blocked signal mask,
+/// which children would inherit: a worker spawned with SIGTERM blocked could
+/// not be stopped). Returns once the handlers are in place.
+fn install_interrupt_handler() -> Result<()> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<io::Result<()>>();
+    thread::Builder::new()
+        .name("bench-signals".to_owned())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let streams = [
+                    SignalKind::interrupt(),
+                    SignalKind::terminate(),
+                    SignalKind::hangup(),
+                ]
+                .map(signal);
+                let [Ok(mut int), Ok(mut term), Ok(mut hup)] = streams else {
+                    let err = streams.into_iter().find_map(Result::err);
+                    let _ = ready_tx.send(Err(err.unwrap_or_else(|| io::Error::other("signal"))));
+                    return;
+                };
+                let _ = ready_tx.send(Ok(()));
+                loop {
+                    let name = tokio::select! {
+                        _ = int.recv() => "SIGINT",
+                        _ = term.recv() => "SIGTERM",
+                        _ = hup.recv() => "SIGHUP",
+                    };
+                    eprintln!("\n{name} received: stopping workers");
+                    INTERRUPTED.store(true, Ordering::Relaxed);
+                }
+            });
+        })
+        .context("starting the signal thread")?;
+    ready_rx
+        .recv()
+        .context("signal thread died")?
+        .context("installing signal handlers")
+}
+
+/// Fails once the benchmark has been interrupted.
+fn check_interrupted() -> Result<()> {
+    if INTERRUPTED.load(Ordering::Relaxed) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// Settings and report
+// ---------------------------------------------------------------------------
+
+/// Knobs read from the environment.
+struct Settings {
+    /// Jobs per throughput run.
+    jobs: usize,
+    /// Length of the idle window.
+    idle: Duration,
+    /// Number of latency samples per spool location.
+    latency_samples: usize,
+}
+
+impl Settings {
+    /// Reads `BENCH_JOBS`, `BENCH_IDLE_SECS` and `BENCH_LATENCY_SAMPLES`.
+    fn from_env() -> Result<Self> {
+        let jobs = env_or("BENCH_JOBS", DEFAULT_JOBS)?;
+        let idle_secs = env_or("BENCH_IDLE_SECS", DEFAULT_IDLE_SECS)?;
+        let latency_samples = env_or("BENCH_LATENCY_SAMPLES", DEFAULT_LATENCY_SAMPLES)?;
+        ensure!(jobs >= 1, "BENCH_JOBS must be at least 1");
+        ensure!(
+            idle_secs.is_finite() && idle_secs > 0.0,
+            "BENCH_IDLE_SECS must be a positive number"
+        );
+        ensure!(
+            latency_samples >= 1,
+            "BENCH_LATENCY_SAMPLES must be at least 1"
+        );
+        Ok(Self {
+            jobs,
+            idle: Duration::from_secs_f64(idle_secs),
+            latency_samples,
+        })
+    }
+}
+
+/// Parses environment variable `name`, or returns `default` when it is unset or empty.
+fn env_or<T>(name: &str, default: T) -> Result<T>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    match std::env::var(name) {
+        Ok(v) if !v.trim().is_empty() => v
+            .trim()
+            .parse()
+            .map_err(|e| anyhow!("invalid {name}={v:?}: {e}")),
+        _ => Ok(default),
+    }
+}
+
+/// Prints report rows as they are measured and counts PASS/MISS.
+#[derive(Default)]
+struct Report {
+    /// Figures that met their target.
+    pass: usize,
+    /// Figures that missed their target.
+    miss: usize,
+}
+
+impl Report {
+    /// Prints a section heading.
+    fn section(&self, title: &str) {
+        println!("\n== {title}");
+    }
+
+    /// Prints a sub-heading inside a section.
+    fn group(&self, title: &str) {
+        println!("\n  [{title}]");
+    }
+
+    /// Prints a figure with its target and PASS/MISS.
+    fn check(&mut self, name: &str, value: String, target: String, ok: bool) {
+        let verdict = if ok {
+            self.pass += 1;
+            "PASS"
+        } else {
+            self.miss += 1;
+            "MISS"
+        };
+        println!("    {name:<46} {value:>18}   target {target:<12} {verdict}");
+    }
+
+    /// Prints an informational figure that has no target.
+    fn info(&self, name: &str, value: String) {
+        println!("    {name:<46} {value:>18}   target -");
+    }
+
+    /// Prints a free-form note.
+    fn note(&self, text: &str) {
+        println!("    note: {text}");
+    }
+
+    /// Prints the PASS/MISS totals.
+    fn summary(&self) {
+        println!(
+            "\n== Summary: {} PASS, {} MISS (the benchmark reports; it does not assert)",
+            self.pass, self.miss
+        );
+    }
+}
+
+/// Describes the machine: nproc, CPU model and kernel.
+fn machine_line() -> String {
+    let nproc = thread::available_parallelism().map_or(0, |n| n.get());
+    let cpu = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".to_owned());
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".to_owned());
+    format!("nproc={nproc} cpu=\"{cpu}\" kernel={kernel}")
+}
+
+// ---------------------------------------------------------------------------
+// Statistics
+// ---------------------------------------------------------------------------
+
+/// Order statistics of a sample set, in the unit of the samples.
+struct Stats {
+    /// Median (nearest rank).
+    p50: f64,
+    /// 99th percentile (nearest rank).
+    p99: f64,
+    /// Largest sample.
+    max: f64,
+}
+
+impl Stats {
+    /// Computes the statistics of `samples` (must be non-empty).
+    fn of(mut samples: Vec<f64>) -> Self {
+        assert!(!samples.is_empty(), "no samples");
+        samples.sort_by(f64::total_cmp);
+        Self {
+            p50: percentile(&samples, 50.0),
+            p99: percentile(&samples, 99.0),
+            max: samples[samples.len() - 1],
+        }
+    }
+}
+
+/// Nearest-rank percentile of sorted, non-empty `sorted`.
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// Formats milliseconds with microsecond resolution.
+fn ms(v: f64) -> String {
+    format!("{v:.3} ms")
+}
+
+/// `later - earlier` in milliseconds, negative when `later` is earlier.
+fn signed_ms(later: SystemTime, earlier: SystemTime) -> f64 {
+    match later.duration_since(earlier) {
+        Ok(d) => d.as_secs_f64() * 1e3,
+        Err(e) => -e.duration().as_secs_f64() * 1e3,
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Worker process, spool and result watcher
+// ---------------------------------------------------------------------------
+
+/// How the worker's environment treats `RUST_BACKTRACE`.
+#[derive(Clone, Copy)]
+enum Backtrace {
+    /// Inherit whatever the benchmark was started with.
+    Inherit,
+    /// `RUST_BACKTRACE` removed from the worker's environment.
+    Removed,
+    /// `RUST_BACKTRACE=1` in the worker's environment.
+    Enabled,
+}
+
+impl Backtrace {
+    /// Label for the report.
+    fn label(self) -> &'static str {
+        match self {
+            Backtrace::Inherit => "RUST_BACKTRACE inherited",
+            Backtrace::Removed => "RUST_BACKTRACE unset",
+            Backtrace::Enabled => "RUST_BACKTRACE=1",
+        }
+    }
+}
+
+/// Guard around a running worker process.
+///
+/// Dropping it sends SIGTERM, waits up to [`STOP_GRACE`], then SIGKILLs and
+/// reaps the process, so no worker outlives the benchmark on any exit path
+/// (error, panic, normal return, or SIGINT/SIGTERM/SIGHUP to the benchmark,
+/// which [`install_interrupt_handler`] turns into an error).
+struct Worker {
+    /// The worker process.
+    child: Child,
+    /// File that receives the worker's stdout and stderr.
+    log: PathBuf,
+}
+
+impl Worker {
+    /// Starts `ai-cmd-executor run --spool SPOOL [--config CONFIG]`.
+    fn start(
+        spool: &Path,
+        config: Option<&Path>,
+        log: &Path,
+        backtrace: Backtrace,
+    ) -> Result<Self> {
+        let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let err = out.try_clone()?;
+        let mut cmd = Command::new(WORKER_BIN);
+        cmd.arg("run").arg("--spool").arg(spool);
+        if let Some(config) = config {
+            cmd.arg("--config").arg(config);
+        }
+        // Only RUST_BACKTRACE varies between runs; anyhow also reads this one.
+        cmd.env_remove("RUST_LIB_BACKTRACE");
+        match backtrace {
+            Backtrace::Inherit => {}
+            Backtrace::Removed => {
+                cmd.env_remove("RUST_BACKTRACE");
+            }
+            Backtrace::Enabled => {
+                cmd.env("RUST_BACKTRACE", "1");
+            }
+        }
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("starting worker {WORKER_BIN}"))?;
+        Ok(Self {
+            child,
+            log: log.to_owned(),
+        })
+    }
+
+    /// The worker's process id.
+    fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Fails if the worker has exited or the benchmark was interrupted.
+    fn check_alive(&mut self) -> Result<()> {
+        check_interrupted()?;
+        if let Some(status) = self.child.try_wait()? {
+            bail!("worker exited unexpectedly ({status}){}", self.log_tail());
+        }
+        Ok(())
+    }
+
+    /// The last lines of the worker's output, formatted for an error message.
+    fn log_tail(&self) -> String {
+        const LINES: usize = 20;
+        match fs::read_to_string(&self.log) {
+            Ok(s) if !s.trim().is_empty() => {
+                let lines: Vec<&str> = s.lines().collect();
+                let start = lines.len().saturating_sub(LINES);
+                format!(
+                    "\n--- last worker output ({}) ---\n{}",
+                    self.log.display(),
+                    lines[start..].join("\n")
+                )
+            }
+            _ => "\n(worker printed nothing)".to_owned(),
+        }
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let pid = Pid::from_raw(self.child.id() as i32);
+            let _ = kill(pid, Signal::SIGTERM);
+            let deadline = Instant::now() + STOP_GRACE;
+            while Instant::now() < deadline {
+                match self.child.try_wait() {
+                    Ok(None) => thread::sleep(Duration::from_millis(5)),
+                    _ => return,
+                }
+            }
+            eprintln!("worker {pid} ignored SIGTERM for {STOP_GRACE:?}; sending SIGKILL");
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// A spool directory seen from the submitting side.
+struct Spool {
+    /// The spool root (`--spool DIR`).
+    dir: PathBuf,
+}
+
+impl Spool {
+    /// Path of a sub-directory of the spool.
+    fn sub(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Whether the worker has created the directories the benchmark uses.
+    fn is_ready(&self) -> bool {
+        ["tmp", "pending", "completed"]
+            .iter()
+            .all(|d| self.sub(d).is_dir())
+    }
+
+    /// Submits a job: writes `body` to `tmp/<id>` and renames it to `pending/<id>.json`.
+    fn submit(&self, id: &str, body: &[u8]) -> Result<()> {
+        let tmp = self.dir.join("tmp").join(id);
+        fs::write(&tmp, body).with_context(|| format!("writing {}", tmp.display()))?;
+        let dst = self.dir.join("pending").join(format!("{id}.json"));
+        fs::rename(&tmp, &dst).with_context(|| format!("renaming into {}", dst.display()))
+    }
+
+    /// Path of the result file of job `id`.
+    fn result_path(&self, id: &str) -> PathBuf {
+        self.dir.join("completed").join(format!("{id}.json"))
+    }
+
+    /// Reads and parses the result of job `id`.
+    fn result(&self, id: &str) -> Result<JobResult> {
+        let path = self.result_path(id);
+        let text =
+            fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
+        let raw: Value =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        let time = |key: &str| -> Result<SystemTime> {
+            let s = raw
+                .get(key)
+                .and_then(Value::as_str)
+                .ok_or_else(|| anyhow!("result {id}: no string `{key}`: {raw}"))?;
+            humantime::parse_rfc3339(s).with_context(|| format!("result {id}: bad `{key}` {s:?}"))
+        };
+        Ok(JobResult {
+            status: raw
+                .get("status")
+                .and_then(Value::as_str)
+                .unwrap_or("<missing>")
+                .to_owned(),
+            exit_code: raw.get("exit_code").and_then(Value::as_i64),
+            started_at: time("started_at").ok(),
+            finished_at: time("finished_at").ok(),
+            raw,
+        })
+    }
+
+    /// Reads the result of a `true` job and checks that it succeeded with timestamps.
+    fn succeeded(&self, id: &str) -> Result<(SystemTime, SystemTime)> {
+        let r = self.result(id)?;
+        ensure!(
+            r.status == "succeeded" && r.exit_code == Some(0),
+            "job {id} (`true`) did not succeed: {}",
+            r.raw
+        );
+        match (r.started_at, r.finished_at) {
+            (Some(s), Some(f)) => Ok((s, f)),
+            _ => bail!(
+                "job {id}: missing or invalid started_at/finished_at: {}",
+                r.raw
+            ),
+        }
+    }
+}
+
+/// The fields of a result file the benchmark uses.
+struct JobResult {
+    /// `status`, e.g. `"succeeded"`.
+    status: String,
+    /// `exit_code`, if any.
+    exit_code: Option<i64>,
+    /// `started_at`, if present and valid.
+    started_at: Option<SystemTime>,
+    /// `finished_at`, if present and valid.
+    finished_at: Option<SystemTime>,
+    /// The whole document, for error messages.
+    raw: Value,
+}
+
+/// Watches `completed/` for results (IN_MOVED_TO of `<id>.json`).
+struct ResultWatcher {
+    /// Inotify instance with one watch on `completed/`.
+    inotify: Inotify,
+    /// Event buffer.
+    buf: Vec<u8>,
+    /// The watched `completed/` directory, rescanned on queue overflow.
+    dir: PathBuf,
+    /// Number of inotify queue overflows seen.
+    overflows: usize,
+}
+
+impl ResultWatcher {
+    /// Starts watching `dir`.
+    fn new(dir: &Path) -> Result<Self> {
+        let inotify = Inotify::init().context("inotify_init")?;
+        inotify
+            .watches()
+            .add(dir, WatchMask::MOVED_TO)
+            .with_context(|| format!("watching {}", dir.display()))?;
+        Ok(Self {
+            inotify,
+            buf: vec![0; 64 * 1024],
+            dir: dir.to_owned(),
+            overflows: 0,
+        })
+    }
+
+    /// Waits until every id in `pending` has a result, removing ids as their
+    /// results appear; returns the instant the last one was observed.
+    ///
+    /// Fails when the worker exits or no awaited result appears for [`STALL_TIMEOUT`].
+    fn wait_all(&mut self, worker: &mut Worker, pending: &mut HashSet<String>) -> Result<Instant> {
+        let mut done_at = Instant::now();
+        let mut last_progress = Instant::now();
+        while !pending.is_empty() {
+            check_interrupted()?;
+            let ready = {
+                let mut fds = [PollFd::new(self.inotify.as_fd(), PollFlags::POLLIN)];
+                match poll(&mut fds, PollTimeout::from(100u16)) {
+                    Ok(n) => n > 0,
+                    Err(Errno::EINTR) => false,
+                    Err(e) => return Err(e).context("poll on inotify"),
+                }
+            };
+            let now = Instant::now();
+            if !ready {
+                worker.check_alive()?;
+                if last_progress.elapsed() > STALL_TIMEOUT {
+                    let mut missing: Vec<&String> = pending.iter().collect();
+                    missing.sort();
+                    missing.truncate(5);
+                    bail!(
+                        "no result for {STALL_TIMEOUT:?}; {} result(s) still missing (e.g. {missing:?}); \
+                         files in completed/: {}{}",
+                        pending.len(),
+                        count_results(&self.dir),
+                        worker.log_tail()
+                    );
+                }
+                continue;
+            }
+            let before = pending.len();
+            let events = match self.inotify.read_events(&mut self.buf) {
+                Ok(events) => events,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e).context("reading inotify events"),
+            };
+            let mut overflow = false;
+            for event in events {
+                if event.mask.contains(EventMask::Q_OVERFLOW) {
+                    overflow = true;
+                } else if let Some(id) = event.name.and_then(|n| n.to_str()).and_then(result_id) {
+                    pending.remove(id);
+                }
+            }
+            if overflow {
+                // Events were lost: fall back to listing the directory.
+                self.overflows += 1;
+                for entry in fs::read_dir(&self.dir)? {
+                    if let Some(id) = entry?.file_name().to_str().and_then(result_id) {
+                        pending.remove(id);
+                    }
+                }
+            }
+            if pending.len() < before {
+                done_at = now;
+                last_progress = now;
+            }
+        }
+        Ok(done_at)
+    }
+}
+
+/// The job id of a result file name (`<id>.json`, not a dot-prefixed temp file).
+fn result_id(name: &str) -> Option<&str> {
+    if name.starts_with('.') {
+        return None;
+    }
+    name.strip_suffix(".json")
+}
+
+/// Number of result files in `dir` (for error messages).
+fn count_results(dir: &Path) -> String {
+    match fs::read_dir(dir) {
+        Ok(entries) => entries
+            .filter_map(|e| e.ok())
+            .filter(|e| e.file_name().to_str().and_then(result_id).is_some())
+            .count()
+            .to_string(),
+        Err(e) => format!("unreadable ({e})"),
+    }
+}
+
+/// A worker running on its own fresh spool, ready to take jobs.
+///
+/// Fields drop in declaration order: the worker is stopped before the spool
+/// directory is deleted.
+struct Fixture {
+    /// The running worker.
+    worker: Worker,
+    /// Watcher on `completed/`.
+    watcher: ResultWatcher,
+    /// The spool.
+    spool: Spool,
+    /// Temporary directory holding the spool, config and worker log.
+    root: TempDir,
+}
+
+impl Fixture {
+    /// Creates a fresh spool (under `base`, or the default temp dir), starts a
+    /// worker on it with `max_parallel` (no config file when `None`) and waits
+    /// until it has created its directories and completed a warm-up job.
+    fn start(
+        base: Option<&Path>,
+        max_parallel: Option<usize>,
+        backtrace: Backtrace,
+    ) -> Result<Self> {
+        let mut builder = tempfile::Builder::new();
+        builder.prefix("ai-cmd-bench-");
+        let root = match base {
+            Some(base) => builder.tempdir_in(base),
+            None => builder.tempdir(),
+        }
+        .context("creating temporary spool directory")?;
+        let spool = Spool {
+            dir: root.path().join("spool"),
+        };
+        fs::create_dir(&spool.dir)?;
+        let config = match max_parallel {
+            Some(p) => {
+                let path = root.path().join("worker.toml");
+                fs::write(&path, format!("max_parallel = {p}\n"))?;
+                Some(path)
+            }
+            None => None,
+        };
+        let log = root.path().join("worker.log");
+        let mut worker = Worker::start(&spool.dir, config.as_deref(), &log, backtrace)?;
+
+        let deadline = Instant::now() + READY_TIMEOUT;
+        while !spool.is_ready() {
+            worker.check_alive()?;
+            if Instant::now() > deadline {
+                bail!(
+                    "worker did not create tmp/, pending/ and completed/ in {} within {READY_TIMEOUT:?}{}",
+                    spool.dir.display(),
+                    worker.log_tail()
+                );
+            }
+            thread::sleep(Duration::from_millis(1));
+        }
+        let mut watcher = ResultWatcher::new(&spool.sub("completed"))?;
+        spool.submit("warmup", TRUE_JOB)?;
+        let mut pending = HashSet::from(["warmup".to_owned()]);
+        watcher
+            .wait_all(&mut worker, &mut pending)
+            .context("waiting for the warm-up job")?;
+        spool.succeeded("warmup")?;
+        Ok(Self {
+            worker,
+            watcher,
+            spool,
+            root,
+        })
+    }
+}
+
+// ---------------------------------------------------------------------------
+// 1. Throughput
+// ---------------------------------------------------------------------------
+
+/// Runs `bash -c true` to completion once, with all stdio on /dev/null.
+fn bash_true() -> Result<()> {
+    check_interrupted()?;
+    let status = Command::new("bash")
+        .args(["-c", "true"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .context("running bash -c true")?;
+    ensure!(status.success(), "bash -c true failed: {status}");
+    Ok(())
+}
+
+/// Raw reference: `n` runs of `bash -c true` split over `p` threads, each a
+/// tight spawn+wait loop. Returns jobs/s.
+fn raw_throughput(n: usize, p: usize) -> Result<f64> {
+    let start = Instant::now();
+    thread::scope(|s| {
+        let handles: Vec<_> = (0..p)
+            .map(|t| {
+                let share = n / p + usize::from(t < n % p);
+                s.spawn(move || (0..share).try_for_each(|_| bash_true()))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .try_for_each(|h| h.join().map_err(|_| anyhow!("raw loop thread panicked"))?)
+    })?;
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+/// Measures raw and worker throughput for `n` jobs at parallelism `p`.
+fn throughput(report: &mut Report, n: usize, p: usize) -> Result<()> {
+    report.group(&format!("P={p}"));
+    let raw = raw_throughput(n, p)?;
+    report.info(
+        &format!("raw bash -c true loop ({p} thread(s))"),
+        format!("{raw:.1} jobs/s"),
+    );
+
+    let mut fx = Fixture::start(None, Some(p), Backtrace::Inherit)?;
+    let ids: Vec<String> = (0..n).map(|i| format!("tp{p}-{i:06}")).collect();
+    let mut pending: HashSet<String> = ids.iter().cloned().collect();
+
+    let start = Instant::now();
+    for id in &ids {
+        fx.spool.submit(id, TRUE_JOB)?;
+    }
+    let dropped = start.elapsed();
+    let last = fx
+        .watcher
+        .wait_all(&mut fx.worker, &mut pending)
+        .with_context(|| format!("throughput run P={p}"))?;
+    let elapsed = last - start;
+    let rate = n as f64 / elapsed.as_secs_f64();
+    let ratio = rate / raw;
+
+    report.info(
+        &format!("worker, max_parallel={p}"),
+        format!("{rate:.1} jobs/s"),
+    );
+    report.check(
+        "ratio worker/raw",
+        format!("{ratio:.3}"),
+        format!(">= {TARGET_RATIO}"),
+        ratio >= TARGET_RATIO,
+    );
+    report.info("first drop -> last result", ms(elapsed.as_secs_f64() * 1e3));
+    report.info(
+        &format!("time to drop all {n} jobs"),
+        ms(dropped.as_secs_f64() * 1e3),
+    );
+
+    // Diagnostics from the results' own timestamps (outside the timed part).
+    let mut runs = Vec::with_capacity(n);
+    for id in &ids {
+        runs.push(fx.spool.succeeded(id)?);
+    }
+    let busy_ms: f64 = runs.iter().map(|&(s, f)| signed_ms(f, s)).sum();
+    report.info("mean started_at -> finished_at", ms(busy_ms / n as f64));
+    report.info(
+        "mean concurrency (sum of run times / wall)",
+        format!("{:.2}", busy_ms / (elapsed.as_secs_f64() * 1e3)),
+    );
+    if p == 1 && n > 1 {
+        runs.sort_by_key(|&(s, _)| s);
+        let gaps: Vec<f64> = runs.windows(2).map(|w| signed_ms(w[1].0, w[0].1)).collect();
+        let g = Stats::of(gaps);
+        report.info(
+            "gap finished_at -> next started_at p50/p99",
+            format!("{:.3}/{:.3} ms", g.p50, g.p99),
+        );
+    }
+    if fx.watcher.overflows > 0 {
+        report.note(&format!(
+            "inotify queue overflowed {} time(s); completion times fell back to directory scans",
+            fx.watcher.overflows
+        ));
+    }
+    Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// 2. Latency
+// ---------------------------------------------------------------------------
+
+/// Measures single-job latency on a spool under `base` (default temp dir when `None`).
+fn latency(report: &mut Report, label: &str, base: Option<&Path>, samples: usize) -> Result<()> {
+    report.group(label);
+
+    // Bare spawn reference, measured right before the worker samples.
+    let mut bare = Vec::with_capacity(BARE_SPAWN_SAMPLES);
+    for _ in 0..BARE_SPAWN_SAMPLES {
+        let t = Instant::now();
+        bash_true()?;
+        bare.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let bare = Stats::of(bare);
+
+    let mut fx = Fixture::start(base, Some(1), Backtrace::Inherit)?;
+    report.info("spool", fx.spool.dir.display().to_string());
+    let mut to_start = Vec::with_capacity(samples);
+    let mut to_result = Vec::with_capacity(samples);
+    for i in 0..samples {
+        let id = format!("lat-{i:05}");
+        thread::sleep(LATENCY_GAP);
+        fx.spool.submit(&id, TRUE_JOB)?;
+        let dropped_mono = Instant::now();
+        let dropped_wall = SystemTime::now();
+        let mut pending = HashSet::from([id.clone()]);
+        let seen = fx
+            .watcher
+            .wait_all(&mut fx.worker, &mut pending)
+            .with_context(|| format!("latency sample {i} ({label})"))?;
+        let (started, _) = fx.spool.succeeded(&id)?;
+        to_start.push(signed_ms(started, dropped_wall));
+        to_result.push((seen - dropped_mono).as_secs_f64() * 1e3);
+    }
+    let overhead: Vec<f64> = to_result.iter().map(|r| r - bare.p50).collect();
+    let to_start = Stats::of(to_start);
+    let to_result = Stats::of(to_result);
+    let overhead = Stats::of(overhead);
+
+    report.check(
+        "(a) drop -> started_at p50",
+        ms(to_start.p50),
+        format!("< {TARGET_START_P50_MS} ms"),
+        to_start.p50 < TARGET_START_P50_MS,
+    );
+    report.info("(a) drop -> started_at p99", ms(to_start.p99));
+    report.info("(b) drop -> result file p50", ms(to_result.p50));
+    report.info("(b) drop -> result file p99", ms(to_result.p99));
+    report.info("(b) drop -> result file max", ms(to_result.max));
+    report.info("bare bash -c true spawn+wait p50", ms(bare.p50));
+    report.info("bare bash -c true spawn+wait p99", ms(bare.p99));
+    report.check(
+        "(c) result latency - bare spawn p50",
+        ms(overhead.p50),
+        format!("< {TARGET_OVERHEAD_P50_MS} ms"),
+        overhead.p50 < TARGET_OVERHEAD_P50_MS,
+    );
+    report.info("(c) result latency - bare spawn p99", ms(overhead.p99));
+
+    let fsync = fsync_cost(fx.root.path())?;
+    report.info(
+        &format!("write+fsync {FSYNC_PROBE_BYTES} B, same fs p50"),
+        ms(fsync.p50),
+    );
+    report.info(
+        &format!("write+fsync {FSYNC_PROBE_BYTES} B, same fs p99"),
+        ms(fsync.p99),
+    );
+    Ok(())
+}
+
+/// Cost of create + write + fsync + close of a small file in `dir`, in ms.
+fn fsync_cost(dir: &Path) -> Result<Stats> {
+    let body = vec![b'x'; FSYNC_PROBE_BYTES];
+    let mut costs = Vec::with_capacity(FSYNC_SAMPLES);
+    for i in 0..FSYNC_SAMPLES {
+        let path = dir.join(format!("fsync-probe-{i}"));
+        let t = Instant::now();
+        let mut f = File::create(&path)?;
+        f.write_all(&body)?;
+        f.sync_all()?;
+        drop(f);
+        costs.push(t.elapsed().as_secs_f64() * 1e3);
+        fs::remove_file(&path)?;
+    }
+    Ok(Stats::of(costs))
+}
+
+// ---------------------------------------------------------------------------
+// 3. Idle
+// ---------------------------------------------------------------------------
+
+/// Context-switch counters of one worker thread over the idle window.
+struct ThreadTrack {
+    /// Thread name (`comm`).
+    name: String,
+    /// Switches at the window start (0 for threads created during the window).
+    base: u64,
+    /// Switches at the last sample that saw the thread.
+    last: u64,
+    /// Whether the thread still existed at the last sample.
+    alive: bool,
+    /// Whether the thread was created during the window.
+    born: bool,
+}
+
+impl ThreadTrack {
+    /// Wake-ups attributed to this thread; a thread that exited during the
+    /// window woke up at least once to do so.
+    fn wakeups(&self) -> u64 {
+        let seen = self.last.saturating_sub(self.base);
+        if self.alive { seen } else { seen.max(1) }
+    }
+}
+
+/// Voluntary + non-voluntary context switches and name of each thread of `pid`.
+fn thread_switches(pid: u32) -> Result<HashMap<u32, (String, u64)>> {
+    let mut out = HashMap::new();
+    for entry in fs::read_dir(format!("/proc/{pid}/task"))? {
+        let entry = entry?;
+        let Some(tid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
+            continue;
+        };
+        // A thread may exit between listing and reading: skip it.
+        let Ok(status) = fs::read_to_string(entry.path().join("status")) else {
+            continue;
+        };
+        let switches = ["voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:"]
+            .iter()
+            .map(|key| status_field(&status, key).unwrap_or(0))
+            .sum();
+        let name = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Name:"))
+            .unwrap_or("?")
+            .trim()
+            .to_owned();
+        out.insert(tid, (name, switches));
+    }
+    Ok(out)
+}
+
+/// First number after `key` in a `/proc/.../status` file.
+fn status_field(status: &str, key: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// `(VmRSS, VmHWM)` of `pid` in KiB.
+fn memory_kib(pid: u32) -> Result<(u64, u64)> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let get =
+        |key| status_field(&status, key).ok_or_else(|| anyhow!("no {key} in /proc/{pid}/status"));
+    Ok((get("VmRSS:")?, get("VmHWM:")?))
+}
+
+/// utime + stime of the whole process `pid` (all threads, live and exited), in clock ticks.
+fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the parenthesised command name start at field 3 (state);
+    // utime and stime are fields 14 and 15.
+    let rest = stat
+        .rsplit_once(')')
+        .map(|(_, r)| r)
+        .ok_or_else(|| anyhow!("malformed /proc/{pid}/stat"))?;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let field = |n: usize| -> Result<u64> {
+        fields
+            .get(n - 3)
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| anyhow!("malformed /proc/{pid}/stat"))
+    };
+    Ok(field(14)? + field(15)?)
+}
+
+/// Units of the utime/stime fields of `/proc/<pid>/stat` (`USER_HZ`, which
+/// the kernel ABI fixes at 100 on Linux; the crate forbids the `unsafe` a
+/// `sysconf(_SC_CLK_TCK)` call would need).
+const CLOCK_TICKS_PER_SEC: u64 = 100;
+
+/// Measures an idle worker's memory, CPU and wake-ups after a warm-up.
+fn idle(report: &mut Report, backtrace: Backtrace, window: Duration) -> Result<()> {
+    report.group(backtrace.label());
+    let mut fx = Fixture::start(None, None, backtrace)?;
+
+    // Warm-up: a malformed job (error path) followed by regular jobs.
+    fx.spool.submit("malformed", b"{not json")?;
+    let mut pending: HashSet<String> = (0..IDLE_WARMUP_JOBS)
+        .map(|i| format!("idle-{i:04}"))
+        .collect();
+    for id in &pending {
+        fx.spool.submit(id, TRUE_JOB)?;
+    }
+    fx.watcher
+        .wait_all(&mut fx.worker, &mut pending)
+        .context("idle warm-up")?;
+    let deadline = Instant::now() + MALFORMED_TIMEOUT;
+    let malformed_left = |fx: &Fixture| {
+        fx.spool.sub("pending").join("malformed.json").exists()
+            || fx.spool.sub("running").join("malformed.json").exists()
+    };
+    while malformed_left(&fx) && Instant::now() < deadline {
+        fx.worker.check_alive()?;
+        thread::sleep(Duration::from_millis(5));
+    }
+    let outcome = if malformed_left(&fx) {
+        format!("still in pending/ or running/ after {MALFORMED_TIMEOUT:?}")
+    } else {
+        match fx.spool.result("malformed") {
+            Ok(r) => format!("result status {:?}", r.status),
+            Err(_) => "no readable result in completed/".to_owned(),
+        }
+    };
+    report.info("malformed job outcome", outcome);
+    thread::sleep(IDLE_SETTLE);
+    fx.worker.check_alive()?;
+
+    // The window: sample per-thread counters so threads that exit mid-window
+    // are still accounted for. Reading /proc does not wake the worker.
+    let pid = fx.worker.pid();
+    let cpu_before = cpu_ticks(pid)?;
+    let mut threads: HashMap<u32, ThreadTrack> = thread_switches(pid)?
+        .into_iter()
+        .map(|(tid, (name, n))| {
+            let track = ThreadTrack {
+                name,
+                base: n,
+                last: n,
+                alive: true,
+                born: false,
+            };
+            (tid, track)
+        })
+        .collect();
+    let threads_at_start = threads.len();
+    let start = Instant::now();
+    let end = start + window;
+    loop {
+        let now = Instant::now();
+        if now >= end {
+            break;
+        }
+        thread::sleep(IDLE_SAMPLE_PERIOD.min(end - now));
+        fx.worker.check_alive()?;
+        let snapshot = thread_switches(pid)?;
+        for (tid, track) in threads.iter_mut() {
+            track.alive = snapshot.contains_key(tid);
+        }
+        for (tid, (name, n)) in snapshot {
+            threads
+                .entry(tid)
+                .and_modify(|t| t.last = n)
+                .or_insert(ThreadTrack {
+                    name,
+                    base: 0,
+                    last: n,
+                    alive: true,
+                    born: true,
+                });
+        }
+    }
+    let cpu_after = cpu_ticks(pid)?;
+    let (rss, hwm) = memory_kib(pid)?;
+    let threads_at_end = threads.values().filter(|t| t.alive).count();
+
+    let wakeups: u64 = threads.values().map(ThreadTrack::wakeups).sum();
+    let cpu_ms = (cpu_after - cpu_before) * 1000 / CLOCK_TICKS_PER_SEC;
+
+    report.check(
+        "VmRSS after window",
+        format!("{:.2} MiB", rss as f64 / 1024.0),
+        format!("< {} MiB", TARGET_RSS_KIB / 1024),
+        rss < TARGET_RSS_KIB,
+    );
+    report.info(
+        "VmHWM (peak RSS)",
+        format!("{:.2} MiB", hwm as f64 / 1024.0),
+    );
+    report.info("CPU time (utime+stime) in window", format!("{cpu_ms} ms"));
+    report.check(
+        "wake-ups (ctx switches, all threads)",
+        wakeups.to_string(),
+        format!("= {TARGET_IDLE_WAKEUPS}"),
+        wakeups == TARGET_IDLE_WAKEUPS,
+    );
+    report.info(
+        "threads at window start / end",
+        format!("{threads_at_start} / {threads_at_end}"),
+    );
+    if wakeups > 0 {
+        let mut noisy: Vec<(&u32, &ThreadTrack)> =
+            threads.iter().filter(|(_, t)| t.wakeups() > 0).collect();
+        noisy.sort_by_key(|(tid, _)| **tid);
+        for (tid, t) in noisy {
+            let state = match (t.born, t.alive) {
+                (true, true) => ", created during window",
+                (true, false) => ", created and exited during window",
+                (false, false) => ", exited during window",
+                (false, true) => "",
+            };
+            report.note(&format!(
+                "thread {tid} ({}) woke {} time(s){state}",
+                t.name,
+                t.wakeups()
+            ));
+        }
+    }
+    Ok(())
+}

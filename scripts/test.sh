@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# The whole test suite. On a fresh Debian 12 machine with a Rust toolchain
+# (rustup), this installs what the tests need, then runs formatting and lint
+# checks, the unit and integration tests (tiers 1 and 2) and the Python
+# client's tests against the real binary.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+# --- what the tests need -------------------------------------------------
+if ! command -v cargo >/dev/null; then
+    echo "test.sh: cargo not found; install Rust with rustup (https://rustup.rs) first" >&2
+    exit 1
+fi
+missing=()
+command -v python3 >/dev/null || missing+=(python3)
+command -v bash >/dev/null || missing+=(bash)
+command -v cc >/dev/null || missing+=(gcc libc6-dev)
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "test.sh: installing ${missing[*]}"
+    as_root apt-get update -q
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -q "${missing[@]}"
+fi
+for component in rustfmt clippy; do
+    if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then
+        rustup component add "$component"
+    fi
+done
+
+# --- checks and tests ----------------------------------------------------
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+echo "== cargo clippy"
+cargo clippy --all-targets --locked -- -D warnings
+echo "== cargo test (unit + integration against the real binary)"
+cargo test --locked
+echo "== Python client tests (against the real worker)"
+AI_CMD_EXECUTOR_BIN="$PWD/target/debug/ai-cmd-executor" \
+    python3 -m unittest discover -s clients/python
+echo "== all tests passed"

@@ -1,0 +1,113 @@
+//! One handler per subcommand. Each resolves the configuration and spool the
+//! same way (through [`Context`]) and calls into the library.
+
+pub mod config;
+pub mod list;
+pub mod log;
+pub mod result;
+pub mod run;
+pub mod submit;
+pub mod wait;
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+use crate::client::Client;
+use crate::config::{Config, LoadedConfig};
+use crate::spool::{JobId, JobResult};
+
+/// What every handler needs from the global options.
+#[derive(Debug, Clone)]
+pub struct Context {
+    /// `--config` / `AI_CMD_EXECUTOR_CONFIG`.
+    pub config_path: Option<PathBuf>,
+    /// `--spool` / `AI_CMD_EXECUTOR_SPOOL`.
+    pub spool: Option<PathBuf>,
+}
+
+impl Context {
+    /// Loads the configuration file (or the defaults).
+    pub fn load_config(&self) -> anyhow::Result<LoadedConfig> {
+        Ok(Config::load(self.config_path.as_deref())?)
+    }
+
+    /// The spool, as an absolute path: `--spool`, the environment, the
+    /// config file, then the default.
+    pub fn spool_path(&self, config: &Config) -> anyhow::Result<PathBuf> {
+        let p = config.resolve_spool(self.spool.as_deref());
+        std::path::absolute(&p).with_context(|| format!("resolving spool path {}", p.display()))
+    }
+
+    /// A client of the resolved spool.
+    pub fn client(&self) -> anyhow::Result<Client> {
+        let loaded = self.load_config()?;
+        Ok(Client::new(self.spool_path(&loaded.config)?))
+    }
+}
+
+/// Parses an id given on the command line.
+pub fn parse_id(s: &str) -> anyhow::Result<JobId> {
+    JobId::new(s).with_context(|| format!("invalid job id {s:?}"))
+}
+
+/// Seconds from the command line as a timeout.
+pub fn secs(s: Option<u64>) -> Option<Duration> {
+    s.map(Duration::from_secs)
+}
+
+/// Exit code of the waiting commands when the tool itself fails (bad spool,
+/// deadline passed): distinct from anything a job's own code maps to.
+pub const TOOL_FAILURE: u8 = 125;
+
+/// Prints a result for people, one field a line.
+pub fn print_result(client: &Client, r: &JobResult) {
+    let outcome = match (r.exit_code, &r.signal) {
+        (Some(c), _) => format!("{} (exit code {c})", r.status),
+        (None, Some(s)) => format!("{} (signal {s})", r.status),
+        (None, None) => r.status.to_string(),
+    };
+    println!("id:        {}", r.id);
+    println!("status:    {outcome}");
+    println!("started:   {}", r.started_at);
+    println!("finished:  {} ({} ms)", r.finished_at, r.duration_ms);
+    if let Some(log) = &r.log {
+        let trunc = if r.output_truncated {
+            " (truncated)"
+        } else {
+            ""
+        };
+        println!(
+            "log:       {}{trunc}",
+            client.spool().root().join(log).display()
+        );
+    }
+    if let Some(e) = &r.error {
+        println!("error:     {e}");
+    }
+    println!("attempt:   {}", r.attempt);
+}
+
+/// Prints a result in the requested form and returns the job's shell exit code.
+pub fn report(client: &Client, r: &JobResult, json: bool) -> anyhow::Result<ExitCode> {
+    if json {
+        println!("{}", serde_json::to_string_pretty(r)?);
+    } else {
+        print_result(client, r);
+    }
+    Ok(ExitCode::from(r.shell_exit_code()))
+}
+
+/// Runs a waiting command: errors are printed here and become
+/// [`TOOL_FAILURE`], so a job's own exit code is never confused with them.
+pub fn waiting(f: impl FnOnce() -> anyhow::Result<ExitCode>) -> anyhow::Result<ExitCode> {
+    match f() {
+        Ok(code) => Ok(code),
+        Err(e) => {
+            eprintln!("ai-cmd-executor: {e:#}");
+            Ok(ExitCode::from(TOOL_FAILURE))
+        }
+    }
+}

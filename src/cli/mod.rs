@@ -1,0 +1,177 @@
+//! The command line: clap definitions here, one handler file per
+//! subcommand in `commands/`.
+
+pub mod commands;
+
+use std::num::NonZeroU64;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Args, Parser, Subcommand, ValueEnum};
+
+/// A systemd-native command executor: agents drop shell commands into a
+/// spool directory, a supervised worker runs them and leaves a result record
+/// and a log for each.
+#[derive(Debug, Parser)]
+#[command(name = "ai-cmd-executor", version, about, long_about = None)]
+pub struct Cli {
+    /// Configuration file [default: /etc/ai-cmd-executor/config.toml when it exists].
+    #[arg(
+        long,
+        global = true,
+        env = "AI_CMD_EXECUTOR_CONFIG",
+        value_name = "FILE"
+    )]
+    pub config: Option<PathBuf>,
+    /// Spool directory [default: the config's `spool`, else /var/lib/ai-cmd-executor
+    /// for root, $XDG_STATE_HOME/ai-cmd-executor otherwise].
+    #[arg(long, global = true, env = "AI_CMD_EXECUTOR_SPOOL", value_name = "DIR")]
+    pub spool: Option<PathBuf>,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the worker in the foreground (what the systemd unit starts).
+    Run,
+    /// Queue a shell command (or a script with --file) and print its id.
+    Submit(SubmitArgs),
+    /// Show the latest result of a job.
+    Result(ResultArgs),
+    /// Print the latest log of a job.
+    Log(LogArgs),
+    /// Wait for a job to finish; exit with its exit code.
+    Wait(WaitArgs),
+    /// List pending, running and completed jobs.
+    List(ListArgs),
+    /// Configuration tools.
+    Config {
+        /// What to do with the configuration.
+        #[command(subcommand)]
+        action: ConfigAction,
+    },
+}
+
+/// `submit` options.
+#[derive(Debug, Args)]
+pub struct SubmitArgs {
+    /// Job id (letters, digits, '.', '_', '-'; at most 128). Generated if absent.
+    #[arg(long)]
+    pub id: Option<String>,
+    /// Kill the job after this many seconds [default: the config's default_timeout].
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<NonZeroU64>,
+    /// Extra environment variable for the job (repeatable).
+    #[arg(long = "env", value_name = "NAME=VALUE")]
+    pub env: Vec<String>,
+    /// Absolute directory to run the job in.
+    #[arg(long, value_name = "DIR")]
+    pub cwd: Option<PathBuf>,
+    /// Put the job back in the queue if the worker dies while it runs.
+    #[arg(long)]
+    pub retry_on_interrupt: bool,
+    /// Submit this bash script file as a `.sh` job instead of a command.
+    #[arg(long, value_name = "SCRIPT", conflicts_with_all = ["command", "env", "cwd", "retry_on_interrupt", "timeout"])]
+    pub file: Option<PathBuf>,
+    /// Wait for the job to finish, print its result and exit with its exit code.
+    #[arg(long)]
+    pub wait: bool,
+    /// With --wait: give up after this many seconds.
+    #[arg(long, value_name = "SECS", requires = "wait")]
+    pub wait_timeout: Option<u64>,
+    /// The shell command (everything after `--`, joined with spaces).
+    #[arg(trailing_var_arg = true, required_unless_present = "file")]
+    pub command: Vec<String>,
+}
+
+/// `result` options.
+#[derive(Debug, Args)]
+pub struct ResultArgs {
+    /// The job id.
+    pub id: String,
+    /// Print the raw result record.
+    #[arg(long)]
+    pub json: bool,
+    /// Wait for the job to finish first.
+    #[arg(long)]
+    pub wait: bool,
+    /// With --wait: give up after this many seconds.
+    #[arg(long, value_name = "SECS", requires = "wait")]
+    pub timeout: Option<u64>,
+}
+
+/// `log` options.
+#[derive(Debug, Args)]
+pub struct LogArgs {
+    /// The job id.
+    pub id: String,
+    /// Keep printing output as the job writes it, until it finishes.
+    #[arg(long, short)]
+    pub follow: bool,
+}
+
+/// `wait` options.
+#[derive(Debug, Args)]
+pub struct WaitArgs {
+    /// The job id.
+    pub id: String,
+    /// Give up after this many seconds (exit 125).
+    #[arg(long, value_name = "SECS")]
+    pub timeout: Option<u64>,
+    /// Print the raw result record.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Job states `list` can filter on.
+#[derive(Debug, Clone, Copy, ValueEnum)]
+pub enum StateFilter {
+    /// Queued in pending/.
+    Pending,
+    /// Claimed by the worker.
+    Running,
+    /// Finished, with a result.
+    Completed,
+}
+
+/// `list` options.
+#[derive(Debug, Args)]
+pub struct ListArgs {
+    /// Only jobs in this state.
+    #[arg(long, value_enum)]
+    pub state: Option<StateFilter>,
+    /// JSON output: an array of {id, state, since, result}.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `config` actions.
+#[derive(Debug, Subcommand)]
+pub enum ConfigAction {
+    /// Validate the configuration and print the effective values.
+    Check,
+}
+
+impl Cli {
+    /// Runs the chosen subcommand.
+    pub fn run(self) -> anyhow::Result<ExitCode> {
+        let ctx = commands::Context {
+            config_path: self.config,
+            spool: self.spool,
+        };
+        match self.command {
+            Command::Run => commands::run::run(&ctx),
+            Command::Submit(a) => commands::submit::run(&ctx, a),
+            Command::Result(a) => commands::result::run(&ctx, a),
+            Command::Log(a) => commands::log::run(&ctx, a),
+            Command::Wait(a) => commands::wait::run(&ctx, a),
+            Command::List(a) => commands::list::run(&ctx, a),
+            Command::Config {
+                action: ConfigAction::Check,
+            } => commands::config::check(&ctx),
+        }
+    }
+}

@@ -1,0 +1,297 @@
+//! Configuration: parse the TOML file, merge the defaults, validate.
+//!
+//! Every key is optional. Values that cannot be right (zero parallelism, a
+//! zero timeout) are refused by the types themselves, so the parser reports
+//! them with the file, line and column.
+
+use std::fmt;
+use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// Where the worker and the CLI look for the configuration by default.
+pub const DEFAULT_CONFIG_PATH: &str = "/etc/ai-cmd-executor/config.toml";
+
+/// The system spool, used by root when nothing else is configured.
+pub const SYSTEM_SPOOL: &str = "/var/lib/ai-cmd-executor";
+
+/// A duration that is never zero, written as in `"30s"`, `"5m"`, `"1h 30m"`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct NonZeroDuration(Duration);
+
+impl NonZeroDuration {
+    /// `d`, unless it is zero.
+    pub fn new(d: Duration) -> Option<Self> {
+        (!d.is_zero()).then_some(Self(d))
+    }
+    /// The duration.
+    pub fn get(self) -> Duration {
+        self.0
+    }
+    const fn secs(s: u64) -> Self {
+        Self(Duration::from_secs(s))
+    }
+}
+
+impl fmt::Display for NonZeroDuration {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", humantime::format_duration(self.0))
+    }
+}
+
+impl<'de> Deserialize<'de> for NonZeroDuration {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        let dur = humantime::parse_duration(&s).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "invalid duration {s:?}: {e} (write it like \"30s\", \"5m\" or \"1h\")"
+            ))
+        })?;
+        NonZeroDuration::new(dur)
+            .ok_or_else(|| serde::de::Error::custom("the duration must be greater than zero"))
+    }
+}
+
+impl Serialize for NonZeroDuration {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+/// The effective configuration. Each field documents its default.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct Config {
+    /// Spool directory. Default: `/var/lib/ai-cmd-executor` for root,
+    /// `$XDG_STATE_HOME/ai-cmd-executor` otherwise. `--spool` and
+    /// `AI_CMD_EXECUTOR_SPOOL` take precedence.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub spool: Option<PathBuf>,
+    /// Jobs run at once. Default 1.
+    pub max_parallel: NonZeroUsize,
+    /// Timeout of a job that sets no `timeout_secs`. Default `"1h"`.
+    pub default_timeout: NonZeroDuration,
+    /// Time between SIGTERM and SIGKILL when a job times out or is
+    /// interrupted. Default `"5s"`.
+    pub kill_grace: NonZeroDuration,
+    /// On SIGTERM, how long running jobs may go on before they are killed
+    /// and recorded `interrupted`. Default `"20s"`.
+    pub stop_grace: NonZeroDuration,
+    /// Safety-net rescan of `pending/` (inotify does the real work).
+    /// Default `"5m"`.
+    pub rescan_interval: NonZeroDuration,
+    /// Largest log kept per run; the rest is dropped and the result says
+    /// `output_truncated`. Default 10 MiB.
+    pub log_max_bytes: NonZeroU64,
+    /// Largest job file accepted. Default 1 MiB.
+    pub max_job_bytes: NonZeroU64,
+    /// Runs of a job with `on_interrupt = "retry"`, in all. Default 3.
+    pub max_attempts: NonZeroU32,
+    /// The shell jobs run with. Default `/bin/bash`.
+    pub shell: PathBuf,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            spool: None,
+            max_parallel: NonZeroUsize::MIN,
+            default_timeout: NonZeroDuration::secs(3600),
+            kill_grace: NonZeroDuration::secs(5),
+            stop_grace: NonZeroDuration::secs(20),
+            rescan_interval: NonZeroDuration::secs(300),
+            log_max_bytes: NonZeroU64::new(10 << 20).expect("non-zero"),
+            max_job_bytes: NonZeroU64::new(1 << 20).expect("non-zero"),
+            max_attempts: NonZeroU32::new(3).expect("non-zero"),
+            shell: PathBuf::from("/bin/bash"),
+        }
+    }
+}
+
+/// Why the configuration could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("reading config {}: {source}", path.display())]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        #[source]
+        source: std::io::Error,
+    },
+    /// The file is not valid TOML or holds an unknown key or a bad value.
+    #[error("config {}: {source}", path.display())]
+    Parse {
+        /// The file.
+        path: PathBuf,
+        /// The parser's error, with line and column.
+        #[source]
+        source: toml::de::Error,
+    },
+    /// A value is well-formed but not usable.
+    #[error("config {}: {message}", path.display())]
+    Invalid {
+        /// The file.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+/// A configuration and where it came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LoadedConfig {
+    /// The effective values.
+    pub config: Config,
+    /// The file they were read from; `None` means the built-in defaults.
+    pub source: Option<PathBuf>,
+}
+
+impl Config {
+    /// Parses TOML text; `path` is used in error messages.
+    pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
+        let config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
+            path: path.to_owned(),
+            source,
+        })?;
+        config.validate(path)?;
+        Ok(config)
+    }
+
+    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
+        let invalid = |message: String| {
+            Err(ConfigError::Invalid {
+                path: path.to_owned(),
+                message,
+            })
+        };
+        if !self.shell.is_absolute() {
+            return invalid(format!(
+                "shell must be an absolute path, not {:?}",
+                self.shell
+            ));
+        }
+        if let Some(spool) = &self.spool
+            && !spool.is_absolute()
+        {
+            return invalid(format!("spool must be an absolute path, not {spool:?}"));
+        }
+        Ok(())
+    }
+
+    /// Loads the configuration: `explicit` (from `--config` or
+    /// `AI_CMD_EXECUTOR_CONFIG`) must exist; otherwise
+    /// [`DEFAULT_CONFIG_PATH`] is read if present, and the built-in defaults
+    /// are used if not.
+    pub fn load(explicit: Option<&Path>) -> Result<LoadedConfig, ConfigError> {
+        let path = match explicit {
+            Some(p) => p.to_owned(),
+            None => {
+                let p = PathBuf::from(DEFAULT_CONFIG_PATH);
+                if !p.exists() {
+                    return Ok(LoadedConfig {
+                        config: Config::default(),
+                        source: None,
+                    });
+                }
+                p
+            }
+        };
+        let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+            path: path.clone(),
+            source,
+        })?;
+        Ok(LoadedConfig {
+            config: Config::parse(&text, &path)?,
+            source: Some(path),
+        })
+    }
+
+    /// The effective configuration as TOML, every key written out.
+    pub fn to_toml(&self) -> String {
+        toml::to_string(self).expect("a config always serializes")
+    }
+
+    /// The spool to use: `cli` (from `--spool` or `AI_CMD_EXECUTOR_SPOOL`),
+    /// then this file's `spool`, then [`default_spool`].
+    pub fn resolve_spool(&self, cli: Option<&Path>) -> PathBuf {
+        cli.map(Path::to_owned)
+            .or_else(|| self.spool.clone())
+            .unwrap_or_else(default_spool)
+    }
+}
+
+/// The default spool: [`SYSTEM_SPOOL`] for root,
+/// `$XDG_STATE_HOME/ai-cmd-executor` (else `~/.local/state/ai-cmd-executor`)
+/// for everyone else.
+pub fn default_spool() -> PathBuf {
+    if nix::unistd::geteuid().is_root() {
+        return PathBuf::from(SYSTEM_SPOOL);
+    }
+    let state = std::env::var_os("XDG_STATE_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
+        .unwrap_or_else(|| PathBuf::from("."));
+    state.join("ai-cmd-executor")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<Config, ConfigError> {
+        Config::parse(s, Path::new("/etc/x.toml"))
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        assert_eq!(parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn values_are_read() {
+        let c =
+            parse("max_parallel = 4\ndefault_timeout = \"90s\"\nlog_max_bytes = 1024\n").unwrap();
+        assert_eq!(c.max_parallel.get(), 4);
+        assert_eq!(c.default_timeout.get(), Duration::from_secs(90));
+        assert_eq!(c.log_max_bytes.get(), 1024);
+    }
+
+    #[test]
+    fn errors_name_file_and_line() {
+        let cases = [
+            ("\n\ncolour = 1\n", "line 3"),
+            ("max_parallel = 0\n", "line 1"),
+            ("\nkill_grace = \"0s\"\n", "line 2"),
+            ("stop_grace = \"soon\"\n", "invalid duration"),
+            ("max_parallel = \"x\"\n", "line 1"),
+            ("shell = \"bash\"\n", "absolute"),
+        ];
+        for (input, want) in cases {
+            let err = parse(input).unwrap_err().to_string();
+            assert!(err.contains("/etc/x.toml"), "{err}");
+            assert!(err.contains(want), "{input:?}: {err:?} lacks {want:?}");
+        }
+    }
+
+    #[test]
+    fn effective_config_round_trips() {
+        let c = parse("max_parallel = 2\nrescan_interval = \"1m\"\n").unwrap();
+        let text = c.to_toml();
+        assert!(text.contains("rescan_interval = \"1m\""), "{text}");
+        assert_eq!(parse(&text).unwrap(), c);
+    }
+
+    #[test]
+    fn spool_precedence() {
+        let mut c = Config::default();
+        assert_eq!(c.resolve_spool(Some(Path::new("/a"))), PathBuf::from("/a"));
+        c.spool = Some("/b".into());
+        assert_eq!(c.resolve_spool(Some(Path::new("/a"))), PathBuf::from("/a"));
+        assert_eq!(c.resolve_spool(None), PathBuf::from("/b"));
+    }
+}

@@ -1,0 +1,18 @@
+//! ai-cmd-executor: a systemd-native command executor.
+//!
+//! Agents drop shell commands as files into a spool directory; the worker
+//! runs each one and leaves a result record and a log. The library holds
+//! everything; `main.rs` only parses the command line and calls [`cli::Cli::run`].
+
+/// The command line: clap definitions and one handler per subcommand.
+pub mod cli;
+/// The client API over the spool contract (submit, result, wait, logs).
+pub mod client;
+/// Configuration: TOML file, defaults, validation.
+pub mod config;
+/// Logging set-up for the worker and the CLI.
+pub mod logging;
+/// The spool directory contract: layout, ids, job files, results.
+pub mod spool;
+/// The worker: event loop, job execution, recovery.
+pub mod worker;

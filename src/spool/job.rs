@@ -1,0 +1,268 @@
+//! Job files: what an agent asks the worker to run.
+
+use std::collections::BTreeMap;
+use std::num::{NonZeroU32, NonZeroU64};
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use super::id::JobKind;
+
+/// The longest `command` a JSON job may hold, in bytes. It is passed to
+/// `bash -c` as one argument, and Linux refuses a single argument longer
+/// than 128 KiB (`MAX_ARG_STRLEN`); longer scripts go in a `.sh` job.
+pub const MAX_COMMAND_BYTES: usize = 128 * 1024 - 1;
+
+/// What to do with a job that was running when the worker stopped or died.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnInterrupt {
+    /// Record it `interrupted` and never run it again (the default).
+    #[default]
+    Fail,
+    /// Put it back in `pending/` (up to `max_attempts` runs in all).
+    Retry,
+}
+
+/// A JSON job file, `pending/<id>.json`, as the contract defines it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct JobSpec {
+    /// The shell command, run with `bash -c`.
+    pub command: String,
+    /// Seconds before the job is killed; the configured default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_secs: Option<NonZeroU64>,
+    /// Extra environment variables.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub env: BTreeMap<String, String>,
+    /// Absolute directory to run in; the worker's own when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cwd: Option<PathBuf>,
+    /// What happens when the worker stops or dies mid-run.
+    #[serde(default, skip_serializing_if = "is_default")]
+    pub on_interrupt: OnInterrupt,
+    /// Which run this is; set by the worker when it re-queues a job.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attempt: Option<NonZeroU32>,
+}
+
+fn is_default<T: Default + PartialEq>(t: &T) -> bool {
+    *t == T::default()
+}
+
+/// How the worker starts a job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JobBody {
+    /// `bash -c <command>`.
+    Command(String),
+    /// `bash <running file>`: the job file itself is the script.
+    Script,
+}
+
+/// A parsed and checked job.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Job {
+    /// What to run.
+    pub body: JobBody,
+    /// Seconds before it is killed, if the job set it.
+    pub timeout_secs: Option<NonZeroU64>,
+    /// Extra environment variables.
+    pub env: BTreeMap<String, String>,
+    /// Directory to run in.
+    pub cwd: Option<PathBuf>,
+    /// What happens when the worker stops or dies mid-run.
+    pub on_interrupt: OnInterrupt,
+    /// Which run this is (1 for the first).
+    pub attempt: u32,
+}
+
+/// Why a job file was rejected.
+#[derive(Debug, thiserror::Error)]
+pub enum JobError {
+    /// Zero bytes.
+    #[error("the job file is empty")]
+    Empty,
+    /// Bigger than `max_job_bytes`.
+    #[error("the job file is {size} bytes; at most {max} are allowed (max_job_bytes)")]
+    TooBig {
+        /// Its size.
+        size: u64,
+        /// The configured limit.
+        max: u64,
+    },
+    /// Not UTF-8.
+    #[error("the job file is not valid UTF-8 (first bad byte at offset {0})")]
+    NotUtf8(usize),
+    /// Bad JSON or a contract violation that serde catches (unknown key,
+    /// missing `command`, wrong type).
+    #[error("invalid job JSON: {0}")]
+    Json(#[from] serde_json::Error),
+    /// A field has a value the contract does not allow.
+    #[error("invalid job: {0}")]
+    Invalid(String),
+}
+
+impl Job {
+    /// Parses the bytes of a job file of the given kind.
+    pub fn parse(kind: JobKind, bytes: &[u8]) -> Result<Job, JobError> {
+        if bytes.is_empty() {
+            return Err(JobError::Empty);
+        }
+        let text = std::str::from_utf8(bytes).map_err(|e| JobError::NotUtf8(e.valid_up_to()))?;
+        match kind {
+            JobKind::Script => {
+                if text.contains('\0') {
+                    return Err(JobError::Invalid("the script contains a NUL byte".into()));
+                }
+                Ok(Job {
+                    body: JobBody::Script,
+                    timeout_secs: None,
+                    env: BTreeMap::new(),
+                    cwd: None,
+                    on_interrupt: OnInterrupt::Fail,
+                    attempt: 1,
+                })
+            }
+            JobKind::Json => {
+                // serde would also fill a struct from a JSON array.
+                if !text.trim_start().starts_with('{') {
+                    return Err(JobError::Invalid(
+                        "a JSON job must be an object ({\"command\": ...})".into(),
+                    ));
+                }
+                Job::from_spec(serde_json::from_str(text)?)
+            }
+        }
+    }
+
+    /// Checks a [`JobSpec`] against the rules serde cannot express.
+    pub fn from_spec(spec: JobSpec) -> Result<Job, JobError> {
+        let invalid = |s: String| Err(JobError::Invalid(s));
+        if spec.command.trim().is_empty() {
+            return invalid("\"command\" is empty".into());
+        }
+        if spec.command.contains('\0') {
+            return invalid("\"command\" contains a NUL byte".into());
+        }
+        if spec.command.len() > MAX_COMMAND_BYTES {
+            return invalid(format!(
+                "\"command\" is {} bytes; at most {MAX_COMMAND_BYTES} fit in one argument (submit a .sh job instead)",
+                spec.command.len()
+            ));
+        }
+        for (k, v) in &spec.env {
+            if k.is_empty() || k.contains('=') || k.contains('\0') {
+                return invalid(format!("\"env\" has a bad variable name {k:?}"));
+            }
+            if v.contains('\0') {
+                return invalid(format!("\"env\" value of {k:?} contains a NUL byte"));
+            }
+        }
+        if let Some(cwd) = &spec.cwd
+            && !cwd.is_absolute()
+        {
+            return invalid(format!("\"cwd\" must be an absolute path, not {cwd:?}"));
+        }
+        Ok(Job {
+            body: JobBody::Command(spec.command),
+            timeout_secs: spec.timeout_secs,
+            env: spec.env,
+            cwd: spec.cwd,
+            on_interrupt: spec.on_interrupt,
+            attempt: spec.attempt.map_or(1, NonZeroU32::get),
+        })
+    }
+
+    /// The JSON form of this job, for re-queueing it with another attempt
+    /// number. `None` for scripts, which cannot carry fields.
+    pub fn to_spec(&self) -> Option<JobSpec> {
+        match &self.body {
+            JobBody::Script => None,
+            JobBody::Command(command) => Some(JobSpec {
+                command: command.clone(),
+                timeout_secs: self.timeout_secs,
+                env: self.env.clone(),
+                cwd: self.cwd.clone(),
+                on_interrupt: self.on_interrupt,
+                attempt: NonZeroU32::new(self.attempt),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json(s: &str) -> Result<Job, JobError> {
+        Job::parse(JobKind::Json, s.as_bytes())
+    }
+
+    #[test]
+    fn parses_a_full_job() {
+        let job = json(
+            r#"{"command":"echo hi","timeout_secs":5,"env":{"A":"1"},"cwd":"/tmp","on_interrupt":"retry"}"#,
+        )
+        .unwrap();
+        assert_eq!(job.body, JobBody::Command("echo hi".into()));
+        assert_eq!(job.timeout_secs.unwrap().get(), 5);
+        assert_eq!(job.env["A"], "1");
+        assert_eq!(job.on_interrupt, OnInterrupt::Retry);
+        assert_eq!(job.attempt, 1);
+    }
+
+    #[test]
+    fn rejects_contract_violations() {
+        let cases = [
+            ("", "empty"),
+            ("{not json", "invalid job JSON"),
+            (
+                r#"{"command":"x","colour":"red"}"#,
+                "unknown field `colour`",
+            ),
+            (r#"{"timeout_secs":3}"#, "missing field `command`"),
+            (r#"{"command":"x","timeout_secs":0}"#, "invalid job JSON"),
+            (r#"{"command":"x","timeout_secs":-1}"#, "invalid job JSON"),
+            (r#"{"command":"  "}"#, "\"command\" is empty"),
+            (r#"{"command":"x","cwd":"rel/dir"}"#, "absolute"),
+            (r#"{"command":"x","env":{"A=B":"1"}}"#, "bad variable name"),
+            (
+                r#"{"command":"x","on_interrupt":"maybe"}"#,
+                "unknown variant",
+            ),
+            (r#"["command"]"#, "must be an object"),
+        ];
+        for (input, want) in cases {
+            let err = json(input).unwrap_err().to_string();
+            assert!(err.contains(want), "{input:?}: {err:?} lacks {want:?}");
+        }
+        let long = format!(r#"{{"command":"{}"}}"#, "x".repeat(MAX_COMMAND_BYTES + 1));
+        assert!(json(&long).unwrap_err().to_string().contains(".sh job"));
+    }
+
+    #[test]
+    fn rejects_non_utf8() {
+        let err = Job::parse(JobKind::Script, b"echo \xff\xfe").unwrap_err();
+        assert!(matches!(err, JobError::NotUtf8(5)), "{err}");
+    }
+
+    #[test]
+    fn scripts_are_taken_whole() {
+        let job = Job::parse(JobKind::Script, b"#!/bin/bash\necho hi\n").unwrap();
+        assert_eq!(job.body, JobBody::Script);
+        assert!(job.to_spec().is_none());
+    }
+
+    #[test]
+    fn requeue_form_round_trips() {
+        let mut job = json(r#"{"command":"x","on_interrupt":"retry"}"#).unwrap();
+        job.attempt = 2;
+        let text = serde_json::to_string(&job.to_spec().unwrap()).unwrap();
+        assert_eq!(
+            text,
+            r#"{"command":"x","on_interrupt":"retry","attempt":2}"#
+        );
+        assert_eq!(json(&text).unwrap(), job);
+    }
+}

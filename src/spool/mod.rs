@@ -1,0 +1,416 @@
+//! The spool: the directory tree that is the contract with agents.
+//!
+//! `tmp/` (writers stage files) → `pending/` (queued jobs) → `running/`
+//! (claimed by a worker) → `completed/<id>.json` (latest result), with
+//! `logs/<id>/<stamp>.log` (one log per run) and `archive/` (bad input,
+//! interrupted jobs, rotated logs). See `docs/PROTOCOL.md`.
+
+pub mod id;
+pub mod job;
+pub mod result;
+
+use std::ffi::OsStr;
+use std::fs::{self, File, OpenOptions};
+use std::io::{self, Write};
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use nix::errno::Errno;
+use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
+
+pub use id::{JobId, JobKind};
+pub use result::{JobResult, Status, Timestamp};
+
+/// Errors from spool file operations. Each carries the path involved.
+#[derive(Debug, thiserror::Error)]
+pub enum SpoolError {
+    /// An I/O call failed.
+    #[error("{what} {}: {source}", path.display())]
+    Io {
+        /// What was being done ("creating", "reading", ...).
+        what: &'static str,
+        /// The path it was done to.
+        path: PathBuf,
+        /// The underlying error.
+        #[source]
+        source: io::Error,
+    },
+    /// A result file does not parse.
+    #[error("reading result {}: {source}", path.display())]
+    BadResult {
+        /// The result file.
+        path: PathBuf,
+        /// The parse error.
+        #[source]
+        source: serde_json::Error,
+    },
+}
+
+impl SpoolError {
+    /// Wraps an I/O error with what was being done and to which path.
+    pub fn io(what: &'static str, path: impl Into<PathBuf>, source: io::Error) -> Self {
+        SpoolError::Io {
+            what,
+            path: path.into(),
+            source,
+        }
+    }
+
+    /// The underlying I/O error kind, if this is an I/O error.
+    pub fn io_kind(&self) -> Option<io::ErrorKind> {
+        match self {
+            SpoolError::Io { source, .. } => Some(source.kind()),
+            SpoolError::BadResult { .. } => None,
+        }
+    }
+}
+
+/// The sub-directories of a spool, with the modes they are created with.
+/// `tmp/` and `pending/` are group-writable so that members of the spool's
+/// group can submit; the set-group-id bit makes new files inherit the group.
+pub const LAYOUT: [(&str, u32); 6] = [
+    ("tmp", 0o2770),
+    ("pending", 0o2770),
+    ("running", 0o2750),
+    ("completed", 0o2750),
+    ("logs", 0o2750),
+    ("archive", 0o2750),
+];
+
+/// Mode of the spool root when the worker creates it.
+pub const ROOT_MODE: u32 = 0o2750;
+
+/// Where the parts of one spool live.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Spool {
+    root: PathBuf,
+}
+
+impl Spool {
+    /// A spool rooted at `root` (nothing is touched on disk).
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    /// The spool root.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+    /// `tmp/`: where writers stage files before renaming them into `pending/`.
+    pub fn tmp(&self) -> PathBuf {
+        self.root.join("tmp")
+    }
+    /// `pending/`: queued jobs.
+    pub fn pending(&self) -> PathBuf {
+        self.root.join("pending")
+    }
+    /// `running/`: jobs a worker has claimed.
+    pub fn running(&self) -> PathBuf {
+        self.root.join("running")
+    }
+    /// `completed/`: the latest result of each id.
+    pub fn completed(&self) -> PathBuf {
+        self.root.join("completed")
+    }
+    /// `logs/`: one directory per id, one file per run.
+    pub fn logs(&self) -> PathBuf {
+        self.root.join("logs")
+    }
+    /// `archive/`: bad input, interrupted jobs, rotated logs.
+    pub fn archive(&self) -> PathBuf {
+        self.root.join("archive")
+    }
+    /// `archive/rejected/`: job files that were bad input.
+    pub fn archive_rejected(&self) -> PathBuf {
+        self.archive().join("rejected")
+    }
+    /// `archive/interrupted/`: job files whose run was interrupted.
+    pub fn archive_interrupted(&self) -> PathBuf {
+        self.archive().join("interrupted")
+    }
+
+    /// `completed/<id>.json`.
+    pub fn result_path(&self, id: &JobId) -> PathBuf {
+        self.completed().join(format!("{id}.json"))
+    }
+
+    /// `logs/<id>/`.
+    pub fn log_dir(&self, id: &JobId) -> PathBuf {
+        self.logs().join(id.as_str())
+    }
+
+    /// Creates any missing part of the layout with the modes of [`LAYOUT`].
+    /// Existing directories are left as they are.
+    pub fn ensure_layout(&self) -> Result<(), SpoolError> {
+        create_dir_with_mode(&self.root, ROOT_MODE, true)?;
+        for (name, mode) in LAYOUT {
+            create_dir_with_mode(&self.root.join(name), mode, false)?;
+        }
+        Ok(())
+    }
+
+    /// Whether every directory of the layout exists.
+    pub fn layout_exists(&self) -> bool {
+        LAYOUT.iter().all(|(name, _)| self.root.join(name).is_dir())
+    }
+
+    /// Reads `completed/<id>.json`, `None` if there is none.
+    pub fn read_result(&self, id: &JobId) -> Result<Option<JobResult>, SpoolError> {
+        let path = self.result_path(id);
+        match fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes)
+                .map(Some)
+                .map_err(|source| SpoolError::BadResult { path, source }),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(SpoolError::io("reading", path, e)),
+        }
+    }
+
+    /// Writes `completed/<id>.json` atomically: a temporary file in the same
+    /// directory, written, fsynced, then renamed over the old result.
+    pub fn write_result(&self, result: &JobResult) -> Result<(), SpoolError> {
+        let mut bytes = serde_json::to_vec_pretty(result).expect("a result always serializes");
+        bytes.push(b'\n');
+        let dir = self.completed();
+        let name = format!("{}.json", result.id);
+        write_atomically(&dir, &name, &bytes, 0o640)
+    }
+
+    /// The newest log of `id` (the greatest name in `logs/<id>/`).
+    pub fn latest_log(&self, id: &JobId) -> Result<Option<PathBuf>, SpoolError> {
+        let dir = self.log_dir(id);
+        let entries = match fs::read_dir(&dir) {
+            Ok(e) => e,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
+            Err(e) => return Err(SpoolError::io("listing", dir, e)),
+        };
+        let mut best: Option<String> = None;
+        for entry in entries {
+            let entry = entry.map_err(|e| SpoolError::io("listing", &dir, e))?;
+            if let Some(name) = entry.file_name().to_str()
+                && name.ends_with(".log")
+                && !name.starts_with('.')
+                && best.as_deref().is_none_or(|b| name > b)
+            {
+                best = Some(name.to_owned());
+            }
+        }
+        Ok(best.map(|b| dir.join(b)))
+    }
+
+    /// A path under the spool written relative to its root, as results hold it.
+    pub fn relative(&self, path: &Path) -> String {
+        path.strip_prefix(&self.root)
+            .unwrap_or(path)
+            .to_string_lossy()
+            .into_owned()
+    }
+
+    /// Where the job file of `id` is, if it is pending or running.
+    pub fn find_queued(&self, id: &JobId) -> Option<(QueueState, PathBuf)> {
+        for (state, dir) in [
+            (QueueState::Pending, self.pending()),
+            (QueueState::Running, self.running()),
+        ] {
+            for kind in JobKind::ALL {
+                let p = dir.join(id::job_file_name(id, kind));
+                if fs::symlink_metadata(&p).is_ok() {
+                    return Some((state, p));
+                }
+            }
+        }
+        None
+    }
+}
+
+/// Whether a job file is waiting or being run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum QueueState {
+    /// In `pending/`.
+    Pending,
+    /// In `running/`.
+    Running,
+}
+
+fn create_dir_with_mode(path: &Path, mode: u32, recursive: bool) -> Result<(), SpoolError> {
+    let made = if recursive {
+        if path.is_dir() {
+            Ok(false)
+        } else {
+            fs::create_dir_all(path).map(|()| true)
+        }
+    } else {
+        match fs::create_dir(path) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists && path.is_dir() => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+    .map_err(|e| SpoolError::io("creating directory", path, e))?;
+    if made {
+        fs::set_permissions(path, fs::Permissions::from_mode(mode))
+            .map_err(|e| SpoolError::io("setting the mode of", path, e))?;
+    }
+    Ok(())
+}
+
+/// Writes `dir/name` atomically: `dir/.name.<pid>.<n>.tmp`, fsync, rename.
+pub fn write_atomically(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> Result<(), SpoolError> {
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+    let tmp = dir.join(format!(".{name}.{}.{seq}.tmp", std::process::id()));
+    let write = || -> io::Result<()> {
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(mode)
+            .open(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()
+    };
+    if let Err(e) = write() {
+        let _ = fs::remove_file(&tmp);
+        return Err(SpoolError::io("writing", tmp, e));
+    }
+    let dest = dir.join(name);
+    fs::rename(&tmp, &dest).map_err(|e| {
+        let _ = fs::remove_file(&tmp);
+        SpoolError::io("renaming into place", dest, e)
+    })
+}
+
+/// Renames `from` to `to` unless `to` exists (`renameat2(RENAME_NOREPLACE)`).
+/// Returns `Ok(false)` when `to` exists. File systems without the flag fall
+/// back to link + unlink, which also never replaces.
+pub fn rename_noreplace(from: &Path, to: &Path) -> io::Result<bool> {
+    match renameat2(AT_FDCWD, from, AT_FDCWD, to, RenameFlags::RENAME_NOREPLACE) {
+        Ok(()) => Ok(true),
+        Err(Errno::EEXIST) => Ok(false),
+        Err(Errno::EINVAL | Errno::ENOSYS) => match fs::hard_link(from, to) {
+            Ok(()) => fs::remove_file(from).map(|()| true),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => Ok(false),
+            Err(e) => Err(e),
+        },
+        Err(e) => Err(io::Error::from(e)),
+    }
+}
+
+/// Moves `from` into directory `dir` under its own name plus a time stamp,
+/// so nothing already there is replaced. Returns the new path.
+pub fn move_into(from: &Path, dir: &Path) -> io::Result<PathBuf> {
+    fs::create_dir_all(dir)?;
+    let name = from.file_name().unwrap_or(OsStr::new("unnamed"));
+    let stamp = Timestamp::now().file_stamp();
+    for n in 0u32.. {
+        let mut target = name.to_os_string();
+        target.push(format!(".{stamp}"));
+        if n > 0 {
+            target.push(format!(".{n}"));
+        }
+        let to = dir.join(&target);
+        if rename_noreplace(from, &to)? {
+            return Ok(to);
+        }
+    }
+    unreachable!("u32 range exhausted")
+}
+
+/// Opens a file for reading without following a final symlink and without
+/// blocking on a FIFO.
+pub fn open_job_file(path: &Path) -> io::Result<File> {
+    OpenOptions::new()
+        .read(true)
+        .custom_flags(libc_flags::O_NOFOLLOW | libc_flags::O_NONBLOCK)
+        .open(path)
+}
+
+mod libc_flags {
+    pub const O_NOFOLLOW: i32 = nix::fcntl::OFlag::O_NOFOLLOW.bits();
+    pub const O_NONBLOCK: i32 = nix::fcntl::OFlag::O_NONBLOCK.bits();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_is_created_with_modes() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::new(dir.path().join("s"));
+        spool.ensure_layout().unwrap();
+        assert!(spool.layout_exists());
+        let mode = fs::metadata(spool.pending()).unwrap().permissions().mode() & 0o7777;
+        assert_eq!(mode, 0o2770);
+        let mode = fs::metadata(spool.completed())
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777;
+        assert_eq!(mode, 0o2750);
+        spool.ensure_layout().unwrap();
+    }
+
+    #[test]
+    fn results_are_written_atomically_and_read_back() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::new(dir.path());
+        spool.ensure_layout().unwrap();
+        let id = JobId::new("a").unwrap();
+        assert!(spool.read_result(&id).unwrap().is_none());
+        let t = Timestamp::now();
+        let r = JobResult {
+            id: "a".into(),
+            status: Status::Succeeded,
+            exit_code: Some(0),
+            signal: None,
+            started_at: t,
+            finished_at: t,
+            duration_ms: 1,
+            log: None,
+            output_truncated: false,
+            error: None,
+            attempt: 1,
+        };
+        spool.write_result(&r).unwrap();
+        assert_eq!(spool.read_result(&id).unwrap().unwrap(), r);
+        let names: Vec<_> = fs::read_dir(spool.completed()).unwrap().collect();
+        assert_eq!(names.len(), 1, "no temporary file is left behind");
+    }
+
+    #[test]
+    fn noreplace_rename_and_move_into() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a");
+        let b = dir.path().join("b");
+        fs::write(&a, "1").unwrap();
+        fs::write(&b, "2").unwrap();
+        assert!(!rename_noreplace(&a, &b).unwrap());
+        assert_eq!(fs::read_to_string(&b).unwrap(), "2");
+        let arch = dir.path().join("arch");
+        let p1 = move_into(&a, &arch).unwrap();
+        fs::write(&a, "3").unwrap();
+        let p2 = move_into(&a, &arch).unwrap();
+        assert_ne!(p1, p2);
+        assert_eq!(fs::read_to_string(p1).unwrap(), "1");
+    }
+
+    #[test]
+    fn latest_log_is_the_greatest_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::new(dir.path());
+        let id = JobId::new("x").unwrap();
+        assert!(spool.latest_log(&id).unwrap().is_none());
+        fs::create_dir_all(spool.log_dir(&id)).unwrap();
+        for n in [
+            "20261126T000000.000001Z.log",
+            "20261126T000000.000003Z.log",
+            "20261126T000000.000002Z.log",
+        ] {
+            fs::write(spool.log_dir(&id).join(n), "").unwrap();
+        }
+        let latest = spool.latest_log(&id).unwrap().unwrap();
+        assert!(latest.ends_with("20261126T000000.000003Z.log"));
+    }
+}

@@ -1,0 +1,243 @@
+//! Result records: `completed/<id>.json`.
+
+use std::fmt;
+use std::time::{Duration, SystemTime};
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// How a run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Status {
+    /// Exit code 0.
+    Succeeded,
+    /// Non-zero exit code, killed by a signal, or could not be started.
+    Failed,
+    /// Ran past its timeout and was killed.
+    TimedOut,
+    /// The worker stopped or died while it ran.
+    Interrupted,
+    /// The job file was bad input and never ran.
+    Rejected,
+}
+
+impl Status {
+    /// The name used in the contract.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Succeeded => "succeeded",
+            Status::Failed => "failed",
+            Status::TimedOut => "timed_out",
+            Status::Interrupted => "interrupted",
+            Status::Rejected => "rejected",
+        }
+    }
+}
+
+impl fmt::Display for Status {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// A wall-clock time, written as RFC 3339 UTC with microseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct Timestamp(pub SystemTime);
+
+impl Timestamp {
+    /// The current time, to the microsecond (the precision results keep).
+    pub fn now() -> Self {
+        let t = SystemTime::now();
+        let sub = t
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .subsec_nanos();
+        Self(t - Duration::from_nanos(u64::from(sub % 1000)))
+    }
+
+    /// A compact form for file names: `20261126T193309.123456Z`. Such names
+    /// sort in time order.
+    pub fn file_stamp(&self) -> String {
+        let s = humantime::format_rfc3339_micros(self.0).to_string();
+        // 2026-11-26T19:33:09.123456Z -> 20261126T193309.123456Z
+        s.chars().filter(|c| *c != '-' && *c != ':').collect()
+    }
+
+    /// Parses the form [`Timestamp::file_stamp`] writes.
+    pub fn from_file_stamp(stamp: &str) -> Option<Self> {
+        let b = stamp.as_bytes();
+        if b.len() != 23 || b[8] != b'T' || b[15] != b'.' || b[22] != b'Z' {
+            return None;
+        }
+        let s = format!(
+            "{}-{}-{}T{}:{}:{}",
+            &stamp[0..4],
+            &stamp[4..6],
+            &stamp[6..8],
+            &stamp[9..11],
+            &stamp[11..13],
+            &stamp[13..]
+        );
+        humantime::parse_rfc3339(&s).ok().map(Self)
+    }
+
+    /// Time elapsed from `earlier` to `self`, zero if the clock went back.
+    pub fn since(&self, earlier: Timestamp) -> Duration {
+        self.0.duration_since(earlier.0).unwrap_or_default()
+    }
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", humantime::format_rfc3339_micros(self.0))
+    }
+}
+
+impl Serialize for Timestamp {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(self)
+    }
+}
+
+impl<'de> Deserialize<'de> for Timestamp {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_rfc3339_weak(&s)
+            .map(Timestamp)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+/// The result record of one run, as the contract defines it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct JobResult {
+    /// The job id.
+    pub id: String,
+    /// How it ended.
+    pub status: Status,
+    /// The exit code, when the process exited by itself.
+    pub exit_code: Option<i32>,
+    /// The signal that ended it, e.g. `"SIGKILL"`.
+    pub signal: Option<String>,
+    /// When it started (or was rejected).
+    pub started_at: Timestamp,
+    /// When it ended.
+    pub finished_at: Timestamp,
+    /// Run time in milliseconds.
+    pub duration_ms: u64,
+    /// The log of this run, relative to the spool root.
+    pub log: Option<String>,
+    /// Whether output beyond `log_max_bytes` was dropped.
+    pub output_truncated: bool,
+    /// Why it was rejected, timed out or interrupted.
+    pub error: Option<String>,
+    /// Which run this was (1 for the first).
+    pub attempt: u32,
+}
+
+impl JobResult {
+    /// The exit code a shell-like client reports for this result: the job's
+    /// own exit code, 128+N for signal N, 124 for a timeout (as timeout(1)),
+    /// 126 for rejected input and 130 for an interrupted run.
+    pub fn shell_exit_code(&self) -> u8 {
+        match self.status {
+            Status::TimedOut => 124,
+            Status::Rejected => 126,
+            Status::Interrupted => 130,
+            Status::Succeeded | Status::Failed => match (self.exit_code, &self.signal) {
+                (Some(code), _) => u8::try_from(code).unwrap_or(1),
+                (None, Some(sig)) => signal_number(sig).map_or(1, |n| 128u8.saturating_add(n)),
+                (None, None) => 1,
+            },
+        }
+    }
+}
+
+fn signal_number(name: &str) -> Option<u8> {
+    let sig: nix::sys::signal::Signal = name.parse().ok()?;
+    u8::try_from(sig as i32).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn file_stamps_round_trip_and_sort() {
+        let t = Timestamp(SystemTime::UNIX_EPOCH + Duration::from_micros(1_795_000_000_123_456));
+        let stamp = t.file_stamp();
+        assert_eq!(stamp.len(), 23, "{stamp}");
+        assert_eq!(Timestamp::from_file_stamp(&stamp), Some(t));
+        let later = Timestamp(t.0 + Duration::from_micros(1)).file_stamp();
+        assert!(later > stamp);
+        assert_eq!(Timestamp::from_file_stamp("garbage"), None);
+    }
+
+    #[test]
+    fn results_serialize_to_the_contract() {
+        let t = Timestamp(SystemTime::UNIX_EPOCH + Duration::from_secs(1_795_000_000));
+        let r = JobResult {
+            id: "x".into(),
+            status: Status::TimedOut,
+            exit_code: None,
+            signal: Some("SIGTERM".into()),
+            started_at: t,
+            finished_at: t,
+            duration_ms: 0,
+            log: Some("logs/x/a.log".into()),
+            output_truncated: false,
+            error: Some("timed out".into()),
+            attempt: 1,
+        };
+        let v: serde_json::Value = serde_json::to_value(&r).unwrap();
+        let keys: Vec<_> = v.as_object().unwrap().keys().cloned().collect();
+        let mut want = vec![
+            "attempt",
+            "duration_ms",
+            "error",
+            "exit_code",
+            "finished_at",
+            "id",
+            "log",
+            "output_truncated",
+            "signal",
+            "started_at",
+            "status",
+        ];
+        want.sort();
+        let mut got = keys.clone();
+        got.sort();
+        assert_eq!(got, want);
+        assert_eq!(v["status"], "timed_out");
+        assert_eq!(v["started_at"], "2026-11-18T11:06:40.000000Z");
+        let back: JobResult = serde_json::from_value(v).unwrap();
+        assert_eq!(back, r);
+        assert_eq!(r.shell_exit_code(), 124);
+    }
+
+    #[test]
+    fn shell_exit_codes() {
+        let t = Timestamp::now();
+        let mk = |status, exit_code, signal: Option<&str>| JobResult {
+            id: "x".into(),
+            status,
+            exit_code,
+            signal: signal.map(String::from),
+            started_at: t,
+            finished_at: t,
+            duration_ms: 0,
+            log: None,
+            output_truncated: false,
+            error: None,
+            attempt: 1,
+        };
+        assert_eq!(mk(Status::Succeeded, Some(0), None).shell_exit_code(), 0);
+        assert_eq!(mk(Status::Failed, Some(3), None).shell_exit_code(), 3);
+        assert_eq!(
+            mk(Status::Failed, None, Some("SIGKILL")).shell_exit_code(),
+            137
+        );
+        assert_eq!(mk(Status::Rejected, None, None).shell_exit_code(), 126);
+        assert_eq!(mk(Status::Interrupted, None, None).shell_exit_code(), 130);
+    }
+}

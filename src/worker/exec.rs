@@ -1,0 +1,301 @@
+//! Running one job: a child in its own process group, output streamed into
+//! a capped log, a timeout (TERM, then KILL after a grace period), and an
+//! interrupt for a stopping worker.
+
+use std::fs::File;
+use std::io::Write;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::{ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use nix::fcntl::OFlag;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
+use tokio::io::AsyncReadExt;
+use tokio::net::unix::pipe;
+use tokio::sync::oneshot;
+use tokio::time::{Instant as TokioInstant, sleep_until};
+
+use crate::spool::job::{Job, JobBody};
+use crate::spool::{JobId, JobResult, Status, Timestamp};
+
+/// Variables of the worker's own environment that must not leak into jobs:
+/// they describe the worker's relation to systemd, not the job's.
+const PRIVATE_ENV: [&str; 5] = [
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "JOURNAL_STREAM",
+    "LISTEN_FDS",
+];
+
+/// Everything a job run needs.
+#[derive(Debug)]
+pub struct Run {
+    /// The job id.
+    pub id: JobId,
+    /// The parsed job.
+    pub job: Job,
+    /// The job file, now in `running/`.
+    pub running_path: PathBuf,
+    /// This run's log file, already created.
+    pub log: File,
+    /// The log's path relative to the spool root.
+    pub log_rel: String,
+    /// The shell.
+    pub shell: PathBuf,
+    /// Effective timeout.
+    pub timeout: Duration,
+    /// Time between TERM and KILL.
+    pub kill_grace: Duration,
+    /// Log cap.
+    pub log_max_bytes: u64,
+}
+
+/// Why the worker signalled the job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum KillReason {
+    Timeout,
+    Interrupt,
+}
+
+/// Where the kill sequence is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    Running,
+    Terminating,
+    Killed,
+}
+
+/// A log file that keeps at most `cap` bytes.
+struct LogSink {
+    file: File,
+    written: u64,
+    cap: u64,
+    truncated: bool,
+    broken: Option<std::io::Error>,
+}
+
+impl LogSink {
+    fn write(&mut self, data: &[u8]) {
+        if self.broken.is_some() {
+            return;
+        }
+        let room = self.cap.saturating_sub(self.written);
+        let take = data.len().min(usize::try_from(room).unwrap_or(usize::MAX));
+        if take < data.len() {
+            self.truncated = true;
+        }
+        if take > 0 {
+            match self.file.write_all(&data[..take]) {
+                Ok(()) => self.written += take as u64,
+                Err(e) => self.broken = Some(e),
+            }
+        }
+    }
+
+    fn finish(mut self) -> (bool, Option<std::io::Error>) {
+        if self.truncated && self.broken.is_none() {
+            let note = format!(
+                "\n[ai-cmd-executor: output truncated after {} bytes (log_max_bytes)]\n",
+                self.cap
+            );
+            if let Err(e) = self.file.write_all(note.as_bytes()) {
+                self.broken = Some(e);
+            }
+        }
+        (self.truncated, self.broken)
+    }
+}
+
+/// Runs the job to the end and returns its result. `interrupt` fires when
+/// the worker gives up waiting for it (stop grace passed).
+pub async fn execute(run: Run, interrupt: oneshot::Receiver<()>) -> JobResult {
+    let started_at = Timestamp::now();
+    let t0 = Instant::now();
+    let result = |status, exit_code, signal: Option<Signal>, error, truncated| JobResult {
+        id: run.id.to_string(),
+        status,
+        exit_code,
+        signal: signal.map(|s| s.as_str().to_owned()),
+        started_at,
+        finished_at: Timestamp::now(),
+        duration_ms: u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX),
+        log: Some(run.log_rel.clone()),
+        output_truncated: truncated,
+        error,
+        attempt: run.job.attempt,
+    };
+
+    let mut sink = LogSink {
+        file: match run.log.try_clone() {
+            Ok(f) => f,
+            Err(e) => {
+                let msg = format!("could not use the log file: {e}");
+                return result(Status::Failed, None, None, Some(msg), false);
+            }
+        },
+        written: 0,
+        cap: run.log_max_bytes,
+        truncated: false,
+        broken: None,
+    };
+
+    let spawned = spawn(&run);
+    let (mut child, reader) = match spawned {
+        Ok(x) => x,
+        Err(e) => {
+            let msg = format!("could not start the job: {e}");
+            sink.write(format!("ai-cmd-executor: {msg}\n").as_bytes());
+            let (truncated, _) = sink.finish();
+            return result(Status::Failed, None, None, Some(msg), truncated);
+        }
+    };
+    let pgid = child.id().map(|p| Pid::from_raw(p as i32));
+
+    let mut reader = Some(reader);
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut interrupt = Some(interrupt);
+    let mut phase = Phase::Running;
+    let mut reason: Option<KillReason> = None;
+    let mut kill_signal: Option<Signal> = None;
+    let deadline = sleep_until(TokioInstant::now() + run.timeout);
+    tokio::pin!(deadline);
+
+    let signal_group = |sig: Signal| {
+        if let Some(pg) = pgid {
+            // ESRCH: the group is already gone.
+            let _ = killpg(pg, sig);
+        }
+    };
+
+    let status: std::io::Result<ExitStatus> = loop {
+        tokio::select! {
+            r = async { reader.as_mut().expect("guarded").read(&mut buf).await }, if reader.is_some() => {
+                match r {
+                    Ok(0) | Err(_) => reader = None,
+                    Ok(n) => sink.write(&buf[..n]),
+                }
+            }
+            st = child.wait() => break st,
+            () = &mut deadline, if phase != Phase::Killed => {
+                if phase == Phase::Running {
+                    reason = Some(KillReason::Timeout);
+                    kill_signal = Some(Signal::SIGTERM);
+                    signal_group(Signal::SIGTERM);
+                    phase = Phase::Terminating;
+                    deadline.as_mut().reset(TokioInstant::now() + run.kill_grace);
+                } else {
+                    kill_signal = Some(Signal::SIGKILL);
+                    signal_group(Signal::SIGKILL);
+                    phase = Phase::Killed;
+                }
+            }
+            r = async { interrupt.as_mut().expect("guarded").await }, if interrupt.is_some() => {
+                interrupt = None;
+                if r.is_ok() && phase == Phase::Running {
+                    reason = Some(KillReason::Interrupt);
+                    kill_signal = Some(Signal::SIGTERM);
+                    signal_group(Signal::SIGTERM);
+                    phase = Phase::Terminating;
+                    deadline.as_mut().reset(TokioInstant::now() + run.kill_grace);
+                }
+            }
+        }
+    };
+
+    // Whatever the job wrote before it exited is in the pipe now; take it
+    // without waiting for an end-of-file that a background grandchild
+    // holding the pipe open would delay for ever.
+    if let Some(r) = reader {
+        loop {
+            match r.try_read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => sink.write(&buf[..n]),
+            }
+        }
+    }
+    let (truncated, log_error) = sink.finish();
+
+    let status = match status {
+        Ok(s) => s,
+        Err(e) => {
+            let msg = format!("lost track of the job process: {e}");
+            return result(Status::Failed, None, None, Some(msg), truncated);
+        }
+    };
+    let exit_code = status.code();
+    let signal = status.signal().and_then(|s| Signal::try_from(s).ok());
+    let log_note = log_error.map(|e| format!("; writing its log failed: {e}"));
+    let with_note = |s: String| Some(s + log_note.as_deref().unwrap_or(""));
+    match reason {
+        Some(KillReason::Timeout) => result(
+            Status::TimedOut,
+            exit_code,
+            signal,
+            with_note(format!(
+                "timed out after {}; sent {}",
+                humantime::format_duration(run.timeout),
+                kill_signal.map_or("nothing", Signal::as_str)
+            )),
+            truncated,
+        ),
+        Some(KillReason::Interrupt) => result(
+            Status::Interrupted,
+            exit_code,
+            signal,
+            with_note(format!(
+                "the worker was stopping and the job outlived the stop grace; sent {}",
+                kill_signal.map_or("nothing", Signal::as_str)
+            )),
+            truncated,
+        ),
+        None if status.success() => result(
+            Status::Succeeded,
+            exit_code,
+            None,
+            log_note.map(|n| n.trim_start_matches("; ").to_owned()),
+            truncated,
+        ),
+        None => result(
+            Status::Failed,
+            exit_code,
+            signal,
+            log_note.map(|n| n.trim_start_matches("; ").to_owned()),
+            truncated,
+        ),
+    }
+}
+
+/// Starts the child: the shell in a new process group, stdin from
+/// /dev/null, stdout and stderr into one pipe (so they interleave in the
+/// order written).
+fn spawn(run: &Run) -> std::io::Result<(tokio::process::Child, pipe::Receiver)> {
+    let (rd, wr) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+    let mut cmd = tokio::process::Command::new(&run.shell);
+    match &run.job.body {
+        JobBody::Command(c) => cmd.arg("-c").arg(c),
+        JobBody::Script => cmd.arg(&run.running_path),
+    };
+    cmd.stdin(Stdio::null())
+        .stdout(Stdio::from(wr.try_clone()?))
+        .stderr(Stdio::from(wr))
+        .process_group(0);
+    for var in PRIVATE_ENV {
+        cmd.env_remove(var);
+    }
+    cmd.envs(&run.job.env)
+        .env("AI_CMD_EXECUTOR_JOB_ID", run.id.as_str())
+        .env("AI_CMD_EXECUTOR_ATTEMPT", run.job.attempt.to_string());
+    if let Some(cwd) = &run.job.cwd {
+        cmd.current_dir(cwd);
+    }
+    let child = cmd
+        .spawn()
+        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", run.shell.display())))?;
+    // `cmd` still holds the write end of the pipe; drop it so the reader
+    // sees end-of-file when the job's processes close theirs.
+    drop(cmd);
+    Ok((child, pipe::Receiver::from_owned_fd(rd)?))
+}

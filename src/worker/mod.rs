@@ -1,0 +1,798 @@
+//! The worker: one event loop that claims jobs from `pending/`, runs them,
+//! and records their results.
+//!
+//! It waits on inotify events for `pending/`, child exits, finished result
+//! writes, signals and a slow safety-net rescan; nothing polls while it is
+//! idle. Start-up: load the config, ensure the layout, recover `running/`,
+//! scan `pending/`, then serve.
+
+mod exec;
+mod settle;
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::ffi::{OsStr, OsString};
+use std::fs::{self, File, OpenOptions, TryLockError};
+use std::io::{self, Read};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use inotify::{EventMask, Inotify, WatchMask};
+use tokio::signal::unix::{SignalKind, signal};
+use tokio::sync::oneshot;
+use tokio::task::JoinSet;
+use tracing::{debug, error, info, warn};
+
+use crate::client::change_time;
+use crate::config::{Config, ConfigError, LoadedConfig};
+use crate::spool::id::parse_job_file_name;
+use crate::spool::job::{Job, JobError};
+use crate::spool::{
+    JobId, JobResult, Spool, SpoolError, Status, Timestamp, move_into, open_job_file,
+    rename_noreplace,
+};
+
+pub use settle::{Settled, settle};
+
+/// Errors that stop the worker from starting or keep it from going on.
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    /// The configuration is bad.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    /// The spool could not be prepared.
+    #[error("preparing the spool: {0}")]
+    Spool(#[from] SpoolError),
+    /// inotify, signals or the runtime could not be set up.
+    #[error("{what}: {source}")]
+    Setup {
+        /// What was being set up.
+        what: &'static str,
+        /// The cause.
+        #[source]
+        source: io::Error,
+    },
+}
+
+fn setup(what: &'static str) -> impl FnOnce(io::Error) -> WorkerError {
+    move |source| WorkerError::Setup { what, source }
+}
+
+/// How the worker was asked to run.
+#[derive(Debug, Clone)]
+pub struct WorkerOptions {
+    /// The configuration file named on the command line, re-read on SIGHUP.
+    pub config_path: Option<PathBuf>,
+    /// The loaded configuration.
+    pub loaded: LoadedConfig,
+    /// The spool root.
+    pub spool: PathBuf,
+}
+
+/// Runs the worker until SIGTERM or SIGINT. Builds its own single-threaded
+/// runtime: one thread serves every job, and blocking file writes go to
+/// tokio's blocking pool.
+pub fn run(opts: WorkerOptions) -> Result<(), WorkerError> {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(setup("starting the async runtime"))?;
+    rt.block_on(async move {
+        let mut worker = Worker::new(opts)?;
+        worker.serve().await
+    })
+}
+
+/// What a background task reports when it ends.
+enum TaskDone {
+    /// A job's process ended; its result is ready to record.
+    Ran(Box<Ran>),
+    /// A result was recorded (or a job re-queued), and the id is free again.
+    Settled {
+        id: JobId,
+        outcome: Result<Settled, SpoolError>,
+    },
+}
+
+/// A run whose process has ended.
+struct Ran {
+    id: JobId,
+    job: Job,
+    running_path: PathBuf,
+    /// The lock on the job file, held until it has left `running/`.
+    lock: File,
+    result: JobResult,
+}
+
+#[derive(Default)]
+struct Counters {
+    succeeded: u64,
+    failed: u64,
+    rejected: u64,
+}
+
+struct Worker {
+    spool: Spool,
+    config: Config,
+    config_path: Option<PathBuf>,
+    /// File names in arrival order.
+    queue: VecDeque<OsString>,
+    /// Names in `queue` or `deferred`, with when they were queued, so no
+    /// name is queued twice.
+    queued: HashMap<OsString, Timestamp>,
+    /// Names whose id is busy; they go back to the queue when it is free.
+    deferred: Vec<(JobId, OsString)>,
+    /// Ids with a run in progress or a result being written.
+    busy: HashSet<JobId>,
+    /// Running jobs, with the way to interrupt each.
+    active: HashMap<JobId, oneshot::Sender<()>>,
+    tasks: JoinSet<TaskDone>,
+    /// Set when SIGTERM arrived: when running jobs will be interrupted.
+    stop_at: Option<tokio::time::Instant>,
+    interrupted_all: bool,
+    counters: Counters,
+}
+
+impl Worker {
+    fn new(opts: WorkerOptions) -> Result<Self, WorkerError> {
+        Ok(Worker {
+            spool: Spool::new(opts.spool),
+            config: opts.loaded.config,
+            config_path: opts.config_path,
+            queue: VecDeque::new(),
+            queued: HashMap::new(),
+            deferred: Vec::new(),
+            busy: HashSet::new(),
+            active: HashMap::new(),
+            tasks: JoinSet::new(),
+            stop_at: None,
+            interrupted_all: false,
+            counters: Counters::default(),
+        })
+    }
+
+    async fn serve(&mut self) -> Result<(), WorkerError> {
+        self.spool.ensure_layout()?;
+        let mut sigterm = signal(SignalKind::terminate()).map_err(setup("handling SIGTERM"))?;
+        let mut sigint = signal(SignalKind::interrupt()).map_err(setup("handling SIGINT"))?;
+        let mut sighup = signal(SignalKind::hangup()).map_err(setup("handling SIGHUP"))?;
+        let inotify = Inotify::init().map_err(setup("starting inotify"))?;
+        let mut events = inotify
+            .into_event_stream(vec![0u8; 64 * 1024])
+            .map_err(setup("starting inotify"))?;
+        let mut watched = self.watch_pending(&events);
+        self.recover();
+        self.rescan();
+        info!(
+            spool = %self.spool.root().display(),
+            max_parallel = self.config.max_parallel.get(),
+            "worker ready; {} job(s) queued",
+            self.queue.len()
+        );
+        let mut rescan = tokio::time::interval(self.config.rescan_interval.get());
+        rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        rescan.reset();
+
+        loop {
+            self.dispatch();
+            if self.stop_at.is_some() && self.tasks.is_empty() {
+                break;
+            }
+            let stop_at = self.stop_at.filter(|_| !self.interrupted_all);
+            tokio::select! {
+                ev = events.next() => match ev {
+                    Some(Ok(ev)) => {
+                        if ev.mask.contains(EventMask::Q_OVERFLOW) {
+                            warn!("inotify queue overflowed; rescanning pending/");
+                            self.rescan();
+                        } else if ev.mask.intersects(EventMask::IGNORED | EventMask::DELETE_SELF | EventMask::MOVE_SELF) {
+                            watched = false;
+                        } else if let Some(name) = ev.name {
+                            self.on_event(name, ev.mask);
+                        }
+                    }
+                    Some(Err(e)) => {
+                        warn!("reading inotify events: {e}; rescanning pending/");
+                        self.rescan();
+                    }
+                    None => return Err(WorkerError::Setup {
+                        what: "reading inotify events",
+                        source: io::Error::other("the event stream ended"),
+                    }),
+                },
+                Some(done) = self.tasks.join_next(), if !self.tasks.is_empty() => match done {
+                    Ok(done) => self.on_task_done(done),
+                    Err(e) => error!("a job task failed: {e}"),
+                },
+                _ = sigterm.recv() => self.begin_stop("SIGTERM"),
+                _ = sigint.recv() => self.begin_stop("SIGINT"),
+                _ = sighup.recv() => self.reload(),
+                _ = rescan.tick() => {
+                    if !watched {
+                        watched = self.rewatch(&events);
+                    }
+                    self.rescan();
+                }
+                () = async { tokio::time::sleep_until(stop_at.expect("guarded")).await }, if stop_at.is_some() => {
+                    self.interrupt_all();
+                }
+            }
+            if !watched {
+                watched = self.rewatch(&events);
+            }
+        }
+        info!(
+            succeeded = self.counters.succeeded,
+            failed = self.counters.failed,
+            rejected = self.counters.rejected,
+            "worker stopped"
+        );
+        Ok(())
+    }
+
+    fn watch_pending<T>(&self, events: &inotify::EventStream<T>) -> bool
+    where
+        T: AsMut<[u8]> + AsRef<[u8]>,
+    {
+        let mask = WatchMask::MOVED_TO
+            | WatchMask::CLOSE_WRITE
+            | WatchMask::CREATE
+            | WatchMask::DELETE_SELF
+            | WatchMask::MOVE_SELF
+            | WatchMask::ONLYDIR;
+        match events.watches().add(self.spool.pending(), mask) {
+            Ok(_) => true,
+            Err(e) => {
+                error!("cannot watch {}: {e}", self.spool.pending().display());
+                false
+            }
+        }
+    }
+
+    /// `pending/` went away or was replaced: re-create the layout and watch
+    /// the new directory. Retried on every rescan tick until it works.
+    fn rewatch<T>(&mut self, events: &inotify::EventStream<T>) -> bool
+    where
+        T: AsMut<[u8]> + AsRef<[u8]>,
+    {
+        warn!("pending/ was removed or moved; re-creating the spool layout");
+        if let Err(e) = self.spool.ensure_layout() {
+            error!("{e}; will retry at the next rescan");
+            return false;
+        }
+        let ok = self.watch_pending(events);
+        if ok {
+            self.rescan();
+        }
+        ok
+    }
+
+    fn on_event(&mut self, name: OsString, mask: EventMask) {
+        if mask.contains(EventMask::CREATE) {
+            // A plain file being created is handled when it is closed. What
+            // never gets a close (a directory, symlink, FIFO, or a hard link
+            // made into pending/) is handled now.
+            let path = self.spool.pending().join(&name);
+            match fs::symlink_metadata(&path) {
+                Ok(m) if m.is_file() && m.nlink() < 2 => return,
+                Ok(_) => {}
+                Err(_) => return,
+            }
+        }
+        self.enqueue(name);
+    }
+
+    fn enqueue(&mut self, name: OsString) {
+        if let std::collections::hash_map::Entry::Vacant(e) = self.queued.entry(name.clone()) {
+            e.insert(Timestamp::now());
+            self.queue.push_back(name);
+        }
+    }
+
+    /// Queues every file in `pending/` not queued yet, oldest arrival first.
+    fn rescan(&mut self) {
+        let dir = self.spool.pending();
+        let rd = match fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) => {
+                error!("cannot list {}: {e}", dir.display());
+                return;
+            }
+        };
+        let mut found: Vec<(Timestamp, OsString)> = rd
+            .filter_map(Result::ok)
+            .filter(|e| !self.queued.contains_key(&e.file_name()))
+            .map(|e| {
+                let t = e
+                    .metadata()
+                    .map(|m| change_time(&m))
+                    .unwrap_or_else(|_| Timestamp::now());
+                (t, e.file_name())
+            })
+            .collect();
+        found.sort();
+        if !found.is_empty() {
+            debug!("rescan found {} file(s)", found.len());
+        }
+        for (_, name) in found {
+            self.enqueue(name);
+        }
+    }
+
+    /// Starts queued jobs while there are free slots.
+    fn dispatch(&mut self) {
+        while self.stop_at.is_none() && self.active.len() < self.config.max_parallel.get() {
+            let Some(name) = self.queue.pop_front() else {
+                break;
+            };
+            let since = self.queued.remove(&name).unwrap_or_else(Timestamp::now);
+            self.claim(name, since);
+        }
+    }
+
+    /// Reads, checks and claims one file from `pending/` (queued at
+    /// `since`), then starts it.
+    fn claim(&mut self, name: OsString, since: Timestamp) {
+        let path = self.spool.pending().join(&name);
+        let (id, kind) = match parse_job_file_name(&name) {
+            Ok(x) => x,
+            Err(e) => return self.archive_nameless(&path, &e.to_string()),
+        };
+        if self.busy.contains(&id) {
+            // Runs of one id never overlap; this one waits for the other.
+            self.queued.insert(name.clone(), since);
+            self.deferred.push((id, name));
+            return;
+        }
+        let meta = match fs::symlink_metadata(&path) {
+            Ok(m) => m,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return self.vanished(id, &name, since);
+            }
+            Err(e) => return self.reject(id, &path, format!("cannot inspect the job file: {e}")),
+        };
+        let ft = meta.file_type();
+        if !ft.is_file() {
+            let what = if ft.is_symlink() {
+                "a symbolic link"
+            } else if ft.is_dir() {
+                "a directory"
+            } else {
+                "not a regular file (FIFO, socket or device)"
+            };
+            return self.reject(
+                id,
+                &path,
+                format!("the job file is {what}; only regular files are accepted"),
+            );
+        }
+        let mut file = match open_job_file(&path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return self.vanished(id, &name, since);
+            }
+            Err(e) => return self.reject(id, &path, format!("cannot open the job file: {e}")),
+        };
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(TryLockError::WouldBlock) => {
+                debug!(cmd_id = %id, "another worker holds {}; leaving it", path.display());
+                return;
+            }
+            Err(TryLockError::Error(e)) => {
+                warn!(cmd_id = %id, "cannot lock {}: {e}", path.display())
+            }
+        }
+        let bytes = match read_bounded(&mut file, self.config.max_job_bytes.get()) {
+            Ok(b) => b,
+            Err(ReadError::TooBig(size)) => {
+                let e = JobError::TooBig {
+                    size,
+                    max: self.config.max_job_bytes.get(),
+                };
+                return self.reject(id, &path, e.to_string());
+            }
+            Err(ReadError::Io(e)) => {
+                return self.reject(id, &path, format!("cannot read the job file: {e}"));
+            }
+        };
+        let job = match Job::parse(kind, &bytes) {
+            Ok(j) => j,
+            Err(e) => return self.reject(id, &path, e.to_string()),
+        };
+        let (log, log_path) = match self.create_log(&id) {
+            Ok(x) => x,
+            Err(e) => {
+                error!(cmd_id = %id, "cannot create a log file: {e}; leaving the job in pending/");
+                return;
+            }
+        };
+        let running_path = self.spool.running().join(&name);
+        match rename_noreplace(&path, &running_path) {
+            Ok(true) => {}
+            Ok(false) => {
+                // Another worker runs a job of this id; the rescan retries.
+                let _ = fs::remove_file(&log_path);
+                debug!(cmd_id = %id, "a job with this id is running elsewhere; retrying later");
+                return;
+            }
+            Err(e) => {
+                let _ = fs::remove_file(&log_path);
+                if e.kind() == io::ErrorKind::NotFound {
+                    return self.vanished(id, &name, since);
+                }
+                error!(cmd_id = %id, "cannot claim {}: {e}", path.display());
+                return;
+            }
+        }
+        let timeout = job
+            .timeout_secs
+            .map_or(self.config.default_timeout.get(), |s| {
+                Duration::from_secs(s.get())
+            });
+        info!(cmd_id = %id, attempt = job.attempt, kind = kind.extension(), "job started");
+        let run = exec::Run {
+            id: id.clone(),
+            job: job.clone(),
+            running_path: running_path.clone(),
+            log,
+            log_rel: self.spool.relative(&log_path),
+            shell: self.config.shell.clone(),
+            timeout,
+            kill_grace: self.config.kill_grace.get(),
+            log_max_bytes: self.config.log_max_bytes.get(),
+        };
+        let (tx, rx) = oneshot::channel();
+        self.busy.insert(id.clone());
+        self.active.insert(id.clone(), tx);
+        self.tasks.spawn(async move {
+            let result = exec::execute(run, rx).await;
+            TaskDone::Ran(Box::new(Ran {
+                id,
+                job,
+                running_path,
+                lock: file,
+                result,
+            }))
+        });
+    }
+
+    /// Creates `logs/<id>/<stamp>.log` for a new run.
+    fn create_log(&self, id: &JobId) -> io::Result<(File, PathBuf)> {
+        let dir = self.spool.log_dir(id);
+        fs::create_dir_all(&dir)?;
+        let mut stamp = Timestamp::now();
+        loop {
+            let path = dir.join(format!("{}.log", stamp.file_stamp()));
+            match OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o640)
+                .open(&path)
+            {
+                Ok(f) => return Ok((f, path)),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    stamp = Timestamp(stamp.0 + Duration::from_micros(1));
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    fn on_task_done(&mut self, done: TaskDone) {
+        match done {
+            TaskDone::Ran(ran) => {
+                let Ran {
+                    id,
+                    job,
+                    running_path,
+                    lock,
+                    result,
+                } = *ran;
+                self.active.remove(&id);
+                let spool = self.spool.clone();
+                let max_attempts = self.config.max_attempts.get();
+                self.tasks.spawn_blocking(move || {
+                    let outcome = settle(&spool, &running_path, Some(&job), &result, max_attempts);
+                    if let Ok(Settled::Recorded(_)) = &outcome {
+                        log_result(&result);
+                    }
+                    // The lock goes only once the job file has left running/.
+                    drop(lock);
+                    TaskDone::Settled { id, outcome }
+                });
+            }
+            TaskDone::Settled { id, outcome } => {
+                match outcome {
+                    Ok(Settled::Recorded(Status::Succeeded)) => self.counters.succeeded += 1,
+                    Ok(Settled::Recorded(Status::Rejected)) => self.counters.rejected += 1,
+                    Ok(Settled::Recorded(_)) => self.counters.failed += 1,
+                    Ok(Settled::Requeued { attempt }) => {
+                        info!(cmd_id = %id, attempt, "interrupted job re-queued for another attempt");
+                    }
+                    Err(e) => error!(cmd_id = %id, "recording the result failed: {e}"),
+                }
+                self.busy.remove(&id);
+                // Waiting runs of this id go first, in their order.
+                let mut waiting: Vec<OsString> = Vec::new();
+                self.deferred.retain(|(d, name)| {
+                    if *d == id {
+                        waiting.push(name.clone());
+                        false
+                    } else {
+                        true
+                    }
+                });
+                for name in waiting.into_iter().rev() {
+                    self.queue.push_front(name);
+                }
+            }
+        }
+    }
+
+    /// Rejects bad input: moves the file to `archive/rejected/` and records a
+    /// `rejected` result.
+    fn reject(&mut self, id: JobId, path: &Path, reason: String) {
+        match move_into(path, &self.spool.archive_rejected()) {
+            Ok(dest) => {
+                warn!(cmd_id = %id, cmd_status = "rejected", "job rejected: {reason} (file kept as {})", self.spool.relative(&dest));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound => return,
+            Err(e) => {
+                error!(cmd_id = %id, "job rejected ({reason}) but cannot be moved out of pending/: {e}");
+                return;
+            }
+        }
+        self.record_rejection(id, reason);
+    }
+
+    fn record_rejection(&mut self, id: JobId, reason: String) {
+        let now = Timestamp::now();
+        let result = JobResult {
+            id: id.to_string(),
+            status: Status::Rejected,
+            exit_code: None,
+            signal: None,
+            started_at: now,
+            finished_at: now,
+            duration_ms: 0,
+            log: None,
+            output_truncated: false,
+            error: Some(reason),
+            attempt: 1,
+        };
+        let spool = self.spool.clone();
+        self.busy.insert(id.clone());
+        self.tasks.spawn_blocking(move || {
+            let outcome = spool
+                .write_result(&result)
+                .map(|()| Settled::Recorded(Status::Rejected));
+            TaskDone::Settled { id, outcome }
+        });
+    }
+
+    /// A file whose name gives no id: it cannot have a result, so it is only
+    /// moved aside, with the reason in the log.
+    fn archive_nameless(&mut self, path: &Path, reason: &str) {
+        match move_into(path, &self.spool.archive_rejected()) {
+            Ok(dest) => warn!(
+                "{} is not a job file ({reason}); moved to {}",
+                path.display(),
+                self.spool.relative(&dest)
+            ),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+            Err(e) => error!(
+                "{} is not a job file ({reason}) and cannot be moved: {e}",
+                path.display()
+            ),
+        }
+    }
+
+    /// The file was announced (at `since`) but is gone. Unless another
+    /// worker claimed it, the agent gets a result that says so. Another
+    /// worker's claim shows as the file in `running/`, or as a log of this id
+    /// begun about when the file arrived (a worker creates the log before
+    /// it renames the file, and the event reached us soon after arrival).
+    fn vanished(&mut self, id: JobId, name: &OsStr, since: Timestamp) {
+        if self.spool.running().join(name).exists() {
+            return;
+        }
+        let window = Timestamp(since.0 - Duration::from_secs(2));
+        let claimed_elsewhere = self
+            .spool
+            .latest_log(&id)
+            .ok()
+            .flatten()
+            .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
+            .and_then(|s| Timestamp::from_file_stamp(&s))
+            .is_some_and(|started| started >= window);
+        if claimed_elsewhere {
+            debug!(cmd_id = %id, "the job file was claimed by another worker");
+            return;
+        }
+        warn!(cmd_id = %id, "the job file vanished from pending/ before it could be read");
+        self.record_rejection(
+            id,
+            "the job file vanished from pending/ before it could be read (withdrawn, or replaced while being read)".into(),
+        );
+    }
+
+    fn begin_stop(&mut self, signal: &str) {
+        if self.stop_at.is_some() {
+            info!("{signal} again: interrupting running jobs now");
+            self.interrupt_all();
+            return;
+        }
+        let grace = self.config.stop_grace.get();
+        info!(
+            "{signal}: no new jobs; {} running job(s) get {} to finish",
+            self.active.len(),
+            humantime::format_duration(grace)
+        );
+        self.stop_at = Some(tokio::time::Instant::now() + grace);
+    }
+
+    fn interrupt_all(&mut self) {
+        self.interrupted_all = true;
+        for (id, tx) in self.active.drain() {
+            info!(cmd_id = %id, "interrupting job: the stop grace has passed");
+            let _ = tx.send(());
+        }
+    }
+
+    fn reload(&mut self) {
+        match Config::load(self.config_path.as_deref()) {
+            Ok(loaded) => {
+                if loaded.config.spool.is_some() && loaded.config.spool != self.config.spool {
+                    warn!("the spool cannot change on reload; restart the worker to move it");
+                }
+                let spool = self.config.spool.clone();
+                self.config = loaded.config;
+                self.config.spool = spool;
+                info!(
+                    max_parallel = self.config.max_parallel.get(),
+                    "configuration reloaded"
+                );
+            }
+            Err(e) => error!("reload failed, keeping the running configuration: {e}"),
+        }
+    }
+
+    /// Settles what a previous worker left in `running/`. A file another
+    /// live worker holds (locked) is left alone.
+    fn recover(&mut self) {
+        let dir = self.spool.running();
+        let rd = match fs::read_dir(&dir) {
+            Ok(rd) => rd,
+            Err(e) => {
+                error!("cannot list {}: {e}", dir.display());
+                return;
+            }
+        };
+        for entry in rd.filter_map(Result::ok) {
+            let path = entry.path();
+            let Ok((id, kind)) = parse_job_file_name(&entry.file_name()) else {
+                self.archive_nameless(&path, "found in running/ without a valid job name");
+                continue;
+            };
+            let Ok(mut file) = open_job_file(&path) else {
+                self.archive_nameless(&path, "found in running/ and cannot be opened");
+                continue;
+            };
+            if let Err(TryLockError::WouldBlock) = file.try_lock() {
+                debug!(cmd_id = %id, "running/{} belongs to a live worker", id);
+                continue;
+            }
+            let job = read_bounded(&mut file, u64::MAX)
+                .ok()
+                .and_then(|b| Job::parse(kind, &b).ok());
+            if let Err(e) = self.recover_one(&id, &path, job.as_ref()) {
+                error!(cmd_id = %id, "recovering {}: {e}", path.display());
+            }
+        }
+    }
+
+    fn recover_one(
+        &mut self,
+        id: &JobId,
+        path: &Path,
+        job: Option<&Job>,
+    ) -> Result<(), SpoolError> {
+        let latest = self.spool.latest_log(id)?;
+        let latest_rel = latest.as_deref().map(|p| self.spool.relative(p));
+        let previous = self.spool.read_result(id).ok().flatten();
+        if latest_rel.is_some()
+            && previous.as_ref().and_then(|r| r.log.as_deref()) == latest_rel.as_deref()
+        {
+            // The result of this run was written; only the clean-up was lost.
+            return match fs::remove_file(path) {
+                Err(e) if e.kind() != io::ErrorKind::NotFound => {
+                    Err(SpoolError::io("removing", path, e))
+                }
+                _ => Ok(()),
+            };
+        }
+        let started_at = latest
+            .as_deref()
+            .and_then(Path::file_stem)
+            .and_then(|s| Timestamp::from_file_stamp(&s.to_string_lossy()))
+            .or_else(|| fs::metadata(path).ok().map(|m| change_time(&m)))
+            .unwrap_or_else(Timestamp::now);
+        let finished_at = Timestamp::now();
+        let result = JobResult {
+            id: id.to_string(),
+            status: Status::Interrupted,
+            exit_code: None,
+            signal: None,
+            started_at,
+            finished_at,
+            duration_ms: u64::try_from(finished_at.since(started_at).as_millis()).unwrap_or(u64::MAX),
+            log: latest_rel,
+            output_truncated: false,
+            error: Some(
+                "the worker stopped unexpectedly (crash, kill or power loss) while this job ran; it was not run again"
+                    .into(),
+            ),
+            attempt: job.map_or(1, |j| j.attempt),
+        };
+        match settle(
+            &self.spool,
+            path,
+            job,
+            &result,
+            self.config.max_attempts.get(),
+        )? {
+            Settled::Requeued { attempt } => {
+                info!(cmd_id = %id, attempt, "job interrupted by the previous worker re-queued");
+            }
+            Settled::Recorded(_) => {
+                log_result(&result);
+                self.counters.failed += 1;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One log line per recorded result, with the fields an operator filters on.
+fn log_result(r: &JobResult) {
+    let exit = r
+        .exit_code
+        .map_or_else(|| "-".to_owned(), |c| c.to_string());
+    let signal = r.signal.as_deref().unwrap_or("-");
+    match r.status {
+        Status::Succeeded => info!(
+            cmd_id = %r.id, cmd_status = %r.status, exit_code = %exit, duration_ms = r.duration_ms,
+            "job finished"
+        ),
+        _ => warn!(
+            cmd_id = %r.id, cmd_status = %r.status, exit_code = %exit, signal, duration_ms = r.duration_ms,
+            "job finished: {}", r.error.as_deref().unwrap_or(r.status.as_str())
+        ),
+    }
+}
+
+enum ReadError {
+    TooBig(u64),
+    Io(io::Error),
+}
+
+/// Reads a whole job file, refusing one over `max` bytes without reading it.
+fn read_bounded(file: &mut File, max: u64) -> Result<Vec<u8>, ReadError> {
+    let meta = file.metadata().map_err(ReadError::Io)?;
+    if !meta.is_file() {
+        return Err(ReadError::Io(io::Error::other("not a regular file")));
+    }
+    if meta.len() > max {
+        return Err(ReadError::TooBig(meta.len()));
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    file.take(max.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(ReadError::Io)?;
+    if bytes.len() as u64 > max {
+        return Err(ReadError::TooBig(bytes.len() as u64));
+    }
+    Ok(bytes)
+}

@@ -1,0 +1,292 @@
+//! The client commands against a real worker: submit, result, wait, log,
+//! list, config check, and how the spool is found.
+
+mod common;
+
+use std::fs;
+use std::process::{Command, Stdio};
+
+use common::{BIN, DEADLINE, Spool, wait_for};
+
+fn stdout(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stdout).into_owned()
+}
+fn stderr(o: &std::process::Output) -> String {
+    String::from_utf8_lossy(&o.stderr).into_owned()
+}
+
+#[test]
+fn submit_wait_result_log_and_list() {
+    let spool = Spool::new();
+    let _w = spool.start("");
+    let out = spool.cli(&[
+        "submit", "--id", "hello", "--wait", "--", "echo", "hi;", "exit", "3",
+    ]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    let text = stdout(&out);
+    assert!(text.starts_with("hello\n"), "{text}");
+    assert!(text.contains("status:    failed (exit code 3)"), "{text}");
+
+    let out = spool.cli(&["result", "hello", "--json"]);
+    assert!(out.status.success());
+    let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(r["exit_code"], 3);
+
+    let out = spool.cli(&["log", "hello"]);
+    assert_eq!(stdout(&out), "hi\n");
+
+    let out = spool.cli(&["wait", "hello", "--json"]);
+    assert_eq!(out.status.code(), Some(3));
+
+    let out = spool.cli(&["submit", "--", "true"]);
+    assert!(out.status.success());
+    let generated = stdout(&out).trim().to_owned();
+    assert!(generated.starts_with("job-"), "{generated}");
+    let out = spool.cli(&["wait", &generated, "--timeout", "30"]);
+    assert_eq!(out.status.code(), Some(0), "{}", stderr(&out));
+
+    let out = spool.cli(&["list", "--state", "completed", "--json"]);
+    let list: Vec<serde_json::Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let ids: Vec<&str> = list.iter().map(|e| e["id"].as_str().unwrap()).collect();
+    assert!(
+        ids.contains(&"hello") && ids.contains(&generated.as_str()),
+        "{ids:?}"
+    );
+    assert!(
+        list.iter()
+            .all(|e| e["state"] == "completed" && e["result"].is_object())
+    );
+    let table = stdout(&spool.cli(&["list"]));
+    assert!(
+        table.lines().next().unwrap().starts_with("STATE"),
+        "{table}"
+    );
+    assert!(table.contains("hello"), "{table}");
+}
+
+#[test]
+fn submit_file_options_and_timeout() {
+    let spool = Spool::new();
+    let _w = spool.start("kill_grace = \"100ms\"\n");
+    let script = spool.scratch("job.sh");
+    fs::write(&script, "echo from a script\n").unwrap();
+    let out = spool.cli(&[
+        "submit",
+        "--id",
+        "scripted",
+        "--wait",
+        "--file",
+        script.to_str().unwrap(),
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(stdout(&spool.cli(&["log", "scripted"])), "from a script\n");
+    assert!(spool.path("logs/scripted").is_dir());
+
+    let cwd = spool.scratch("");
+    let out = spool.cli(&[
+        "submit",
+        "--id",
+        "opts",
+        "--env",
+        "A=1",
+        "--env",
+        "B=x=y",
+        "--cwd",
+        cwd.to_str().unwrap(),
+        "--wait",
+        "--",
+        "echo $A $B; pwd",
+    ]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let log = stdout(&spool.cli(&["log", "opts"]));
+    assert_eq!(
+        log,
+        format!("1 x=y\n{}\n", fs::canonicalize(&cwd).unwrap().display())
+    );
+
+    let out = spool.cli(&[
+        "submit",
+        "--id",
+        "short",
+        "--timeout",
+        "1",
+        "--wait",
+        "--",
+        "sleep 300",
+    ]);
+    assert_eq!(out.status.code(), Some(124), "timed_out maps to 124");
+}
+
+#[test]
+fn errors_are_clear_and_exit_non_zero() {
+    let spool = Spool::new();
+    // No worker has prepared this spool yet.
+    let out = spool.cli(&["submit", "--", "true"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("is not a spool"), "{}", stderr(&out));
+
+    let _w = spool.start("");
+    let out = spool.cli(&["submit", "--id", "../x", "--", "true"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("invalid job id"), "{}", stderr(&out));
+
+    let out = spool.cli(&["result", "nobody"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(
+        stderr(&out).contains("no result for nobody yet: the job is unknown"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = spool.cli(&["wait", "nobody", "--timeout", "0"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        stderr(&out).contains("has not finished"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = spool.cli(&["log", "nobody"]);
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn a_duplicate_pending_id_is_refused() {
+    let spool = Spool::new();
+    let w = spool.start("");
+    w.signal(nix::sys::signal::Signal::SIGSTOP);
+    let first = spool.cli(&["submit", "--id", "once", "--", "true"]);
+    let second = spool.cli(&["submit", "--id", "once", "--", "false"]);
+    w.signal(nix::sys::signal::Signal::SIGCONT);
+    assert!(first.status.success());
+    assert_eq!(second.status.code(), Some(1));
+    assert!(
+        stderr(&second).contains("already pending"),
+        "{}",
+        stderr(&second)
+    );
+    assert_eq!(spool.wait_result("once")["status"], "succeeded");
+}
+
+#[test]
+fn log_follow_streams_until_the_job_ends() {
+    let spool = Spool::new();
+    let _w = spool.start("");
+    let gate = spool.scratch("gate");
+    spool.submit(
+        "stream",
+        &format!(
+            "echo one; while [ ! -e {} ]; do sleep 0.01; done; echo two",
+            gate.display()
+        ),
+    );
+    let follower = Command::new(BIN)
+        .args([
+            "--spool",
+            spool.root().to_str().unwrap(),
+            "log",
+            "--follow",
+            "stream",
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    wait_for("the job to print its first line", DEADLINE, || {
+        spool.names("logs/stream").first().and_then(|n| {
+            let text = fs::read_to_string(spool.path(&format!("logs/stream/{n}"))).ok()?;
+            (text == "one\n").then_some(())
+        })
+    });
+    fs::write(&gate, "").unwrap();
+    let out = follower.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(stdout(&out), "one\ntwo\n");
+}
+
+#[test]
+fn spool_comes_from_env_then_config() {
+    let spool = Spool::new();
+    let _w = spool.start("");
+    let run = |envs: &[(&str, &str)], args: &[&str]| {
+        let mut c = Command::new(BIN);
+        c.env_remove("AI_CMD_EXECUTOR_SPOOL")
+            .env_remove("AI_CMD_EXECUTOR_CONFIG");
+        for (k, v) in envs {
+            c.env(k, v);
+        }
+        c.args(args).output().unwrap()
+    };
+    let root = spool.root();
+    let out = run(
+        &[("AI_CMD_EXECUTOR_SPOOL", root.to_str().unwrap())],
+        &["submit", "--id", "via-env", "--wait", "--", "true"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let cfg = spool.scratch("client.toml");
+    fs::write(&cfg, format!("spool = {:?}\n", root.to_str().unwrap())).unwrap();
+    let out = run(
+        &[],
+        &["--config", cfg.to_str().unwrap(), "result", "via-env"],
+    );
+    assert!(out.status.success(), "{}", stderr(&out));
+    let out = run(
+        &[],
+        &[
+            "--config",
+            cfg.to_str().unwrap(),
+            "--spool",
+            "/nonexistent",
+            "result",
+            "via-env",
+        ],
+    );
+    assert_eq!(out.status.code(), Some(1), "--spool wins over the config");
+}
+
+#[test]
+fn config_check_prints_effective_values_or_the_error_with_its_line() {
+    let spool = Spool::new();
+    let good = spool.scratch("good.toml");
+    fs::write(&good, "max_parallel = 3\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["--config", good.to_str().unwrap(), "config", "check"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = stdout(&out);
+    assert!(text.contains("max_parallel = 3"), "{text}");
+    assert!(text.contains("default_timeout = \"1h\""), "{text}");
+    assert!(text.contains("log_max_bytes = 10485760"), "{text}");
+
+    let bad = spool.scratch("bad.toml");
+    fs::write(&bad, "max_parallel = 2\n\nstop_grace = \"-3s\"\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["--config", bad.to_str().unwrap(), "config", "check"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = stderr(&out);
+    assert!(
+        err.contains(bad.to_str().unwrap()) && err.contains("line 3"),
+        "{err}"
+    );
+
+    let unknown = spool.scratch("unknown.toml");
+    fs::write(&unknown, "max_paralel = 2\n").unwrap();
+    let out = Command::new(BIN)
+        .args(["--config", unknown.to_str().unwrap(), "config", "check"])
+        .output()
+        .unwrap();
+    assert!(
+        stderr(&out).contains("unknown field `max_paralel`"),
+        "{}",
+        stderr(&out)
+    );
+
+    let out = Command::new(BIN)
+        .args(["--config", "/nonexistent.toml", "config", "check"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("/nonexistent.toml"));
+}

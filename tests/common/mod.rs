@@ -1,0 +1,283 @@
+//! Test harness: the real binary as a foreground worker on a temporary
+//! spool, job factories, and waiting on conditions with deadlines.
+
+#![allow(dead_code)] // each test file uses its own part of the harness
+
+use std::fs;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::sync::atomic::{AtomicU32, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
+
+/// The binary under test.
+pub const BIN: &str = env!("CARGO_BIN_EXE_ai-cmd-executor");
+
+/// Default deadline for conditions in tests: generous, since CI machines
+/// are slow at times; a passing test never waits this long.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Polls `f` until it returns `Some`, or panics naming `what` after `deadline`.
+pub fn wait_for<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    let start = Instant::now();
+    let mut nap = Duration::from_millis(1);
+    loop {
+        if let Some(v) = f() {
+            return v;
+        }
+        if start.elapsed() > deadline {
+            panic!("timed out after {deadline:?} waiting for {what}");
+        }
+        std::thread::sleep(nap);
+        nap = (nap * 2).min(Duration::from_millis(50));
+    }
+}
+
+/// A spool directory that outlives worker restarts.
+pub struct Spool {
+    dir: tempfile::TempDir,
+}
+
+impl Spool {
+    /// A fresh, empty spool location.
+    pub fn new() -> Self {
+        Spool {
+            dir: tempfile::Builder::new()
+                .prefix("aice-test-")
+                .tempdir()
+                .expect("tempdir"),
+        }
+    }
+
+    /// The spool root.
+    pub fn root(&self) -> PathBuf {
+        self.dir.path().join("spool")
+    }
+
+    /// A path in the test's scratch space, outside the spool.
+    pub fn scratch(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    /// A sub-path of the spool.
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.root().join(rel)
+    }
+
+    /// Writes a config file and returns its path.
+    pub fn config(&self, toml: &str) -> PathBuf {
+        let p = self.dir.path().join("config.toml");
+        fs::write(&p, toml).expect("write config");
+        p
+    }
+
+    /// Starts a worker on this spool with the given config text.
+    pub fn start(&self, config: &str) -> Worker {
+        Worker::start(self, config)
+    }
+
+    /// Submits like an agent: write into tmp/, rename into pending/.
+    pub fn drop_file(&self, name: &str, bytes: &[u8]) {
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let tmp = self.path(&format!(
+            "tmp/{name}.{}",
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        fs::write(&tmp, bytes).expect("write job");
+        fs::rename(&tmp, self.path(&format!("pending/{name}"))).expect("rename job");
+    }
+
+    /// Submits a JSON job with this id.
+    pub fn submit_json(&self, id: &str, job: Value) {
+        self.drop_file(&format!("{id}.json"), job.to_string().as_bytes());
+    }
+
+    /// Submits `{"command": cmd}` with this id.
+    pub fn submit(&self, id: &str, cmd: &str) {
+        self.submit_json(id, serde_json::json!({ "command": cmd }));
+    }
+
+    /// The result record of `id`, if there is one.
+    pub fn result(&self, id: &str) -> Option<Value> {
+        let text = fs::read_to_string(self.path(&format!("completed/{id}.json"))).ok()?;
+        Some(serde_json::from_str(&text).expect("result is valid JSON"))
+    }
+
+    /// Waits for `completed/<id>.json` and returns it.
+    pub fn wait_result(&self, id: &str) -> Value {
+        wait_for(&format!("the result of {id}"), DEADLINE, || self.result(id))
+    }
+
+    /// Waits for a result of `id` that satisfies `pred`.
+    pub fn wait_result_where(&self, id: &str, what: &str, pred: impl Fn(&Value) -> bool) -> Value {
+        wait_for(&format!("{what} for {id}"), DEADLINE, || {
+            self.result(id).filter(|r| pred(r))
+        })
+    }
+
+    /// The text of the log a result points to.
+    pub fn log_of(&self, result: &Value) -> String {
+        let rel = result["log"].as_str().expect("result has a log");
+        fs::read_to_string(self.root().join(rel)).expect("log exists")
+    }
+
+    /// File names in a spool sub-directory, sorted.
+    pub fn names(&self, rel: &str) -> Vec<String> {
+        let mut v: Vec<String> = fs::read_dir(self.path(rel))
+            .map(|rd| {
+                rd.filter_map(|e| e.ok())
+                    .map(|e| e.file_name().to_string_lossy().into_owned())
+                    .collect()
+            })
+            .unwrap_or_default();
+        v.sort();
+        v
+    }
+
+    /// Runs the CLI against this spool.
+    pub fn cli(&self, args: &[&str]) -> Output {
+        Command::new(BIN)
+            .arg("--spool")
+            .arg(self.root())
+            .args(args)
+            .env_remove("AI_CMD_EXECUTOR_CONFIG")
+            .stdin(Stdio::null())
+            .output()
+            .expect("run the CLI")
+    }
+}
+
+/// A running worker process. Dropping it kills it (SIGKILL), quietly.
+pub struct Worker {
+    child: Option<Child>,
+    stderr: PathBuf,
+    /// Exit status once it has exited.
+    pub status: Option<ExitStatus>,
+}
+
+impl Worker {
+    fn start(spool: &Spool, config: &str) -> Worker {
+        static N: AtomicU32 = AtomicU32::new(0);
+        let cfg = spool.config(config);
+        let stderr = spool.scratch(&format!(
+            "worker-{}.stderr",
+            N.fetch_add(1, Ordering::Relaxed)
+        ));
+        let child = Command::new(BIN)
+            .arg("--config")
+            .arg(&cfg)
+            .arg("run")
+            .arg("--spool")
+            .arg(spool.root())
+            .env("RUST_LOG", "debug")
+            .env_remove("NOTIFY_SOCKET")
+            .env_remove("AI_CMD_EXECUTOR_SPOOL")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&stderr).expect("stderr file"))
+            .spawn()
+            .expect("start the worker");
+        let mut w = Worker {
+            child: Some(child),
+            stderr,
+            status: None,
+        };
+        w.wait_log("worker ready");
+        w
+    }
+
+    /// The worker's pid.
+    pub fn pid(&self) -> Pid {
+        Pid::from_raw(self.child.as_ref().expect("running").id() as i32)
+    }
+
+    /// What the worker has logged so far.
+    pub fn log(&self) -> String {
+        fs::read_to_string(&self.stderr).unwrap_or_default()
+    }
+
+    /// Waits until the worker's log contains `needle`; panics early if the
+    /// worker exits first.
+    pub fn wait_log(&mut self, needle: &str) {
+        wait_for(&format!("worker log line {needle:?}"), DEADLINE, || {
+            if self.log().contains(needle) {
+                return Some(());
+            }
+            if let Some(st) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!(
+                    "worker exited ({st}) before logging {needle:?}:\n{}",
+                    self.log()
+                );
+            }
+            None
+        });
+    }
+
+    /// Sends a signal.
+    pub fn signal(&self, sig: Signal) {
+        kill(self.pid(), sig).expect("signal the worker");
+    }
+
+    /// SIGKILL, and reap it.
+    pub fn kill9(&mut self) {
+        self.signal(Signal::SIGKILL);
+        self.wait_exit();
+    }
+
+    /// Waits for the worker to exit and returns its status.
+    pub fn wait_exit(&mut self) -> ExitStatus {
+        let child = self.child.as_mut().expect("running");
+        let st = wait_for("the worker to exit", DEADLINE, || {
+            child.try_wait().expect("try_wait")
+        });
+        self.status = Some(st);
+        st
+    }
+
+    /// Whether it has exited.
+    pub fn exited(&mut self) -> bool {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+            .is_some()
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+/// Reads a pid written by a job into `path`.
+pub fn read_pid(path: &Path) -> Option<Pid> {
+    fs::read_to_string(path)
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
+        .map(Pid::from_raw)
+}
+
+/// Whether a process exists (and is not a zombie).
+pub fn alive(pid: Pid) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
+        Err(_) => false,
+    }
+}
