@@ -10,12 +10,14 @@
 //!
 //! 1. **Throughput** of `N` jobs of `true` at parallelism 1 and 2, compared with
 //!    a raw reference (a tight `bash -c true` spawn+wait loop in this process,
-//!    measured seconds before).
+//!    measured seconds before). An extra run with the spool on tmpfs, and the
+//!    CPU time of the worker and of its jobs, are printed for diagnosis.
 //! 2. **Latency** of single jobs dropped into an idle worker: drop to
 //!    `started_at`, drop to result file, and result latency minus a bare
 //!    `bash -c true`; once with the spool on the default temp dir (disk) and
-//!    once under `/dev/shm` (tmpfs). The cost of write+fsync of a small file
-//!    next to the spool is printed as the durability floor.
+//!    once under `/dev/shm` (tmpfs). The result latency is split at the
+//!    result's `started_at`/`finished_at`, and the cost of write+fsync of a
+//!    small file next to the spool is printed as the durability floor.
 //! 3. **Idle** cost after a warm-up: RSS, CPU time and wake-ups (context
 //!    switches over all threads) over an idle window, with `RUST_BACKTRACE`
 //!    unset and set to `1`.
@@ -117,6 +119,7 @@ const TARGET_RSS_KIB: u64 = 8 * 1024;
 /// Target: context switches over all worker threads during the idle window.
 const TARGET_IDLE_WAKEUPS: u64 = 0;
 
+/// Runs the benchmark; exits non-zero only when the worker failed to process jobs.
 fn main() -> ExitCode {
     match run() {
         Ok(()) => ExitCode::SUCCESS,
@@ -136,6 +139,7 @@ fn run() -> Result<()> {
 
     println!("ai-cmd-executor benchmark");
     println!("machine: {}", machine_line());
+    println!("load:    loadavg 1/5/15 min {} (at start)", load_average());
     println!("worker:  {WORKER_BIN}");
     println!(
         "settings: BENCH_JOBS={} BENCH_IDLE_SECS={} BENCH_LATENCY_SAMPLES={}",
@@ -179,6 +183,7 @@ fn run() -> Result<()> {
     idle(&mut report, Backtrace::Removed, settings.idle)?;
     idle(&mut report, Backtrace::Enabled, settings.idle)?;
 
+    println!("\nload:    loadavg 1/5/15 min {} (at end)", load_average());
     report.summary();
     Ok(())
 }
@@ -371,6 +376,14 @@ fn machine_line() -> String {
         .map(|s| s.trim().to_owned())
         .unwrap_or_else(|_| "unknown".to_owned());
     format!("nproc={nproc} cpu=\"{cpu}\" kernel={kernel}")
+}
+
+/// The 1, 5 and 15 minute load averages, to show other activity on the machine.
+fn load_average() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "unknown".to_owned())
 }
 
 // ---------------------------------------------------------------------------
@@ -843,8 +856,9 @@ fn bash_true() -> Result<()> {
 }
 
 /// Raw reference: `n` runs of `bash -c true` split over `p` threads, each a
-/// tight spawn+wait loop. Returns jobs/s.
-fn raw_throughput(n: usize, p: usize) -> Result<f64> {
+/// tight spawn+wait loop. Returns jobs/s and the children's CPU ms per job.
+fn raw_throughput(n: usize, p: usize) -> Result<(f64, f64)> {
+    let cpu_before = CpuTimes::of("self")?;
     let start = Instant::now();
     thread::scope(|s| {
         let handles: Vec<_> = (0..p)
@@ -857,22 +871,136 @@ fn raw_throughput(n: usize, p: usize) -> Result<f64> {
             .into_iter()
             .try_for_each(|h| h.join().map_err(|_| anyhow!("raw loop thread panicked"))?)
     })?;
-    Ok(n as f64 / start.elapsed().as_secs_f64())
+    let rate = n as f64 / start.elapsed().as_secs_f64();
+    let (_, child_ms) = CpuTimes::of("self")?.ms_since(cpu_before);
+    Ok((rate, child_ms / n as f64))
 }
 
 /// Measures raw and worker throughput for `n` jobs at parallelism `p`.
+///
+/// The figure with a target uses a spool on the default temp dir. A second,
+/// informational worker run on tmpfs (when `/dev/shm` exists) separates the
+/// file-system cost of the worker's per-job files from its own overhead.
 fn throughput(report: &mut Report, n: usize, p: usize) -> Result<()> {
     report.group(&format!("P={p}"));
-    let raw = raw_throughput(n, p)?;
+    let (raw, raw_child_ms) = raw_throughput(n, p)?;
     report.info(
         &format!("raw bash -c true loop ({p} thread(s))"),
         format!("{raw:.1} jobs/s"),
     );
+    report.info("  bash CPU per job (raw loop)", ms(raw_child_ms));
 
-    let mut fx = Fixture::start(None, Some(p), Backtrace::Inherit)?;
+    let run = worker_throughput(None, n, p)?;
+    report.info(
+        &format!("worker, max_parallel={p}"),
+        format!("{:.1} jobs/s", run.rate()),
+    );
+    report.check(
+        "ratio worker/raw",
+        format!("{:.3}", run.rate() / raw),
+        format!(">= {TARGET_RATIO}"),
+        run.rate() / raw >= TARGET_RATIO,
+    );
+    run.print_details(report);
+
+    let shm = Path::new("/dev/shm");
+    if shm.is_dir() {
+        let run = worker_throughput(Some(shm), n, p)?;
+        report.info(
+            "worker, spool on tmpfs (/dev/shm)",
+            format!("{:.1} jobs/s", run.rate()),
+        );
+        report.info(
+            "ratio worker on tmpfs/raw",
+            format!("{:.3}", run.rate() / raw),
+        );
+        run.print_details(report);
+    }
+    Ok(())
+}
+
+/// One timed batch of jobs through a worker.
+struct WorkerRun {
+    /// Number of jobs.
+    jobs: usize,
+    /// Parallelism the worker was configured with.
+    parallel: usize,
+    /// First drop to last result.
+    elapsed: Duration,
+    /// Time the benchmark took to drop all jobs.
+    dropped: Duration,
+    /// `(started_at, finished_at)` of every job.
+    runs: Vec<(SystemTime, SystemTime)>,
+    /// Inotify queue overflows while waiting.
+    overflows: usize,
+    /// The worker's own CPU time during the batch, in ms.
+    worker_cpu_ms: f64,
+    /// CPU time of the worker's reaped children (the jobs) during the batch, in ms.
+    jobs_cpu_ms: f64,
+}
+
+impl WorkerRun {
+    /// Jobs per second.
+    fn rate(&self) -> f64 {
+        self.jobs as f64 / self.elapsed.as_secs_f64()
+    }
+
+    /// Prints timing details derived from the results' own timestamps.
+    fn print_details(&self, report: &Report) {
+        let detail = |name: &str| format!("  {name}");
+        report.info(
+            &detail("first drop -> last result"),
+            ms(self.elapsed.as_secs_f64() * 1e3),
+        );
+        report.info(
+            &detail(&format!("time to drop all {} jobs", self.jobs)),
+            ms(self.dropped.as_secs_f64() * 1e3),
+        );
+        let busy_ms: f64 = self.runs.iter().map(|&(s, f)| signed_ms(f, s)).sum();
+        report.info(
+            &detail("mean started_at -> finished_at"),
+            ms(busy_ms / self.jobs as f64),
+        );
+        report.info(
+            &detail("mean concurrency (sum of run times / wall)"),
+            format!("{:.2}", busy_ms / (self.elapsed.as_secs_f64() * 1e3)),
+        );
+        report.info(
+            &detail("worker's own CPU per job"),
+            ms(self.worker_cpu_ms / self.jobs as f64),
+        );
+        report.info(
+            &detail("bash CPU per job (worker's children)"),
+            ms(self.jobs_cpu_ms / self.jobs as f64),
+        );
+        if self.parallel == 1 && self.runs.len() > 1 {
+            let mut runs = self.runs.clone();
+            runs.sort_by_key(|&(s, _)| s);
+            let gaps: Vec<f64> = runs.windows(2).map(|w| signed_ms(w[1].0, w[0].1)).collect();
+            let g = Stats::of(gaps);
+            report.info(
+                &detail("gap finished_at -> next started_at p50/p99"),
+                format!("{:.3}/{:.3} ms", g.p50, g.p99),
+            );
+        }
+        if self.overflows > 0 {
+            report.note(&format!(
+                "inotify queue overflowed {} time(s); completion times fell back to directory scans",
+                self.overflows
+            ));
+        }
+    }
+}
+
+/// Drops `n` jobs as fast as possible into a fresh worker with
+/// `max_parallel = p` on a spool under `base`, and times them.
+fn worker_throughput(base: Option<&Path>, n: usize, p: usize) -> Result<WorkerRun> {
+    let mut fx = Fixture::start(base, Some(p), Backtrace::Inherit)?;
     let ids: Vec<String> = (0..n).map(|i| format!("tp{p}-{i:06}")).collect();
     let mut pending: HashSet<String> = ids.iter().cloned().collect();
 
+    let pid = fx.worker.pid().to_string();
+    let cpu_before = CpuTimes::of(&pid)?;
     let start = Instant::now();
     for id in &ids {
         fx.spool.submit(id, TRUE_JOB)?;
@@ -881,54 +1009,24 @@ fn throughput(report: &mut Report, n: usize, p: usize) -> Result<()> {
     let last = fx
         .watcher
         .wait_all(&mut fx.worker, &mut pending)
-        .with_context(|| format!("throughput run P={p}"))?;
-    let elapsed = last - start;
-    let rate = n as f64 / elapsed.as_secs_f64();
-    let ratio = rate / raw;
+        .with_context(|| format!("throughput run P={p} in {}", fx.spool.dir.display()))?;
+    let (worker_cpu_ms, jobs_cpu_ms) = CpuTimes::of(&pid)?.ms_since(cpu_before);
 
-    report.info(
-        &format!("worker, max_parallel={p}"),
-        format!("{rate:.1} jobs/s"),
-    );
-    report.check(
-        "ratio worker/raw",
-        format!("{ratio:.3}"),
-        format!(">= {TARGET_RATIO}"),
-        ratio >= TARGET_RATIO,
-    );
-    report.info("first drop -> last result", ms(elapsed.as_secs_f64() * 1e3));
-    report.info(
-        &format!("time to drop all {n} jobs"),
-        ms(dropped.as_secs_f64() * 1e3),
-    );
-
-    // Diagnostics from the results' own timestamps (outside the timed part).
-    let mut runs = Vec::with_capacity(n);
-    for id in &ids {
-        runs.push(fx.spool.succeeded(id)?);
-    }
-    let busy_ms: f64 = runs.iter().map(|&(s, f)| signed_ms(f, s)).sum();
-    report.info("mean started_at -> finished_at", ms(busy_ms / n as f64));
-    report.info(
-        "mean concurrency (sum of run times / wall)",
-        format!("{:.2}", busy_ms / (elapsed.as_secs_f64() * 1e3)),
-    );
-    if p == 1 && n > 1 {
-        runs.sort_by_key(|&(s, _)| s);
-        let gaps: Vec<f64> = runs.windows(2).map(|w| signed_ms(w[1].0, w[0].1)).collect();
-        let g = Stats::of(gaps);
-        report.info(
-            "gap finished_at -> next started_at p50/p99",
-            format!("{:.3}/{:.3} ms", g.p50, g.p99),
-        );
-    }
-    if fx.watcher.overflows > 0 {
-        report.note(&format!(
-            "inotify queue overflowed {} time(s); completion times fell back to directory scans",
-            fx.watcher.overflows
-        ));
-    }
-    Ok(())
+    // Checked after the timed part: every job must have succeeded.
+    let runs = ids
+        .iter()
+        .map(|id| fx.spool.succeeded(id))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(WorkerRun {
+        jobs: n,
+        parallel: p,
+        elapsed: last - start,
+        dropped,
+        runs,
+        overflows: fx.watcher.overflows,
+        worker_cpu_ms,
+        jobs_cpu_ms,
+    })
 }
 
 // ---------------------------------------------------------------------------
@@ -952,6 +1050,8 @@ fn latency(report: &mut Report, label: &str, base: Option<&Path>, samples: usize
     report.info("spool", fx.spool.dir.display().to_string());
     let mut to_start = Vec::with_capacity(samples);
     let mut to_result = Vec::with_capacity(samples);
+    let mut run = Vec::with_capacity(samples);
+    let mut record = Vec::with_capacity(samples);
     for i in 0..samples {
         let id = format!("lat-{i:05}");
         thread::sleep(LATENCY_GAP);
@@ -963,10 +1063,15 @@ fn latency(report: &mut Report, label: &str, base: Option<&Path>, samples: usize
             .watcher
             .wait_all(&mut fx.worker, &mut pending)
             .with_context(|| format!("latency sample {i} ({label})"))?;
-        let (started, _) = fx.spool.succeeded(&id)?;
+        let (started, finished) = fx.spool.succeeded(&id)?;
+        let seen_wall = dropped_wall + (seen - dropped_mono);
         to_start.push(signed_ms(started, dropped_wall));
         to_result.push((seen - dropped_mono).as_secs_f64() * 1e3);
+        run.push(signed_ms(finished, started));
+        record.push(signed_ms(seen_wall, finished));
     }
+    let run = Stats::of(run);
+    let record = Stats::of(record);
     let overhead: Vec<f64> = to_result.iter().map(|r| r - bare.p50).collect();
     let to_start = Stats::of(to_start);
     let to_result = Stats::of(to_result);
@@ -991,8 +1096,16 @@ fn latency(report: &mut Report, label: &str, base: Option<&Path>, samples: usize
         overhead.p50 < TARGET_OVERHEAD_P50_MS,
     );
     report.info("(c) result latency - bare spawn p99", ms(overhead.p99));
+    report.info(
+        "  breakdown of (b): started_at -> finished_at p50",
+        ms(run.p50),
+    );
+    report.info(
+        "  breakdown of (b): finished_at -> result file p50",
+        ms(record.p50),
+    );
 
-    let fsync = fsync_cost(fx.root.path())?;
+    let (create, fsync) = fsync_cost(fx.root.path())?;
     report.info(
         &format!("write+fsync {FSYNC_PROBE_BYTES} B, same fs p50"),
         ms(fsync.p50),
@@ -1001,24 +1114,30 @@ fn latency(report: &mut Report, label: &str, base: Option<&Path>, samples: usize
         &format!("write+fsync {FSYNC_PROBE_BYTES} B, same fs p99"),
         ms(fsync.p99),
     );
+    report.info("create (open O_CREAT) of that file p50", ms(create.p50));
     Ok(())
 }
 
-/// Cost of create + write + fsync + close of a small file in `dir`, in ms.
-fn fsync_cost(dir: &Path) -> Result<Stats> {
+/// Costs, in ms, of creating a small file in `dir` (open with O_CREAT) and
+/// of writing [`FSYNC_PROBE_BYTES`] to it and fsyncing it.
+fn fsync_cost(dir: &Path) -> Result<(Stats, Stats)> {
     let body = vec![b'x'; FSYNC_PROBE_BYTES];
-    let mut costs = Vec::with_capacity(FSYNC_SAMPLES);
+    let mut creates = Vec::with_capacity(FSYNC_SAMPLES);
+    let mut syncs = Vec::with_capacity(FSYNC_SAMPLES);
     for i in 0..FSYNC_SAMPLES {
         let path = dir.join(format!("fsync-probe-{i}"));
-        let t = Instant::now();
+        let t0 = Instant::now();
         let mut f = File::create(&path)?;
+        let t1 = Instant::now();
         f.write_all(&body)?;
         f.sync_all()?;
+        let t2 = Instant::now();
         drop(f);
-        costs.push(t.elapsed().as_secs_f64() * 1e3);
+        creates.push((t1 - t0).as_secs_f64() * 1e3);
+        syncs.push((t2 - t1).as_secs_f64() * 1e3);
         fs::remove_file(&path)?;
     }
-    Ok(Stats::of(costs))
+    Ok((Stats::of(creates), Stats::of(syncs)))
 }
 
 // ---------------------------------------------------------------------------
@@ -1092,23 +1211,48 @@ fn memory_kib(pid: u32) -> Result<(u64, u64)> {
     Ok((get("VmRSS:")?, get("VmHWM:")?))
 }
 
-/// utime + stime of the whole process `pid` (all threads, live and exited), in clock ticks.
-fn cpu_ticks(pid: u32) -> Result<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat"))?;
-    // Fields after the parenthesised command name start at field 3 (state);
-    // utime and stime are fields 14 and 15.
-    let rest = stat
-        .rsplit_once(')')
-        .map(|(_, r)| r)
-        .ok_or_else(|| anyhow!("malformed /proc/{pid}/stat"))?;
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |n: usize| -> Result<u64> {
-        fields
-            .get(n - 3)
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| anyhow!("malformed /proc/{pid}/stat"))
-    };
-    Ok(field(14)? + field(15)?)
+/// CPU time of a process, from `/proc/<pid>/stat`, in clock ticks.
+#[derive(Clone, Copy)]
+struct CpuTimes {
+    /// utime + stime of the process itself (all threads, live and exited).
+    own: u64,
+    /// cutime + cstime of the children it has waited for.
+    children: u64,
+}
+
+impl CpuTimes {
+    /// Reads the CPU times of `pid` (a number, or `self`).
+    fn of(pid: &str) -> Result<Self> {
+        let path = format!("/proc/{pid}/stat");
+        let stat = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        // Fields after the parenthesised command name start at field 3
+        // (state); utime, stime, cutime and cstime are fields 14 to 17.
+        let fields: Vec<u64> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace())
+            .into_iter()
+            .flatten()
+            .skip(14 - 3)
+            .take(4)
+            .map_while(|v| v.parse().ok())
+            .collect();
+        match fields[..] {
+            [utime, stime, cutime, cstime] => Ok(Self {
+                own: utime + stime,
+                children: cutime + cstime,
+            }),
+            _ => bail!("malformed {path}"),
+        }
+    }
+
+    /// `(own, children)` CPU time since `earlier`, in ms.
+    fn ms_since(self, earlier: Self) -> (f64, f64) {
+        let ms = |ticks: u64| ticks as f64 * 1000.0 / CLOCK_TICKS_PER_SEC as f64;
+        (
+            ms(self.own.saturating_sub(earlier.own)),
+            ms(self.children.saturating_sub(earlier.children)),
+        )
+    }
 }
 
 /// Units of the utime/stime fields of `/proc/<pid>/stat` (`USER_HZ`, which
@@ -1156,7 +1300,7 @@ fn idle(report: &mut Report, backtrace: Backtrace, window: Duration) -> Result<(
     // The window: sample per-thread counters so threads that exit mid-window
     // are still accounted for. Reading /proc does not wake the worker.
     let pid = fx.worker.pid();
-    let cpu_before = cpu_ticks(pid)?;
+    let cpu_before = CpuTimes::of(&pid.to_string())?;
     let mut threads: HashMap<u32, ThreadTrack> = thread_switches(pid)?
         .into_iter()
         .map(|(tid, (name, n))| {
@@ -1197,12 +1341,12 @@ fn idle(report: &mut Report, backtrace: Backtrace, window: Duration) -> Result<(
                 });
         }
     }
-    let cpu_after = cpu_ticks(pid)?;
+    let cpu_after = CpuTimes::of(&pid.to_string())?;
     let (rss, hwm) = memory_kib(pid)?;
     let threads_at_end = threads.values().filter(|t| t.alive).count();
 
     let wakeups: u64 = threads.values().map(ThreadTrack::wakeups).sum();
-    let cpu_ms = (cpu_after - cpu_before) * 1000 / CLOCK_TICKS_PER_SEC;
+    let (cpu_ms, _) = cpu_after.ms_since(cpu_before);
 
     report.check(
         "VmRSS after window",

@@ -224,10 +224,21 @@ impl Config {
     }
 }
 
-/// The default spool: [`SYSTEM_SPOOL`] for root,
-/// `$XDG_STATE_HOME/ai-cmd-executor` (else `~/.local/state/ai-cmd-executor`)
-/// for everyone else.
+/// The default spool: the unit's state directory when systemd started us
+/// with `StateDirectory=` (`$STATE_DIRECTORY`), else [`SYSTEM_SPOOL`] for
+/// root, else `$XDG_STATE_HOME/ai-cmd-executor` (or
+/// `~/.local/state/ai-cmd-executor`).
 pub fn default_spool() -> PathBuf {
+    if let Some(dir) = std::env::var_os("STATE_DIRECTORY")
+        .and_then(|v| {
+            v.to_str()
+                .and_then(|s| s.split(':').next())
+                .map(PathBuf::from)
+        })
+        .filter(|p| p.is_absolute())
+    {
+        return dir;
+    }
     if nix::unistd::geteuid().is_root() {
         return PathBuf::from(SYSTEM_SPOOL);
     }

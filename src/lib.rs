@@ -14,5 +14,7 @@ pub mod config;
 pub mod logging;
 /// The spool directory contract: layout, ids, job files, results.
 pub mod spool;
+/// systemd integration: the notify protocol.
+pub mod systemd;
 /// The worker: event loop, job execution, recovery.
 pub mod worker;

@@ -12,7 +12,7 @@ fn main() -> ExitCode {
         Command::Run => "info",
         _ => "warn",
     };
-    ai_cmd_executor::logging::init(level);
+    ai_cmd_executor::logging::init(level, cli.log_target);
     match cli.run() {
         Ok(code) => code,
         Err(e) => {

@@ -27,6 +27,16 @@ pub struct Cli {
     /// for root, $XDG_STATE_HOME/ai-cmd-executor otherwise].
     #[arg(long, global = true, env = "AI_CMD_EXECUTOR_SPOOL", value_name = "DIR")]
     pub spool: Option<PathBuf>,
+    /// Where log lines go: the journal (structured fields), stderr, or auto
+    /// (the journal when systemd connected stderr to it).
+    #[arg(
+        long,
+        global = true,
+        value_enum,
+        default_value_t,
+        env = "AI_CMD_EXECUTOR_LOG_TARGET"
+    )]
+    pub log_target: crate::logging::LogTarget,
     /// What to do.
     #[command(subcommand)]
     pub command: Command,

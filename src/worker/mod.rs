@@ -15,7 +15,7 @@ use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::{self, Read};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use inotify::{EventMask, Inotify, WatchMask};
@@ -26,12 +26,14 @@ use tracing::{debug, error, info, warn};
 
 use crate::client::change_time;
 use crate::config::{Config, ConfigError, LoadedConfig};
+use crate::logging::message_id;
 use crate::spool::id::parse_job_file_name;
 use crate::spool::job::{Job, JobError};
 use crate::spool::{
     JobId, JobResult, Spool, SpoolError, Status, Timestamp, move_into, open_job_file,
     rename_noreplace,
 };
+use crate::systemd::notify::Notifier;
 
 pub use settle::{Settled, settle};
 
@@ -95,6 +97,18 @@ enum TaskDone {
     },
 }
 
+/// A job being run, and how to interrupt it.
+struct ActiveJob {
+    cancel: oneshot::Sender<()>,
+    started: Instant,
+    /// Timeout plus kill grace: past this the job should have been reaped.
+    limit: Duration,
+}
+
+/// How long past its timeout and kill grace a job may stay unreaped before
+/// the heartbeat is withheld (the loop is then not doing its job).
+const OVERDUE_MARGIN: Duration = Duration::from_secs(10);
+
 /// A run whose process has ended.
 struct Ran {
     id: JobId,
@@ -126,12 +140,16 @@ struct Worker {
     /// Ids with a run in progress or a result being written.
     busy: HashSet<JobId>,
     /// Running jobs, with the way to interrupt each.
-    active: HashMap<JobId, oneshot::Sender<()>>,
+    active: HashMap<JobId, ActiveJob>,
     tasks: JoinSet<TaskDone>,
     /// Set when SIGTERM arrived: when running jobs will be interrupted.
     stop_at: Option<tokio::time::Instant>,
     interrupted_all: bool,
     counters: Counters,
+    notifier: Notifier,
+    /// Turns of the event loop, and the count at the last watchdog ping.
+    turns: u64,
+    turns_at_ping: u64,
 }
 
 impl Worker {
@@ -149,6 +167,9 @@ impl Worker {
             stop_at: None,
             interrupted_all: false,
             counters: Counters::default(),
+            notifier: Notifier::from_env(),
+            turns: 0,
+            turns_at_ping: 0,
         })
     }
 
@@ -165,17 +186,31 @@ impl Worker {
         self.recover();
         self.rescan();
         info!(
+            message_id = message_id::WORKER_READY,
             spool = %self.spool.root().display(),
             max_parallel = self.config.max_parallel.get(),
+            watchdog = self.notifier.watchdog_interval().map(|d| humantime::format_duration(d * 2).to_string()).unwrap_or_else(|| "off".into()),
             "worker ready; {} job(s) queued",
             self.queue.len()
         );
+        let status = self.status_line();
+        self.notifier.ready(&status);
+        let mut heartbeat = self.notifier.watchdog_interval().map(|every| {
+            let mut t = tokio::time::interval(every);
+            t.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            t
+        });
         let mut rescan = tokio::time::interval(self.config.rescan_interval.get());
         rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         rescan.reset();
 
         loop {
+            self.turns += 1;
             self.dispatch();
+            if self.notifier.enabled() {
+                let status = self.status_line();
+                self.notifier.status(&status);
+            }
             if self.stop_at.is_some() && self.tasks.is_empty() {
                 break;
             }
@@ -208,6 +243,9 @@ impl Worker {
                 _ = sigterm.recv() => self.begin_stop("SIGTERM"),
                 _ = sigint.recv() => self.begin_stop("SIGINT"),
                 _ = sighup.recv() => self.reload(),
+                _ = async { heartbeat.as_mut().expect("guarded").tick().await }, if heartbeat.is_some() => {
+                    self.heartbeat();
+                }
                 _ = rescan.tick() => {
                     if !watched {
                         watched = self.rewatch(&events);
@@ -223,6 +261,7 @@ impl Worker {
             }
         }
         info!(
+            message_id = message_id::WORKER_STOPPING,
             succeeded = self.counters.succeeded,
             failed = self.counters.failed,
             rejected = self.counters.rejected,
@@ -431,7 +470,13 @@ impl Worker {
             .map_or(self.config.default_timeout.get(), |s| {
                 Duration::from_secs(s.get())
             });
-        info!(cmd_id = %id, attempt = job.attempt, kind = kind.extension(), "job started");
+        info!(
+            message_id = message_id::JOB_STARTED,
+            cmd_id = %id,
+            attempt = job.attempt,
+            kind = kind.extension(),
+            "job started"
+        );
         let run = exec::Run {
             id: id.clone(),
             job: job.clone(),
@@ -445,7 +490,14 @@ impl Worker {
         };
         let (tx, rx) = oneshot::channel();
         self.busy.insert(id.clone());
-        self.active.insert(id.clone(), tx);
+        self.active.insert(
+            id.clone(),
+            ActiveJob {
+                cancel: tx,
+                started: Instant::now(),
+                limit: timeout + self.config.kill_grace.get(),
+            },
+        );
         self.tasks.spawn(async move {
             let result = exec::execute(run, rx).await;
             TaskDone::Ran(Box::new(Ran {
@@ -536,7 +588,7 @@ impl Worker {
     fn reject(&mut self, id: JobId, path: &Path, reason: String) {
         match move_into(path, &self.spool.archive_rejected()) {
             Ok(dest) => {
-                warn!(cmd_id = %id, cmd_status = "rejected", "job rejected: {reason} (file kept as {})", self.spool.relative(&dest));
+                debug!(cmd_id = %id, "rejected job file kept as {}", self.spool.relative(&dest));
             }
             Err(e) if e.kind() == io::ErrorKind::NotFound => return,
             Err(e) => {
@@ -548,6 +600,14 @@ impl Worker {
     }
 
     fn record_rejection(&mut self, id: JobId, reason: String) {
+        warn!(
+            message_id = message_id::JOB_REJECTED,
+            cmd_id = %id,
+            cmd_status = "rejected",
+            exit_code = "-",
+            duration_ms = 0,
+            "job rejected: {reason}"
+        );
         let now = Timestamp::now();
         let result = JobResult {
             id: id.to_string(),
@@ -611,7 +671,6 @@ impl Worker {
             debug!(cmd_id = %id, "the job file was claimed by another worker");
             return;
         }
-        warn!(cmd_id = %id, "the job file vanished from pending/ before it could be read");
         self.record_rejection(
             id,
             "the job file vanished from pending/ before it could be read (withdrawn, or replaced while being read)".into(),
@@ -626,22 +685,28 @@ impl Worker {
         }
         let grace = self.config.stop_grace.get();
         info!(
+            message_id = message_id::WORKER_STOPPING,
             "{signal}: no new jobs; {} running job(s) get {} to finish",
             self.active.len(),
             humantime::format_duration(grace)
         );
         self.stop_at = Some(tokio::time::Instant::now() + grace);
+        self.notifier.stopping(&format!(
+            "stopping: waiting for {} running job(s)",
+            self.active.len()
+        ));
     }
 
     fn interrupt_all(&mut self) {
         self.interrupted_all = true;
-        for (id, tx) in self.active.drain() {
+        for (id, job) in self.active.drain() {
             info!(cmd_id = %id, "interrupting job: the stop grace has passed");
-            let _ = tx.send(());
+            let _ = job.cancel.send(());
         }
     }
 
     fn reload(&mut self) {
+        self.notifier.reloading();
         match Config::load(self.config_path.as_deref()) {
             Ok(loaded) => {
                 if loaded.config.spool.is_some() && loaded.config.spool != self.config.spool {
@@ -657,6 +722,82 @@ impl Worker {
             }
             Err(e) => error!("reload failed, keeping the running configuration: {e}"),
         }
+        let status = self.status_line();
+        self.notifier.ready(&status);
+    }
+
+    /// What the worker is doing, for `STATUS=` (shown by `systemctl status`).
+    fn status_line(&self) -> String {
+        let c = &self.counters;
+        let pending = self.queue.len() + self.deferred.len();
+        let tail = format!(
+            "{pending} pending, {} done, {} failed, {} rejected",
+            c.succeeded + c.failed,
+            c.failed,
+            c.rejected
+        );
+        if self.stop_at.is_some() {
+            return format!(
+                "stopping: waiting for {} running job(s); {tail}",
+                self.active.len()
+            );
+        }
+        if self.active.is_empty() {
+            return format!("idle; {tail}");
+        }
+        let mut ids: Vec<&str> = self.active.keys().map(JobId::as_str).collect();
+        ids.sort_unstable();
+        let shown = ids.iter().take(5).copied().collect::<Vec<_>>().join(", ");
+        let more = if ids.len() > 5 { ", ..." } else { "" };
+        format!("running {} job(s): {shown}{more}; {tail}", ids.len())
+    }
+
+    /// A watchdog tick: ping only if the self-check passes, else say why.
+    fn heartbeat(&mut self) {
+        match self.self_check() {
+            Ok(()) => {
+                self.turns_at_ping = self.turns;
+                self.notifier.watchdog();
+            }
+            Err(reason) => warn!(
+                message_id = message_id::HEARTBEAT_WITHHELD,
+                "watchdog ping withheld: {reason}"
+            ),
+        }
+    }
+
+    /// The worker is healthy when its loop keeps turning, the spool's
+    /// `pending/` is a usable directory, and no job has outlived its timeout
+    /// and kill grace without being reaped.
+    fn self_check(&self) -> Result<(), String> {
+        if self.turns == self.turns_at_ping {
+            return Err("the event loop has not turned since the last ping".into());
+        }
+        let pending = self.spool.pending();
+        match fs::metadata(&pending) {
+            Ok(m) if m.is_dir() => {}
+            Ok(_) => return Err(format!("{} is not a directory", pending.display())),
+            Err(e) => return Err(format!("{} is unreachable: {e}", pending.display())),
+        }
+        if let Err(e) = nix::unistd::access(
+            &pending,
+            nix::unistd::AccessFlags::R_OK
+                | nix::unistd::AccessFlags::W_OK
+                | nix::unistd::AccessFlags::X_OK,
+        ) {
+            return Err(format!("{} is not usable: {e}", pending.display()));
+        }
+        for (id, job) in &self.active {
+            let ran = job.started.elapsed();
+            if ran > job.limit + OVERDUE_MARGIN {
+                return Err(format!(
+                    "job {id} has run {} although it should have been killed after {}",
+                    humantime::format_duration(Duration::from_secs(ran.as_secs())),
+                    humantime::format_duration(job.limit)
+                ));
+            }
+        }
+        Ok(())
     }
 
     /// Settles what a previous worker left in `running/`. A file another
@@ -670,7 +811,16 @@ impl Worker {
                 return;
             }
         };
-        for entry in rd.filter_map(Result::ok) {
+        let mut last_extend = Instant::now();
+        for (n, entry) in rd.filter_map(Result::ok).enumerate() {
+            if last_extend.elapsed() > Duration::from_secs(5) {
+                // A long recovery must not make systemd give up on the start.
+                last_extend = Instant::now();
+                self.notifier.extend_timeout(
+                    Duration::from_secs(30),
+                    &format!("recovering jobs left in running/ ({n} done)"),
+                );
+            }
             let path = entry.path();
             let Ok((id, kind)) = parse_job_file_name(&entry.file_name()) else {
                 self.archive_nameless(&path, "found in running/ without a valid job name");
@@ -763,10 +913,12 @@ fn log_result(r: &JobResult) {
     let signal = r.signal.as_deref().unwrap_or("-");
     match r.status {
         Status::Succeeded => info!(
+            message_id = message_id::JOB_FINISHED,
             cmd_id = %r.id, cmd_status = %r.status, exit_code = %exit, duration_ms = r.duration_ms,
             "job finished"
         ),
         _ => warn!(
+            message_id = message_id::JOB_FINISHED,
             cmd_id = %r.id, cmd_status = %r.status, exit_code = %exit, signal, duration_ms = r.duration_ms,
             "job finished: {}", r.error.as_deref().unwrap_or(r.status.as_str())
         ),

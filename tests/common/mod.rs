@@ -76,7 +76,12 @@ impl Spool {
 
     /// Starts a worker on this spool with the given config text.
     pub fn start(&self, config: &str) -> Worker {
-        Worker::start(self, config)
+        Worker::start(self, config, &[])
+    }
+
+    /// Starts a worker with extra environment variables.
+    pub fn start_with_env(&self, config: &str, env: &[(&str, &str)]) -> Worker {
+        Worker::start(self, config, env)
     }
 
     /// Submits like an agent: write into tmp/, rename into pending/.
@@ -159,21 +164,31 @@ pub struct Worker {
 }
 
 impl Worker {
-    fn start(spool: &Spool, config: &str) -> Worker {
+    fn start(spool: &Spool, config: &str, env: &[(&str, &str)]) -> Worker {
         static N: AtomicU32 = AtomicU32::new(0);
         let cfg = spool.config(config);
         let stderr = spool.scratch(&format!(
             "worker-{}.stderr",
             N.fetch_add(1, Ordering::Relaxed)
         ));
-        let child = Command::new(BIN)
+        let mut cmd = Command::new(BIN);
+        // Not under systemd unless a test says so (the later `envs` wins).
+        for var in [
+            "NOTIFY_SOCKET",
+            "WATCHDOG_USEC",
+            "WATCHDOG_PID",
+            "JOURNAL_STREAM",
+        ] {
+            cmd.env_remove(var);
+        }
+        cmd.envs(env.iter().copied());
+        let child = cmd
             .arg("--config")
             .arg(&cfg)
             .arg("run")
             .arg("--spool")
             .arg(spool.root())
             .env("RUST_LOG", "debug")
-            .env_remove("NOTIFY_SOCKET")
             .env_remove("AI_CMD_EXECUTOR_SPOOL")
             .stdin(Stdio::null())
             .stdout(Stdio::null())
@@ -281,3 +296,5 @@ pub fn alive(pid: Pid) -> bool {
         Err(_) => false,
     }
 }
+
+pub mod sandbox;
