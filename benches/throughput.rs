@@ -141,6 +141,7 @@ fn run() -> Result<()> {
     println!("machine: {}", machine_line());
     println!("load:    loadavg 1/5/15 min {} (at start)", load_average());
     println!("worker:  {WORKER_BIN}");
+    let built = binary_mtime();
     println!(
         "settings: BENCH_JOBS={} BENCH_IDLE_SECS={} BENCH_LATENCY_SAMPLES={}",
         settings.jobs,
@@ -184,6 +185,12 @@ fn run() -> Result<()> {
     idle(&mut report, Backtrace::Enabled, settings.idle)?;
 
     println!("\nload:    loadavg 1/5/15 min {} (at end)", load_average());
+    if binary_mtime() != built {
+        println!(
+            "WARNING: {WORKER_BIN} was rebuilt during the run; \
+             the figures may mix two builds and a build's load"
+        );
+    }
     report.summary();
     Ok(())
 }
@@ -376,6 +383,11 @@ fn machine_line() -> String {
         .map(|s| s.trim().to_owned())
         .unwrap_or_else(|_| "unknown".to_owned());
     format!("nproc={nproc} cpu=\"{cpu}\" kernel={kernel}")
+}
+
+/// Modification time of the worker binary, to detect a rebuild during the run.
+fn binary_mtime() -> Option<SystemTime> {
+    fs::metadata(WORKER_BIN).and_then(|m| m.modified()).ok()
 }
 
 /// The 1, 5 and 15 minute load averages, to show other activity on the machine.

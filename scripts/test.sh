@@ -19,6 +19,10 @@ command -v python3 >/dev/null || missing+=(python3)
 command -v systemd-nspawn >/dev/null || missing+=(systemd-container)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
 command -v nsenter >/dev/null || missing+=(util-linux)
+# Packaging: the .deb is checked with lintian; the cron fallback with cron.
+command -v lintian >/dev/null || missing+=(lintian)
+command -v cron >/dev/null || missing+=(cron)
+command -v gzip >/dev/null || missing+=(gzip)
 command -v bash >/dev/null || missing+=(bash)
 command -v cc >/dev/null || missing+=(gcc libc6-dev)
 if [ ${#missing[@]} -gt 0 ]; then
@@ -31,12 +35,25 @@ for component in rustfmt clippy; do
         rustup component add "$component"
     fi
 done
+command -v cargo-deb >/dev/null || cargo install cargo-deb --locked
 
 # --- checks and tests ----------------------------------------------------
 echo "== cargo fmt --check"
 cargo fmt --all -- --check
 echo "== cargo clippy"
 cargo clippy --all-targets --locked -- -D warnings
+echo "== the .deb (and a higher-versioned one for the upgrade test)"
+# The upgrade package first: cargo-deb clears older packages from its
+# default output directory.
+rm -rf target/deb-upgrade
+scripts/build-deb.sh --deb-version 0.1.0+upgradetest-1 -o target/deb-upgrade/ >/dev/null
+AI_CMD_EXECUTOR_DEB_UPGRADE="$PWD/$(ls target/deb-upgrade/*.deb)"
+AI_CMD_EXECUTOR_DEB="$(scripts/build-deb.sh | tail -n 1)"
+export AI_CMD_EXECUTOR_DEB AI_CMD_EXECUTOR_DEB_UPGRADE
+echo "built $AI_CMD_EXECUTOR_DEB"
+echo "== lintian (errors fail; the remaining warning is listed in the README)"
+lintian --fail-on error "$AI_CMD_EXECUTOR_DEB"
+
 echo "== cargo test (tier 1 unit, tier 2 integration, tier 3 real systemd)"
 # Tier 3 is mandatory where CI=true; elsewhere it prints a SKIPPED notice
 # when it cannot boot a sandbox (no root, no systemd-nspawn).

@@ -10,6 +10,10 @@ pub mod cli;
 pub mod client;
 /// Configuration: TOML file, defaults, validation.
 pub mod config;
+/// Printing error chains once.
+pub mod error;
+/// The installer: systemd units or the cron fallback, user, spool, config.
+pub mod install;
 /// Logging set-up for the worker and the CLI.
 pub mod logging;
 /// The spool directory contract: layout, ids, job files, results.

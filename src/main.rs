@@ -9,16 +9,17 @@ use clap::Parser;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let level = match cli.command {
-        Command::Run => "info",
+        Command::Run(_) | Command::Install(_) | Command::Uninstall(_) => "info",
         _ => "warn",
     };
     ai_cmd_executor::logging::init(level, cli.log_target);
     match cli.run() {
         Ok(code) => code,
         Err(e) => {
-            // `{:#}` prints the cause chain on one line and never captures a
-            // backtrace (RUST_BACKTRACE may be set in the environment).
-            eprintln!("ai-cmd-executor: {e:#}");
+            // The cause chain on one line, each cause once; no backtrace is
+            // captured (RUST_BACKTRACE may be set in the environment).
+            let root: &(dyn std::error::Error + 'static) = e.as_ref();
+            eprintln!("ai-cmd-executor: {}", ai_cmd_executor::error::chain(root));
             ExitCode::FAILURE
         }
     }

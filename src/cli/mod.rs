@@ -46,7 +46,7 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the worker in the foreground (what the systemd unit starts).
-    Run,
+    Run(RunArgs),
     /// Queue a shell command (or a script with --file) and print its id.
     Submit(SubmitArgs),
     /// Show the latest result of a job.
@@ -57,12 +57,68 @@ pub enum Command {
     Wait(WaitArgs),
     /// List pending, running and completed jobs.
     List(ListArgs),
+    /// Install the service (systemd units, or the cron fallback), the
+    /// service user, the spool and the default configuration.
+    Install(InstallArgs),
+    /// Stop, disable and remove what `install` added.
+    Uninstall(UninstallArgs),
+    /// Start a detached worker unless one runs (what the cron fallback calls).
+    EnsureRunning,
+    /// Write the man page and shell completions into a directory (for packaging).
+    #[command(hide = true)]
+    GenerateAssets {
+        /// Output directory: man/ and completions/ are created in it.
+        dir: PathBuf,
+    },
     /// Configuration tools.
     Config {
         /// What to do with the configuration.
         #[command(subcommand)]
         action: ConfigAction,
     },
+}
+
+/// `run` options.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// Hold an exclusive lock on this file while running (exit if another
+    /// worker holds it); `ensure-running` uses it.
+    #[arg(long, value_name = "FILE")]
+    pub lock_file: Option<PathBuf>,
+}
+
+/// `install` options.
+#[derive(Debug, Args)]
+pub struct InstallArgs {
+    /// systemd when it is PID 1, cron otherwise (auto), or force one.
+    #[arg(long, value_enum, default_value = "auto")]
+    pub mode: crate::install::Mode,
+    /// Write the files under DIR instead of / and take no live action.
+    #[arg(long, value_name = "DIR")]
+    pub root: Option<PathBuf>,
+    /// Print every file and action without changing anything.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Service user and group.
+    #[arg(long, value_name = "NAME", default_value = "ai-cmd")]
+    pub user: String,
+    /// Do not start the service or worker.
+    #[arg(long)]
+    pub no_start: bool,
+}
+
+/// `uninstall` options.
+#[derive(Debug, Args)]
+pub struct UninstallArgs {
+    /// Work on the tree under DIR instead of /.
+    #[arg(long, value_name = "DIR")]
+    pub root: Option<PathBuf>,
+    /// Print what would be removed without changing anything.
+    #[arg(long)]
+    pub dry_run: bool,
+    /// Also delete the spool and the configuration (says what first).
+    #[arg(long)]
+    pub purge: bool,
 }
 
 /// `submit` options.
@@ -173,7 +229,11 @@ impl Cli {
             spool: self.spool,
         };
         match self.command {
-            Command::Run => commands::run::run(&ctx),
+            Command::Run(a) => commands::run::run(&ctx, a),
+            Command::Install(a) => commands::install::install(&ctx, a),
+            Command::Uninstall(a) => commands::install::uninstall(&ctx, a),
+            Command::EnsureRunning => commands::install::ensure_running(&ctx),
+            Command::GenerateAssets { dir } => commands::generate::run(&dir),
             Command::Submit(a) => commands::submit::run(&ctx, a),
             Command::Result(a) => commands::result::run(&ctx, a),
             Command::Log(a) => commands::log::run(&ctx, a),

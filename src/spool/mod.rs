@@ -79,7 +79,7 @@ pub const LAYOUT: [(&str, u32); 6] = [
 ];
 
 /// Mode of the spool root when the worker creates it.
-pub const ROOT_MODE: u32 = 0o2750;
+pub const ROOT_MODE: u32 = 0o750;
 
 /// Where the parts of one spool live.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -473,6 +473,9 @@ impl Worker {
         info!(
             message_id = message_id::JOB_STARTED,
             cmd_id = %id,
+            cmd_status = "running",
+            exit_code = "-",
+            duration_ms = 0,
             attempt = job.attempt,
             kind = kind.extension(),
             "job started"

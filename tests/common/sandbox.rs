@@ -43,18 +43,6 @@ fn unavailable() -> Option<String> {
     None
 }
 
-/// A booted throwaway systemd.
-pub struct Sandbox {
-    /// Held while the sandbox lives: `nspawn --keep-unit` puts the
-    /// container in the caller's cgroup, so two at once would share one and
-    /// confuse both systemds. One sandbox at a time, across processes too.
-    _lock: std::fs::File,
-    base: PathBuf,
-    root: PathBuf,
-    nspawn: Option<Child>,
-    leader: i32,
-}
-
 /// Runs `cmd`, panicking with its output if it fails.
 fn run(cmd: &mut Command) -> Output {
     let out = cmd
@@ -70,12 +58,60 @@ fn run(cmd: &mut Command) -> Output {
     out
 }
 
-impl Sandbox {
-    /// Boots a sandbox, or returns `None` after printing why tier 3 is
-    /// skipped (a failure instead when [`required`]). `binds` are host
-    /// directories made visible at the same path inside (read-only).
-    pub fn boot(test: &str, binds: &[&Path]) -> Option<Sandbox> {
-        if let Some(why) = unavailable() {
+/// Takes the sandbox lock and mounts a tmpfs-backed overlay of `/`.
+/// Returns (lock, base, root). `nspawn --keep-unit` puts the container in
+/// the caller's cgroup, so two at once would share one and confuse both
+/// systemds: one sandbox at a time, across processes too.
+fn overlay(test: &str) -> (std::fs::File, PathBuf, PathBuf) {
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open("/var/tmp/aice-sandbox.lock")
+        .expect("open the sandbox lock");
+    lock.lock().expect("take the sandbox lock");
+    let base = PathBuf::from(format!(
+        "/var/tmp/aice-sandbox-{}-{test}",
+        std::process::id()
+    ));
+    let root = base.join("root");
+    std::fs::create_dir_all(&base).expect("create sandbox base");
+    run(Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "mode=0755,size=2G", "tmpfs"])
+        .arg(&base));
+    for d in ["upper", "work", "root"] {
+        std::fs::create_dir(base.join(d)).expect("create overlay dirs");
+    }
+    run(Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o"])
+        .arg(format!(
+            "lowerdir=/,upperdir={},workdir={}",
+            base.join("upper").display(),
+            base.join("work").display()
+        ))
+        .arg(&root));
+    (lock, base, root)
+}
+
+fn unmount(root: &Path, base: &Path) {
+    for m in [root, base] {
+        let clean = Command::new("umount")
+            .arg(m)
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !clean {
+            let _ = Command::new("umount").arg("-l").arg(m).status();
+        }
+    }
+    let _ = std::fs::remove_dir(base);
+}
+
+/// Whether tier 3 can run; prints the skip notice (or fails, in CI) if not.
+pub fn available(test: &str) -> bool {
+    match unavailable() {
+        None => true,
+        Some(why) => {
             if required() {
                 panic!("tier 3 is required here (CI) but cannot run: {why}");
             }
@@ -84,42 +120,64 @@ impl Sandbox {
                 std::io::stderr(),
                 "NOTICE: tier-3 system test {test} SKIPPED: {why} (set CI=true to make this a failure)"
             );
+            false
+        }
+    }
+}
+
+/// Runs `script` (bash) as root in a namespace on an overlay of `/` where
+/// systemd is NOT running (`systemd-nspawn --as-pid2`, no `--boot`), then
+/// throws the overlay away. `None` when tier 3 is skipped.
+pub fn run_without_systemd(test: &str, binds: &[&Path], script: &str) -> Option<Output> {
+    if !available(test) {
+        return None;
+    }
+    let (_lock, base, root) = overlay(test);
+    let mut cmd = Command::new("systemd-nspawn");
+    cmd.args([
+        "--as-pid2",
+        "--register=no",
+        "--keep-unit",
+        "--quiet",
+        "--console=pipe",
+    ])
+    .arg("-D")
+    .arg(&root)
+    .arg(format!("--machine=aice-{}", std::process::id() % 100_000));
+    for b in binds {
+        cmd.arg(format!("--bind-ro={}", b.display()));
+    }
+    cmd.args(["/bin/bash", "-c", script]).stdin(Stdio::null());
+    let out = cmd.output().expect("run systemd-nspawn");
+    unmount(&root, &base);
+    Some(out)
+}
+
+/// A booted throwaway systemd.
+pub struct Sandbox {
+    _lock: std::fs::File,
+    base: PathBuf,
+    root: PathBuf,
+    nspawn: Option<Child>,
+    leader: i32,
+}
+
+impl Sandbox {
+    /// Boots a sandbox, or returns `None` after printing why tier 3 is
+    /// skipped (a failure instead when [`required`]). `binds` are host
+    /// directories made visible at the same path inside (read-only).
+    pub fn boot(test: &str, binds: &[&Path]) -> Option<Sandbox> {
+        if !available(test) {
             return None;
         }
-        let lock = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open("/var/tmp/aice-sandbox.lock")
-            .expect("open the sandbox lock");
-        lock.lock().expect("take the sandbox lock");
-        let base = PathBuf::from(format!(
-            "/var/tmp/aice-sandbox-{}-{test}",
-            std::process::id()
-        ));
-        let root = base.join("root");
-        std::fs::create_dir_all(&base).expect("create sandbox base");
-        run(Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "mode=0755,size=2G", "tmpfs"])
-            .arg(&base));
+        let (lock, base, root) = overlay(test);
         let mut sb = Sandbox {
             _lock: lock,
-            base: base.clone(),
+            base,
             root: root.clone(),
             nspawn: None,
             leader: 0,
         };
-        for d in ["upper", "work", "root"] {
-            std::fs::create_dir(base.join(d)).expect("create overlay dirs");
-        }
-        run(Command::new("mount")
-            .args(["-t", "overlay", "overlay", "-o"])
-            .arg(format!(
-                "lowerdir=/,upperdir={},workdir={}",
-                base.join("upper").display(),
-                base.join("work").display()
-            ))
-            .arg(&root));
         let mut cmd = Command::new("systemd-nspawn");
         cmd.args([
             "--boot",
@@ -284,16 +342,6 @@ impl Drop for Sandbox {
             let _ = child.kill();
             let _ = child.wait();
         }
-        for m in [&self.root, &self.base] {
-            let clean = Command::new("umount")
-                .arg(m)
-                .stderr(Stdio::null())
-                .status()
-                .is_ok_and(|s| s.success());
-            if !clean {
-                let _ = Command::new("umount").arg("-l").arg(m).status();
-            }
-        }
-        let _ = std::fs::remove_dir(&self.base);
+        unmount(&self.root, &self.base);
     }
 }

@@ -2,6 +2,8 @@
 //! same way (through [`Context`]) and calls into the library.
 
 pub mod config;
+pub mod generate;
+pub mod install;
 pub mod list;
 pub mod log;
 pub mod result;
@@ -106,7 +108,8 @@ pub fn waiting(f: impl FnOnce() -> anyhow::Result<ExitCode>) -> anyhow::Result<E
     match f() {
         Ok(code) => Ok(code),
         Err(e) => {
-            eprintln!("ai-cmd-executor: {e:#}");
+            let root: &(dyn std::error::Error + 'static) = e.as_ref();
+            eprintln!("ai-cmd-executor: {}", crate::error::chain(root));
             Ok(ExitCode::from(TOOL_FAILURE))
         }
     }

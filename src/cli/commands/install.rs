@@ -1,0 +1,56 @@
+//! `install`, `uninstall` and `ensure-running`.
+
+use std::process::ExitCode;
+
+use super::Context;
+use crate::cli::{InstallArgs, UninstallArgs};
+use crate::install::{self, InstallOptions, UninstallOptions, ensure};
+
+/// Installs the service or the cron fallback.
+pub fn install(ctx: &Context, args: InstallArgs) -> anyhow::Result<ExitCode> {
+    let spool = ctx
+        .spool
+        .clone()
+        .unwrap_or_else(|| crate::config::SYSTEM_SPOOL.into());
+    install::install(&InstallOptions {
+        mode: args.mode,
+        root: args.root,
+        dry_run: args.dry_run,
+        user: args.user,
+        spool: std::path::absolute(spool)?,
+        no_start: args.no_start,
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Removes what `install` added.
+pub fn uninstall(ctx: &Context, args: UninstallArgs) -> anyhow::Result<ExitCode> {
+    let spool = match &ctx.spool {
+        Some(s) => s.clone(),
+        None => ctx
+            .load_config()
+            .ok()
+            .and_then(|l| l.config.spool)
+            .unwrap_or_else(|| crate::config::SYSTEM_SPOOL.into()),
+    };
+    install::uninstall(&UninstallOptions {
+        root: args.root,
+        dry_run: args.dry_run,
+        purge: args.purge,
+        spool: std::path::absolute(spool)?,
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Starts a detached worker unless one runs; quiet when all is well.
+pub fn ensure_running(ctx: &Context) -> anyhow::Result<ExitCode> {
+    let loaded = ctx.load_config()?;
+    let spool = ctx.spool_path(&loaded.config)?;
+    match ensure::ensure_running(&spool, ctx.config_path.as_deref())? {
+        ensure::Ensured::AlreadyRunning(_) => {}
+        ensure::Ensured::Started(pid) => {
+            println!("started worker pid {pid} on {}", spool.display())
+        }
+    }
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,575 @@
+//! `install` / `uninstall`: persistence across reboots. systemd mode writes
+//! the units (rendered from `units/`) and drives systemd over D-Bus; cron
+//! mode writes `/etc/cron.d/ai-cmd-executor`, whose `ensure-running` keeps a
+//! detached worker alive. Both create the service user and the spool and
+//! install the default configuration if there is none.
+//!
+//! Every step is reported as it is taken (or, with `--dry-run`, as it would
+//! be); a second run finds nothing to change and says so.
+
+pub mod ensure;
+pub mod files;
+
+use std::fs;
+use std::io;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use anyhow::{Context, bail};
+use clap::ValueEnum;
+use nix::unistd::{Gid, Group, Uid, User, chown};
+
+use crate::spool::{LAYOUT, ROOT_MODE};
+use crate::systemd::bus::Systemd;
+use crate::systemd::units::{CLEANUP_TIMER, HEALTH_TIMER, SERVICE};
+use files::{Local, under};
+
+/// Where the installer puts a binary it copies.
+pub const LOCAL_BINARY: &str = "/usr/local/bin/ai-cmd-executor";
+/// The cron file.
+pub const CRON_FILE: &str = "/etc/cron.d/ai-cmd-executor";
+/// The configuration file.
+pub const CONFIG_FILE: &str = crate::config::DEFAULT_CONFIG_PATH;
+/// Unit files the installer writes go here (the package uses /lib).
+pub const UNIT_DIR: &str = "/etc/systemd/system";
+/// The sysusers.d entry the installer writes.
+pub const SYSUSERS_FILE: &str = "/etc/sysusers.d/ai-cmd-executor.conf";
+/// The tmpfiles.d entry the installer writes.
+pub const TMPFILES_FILE: &str = "/etc/tmpfiles.d/ai-cmd-executor.conf";
+
+/// How the worker is kept running.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum Mode {
+    /// systemd when it is PID 1, cron otherwise.
+    Auto,
+    /// The systemd service and timers.
+    Systemd,
+    /// The cron fallback.
+    Cron,
+}
+
+/// What `install` was asked to do.
+#[derive(Debug, Clone)]
+pub struct InstallOptions {
+    /// systemd, cron, or pick.
+    pub mode: Mode,
+    /// Write the tree under this directory and take no live action.
+    pub root: Option<PathBuf>,
+    /// Only say what would be done.
+    pub dry_run: bool,
+    /// The service user (and group).
+    pub user: String,
+    /// The spool.
+    pub spool: PathBuf,
+    /// Do not start anything.
+    pub no_start: bool,
+}
+
+/// Says what is done (or would be), and counts the changes.
+pub struct Report {
+    dry_run: bool,
+    changes: usize,
+}
+
+impl Report {
+    fn new(dry_run: bool) -> Self {
+        Report {
+            dry_run,
+            changes: 0,
+        }
+    }
+
+    /// A change, made or (in a dry run) to be made.
+    fn change(&mut self, what: &str) {
+        self.changes += 1;
+        if self.dry_run {
+            println!("would {what}");
+        } else {
+            println!("{what}");
+        }
+    }
+
+    /// Something already as it should be.
+    fn same(&self, what: &str) {
+        println!("unchanged: {what}");
+    }
+
+    fn finish(&self, verb: &str) {
+        match (self.changes, self.dry_run) {
+            (0, _) => println!("{verb}: no changes; everything is already in place"),
+            (n, true) => println!("{verb}: dry run, {n} change(s) would be made"),
+            (n, false) => println!("{verb}: {n} change(s) made"),
+        }
+    }
+}
+
+/// Picks the mode `auto` stands for, or explains what is missing.
+pub fn resolve_mode(mode: Mode) -> anyhow::Result<Mode> {
+    match mode {
+        Mode::Auto if crate::systemd::booted() => Ok(Mode::Systemd),
+        Mode::Auto if cron_available() => Ok(Mode::Cron),
+        Mode::Auto => bail!(
+            "neither systemd (PID 1) nor cron is available to keep the worker running: \
+             boot with systemd, or install cron (apt-get install cron) and run `install --mode cron`"
+        ),
+        m => Ok(m),
+    }
+}
+
+fn cron_available() -> bool {
+    Path::new("/etc/cron.d").is_dir()
+        && ["/usr/sbin/cron", "/usr/sbin/crond", "/sbin/cron"]
+            .iter()
+            .any(|p| Path::new(p).exists())
+}
+
+/// Writes `content` to `path` unless it already holds exactly that.
+fn write_file(report: &mut Report, path: &Path, content: &[u8], mode: u32) -> anyhow::Result<bool> {
+    let shown = path.display();
+    match fs::read(path) {
+        Ok(old) if old == content => {
+            let perm_ok = fs::metadata(path).is_ok_and(|m| m.permissions().mode() & 0o7777 == mode);
+            if perm_ok {
+                report.same(&format!("{shown}"));
+                return Ok(false);
+            }
+            report.change(&format!("set mode {mode:04o} on {shown}"));
+        }
+        Ok(_) => report.change(&format!("update {shown}")),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => report.change(&format!("write {shown}")),
+        Err(e) => return Err(e).with_context(|| format!("reading {shown}")),
+    }
+    if !report.dry_run {
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
+        }
+        let tmp = path.with_extension("ai-cmd-executor-new");
+        fs::write(&tmp, content).with_context(|| format!("writing {}", tmp.display()))?;
+        fs::set_permissions(&tmp, fs::Permissions::from_mode(mode))
+            .with_context(|| format!("setting the mode of {}", tmp.display()))?;
+        fs::rename(&tmp, path).with_context(|| format!("renaming into {shown}"))?;
+    }
+    Ok(true)
+}
+
+/// Installs. Returns the number of changes.
+pub fn install(opts: &InstallOptions) -> anyhow::Result<usize> {
+    let mode = resolve_mode(opts.mode)?;
+    let live = opts.root.is_none() && !opts.dry_run;
+    if live && !Uid::effective().is_root() {
+        bail!(
+            "install needs root (it writes /etc and creates a system user); use --root DIR or --dry-run to try it"
+        );
+    }
+    let root = opts.root.clone().unwrap_or_else(|| PathBuf::from("/"));
+    let spool = opts
+        .spool
+        .to_str()
+        .context("the spool path must be UTF-8")?
+        .to_owned();
+    let mut report = Report::new(opts.dry_run);
+    println!(
+        "installing ai-cmd-executor ({} mode) into {}{}",
+        if mode == Mode::Systemd {
+            "systemd"
+        } else {
+            "cron"
+        },
+        root.display(),
+        if opts.dry_run { " (dry run)" } else { "" }
+    );
+
+    let binary = install_binary(&mut report, &root)?;
+    let local = Local {
+        binary,
+        user: opts.user.clone(),
+        spool,
+    };
+
+    write_config(&mut report, &root, &local)?;
+    if mode == Mode::Systemd {
+        for (name, text) in local.units() {
+            write_file(
+                &mut report,
+                &under(&root, &format!("{UNIT_DIR}/{name}")),
+                text.as_bytes(),
+                0o644,
+            )?;
+        }
+        write_file(
+            &mut report,
+            &under(&root, SYSUSERS_FILE),
+            local.sysusers().as_bytes(),
+            0o644,
+        )?;
+        write_file(
+            &mut report,
+            &under(&root, TMPFILES_FILE),
+            local.tmpfiles().as_bytes(),
+            0o644,
+        )?;
+    } else {
+        write_file(
+            &mut report,
+            &under(&root, CRON_FILE),
+            local.cron().as_bytes(),
+            0o644,
+        )?;
+    }
+
+    if opts.root.is_some() {
+        println!("(--root: no user, spool or service actions are taken)");
+    } else {
+        ensure_user(&mut report, &local)?;
+        ensure_spool(&mut report, &opts.spool, &local.user)?;
+        if mode == Mode::Systemd {
+            systemd_actions(&mut report, opts.no_start)?;
+        } else if !opts.no_start {
+            cron_start(&mut report, &local)?;
+        }
+    }
+    report.finish("install");
+    Ok(report.changes)
+}
+
+/// The binary the units name: the packaged one if this is it, else a copy
+/// in /usr/local/bin (a build tree is often not reachable by the service
+/// user).
+fn install_binary(report: &mut Report, root: &Path) -> anyhow::Result<String> {
+    let me = std::env::current_exe().context("finding this program's path")?;
+    let me = fs::canonicalize(&me).unwrap_or(me);
+    if root == Path::new("/")
+        && (me == Path::new(crate::systemd::units::SHIPPED_BINARY) || me == Path::new(LOCAL_BINARY))
+    {
+        report.same(&format!("{} (the installed binary)", me.display()));
+        return Ok(me.to_string_lossy().into_owned());
+    }
+    let bytes = fs::read(&me).with_context(|| format!("reading {}", me.display()))?;
+    write_file(report, &under(root, LOCAL_BINARY), &bytes, 0o755)?;
+    Ok(LOCAL_BINARY.to_owned())
+}
+
+fn write_config(report: &mut Report, root: &Path, local: &Local) -> anyhow::Result<()> {
+    let path = under(root, CONFIG_FILE);
+    if path.exists() {
+        // Never overwrite an operator's configuration.
+        report.same(&format!("{} (existing configuration kept)", path.display()));
+        return Ok(());
+    }
+    write_file(report, &path, local.config().as_bytes(), 0o644)?;
+    Ok(())
+}
+
+fn ensure_user(report: &mut Report, local: &Local) -> anyhow::Result<()> {
+    if User::from_name(&local.user)?.is_some() {
+        report.same(&format!("user {}", local.user));
+        return Ok(());
+    }
+    report.change(&format!("create system user and group {}", local.user));
+    if report.dry_run {
+        return Ok(());
+    }
+    run(Command::new("useradd").args([
+        "--system",
+        "--user-group",
+        "--home-dir",
+        &local.spool,
+        "--no-create-home",
+        "--shell",
+        "/usr/sbin/nologin",
+        "--comment",
+        "ai-cmd-executor worker",
+        &local.user,
+    ]))
+}
+
+/// Creates the spool with the layout's modes, owned by the service user.
+fn ensure_spool(report: &mut Report, spool: &Path, user: &str) -> anyhow::Result<()> {
+    let (uid, gid) = match (User::from_name(user)?, Group::from_name(user)?) {
+        (Some(u), Some(g)) => (u.uid, g.gid),
+        _ if report.dry_run => (Uid::from_raw(0), Gid::from_raw(0)),
+        _ => bail!("user or group {user} does not exist"),
+    };
+    let mut dirs = vec![(spool.to_owned(), ROOT_MODE)];
+    dirs.extend(LAYOUT.iter().map(|(n, m)| (spool.join(n), *m)));
+    for (dir, mode) in dirs {
+        ensure_dir(report, &dir, mode, uid, gid)?;
+    }
+    Ok(())
+}
+
+fn ensure_dir(
+    report: &mut Report,
+    dir: &Path,
+    mode: u32,
+    uid: Uid,
+    gid: Gid,
+) -> anyhow::Result<()> {
+    let shown = dir.display();
+    match fs::metadata(dir) {
+        Ok(m) if m.is_dir() => {
+            let right =
+                m.uid() == uid.as_raw() && m.gid() == gid.as_raw() && m.mode() & 0o7777 == mode;
+            if right {
+                report.same(&format!("{shown}"));
+                return Ok(());
+            }
+            report.change(&format!("set owner and mode {mode:04o} of {shown}"));
+        }
+        Ok(_) => bail!("{shown} exists and is not a directory"),
+        Err(_) => report.change(&format!("create {shown} (mode {mode:04o})")),
+    }
+    if !report.dry_run {
+        fs::create_dir_all(dir).with_context(|| format!("creating {shown}"))?;
+        chown(dir, Some(uid), Some(gid))
+            .with_context(|| format!("changing the owner of {shown}"))?;
+        fs::set_permissions(dir, fs::Permissions::from_mode(mode))
+            .with_context(|| format!("setting the mode of {shown}"))?;
+    }
+    Ok(())
+}
+
+/// Reload, enable and start over D-Bus, waiting for each start job.
+fn systemd_actions(report: &mut Report, no_start: bool) -> anyhow::Result<()> {
+    let dry = report.dry_run;
+    block_on(async {
+        if dry {
+            // Say what would happen; look at the live state if we can.
+            report.change("reload systemd (Reload over D-Bus)");
+            report.change(&format!(
+                "enable {SERVICE} {HEALTH_TIMER} {CLEANUP_TIMER} (EnableUnitFiles)"
+            ));
+            if !no_start {
+                report.change(&format!("start {SERVICE} {HEALTH_TIMER} {CLEANUP_TIMER} (StartUnit, waiting for each job)"));
+            }
+            return Ok(());
+        }
+        let bus = Systemd::connect().await?;
+        // Anything written so far (units, binary, config) needs a reload
+        // and, for a running service, a restart.
+        let files_changed = report.changes > 0;
+        if files_changed {
+            bus.reload().await?;
+            report.change("reload systemd");
+        }
+        let units = [SERVICE, HEALTH_TIMER, CLEANUP_TIMER];
+        let mut to_enable = Vec::new();
+        for u in units {
+            let st = bus.unit_state(u).await?;
+            if st.load_state != "loaded" {
+                bail!(
+                    "systemd cannot load {u} ({}); see `journalctl -b`",
+                    st.load_state
+                );
+            }
+            if st.unit_file_state == "enabled" {
+                report.same(&format!("{u} enabled"));
+            } else {
+                to_enable.push(u);
+            }
+        }
+        if !to_enable.is_empty() {
+            bus.enable(&to_enable).await?;
+            bus.reload().await?;
+            report.change(&format!("enable {}", to_enable.join(" ")));
+        }
+        if no_start {
+            return Ok(());
+        }
+        for u in units {
+            let st = bus.unit_state(u).await?;
+            if st.active_state == "active" {
+                if u == SERVICE && files_changed {
+                    bus.restart(u).await?;
+                    report.change(&format!("restart {u} to use the new files"));
+                } else {
+                    report.same(&format!("{u} active"));
+                }
+                continue;
+            }
+            bus.start(u).await?;
+            report.change(&format!("start {u}"));
+        }
+        Ok(())
+    })
+}
+
+fn cron_start(report: &mut Report, local: &Local) -> anyhow::Result<()> {
+    if report.dry_run {
+        report.change(&format!(
+            "start a worker now with `{} ensure-running` as {}",
+            local.binary, local.user
+        ));
+        return Ok(());
+    }
+    let user = User::from_name(&local.user)?
+        .with_context(|| format!("user {} does not exist", local.user))?;
+    let out = Command::new(&local.binary)
+        .args(["ensure-running", "--spool", &local.spool])
+        .uid(user.uid.as_raw())
+        .gid(user.gid.as_raw())
+        .output()
+        .context("running ensure-running")?;
+    if !out.status.success() {
+        bail!(
+            "ensure-running failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    let said = String::from_utf8_lossy(&out.stdout);
+    if said.contains("started") {
+        report.change(&format!("start the worker ({})", said.trim()));
+    } else {
+        report.same("the worker is running");
+    }
+    Ok(())
+}
+
+/// What `uninstall` was asked to do.
+#[derive(Debug, Clone)]
+pub struct UninstallOptions {
+    /// Work on this tree; no live action.
+    pub root: Option<PathBuf>,
+    /// Only say what would be done.
+    pub dry_run: bool,
+    /// Also delete the spool and the configuration.
+    pub purge: bool,
+    /// The spool (for --purge and to stop a cron worker).
+    pub spool: PathBuf,
+}
+
+/// Stops, disables and removes what `install` added; with `purge`, also the
+/// spool and configuration (after saying what will go).
+pub fn uninstall(opts: &UninstallOptions) -> anyhow::Result<usize> {
+    let live = opts.root.is_none() && !opts.dry_run;
+    if live && !Uid::effective().is_root() {
+        bail!("uninstall needs root; use --root DIR or --dry-run to try it");
+    }
+    let root = opts.root.clone().unwrap_or_else(|| PathBuf::from("/"));
+    let mut report = Report::new(opts.dry_run);
+    let unit_files: Vec<PathBuf> = crate::systemd::units::UNITS
+        .iter()
+        .map(|(n, _)| under(&root, &format!("{UNIT_DIR}/{n}")))
+        .filter(|p| p.exists())
+        .collect();
+    if !unit_files.is_empty() && opts.root.is_none() && crate::systemd::booted() {
+        let dry = opts.dry_run;
+        block_on(async {
+            if dry {
+                report.change(&format!(
+                    "stop and disable {SERVICE} {HEALTH_TIMER} {CLEANUP_TIMER}"
+                ));
+                return Ok(());
+            }
+            let bus = Systemd::connect().await?;
+            for u in [HEALTH_TIMER, CLEANUP_TIMER, SERVICE] {
+                if bus.unit_state(u).await?.active_state != "inactive" {
+                    bus.stop(u).await?;
+                    report.change(&format!("stop {u}"));
+                }
+            }
+            let removed = bus.disable(&[SERVICE, HEALTH_TIMER, CLEANUP_TIMER]).await?;
+            if !removed.is_empty() {
+                report.change(&format!("disable {SERVICE} {HEALTH_TIMER} {CLEANUP_TIMER}"));
+            }
+            Ok(())
+        })?;
+    }
+    if under(&root, CRON_FILE).exists() && opts.root.is_none() {
+        if opts.dry_run {
+            report.change("stop the cron-started worker");
+        } else if let Some(pid) = ensure::stop_worker(&opts.spool)? {
+            report.change(&format!("stop the cron-started worker (pid {pid})"));
+        }
+    }
+    let mut remove = unit_files;
+    for f in [CRON_FILE, SYSUSERS_FILE, TMPFILES_FILE, LOCAL_BINARY] {
+        remove.push(under(&root, f));
+    }
+    for p in remove {
+        remove_path(&mut report, &p)?;
+    }
+    if opts.root.is_none() && !opts.dry_run && crate::systemd::booted() {
+        block_on(async {
+            Systemd::connect()
+                .await?
+                .reload()
+                .await
+                .map_err(anyhow::Error::from)
+        })?;
+    }
+    if opts.purge {
+        let config_dir = under(&root, "/etc/ai-cmd-executor");
+        let spool = if opts.root.is_some() {
+            under(&root, opts.spool.to_str().unwrap_or("/"))
+        } else {
+            opts.spool.clone()
+        };
+        for dir in [&spool, &config_dir] {
+            if dir.exists() {
+                let n = walk_count(dir);
+                println!(
+                    "purge: deleting {} ({n} files and directories)",
+                    dir.display()
+                );
+                report.change(&format!("delete {}", dir.display()));
+                if !opts.dry_run {
+                    fs::remove_dir_all(dir)
+                        .with_context(|| format!("deleting {}", dir.display()))?;
+                }
+            }
+        }
+        println!("purge: the system user is kept (Debian policy: removing it could orphan files)");
+    }
+    report.finish("uninstall");
+    Ok(report.changes)
+}
+
+fn remove_path(report: &mut Report, p: &Path) -> anyhow::Result<()> {
+    if fs::symlink_metadata(p).is_err() {
+        return Ok(());
+    }
+    report.change(&format!("remove {}", p.display()));
+    if !report.dry_run {
+        fs::remove_file(p).with_context(|| format!("removing {}", p.display()))?;
+    }
+    Ok(())
+}
+
+fn walk_count(dir: &Path) -> usize {
+    fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| {
+                    1 + if e.file_type().is_ok_and(|t| t.is_dir()) {
+                        walk_count(&e.path())
+                    } else {
+                        0
+                    }
+                })
+                .sum()
+        })
+        .unwrap_or(0)
+}
+
+fn run(cmd: &mut Command) -> anyhow::Result<()> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn block_on<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(f)
+}
