@@ -91,6 +91,53 @@ pub struct Config {
     pub max_attempts: NonZeroU32,
     /// The shell jobs run with. Default `/bin/bash`.
     pub shell: PathBuf,
+    /// A file in `pending/` older than this is stale: health warns, and
+    /// `cleanup` archives it. Default `"30m"`.
+    pub stale_pending_after: NonZeroDuration,
+    /// `cleanup` packs logs older than this many days into dated archives.
+    /// Default 30.
+    pub log_retention_days: NonZeroU32,
+    /// `cleanup` deletes archives older than this many days. Default 90.
+    pub archive_retention_days: NonZeroU32,
+    /// Where alerts and repair reports go; none when absent.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub notify: Option<NotifyConfig>,
+}
+
+/// The `[notify]` table: a Slack incoming webhook or a generic JSON webhook.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NotifyConfig {
+    /// `"slack"` (a Slack incoming webhook) or `"webhook"` (generic JSON).
+    pub kind: NotifyKind,
+    /// A root-only file holding the webhook URL (a secret). Under systemd a
+    /// credential named `webhook` (`LoadCredential=webhook:…`) wins.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub url_file: Option<PathBuf>,
+    /// Per-attempt timeout. Default `"5s"`.
+    #[serde(default = "default_notify_timeout")]
+    pub timeout: NonZeroDuration,
+    /// Attempts in all. Default 3.
+    #[serde(default = "default_notify_attempts")]
+    pub attempts: NonZeroU32,
+}
+
+/// The notifier's message format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum NotifyKind {
+    /// Slack incoming webhook: `{"text": …}`.
+    Slack,
+    /// Generic JSON: host, unit, event, message, details.
+    Webhook,
+}
+
+fn default_notify_timeout() -> NonZeroDuration {
+    NonZeroDuration::secs(5)
+}
+
+fn default_notify_attempts() -> NonZeroU32 {
+    NonZeroU32::new(3).expect("non-zero")
 }
 
 impl Default for Config {
@@ -106,6 +153,10 @@ impl Default for Config {
             max_job_bytes: NonZeroU64::new(1 << 20).expect("non-zero"),
             max_attempts: NonZeroU32::new(3).expect("non-zero"),
             shell: PathBuf::from("/bin/bash"),
+            stale_pending_after: NonZeroDuration::secs(1800),
+            log_retention_days: NonZeroU32::new(30).expect("non-zero"),
+            archive_retention_days: NonZeroU32::new(90).expect("non-zero"),
+            notify: None,
         }
     }
 }
@@ -178,6 +229,13 @@ impl Config {
             && !spool.is_absolute()
         {
             return invalid(format!("spool must be an absolute path, not {spool:?}"));
+        }
+        if let Some(file) = self.notify.as_ref().and_then(|n| n.url_file.as_ref())
+            && !file.is_absolute()
+        {
+            return invalid(format!(
+                "notify.url_file must be an absolute path, not {file:?}"
+            ));
         }
         Ok(())
     }
@@ -295,6 +353,27 @@ mod tests {
         let text = c.to_toml();
         assert!(text.contains("rescan_interval = \"1m\""), "{text}");
         assert_eq!(parse(&text).unwrap(), c);
+    }
+
+    #[test]
+    fn notify_table() {
+        let c = parse("[notify]\nkind = \"slack\"\nurl_file = \"/etc/ai-cmd-executor/webhook\"\n")
+            .unwrap();
+        let n = c.notify.unwrap();
+        assert_eq!(n.kind, NotifyKind::Slack);
+        assert_eq!(n.attempts.get(), 3);
+        assert!(
+            parse("[notify]\nkind = \"email\"\n")
+                .unwrap_err()
+                .to_string()
+                .contains("line 2")
+        );
+        assert!(
+            parse("[notify]\nkind = \"slack\"\nurl = \"x\"\n")
+                .unwrap_err()
+                .to_string()
+                .contains("unknown field")
+        );
     }
 
     #[test]

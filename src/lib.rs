@@ -12,10 +12,16 @@ pub mod client;
 pub mod config;
 /// Printing error chains once.
 pub mod error;
+/// Diagnosis, health checks and repair.
+pub mod health;
 /// The installer: systemd units or the cron fallback, user, spool, config.
 pub mod install;
 /// Logging set-up for the worker and the CLI.
 pub mod logging;
+/// Maintenance: stale pending files, log packing, archive retention.
+pub mod maintenance;
+/// Alerts: Slack or generic JSON webhooks.
+pub mod notifier;
 /// The spool directory contract: layout, ids, job files, results.
 pub mod spool;
 /// systemd integration: the notify protocol.

@@ -70,6 +70,24 @@ pub enum Command {
         /// Output directory: man/ and completions/ are created in it.
         dir: PathBuf,
     },
+    /// Quick health check for monitoring: exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.
+    Health(HealthArgs),
+    /// Run every check and show the findings (and fixes).
+    Diagnose(DiagnoseArgs),
+    /// Diagnose, fix, check the watchdog and persistence, verify with a probe job.
+    Repair,
+    /// One screen: service, queue, last job, worker, spool.
+    Status(StatusArgs),
+    /// Start the service (over D-Bus) or the cron-mode worker.
+    Start,
+    /// Stop the service (over D-Bus) or the cron-mode worker.
+    Stop,
+    /// Restart the service (over D-Bus) or the cron-mode worker.
+    Restart,
+    /// Archive stale pending files, pack old logs, delete old archives.
+    Cleanup(CleanupArgs),
+    /// Send an alert through the configured notifier (what OnFailure= runs).
+    Notify(NotifyArgs),
     /// Configuration tools.
     Config {
         /// What to do with the configuration.
@@ -85,6 +103,64 @@ pub struct RunArgs {
     /// worker holds it); `ensure-running` uses it.
     #[arg(long, value_name = "FILE")]
     pub lock_file: Option<PathBuf>,
+}
+
+/// `health` options.
+#[derive(Debug, Args)]
+pub struct HealthArgs {
+    /// Apply the fixes the checks offer, then check again.
+    #[arg(long)]
+    pub fix: bool,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "human")]
+    pub format: crate::health::Format,
+    /// Also send a test notification to check the webhook is reachable.
+    #[arg(long)]
+    pub probe: bool,
+}
+
+/// `diagnose` options.
+#[derive(Debug, Args)]
+pub struct DiagnoseArgs {
+    /// Apply the fixes the checks offer, then check again.
+    #[arg(long)]
+    pub fix: bool,
+    /// JSON output.
+    #[arg(long)]
+    pub json: bool,
+    /// Also send a test notification to check the webhook is reachable.
+    #[arg(long)]
+    pub probe: bool,
+}
+
+/// `status` options.
+#[derive(Debug, Args)]
+pub struct StatusArgs {
+    /// JSON output.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// `cleanup` options.
+#[derive(Debug, Args)]
+pub struct CleanupArgs {
+    /// Say what would be done; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
+}
+
+/// `notify` options.
+#[derive(Debug, Args)]
+pub struct NotifyArgs {
+    /// The unit concerned.
+    #[arg(long, default_value = "ai-cmd-executor.service")]
+    pub unit: String,
+    /// What happened.
+    #[arg(long, default_value = "failed")]
+    pub event: String,
+    /// The message (default: the unit's state, read over D-Bus).
+    #[arg(long)]
+    pub message: Option<String>,
 }
 
 /// `install` options.
@@ -234,6 +310,17 @@ impl Cli {
             Command::Uninstall(a) => commands::install::uninstall(&ctx, a),
             Command::EnsureRunning => commands::install::ensure_running(&ctx),
             Command::GenerateAssets { dir } => commands::generate::run(&dir),
+            Command::Health(a) => commands::health::health(&ctx, a),
+            Command::Diagnose(a) => commands::health::diagnose(&ctx, a),
+            Command::Repair => commands::health::repair(&ctx),
+            Command::Status(a) => commands::service::status(&ctx, a),
+            Command::Start => commands::service::control(&ctx, commands::service::Action::Start),
+            Command::Stop => commands::service::control(&ctx, commands::service::Action::Stop),
+            Command::Restart => {
+                commands::service::control(&ctx, commands::service::Action::Restart)
+            }
+            Command::Cleanup(a) => commands::service::cleanup(&ctx, a),
+            Command::Notify(a) => commands::service::notify(&ctx, a),
             Command::Submit(a) => commands::submit::run(&ctx, a),
             Command::Result(a) => commands::result::run(&ctx, a),
             Command::Log(a) => commands::log::run(&ctx, a),

@@ -74,7 +74,7 @@ pub struct Report {
 }
 
 impl Report {
-    fn new(dry_run: bool) -> Self {
+    pub(crate) fn new(dry_run: bool) -> Self {
         Report {
             dry_run,
             changes: 0,
@@ -126,7 +126,12 @@ fn cron_available() -> bool {
 }
 
 /// Writes `content` to `path` unless it already holds exactly that.
-fn write_file(report: &mut Report, path: &Path, content: &[u8], mode: u32) -> anyhow::Result<bool> {
+pub(crate) fn write_file(
+    report: &mut Report,
+    path: &Path,
+    content: &[u8],
+    mode: u32,
+) -> anyhow::Result<bool> {
     let shown = path.display();
     match fs::read(path) {
         Ok(old) if old == content => {
@@ -286,7 +291,7 @@ fn ensure_user(report: &mut Report, local: &Local) -> anyhow::Result<()> {
 }
 
 /// Creates the spool with the layout's modes, owned by the service user.
-fn ensure_spool(report: &mut Report, spool: &Path, user: &str) -> anyhow::Result<()> {
+pub(crate) fn ensure_spool(report: &mut Report, spool: &Path, user: &str) -> anyhow::Result<()> {
     let (uid, gid) = match (User::from_name(user)?, Group::from_name(user)?) {
         (Some(u), Some(g)) => (u.uid, g.gid),
         _ if report.dry_run => (Uid::from_raw(0), Gid::from_raw(0)),

@@ -5,7 +5,7 @@
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use zbus_systemd::systemd1::{ManagerProxy, ServiceProxy, UnitProxy};
+use zbus_systemd::systemd1::{ManagerProxy, ServiceProxy, TimerProxy, UnitProxy};
 use zbus_systemd::zbus;
 
 /// Errors talking to systemd.
@@ -57,6 +57,44 @@ pub struct UnitState {
     pub sub_state: String,
     /// `enabled`, `disabled`, `static`, `masked`, or empty.
     pub unit_file_state: String,
+}
+
+/// What systemd says about a service, for diagnosis.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
+pub struct ServiceInfo {
+    /// Unit state.
+    pub unit: UnitState,
+    /// The unit file systemd loaded.
+    pub fragment_path: String,
+    /// Whether the file on disk changed since it was loaded.
+    pub need_daemon_reload: bool,
+    /// `success`, `start-limit-hit`, `watchdog`, `exit-code`, ...
+    pub result: String,
+    /// Automatic restarts so far.
+    pub n_restarts: u32,
+    /// `StartLimitBurst=`.
+    pub start_limit_burst: u32,
+    /// The main process (0 when none).
+    pub main_pid: u32,
+    /// `WatchdogSec=` in microseconds (0: off).
+    pub watchdog_usec: u64,
+    /// CLOCK_MONOTONIC time of the last watchdog ping (0: none yet).
+    pub watchdog_timestamp_monotonic: u64,
+    /// CLOCK_MONOTONIC time it last became active (0: never).
+    pub active_enter_timestamp_monotonic: u64,
+    /// `User=`.
+    pub user: String,
+}
+
+/// What systemd says about a timer.
+#[derive(Debug, Clone, PartialEq, Eq, Default, serde::Serialize)]
+pub struct TimerInfo {
+    /// Unit state.
+    pub unit: UnitState,
+    /// Next elapse, wall clock, microseconds since the epoch (0: none).
+    pub next_elapse_realtime: u64,
+    /// Next elapse, CLOCK_MONOTONIC microseconds (0: none).
+    pub next_elapse_monotonic: u64,
 }
 
 /// A connection to systemd's manager.
@@ -209,6 +247,65 @@ impl Systemd {
             active_state: u.active_state().await.map_err(call(what()))?,
             sub_state: u.sub_state().await.map_err(call(what()))?,
             unit_file_state: u.unit_file_state().await.map_err(call(what()))?,
+        })
+    }
+
+    async fn unit_path(&self, unit: &str) -> Result<zbus::OwnedObjectPath, BusError> {
+        self.manager
+            .load_unit(unit.to_owned())
+            .await
+            .map_err(call(format!("loading {unit}")))
+    }
+
+    /// Everything diagnosis wants to know about a service.
+    pub async fn service_info(&self, unit: &str) -> Result<ServiceInfo, BusError> {
+        let state = self.unit_state(unit).await?;
+        let path = self.unit_path(unit).await?;
+        let what = || format!("reading {unit}");
+        let u = UnitProxy::builder(&self.conn)
+            .path(path.clone())
+            .build()
+            .await
+            .map_err(call(what()))?;
+        let s = ServiceProxy::builder(&self.conn)
+            .path(path)
+            .build()
+            .await
+            .map_err(call(what()))?;
+        Ok(ServiceInfo {
+            unit: state,
+            fragment_path: u.fragment_path().await.map_err(call(what()))?,
+            need_daemon_reload: u.need_daemon_reload().await.map_err(call(what()))?,
+            result: s.result().await.unwrap_or_default(),
+            n_restarts: s.n_restarts().await.unwrap_or_default(),
+            start_limit_burst: u.start_limit_burst().await.unwrap_or_default(),
+            main_pid: s.main_pid().await.unwrap_or_default(),
+            watchdog_usec: s.watchdog_u_sec().await.unwrap_or_default(),
+            watchdog_timestamp_monotonic: s
+                .watchdog_timestamp_monotonic()
+                .await
+                .unwrap_or_default(),
+            active_enter_timestamp_monotonic: u
+                .active_enter_timestamp_monotonic()
+                .await
+                .unwrap_or_default(),
+            user: s.user().await.unwrap_or_default(),
+        })
+    }
+
+    /// A timer's state and next elapse.
+    pub async fn timer_info(&self, unit: &str) -> Result<TimerInfo, BusError> {
+        let state = self.unit_state(unit).await?;
+        let path = self.unit_path(unit).await?;
+        let t = TimerProxy::builder(&self.conn)
+            .path(path)
+            .build()
+            .await
+            .map_err(call(format!("reading {unit}")))?;
+        Ok(TimerInfo {
+            unit: state,
+            next_elapse_realtime: t.next_elapse_u_sec_realtime().await.unwrap_or_default(),
+            next_elapse_monotonic: t.next_elapse_u_sec_monotonic().await.unwrap_or_default(),
         })
     }
 

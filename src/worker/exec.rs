@@ -155,7 +155,9 @@ pub async fn execute(run: Run, interrupt: oneshot::Receiver<()>) -> JobResult {
     let pgid = child.id().map(|p| Pid::from_raw(p as i32));
 
     let mut reader = Some(reader);
-    let mut buf = vec![0u8; 64 * 1024];
+    // Pipe reads rarely exceed a page or two; a small buffer keeps the
+    // per-job allocation cheap.
+    let mut buf = vec![0u8; 16 * 1024];
     let mut interrupt = Some(interrupt);
     let mut phase = Phase::Running;
     let mut reason: Option<KillReason> = None;

@@ -78,6 +78,11 @@ pub struct WorkerOptions {
 pub fn run(opts: WorkerOptions) -> Result<(), WorkerError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        // Result writers (fsync) run on blocking threads; keep idle ones
+        // parked instead of letting them exit 10 s after the last job, which
+        // would wake an idle worker. Parked threads cost no CPU.
+        .thread_keep_alive(Duration::from_secs(u64::from(u32::MAX)))
+        .max_blocking_threads(8)
         .build()
         .map_err(setup("starting the async runtime"))?;
     rt.block_on(async move {
@@ -389,7 +394,13 @@ impl Worker {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
                 return self.vanished(id, &name, since);
             }
-            Err(e) => return self.reject(id, &path, format!("cannot inspect the job file: {e}")),
+            Err(e) => {
+                // The directory, not the file, is at fault (permissions,
+                // I/O): leave the file for a later scan rather than reject
+                // good input.
+                error!(cmd_id = %id, "cannot inspect {}: {e}; leaving it for the next scan", path.display());
+                return;
+            }
         };
         let ft = meta.file_type();
         if !ft.is_file() {
@@ -516,7 +527,13 @@ impl Worker {
     /// Creates `logs/<id>/<stamp>.log` for a new run.
     fn create_log(&self, id: &JobId) -> io::Result<(File, PathBuf)> {
         let dir = self.spool.log_dir(id);
-        fs::create_dir_all(&dir)?;
+        // One mkdir (logs/ itself is part of the layout).
+        match fs::create_dir(&dir) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+            Err(e) if e.kind() == io::ErrorKind::NotFound => fs::create_dir_all(&dir)?,
+            Err(e) => return Err(e),
+        }
         let mut stamp = Timestamp::now();
         loop {
             let path = dir.join(format!("{}.log", stamp.file_stamp()));

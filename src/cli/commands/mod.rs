@@ -3,11 +3,13 @@
 
 pub mod config;
 pub mod generate;
+pub mod health;
 pub mod install;
 pub mod list;
 pub mod log;
 pub mod result;
 pub mod run;
+pub mod service;
 pub mod submit;
 pub mod wait;
 
@@ -113,4 +115,14 @@ pub fn waiting(f: impl FnOnce() -> anyhow::Result<ExitCode>) -> anyhow::Result<E
             Ok(ExitCode::from(TOOL_FAILURE))
         }
     }
+}
+
+/// Runs a future on a single-threaded runtime (the operator commands talk
+/// to D-Bus asynchronously).
+pub fn block_on<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(f)
 }

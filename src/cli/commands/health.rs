@@ -1,0 +1,69 @@
+//! `health`, `diagnose` and `repair`.
+
+use std::process::ExitCode;
+
+use super::Context;
+use crate::cli::{DiagnoseArgs, HealthArgs};
+use crate::health::{self, Ctx, Format, Scope, repair};
+
+/// Builds the diagnosis context from the global options. A configuration
+/// that does not load is itself a finding, not an error.
+pub async fn context(ctx: &Context, probe_notifier: bool) -> Ctx {
+    let loaded = ctx
+        .load_config()
+        .map_err(|e| crate::error::chain(e.as_ref()));
+    let config = loaded
+        .as_ref()
+        .map(|l| l.config.clone())
+        .unwrap_or_default();
+    let spool = ctx
+        .spool_path(&config)
+        .unwrap_or_else(|_| crate::config::SYSTEM_SPOOL.into());
+    Ctx::new(loaded, spool, probe_notifier).await
+}
+
+/// `health`: the quick checks; exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.
+pub fn health(ctx: &Context, args: HealthArgs) -> anyhow::Result<ExitCode> {
+    super::block_on(async {
+        let c = context(ctx, args.probe).await;
+        let (findings, done) = repair::check_and_fix(&c, Scope::Quick, args.fix).await;
+        for d in &done {
+            eprintln!("fixed: {d}");
+        }
+        match args.format {
+            Format::Human => print!("{}", health::render_human(&findings)),
+            Format::Json => println!("{}", health::render_json(&findings)),
+            Format::Nagios => println!("{}", health::render_nagios(&findings)),
+        }
+        Ok(ExitCode::from(health::worst(&findings).exit_code()))
+    })
+}
+
+/// `diagnose`: every check, readable or JSON.
+pub fn diagnose(ctx: &Context, args: DiagnoseArgs) -> anyhow::Result<ExitCode> {
+    super::block_on(async {
+        let c = context(ctx, args.probe).await;
+        let (findings, done) = repair::check_and_fix(&c, Scope::Full, args.fix).await;
+        for d in &done {
+            eprintln!("fixed: {d}");
+        }
+        if args.json {
+            println!("{}", health::render_json(&findings));
+        } else {
+            print!("{}", health::render_human(&findings));
+        }
+        Ok(ExitCode::from(health::worst(&findings).exit_code()))
+    })
+}
+
+/// `repair`: the full sequence; non-zero if anything is still wrong.
+pub fn repair(ctx: &Context) -> anyhow::Result<ExitCode> {
+    super::block_on(async {
+        let c = context(ctx, false).await;
+        Ok(if repair::repair(&c).await {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        })
+    })
+}

@@ -1,0 +1,282 @@
+//! `status`, `start`, `stop`, `restart`, `cleanup` and `notify`.
+
+use std::os::unix::process::CommandExt;
+use std::process::ExitCode;
+
+use anyhow::Context as _;
+use serde_json::json;
+
+use super::Context;
+use crate::cli::{CleanupArgs, NotifyArgs, StatusArgs};
+use crate::client::Client;
+use crate::health::{Supervision, checks_service_user};
+use crate::install::ensure;
+use crate::notifier::{Event, Notifier};
+use crate::systemd::units::SERVICE;
+
+/// Which way the service is started and stopped.
+#[derive(Debug, Clone, Copy)]
+pub enum Action {
+    /// Start it.
+    Start,
+    /// Stop it.
+    Stop,
+    /// Stop and start it.
+    Restart,
+}
+
+/// `start`/`stop`/`restart`: over D-Bus under systemd (waiting for the
+/// job), through the worker lock in cron mode.
+pub fn control(ctx: &Context, action: Action) -> anyhow::Result<ExitCode> {
+    let c = super::block_on(async { Ok(super::health::context(ctx, false).await) })?;
+    match c.supervision {
+        Supervision::Systemd => super::block_on(async {
+            let bus = c.bus().map_err(anyhow::Error::msg)?;
+            match action {
+                Action::Start => bus.start(SERVICE).await?,
+                Action::Stop => bus.stop(SERVICE).await?,
+                Action::Restart => bus.restart(SERVICE).await?,
+            }
+            println!("{SERVICE}: {}", bus.unit_state(SERVICE).await?.active_state);
+            Ok(ExitCode::SUCCESS)
+        }),
+        Supervision::Cron => {
+            let spool = c.spool.root();
+            if matches!(action, Action::Stop | Action::Restart) {
+                match ensure::stop_worker(spool)? {
+                    Some(pid) => println!("stopped worker pid {pid}"),
+                    None => println!("no worker was running"),
+                }
+            }
+            if matches!(action, Action::Start | Action::Restart) {
+                start_as_service_user(spool)?;
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Starts a cron-mode worker as the service user (this program is often
+/// run as root).
+fn start_as_service_user(spool: &std::path::Path) -> anyhow::Result<()> {
+    let me = std::env::current_exe()?;
+    let mut cmd = std::process::Command::new(me);
+    cmd.args(["ensure-running", "--spool"]).arg(spool);
+    if nix::unistd::geteuid().is_root() {
+        let user = checks_service_user();
+        let u = nix::unistd::User::from_name(&user)?
+            .with_context(|| format!("user {user} does not exist"))?;
+        cmd.uid(u.uid.as_raw()).gid(u.gid.as_raw());
+    }
+    let out = cmd.output().context("running ensure-running")?;
+    anyhow::ensure!(
+        out.status.success(),
+        "ensure-running failed: {}",
+        String::from_utf8_lossy(&out.stderr).trim()
+    );
+    let pid = ensure::running_worker(spool)?.unwrap_or(0);
+    println!("worker pid {pid} running on {}", spool.display());
+    Ok(())
+}
+
+/// `status`: one screen.
+pub fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<ExitCode> {
+    super::block_on(async {
+        let c = super::health::context(ctx, false).await;
+        let client = Client::new(c.spool.root());
+        let mut service = json!(null);
+        let mut pid: u32 = 0;
+        match c.supervision {
+            Supervision::Systemd => match c.bus() {
+                Ok(bus) => match bus.service_info(SERVICE).await {
+                    Ok(s) => {
+                        pid = s.main_pid;
+                        service = json!({
+                            "mode": "systemd", "unit": SERVICE, "active_state": s.unit.active_state, "sub_state": s.unit.sub_state,
+                            "enabled": s.unit.unit_file_state, "restarts": s.n_restarts, "result": s.result,
+                            "uptime_s": uptime_secs(s.active_enter_timestamp_monotonic),
+                        });
+                    }
+                    Err(e) => {
+                        service = json!({"mode": "systemd", "error": crate::error::chain(&e)})
+                    }
+                },
+                Err(e) => service = json!({"mode": "systemd", "error": e}),
+            },
+            Supervision::Cron => {
+                pid = ensure::running_worker(c.spool.root())
+                    .ok()
+                    .flatten()
+                    .unwrap_or(0) as u32;
+                service = json!({"mode": "cron", "worker_running": pid != 0});
+            }
+        }
+        let list = client.list(None).unwrap_or_default();
+        let count = |s: &str| list.iter().filter(|e| e.state == s).count();
+        let last = list
+            .iter()
+            .filter_map(|e| e.result.as_ref())
+            .max_by_key(|r| r.finished_at)
+            .cloned();
+        let mut worker = json!(null);
+        if pid != 0 {
+            let mut sys = sysinfo::System::new();
+            let spid = sysinfo::Pid::from_u32(pid);
+            sys.refresh_processes(sysinfo::ProcessesToUpdate::Some(&[spid]), true);
+            if let Some(p) = sys.process(spid) {
+                worker = json!({"pid": pid, "rss_bytes": p.memory(), "cpu_ms": p.accumulated_cpu_time()});
+            }
+        }
+        let used = dir_size(c.spool.root());
+        let free = nix::sys::statvfs::statvfs(c.spool.root())
+            .map(|s| s.blocks_available() * s.fragment_size())
+            .ok();
+        let doc = json!({
+            "service": service,
+            "queue": {"pending": count("pending"), "running": count("running"), "completed": count("completed")},
+            "last_job": last,
+            "worker": worker,
+            "spool": {"path": c.spool.root(), "used_bytes": used, "free_bytes": free},
+        });
+        if args.json {
+            println!("{}", serde_json::to_string_pretty(&doc)?);
+            return Ok(ExitCode::SUCCESS);
+        }
+        let s = &doc["service"];
+        if s["mode"] == "cron" {
+            println!(
+                "service:   cron fallback; worker {}",
+                if pid != 0 {
+                    format!("pid {pid} running")
+                } else {
+                    "NOT running".into()
+                }
+            );
+        } else if let Some(e) = s["error"].as_str() {
+            println!("service:   {SERVICE}: {e}");
+        } else {
+            println!(
+                "service:   {SERVICE} {}/{} ({}), up {}, {} restart(s)",
+                s["active_state"].as_str().unwrap_or("?"),
+                s["sub_state"].as_str().unwrap_or("?"),
+                s["enabled"].as_str().unwrap_or("?"),
+                humantime::format_duration(std::time::Duration::from_secs(
+                    s["uptime_s"].as_u64().unwrap_or(0)
+                )),
+                s["restarts"]
+            );
+        }
+        println!(
+            "queue:     {} pending, {} running, {} completed",
+            count("pending"),
+            count("running"),
+            count("completed")
+        );
+        match &last {
+            Some(r) => println!(
+                "last job:  {} {}{} at {}",
+                r.id,
+                r.status,
+                r.exit_code
+                    .map_or_else(String::new, |c| format!(" (exit {c})")),
+                r.finished_at
+            ),
+            None => println!("last job:  none yet"),
+        }
+        if worker.is_null() {
+            println!("worker:    not running");
+        } else {
+            println!(
+                "worker:    pid {pid}, {} MiB RSS, {} ms CPU",
+                worker["rss_bytes"].as_u64().unwrap_or(0) >> 20,
+                worker["cpu_ms"]
+            );
+        }
+        println!(
+            "spool:     {}, {} MiB used, {} free",
+            c.spool.root().display(),
+            used >> 20,
+            free.map_or_else(|| "?".into(), |f| format!("{} MiB", f >> 20))
+        );
+        Ok(ExitCode::SUCCESS)
+    })
+}
+
+fn uptime_secs(entered_monotonic: u64) -> u64 {
+    if entered_monotonic == 0 {
+        return 0;
+    }
+    let now = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)
+        .map(|t| t.tv_sec() as u64 * 1_000_000 + t.tv_nsec() as u64 / 1000)
+        .unwrap_or(0);
+    now.saturating_sub(entered_monotonic) / 1_000_000
+}
+
+fn dir_size(dir: &std::path::Path) -> u64 {
+    let mut total = 0;
+    let mut stack = vec![dir.to_owned()];
+    while let Some(d) = stack.pop() {
+        let Ok(rd) = std::fs::read_dir(&d) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            match e.metadata() {
+                Ok(m) if m.is_dir() => stack.push(e.path()),
+                Ok(m) => total += m.len(),
+                Err(_) => {}
+            }
+        }
+    }
+    total
+}
+
+/// `cleanup`: stale pending files, old logs, old archives.
+pub fn cleanup(ctx: &Context, args: CleanupArgs) -> anyhow::Result<ExitCode> {
+    let loaded = ctx.load_config()?;
+    let spool = crate::spool::Spool::new(ctx.spool_path(&loaded.config)?);
+    let done = crate::maintenance::cleanup(&spool, &loaded.config, args.dry_run)?;
+    if done.is_empty() {
+        println!("cleanup: nothing to do");
+    }
+    for d in done {
+        println!("{d}");
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// `notify`: what the `OnFailure=` alert unit runs.
+pub fn notify(ctx: &Context, args: NotifyArgs) -> anyhow::Result<ExitCode> {
+    let loaded = ctx.load_config()?;
+    if loaded.config.notify.is_none() {
+        println!(
+            "no notifier configured ([notify] in the config); the event is in the journal only"
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
+    let mut message = args.message.unwrap_or_default();
+    if message.is_empty() {
+        message = format!("{} {}", args.unit, args.event);
+        if crate::systemd::booted() {
+            let unit = args.unit.clone();
+            let info = super::block_on(async move {
+                let bus = crate::systemd::bus::Systemd::connect().await?;
+                Ok(bus.service_info(&unit).await?)
+            });
+            if let Ok(s) = info {
+                message = format!(
+                    "{} is {} (result: {}, {} restart(s))",
+                    args.unit, s.unit.active_state, s.result, s.n_restarts
+                );
+            }
+        }
+    }
+    let event = Event {
+        unit: args.unit,
+        event: args.event,
+        message,
+        actions: Vec::new(),
+    };
+    Notifier::from_config(&loaded.config)?.send(&event)?;
+    println!("notified: {}", event.message);
+    Ok(ExitCode::SUCCESS)
+}
