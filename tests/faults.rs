@@ -199,3 +199,84 @@ fn inotify_overflow_is_recovered_by_a_rescan() {
     all_results(&spool, &ids, Duration::from_secs(600));
     w.wait_log("inotify queue overflowed; rescanning pending/");
 }
+
+/// Unmounts a test's tmpfs when the test ends, however it ends.
+struct Mounted(std::path::PathBuf);
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg("-l").arg(&self.0).status();
+    }
+}
+
+#[test]
+fn a_full_disk_loses_no_result_and_is_recovered_from() {
+    if !nix::unistd::geteuid().is_root() {
+        assert!(
+            !common::sandbox::required(),
+            "the disk-full test needs root in CI"
+        );
+        let _ = writeln!(
+            std::io::stderr(),
+            "NOTICE: disk-full test SKIPPED: not root (mounts a small tmpfs)"
+        );
+        return;
+    }
+    let spool = Spool::new();
+    let root = spool.root();
+    fs::create_dir_all(&root).unwrap();
+    let status = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+        .arg(&root)
+        .status()
+        .unwrap();
+    assert!(status.success(), "mounting a tmpfs");
+    let _mounted = Mounted(root.clone());
+
+    let mut w = spool.start("");
+    spool.submit("before", "echo before");
+    let before = spool.wait_result("before");
+    assert_eq!(before["status"], "succeeded");
+
+    // Queue jobs while the worker is frozen, then fill the disk.
+    w.signal(nix::sys::signal::Signal::SIGSTOP);
+    let ids: Vec<String> = (0..10).map(|i| format!("during-{i}")).collect();
+    for id in &ids {
+        spool.submit(id, "echo during");
+    }
+    let filler = root.join("filler");
+    {
+        let mut f = fs::File::create(&filler).unwrap();
+        let chunk = vec![0u8; 64 * 1024];
+        while f.write_all(&chunk).is_ok() {}
+        let _ = f.sync_all();
+    }
+    w.signal(nix::sys::signal::Signal::SIGCONT);
+    wait_for(
+        "the worker to report the full disk",
+        Duration::from_secs(60),
+        || {
+            let log = w.log();
+            (log.contains("No space left on device")).then_some(())
+        },
+    );
+    assert!(!w.exited(), "a full disk does not stop the worker");
+    assert_eq!(
+        spool.result("before").unwrap(),
+        before,
+        "a result written before is intact"
+    );
+
+    // Space comes back: everything queued runs, with no help.
+    fs::remove_file(&filler).unwrap();
+    let results = all_results(&spool, &ids, Duration::from_secs(120));
+    for (id, r) in &results {
+        assert_eq!(r["status"], "succeeded", "{id}: {r}");
+        // A job that ran while the disk was full lost its output, and its
+        // result says so.
+        let log_lost = r["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("writing its log failed"));
+        assert!(log_lost || spool.log_of(r) == "during\n", "{id}: {r}");
+    }
+    assert!(!w.exited());
+}

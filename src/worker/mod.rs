@@ -96,11 +96,27 @@ enum TaskDone {
     /// A job's process ended; its result is ready to record.
     Ran(Box<Ran>),
     /// A result was recorded (or a job re-queued), and the id is free again.
-    Settled {
+    Settled { id: JobId, outcome: Settled },
+    /// Recording failed (a full disk, say); kept, and retried later.
+    Unrecorded {
         id: JobId,
-        outcome: Result<Settled, SpoolError>,
+        record: Record,
+        error: SpoolError,
     },
 }
+
+/// A result waiting to be recorded.
+enum Record {
+    /// A run whose process ended (its job file still locked in `running/`).
+    Run(Box<Ran>),
+    /// The rejection of bad input.
+    Rejection(JobResult),
+}
+
+/// First and longest pause before recording is retried (and claiming
+/// resumed) after a write failed.
+const RETRY_FIRST: Duration = Duration::from_secs(1);
+const RETRY_MAX: Duration = Duration::from_secs(30);
 
 /// A job being run, and how to interrupt it.
 struct ActiveJob {
@@ -119,8 +135,9 @@ struct Ran {
     id: JobId,
     job: Job,
     running_path: PathBuf,
-    /// The lock on the job file, held until it has left `running/`.
-    lock: File,
+    /// The lock on the job file, held (never read) until it has left
+    /// `running/`.
+    _lock: File,
     result: JobResult,
 }
 
@@ -151,6 +168,12 @@ struct Worker {
     stop_at: Option<tokio::time::Instant>,
     interrupted_all: bool,
     counters: Counters,
+    /// Results that could not be written yet, retried at `retry_at`.
+    unrecorded: Vec<(JobId, Record)>,
+    /// No claims until the retry: a log file could not be created.
+    paused: bool,
+    retry_at: Option<tokio::time::Instant>,
+    retry_delay: Duration,
     notifier: Notifier,
     /// Turns of the event loop, and the count at the last watchdog ping.
     turns: u64,
@@ -172,6 +195,10 @@ impl Worker {
             stop_at: None,
             interrupted_all: false,
             counters: Counters::default(),
+            unrecorded: Vec::new(),
+            paused: false,
+            retry_at: None,
+            retry_delay: RETRY_FIRST,
             notifier: Notifier::from_env(),
             turns: 0,
             turns_at_ping: 0,
@@ -216,10 +243,22 @@ impl Worker {
                 let status = self.status_line();
                 self.notifier.status(&status);
             }
-            if self.stop_at.is_some() && self.tasks.is_empty() {
+            // Stopping: wait for running jobs and for results still to be
+            // written, until the stop grace has run out.
+            if self.stop_at.is_some()
+                && self.tasks.is_empty()
+                && (self.unrecorded.is_empty() || self.interrupted_all)
+            {
+                if !self.unrecorded.is_empty() {
+                    error!(
+                        "{} result(s) could not be written before stopping; their jobs will be recorded interrupted at the next start",
+                        self.unrecorded.len()
+                    );
+                }
                 break;
             }
             let stop_at = self.stop_at.filter(|_| !self.interrupted_all);
+            let retry_at = self.retry_at;
             tokio::select! {
                 ev = events.next() => match ev {
                     Some(Ok(ev)) => {
@@ -250,6 +289,9 @@ impl Worker {
                 _ = sighup.recv() => self.reload(),
                 _ = async { heartbeat.as_mut().expect("guarded").tick().await }, if heartbeat.is_some() => {
                     self.heartbeat();
+                }
+                () = async { tokio::time::sleep_until(retry_at.expect("guarded")).await }, if retry_at.is_some() => {
+                    self.retry();
                 }
                 _ = rescan.tick() => {
                     if !watched {
@@ -366,7 +408,10 @@ impl Worker {
 
     /// Starts queued jobs while there are free slots.
     fn dispatch(&mut self) {
-        while self.stop_at.is_none() && self.active.len() < self.config.max_parallel.get() {
+        while self.stop_at.is_none()
+            && !self.paused
+            && self.active.len() < self.config.max_parallel.get()
+        {
             let Some(name) = self.queue.pop_front() else {
                 break;
             };
@@ -454,7 +499,13 @@ impl Worker {
         let (log, log_path) = match self.create_log(&id) {
             Ok(x) => x,
             Err(e) => {
-                error!(cmd_id = %id, "cannot create a log file: {e}; leaving the job in pending/");
+                // Most likely a full disk: keep the job queued and stop
+                // claiming until the retry, rather than spin.
+                error!(cmd_id = %id, "cannot create a log file: {e}; claiming paused, the job stays in pending/");
+                self.queued.insert(name.clone(), since);
+                self.queue.push_front(name);
+                self.paused = true;
+                self.schedule_retry();
                 return;
             }
         };
@@ -518,7 +569,7 @@ impl Worker {
                 id,
                 job,
                 running_path,
-                lock: file,
+                _lock: file,
                 result,
             }))
         });
@@ -555,51 +606,105 @@ impl Worker {
     fn on_task_done(&mut self, done: TaskDone) {
         match done {
             TaskDone::Ran(ran) => {
-                let Ran {
-                    id,
-                    job,
-                    running_path,
-                    lock,
-                    result,
-                } = *ran;
-                self.active.remove(&id);
-                let spool = self.spool.clone();
-                let max_attempts = self.config.max_attempts.get();
-                self.tasks.spawn_blocking(move || {
-                    let outcome = settle(&spool, &running_path, Some(&job), &result, max_attempts);
-                    if let Ok(Settled::Recorded(_)) = &outcome {
-                        log_result(&result);
-                    }
-                    // The lock goes only once the job file has left running/.
-                    drop(lock);
-                    TaskDone::Settled { id, outcome }
-                });
+                self.active.remove(&ran.id);
+                let id = ran.id.clone();
+                self.spawn_record(id, Record::Run(ran));
             }
             TaskDone::Settled { id, outcome } => {
                 match outcome {
-                    Ok(Settled::Recorded(Status::Succeeded)) => self.counters.succeeded += 1,
-                    Ok(Settled::Recorded(Status::Rejected)) => self.counters.rejected += 1,
-                    Ok(Settled::Recorded(_)) => self.counters.failed += 1,
-                    Ok(Settled::Requeued { attempt }) => {
+                    Settled::Recorded(Status::Succeeded) => self.counters.succeeded += 1,
+                    Settled::Recorded(Status::Rejected) => self.counters.rejected += 1,
+                    Settled::Recorded(_) => self.counters.failed += 1,
+                    Settled::Requeued { attempt } => {
                         info!(cmd_id = %id, attempt, "interrupted job re-queued for another attempt");
                     }
-                    Err(e) => error!(cmd_id = %id, "recording the result failed: {e}"),
                 }
-                self.busy.remove(&id);
-                // Waiting runs of this id go first, in their order.
-                let mut waiting: Vec<OsString> = Vec::new();
-                self.deferred.retain(|(d, name)| {
-                    if *d == id {
-                        waiting.push(name.clone());
-                        false
-                    } else {
-                        true
-                    }
-                });
-                for name in waiting.into_iter().rev() {
-                    self.queue.push_front(name);
+                if self.unrecorded.is_empty() {
+                    self.retry_delay = RETRY_FIRST;
                 }
+                self.release(id);
             }
+            TaskDone::Unrecorded { id, record, error } => {
+                // Results cannot be written (a full disk, say): hold them,
+                // claim nothing new, and retry with a growing pause.
+                self.unrecorded.push((id.clone(), record));
+                self.paused = true;
+                self.schedule_retry();
+                let wait = self
+                    .retry_at
+                    .map(|t| t.saturating_duration_since(tokio::time::Instant::now()))
+                    .unwrap_or_default();
+                error!(
+                    cmd_id = %id,
+                    "recording the result failed: {error}; held in memory, claiming paused, retrying in {}s",
+                    wait.as_secs_f32().ceil()
+                );
+            }
+        }
+    }
+
+    /// Writes a result (and settles the job file) on a blocking thread.
+    fn spawn_record(&mut self, id: JobId, record: Record) {
+        let spool = self.spool.clone();
+        let max_attempts = self.config.max_attempts.get();
+        self.tasks.spawn_blocking(move || {
+            let outcome = match &record {
+                Record::Run(ran) => settle(
+                    &spool,
+                    &ran.running_path,
+                    Some(&ran.job),
+                    &ran.result,
+                    max_attempts,
+                ),
+                Record::Rejection(r) => spool
+                    .write_result(r)
+                    .map(|()| Settled::Recorded(Status::Rejected)),
+            };
+            match outcome {
+                Ok(outcome) => {
+                    if let (Record::Run(ran), Settled::Recorded(_)) = (&record, &outcome) {
+                        log_result(&ran.result);
+                    }
+                    // Dropping a run releases its lock, only now that its
+                    // job file has left running/.
+                    drop(record);
+                    TaskDone::Settled { id, outcome }
+                }
+                Err(error) => TaskDone::Unrecorded { id, record, error },
+            }
+        });
+    }
+
+    /// The id is free again: waiting runs of it go first, in their order.
+    fn release(&mut self, id: JobId) {
+        self.busy.remove(&id);
+        let mut waiting: Vec<OsString> = Vec::new();
+        self.deferred.retain(|(d, name)| {
+            if *d == id {
+                waiting.push(name.clone());
+                false
+            } else {
+                true
+            }
+        });
+        for name in waiting.into_iter().rev() {
+            self.queue.push_front(name);
+        }
+    }
+
+    fn schedule_retry(&mut self) {
+        if self.retry_at.is_none() {
+            self.retry_at = Some(tokio::time::Instant::now() + self.retry_delay);
+            self.retry_delay = (self.retry_delay * 2).min(RETRY_MAX);
+        }
+    }
+
+    /// Retries what could not be written, and resumes claiming.
+    fn retry(&mut self) {
+        self.retry_at = None;
+        self.paused = false;
+        for (id, record) in std::mem::take(&mut self.unrecorded) {
+            self.spawn_record(id, record);
         }
     }
 
@@ -642,14 +747,8 @@ impl Worker {
             error: Some(reason),
             attempt: 1,
         };
-        let spool = self.spool.clone();
         self.busy.insert(id.clone());
-        self.tasks.spawn_blocking(move || {
-            let outcome = spool
-                .write_result(&result)
-                .map(|()| Settled::Recorded(Status::Rejected));
-            TaskDone::Settled { id, outcome }
-        });
+        self.spawn_record(id, Record::Rejection(result));
     }
 
     /// A file whose name gives no id: it cannot have a result, so it is only
@@ -756,6 +855,15 @@ impl Worker {
             c.failed,
             c.rejected
         );
+        let tail = if self.unrecorded.is_empty() && !self.paused {
+            tail
+        } else {
+            format!(
+                "{tail}; CANNOT WRITE to the spool (disk full?): {} result(s) held in memory{}, retrying",
+                self.unrecorded.len(),
+                if self.paused { ", claiming paused" } else { "" }
+            )
+        };
         if self.stop_at.is_some() {
             return format!(
                 "stopping: waiting for {} running job(s); {tail}",
