@@ -99,6 +99,11 @@ pub struct Config {
     pub log_retention_days: NonZeroU32,
     /// `cleanup` deletes archives older than this many days. Default 90.
     pub archive_retention_days: NonZeroU32,
+    /// When set, only root, the worker's own user and members of this
+    /// group may submit: other job files are rejected. Default: anyone who
+    /// can write to `pending/`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub submit_group: Option<String>,
     /// Where alerts and repair reports go; none when absent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub notify: Option<NotifyConfig>,
@@ -156,6 +161,7 @@ impl Default for Config {
             stale_pending_after: NonZeroDuration::secs(1800),
             log_retention_days: NonZeroU32::new(30).expect("non-zero"),
             archive_retention_days: NonZeroU32::new(90).expect("non-zero"),
+            submit_group: None,
             notify: None,
         }
     }

@@ -280,3 +280,60 @@ fn a_full_disk_loses_no_result_and_is_recovered_from() {
     }
     assert!(!w.exited());
 }
+
+#[test]
+fn unreadable_pending_and_foreign_submitters() {
+    if !nix::unistd::geteuid().is_root() {
+        assert!(
+            !common::sandbox::required(),
+            "the permissions test needs root in CI"
+        );
+        let _ = writeln!(
+            std::io::stderr(),
+            "NOTICE: permissions test SKIPPED: not root"
+        );
+        return;
+    }
+    use std::os::unix::fs::{PermissionsExt, chown};
+    const NOBODY: u32 = 65534;
+
+    // pending/ made unreadable under a worker that is not root: it says
+    // so, rejects nothing, and runs the job once pending/ is readable again.
+    let spool = Spool::new();
+    spool.open_to_all();
+    fs::create_dir_all(spool.root()).unwrap();
+    chown(spool.root(), Some(NOBODY), Some(NOBODY)).unwrap();
+    let mut w = spool.start_as("", NOBODY, NOBODY);
+    let pending = spool.path("pending");
+    fs::set_permissions(&pending, fs::Permissions::from_mode(0o000)).unwrap();
+    spool.submit("blocked", "echo through");
+    w.wait_log("claiming paused, retrying");
+    assert!(
+        spool.result("blocked").is_none(),
+        "good input is not rejected for the directory's fault"
+    );
+    fs::set_permissions(&pending, fs::Permissions::from_mode(0o2770)).unwrap();
+    let r = spool.wait_result("blocked");
+    assert_eq!(r["status"], "succeeded", "{r}");
+    drop(w);
+
+    // With submit_group set, a job file owned by someone outside the group
+    // is rejected with the reason; root's still runs.
+    let spool = Spool::new();
+    let _w = spool.start("submit_group = \"root\"\n");
+    let tmp = spool.path("tmp/foreign.json");
+    fs::write(&tmp, r#"{"command": "echo should not run"}"#).unwrap();
+    chown(&tmp, Some(NOBODY), Some(NOBODY)).unwrap();
+    fs::rename(&tmp, spool.path("pending/foreign.json")).unwrap();
+    let r = spool.wait_result("foreign");
+    assert_eq!(r["status"], "rejected");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("not in the submit group \"root\""),
+        "{r}"
+    );
+    spool.submit("own", "echo fine");
+    assert_eq!(spool.wait_result("own")["status"], "succeeded");
+}

@@ -54,7 +54,7 @@ pub async fn run_checks(ctx: &Ctx, scope: Scope) -> Vec<Finding> {
     out.push(check_notifier(ctx));
     if scope == Scope::Full {
         out.push(check_process(ctx, &service));
-        out.push(check_journal(ctx));
+        out.push(check_journal());
         out.push(check_probe(ctx, &service).await);
     }
     out
@@ -682,8 +682,7 @@ fn overdue_jobs(ctx: &Ctx) -> Vec<String> {
     out
 }
 
-fn check_journal(ctx: &Ctx) -> Finding {
-    let _ = ctx;
+fn check_journal() -> Finding {
     let count = |args: &[&str]| -> Result<usize, String> {
         let out = Command::new("journalctl")
             .args(["--no-pager", "-q", "-o", "json", "--since", "-1h"])

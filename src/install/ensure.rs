@@ -176,9 +176,3 @@ pub fn stop_worker(spool: &Path) -> anyhow::Result<Option<i32>> {
     }
     bail!("worker {pid} did not stop within 60 s")
 }
-
-/// The pid recorded in the worker lock file, whether or not it still runs.
-pub fn lock_file_pid(spool: &Path) -> Option<i32> {
-    let mut f = File::open(worker_lock_path(spool)).ok()?;
-    read_pid(&mut f)
-}

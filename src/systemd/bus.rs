@@ -231,11 +231,7 @@ impl Systemd {
     /// The state of a unit (loading it if needed, so an unknown unit reads
     /// as `not-found` rather than an error).
     pub async fn unit_state(&self, unit: &str) -> Result<UnitState, BusError> {
-        let path = self
-            .manager
-            .load_unit(unit.to_owned())
-            .await
-            .map_err(call(format!("loading {unit}")))?;
+        let path = self.unit_path(unit).await?;
         let u = UnitProxy::builder(&self.conn)
             .path(path)
             .build()
@@ -307,22 +303,5 @@ impl Systemd {
             next_elapse_realtime: t.next_elapse_u_sec_realtime().await.unwrap_or_default(),
             next_elapse_monotonic: t.next_elapse_u_sec_monotonic().await.unwrap_or_default(),
         })
-    }
-
-    /// The main PID of a service (0 when it has none).
-    pub async fn main_pid(&self, unit: &str) -> Result<u32, BusError> {
-        let path = self
-            .manager
-            .load_unit(unit.to_owned())
-            .await
-            .map_err(call(format!("loading {unit}")))?;
-        let s = ServiceProxy::builder(&self.conn)
-            .path(path)
-            .build()
-            .await
-            .map_err(call(format!("reading {unit}")))?;
-        s.main_pid()
-            .await
-            .map_err(call(format!("reading the main PID of {unit}")))
     }
 }

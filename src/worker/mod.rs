@@ -25,7 +25,7 @@ use tokio::task::JoinSet;
 use tracing::{debug, error, info, warn};
 
 use crate::client::change_time;
-use crate::config::{Config, ConfigError, LoadedConfig};
+use crate::config::{Config, LoadedConfig};
 use crate::logging::message_id;
 use crate::spool::id::parse_job_file_name;
 use crate::spool::job::{Job, JobError};
@@ -40,9 +40,6 @@ pub use settle::{Settled, settle};
 /// Errors that stop the worker from starting or keep it from going on.
 #[derive(Debug, thiserror::Error)]
 pub enum WorkerError {
-    /// The configuration is bad.
-    #[error(transparent)]
-    Config(#[from] ConfigError),
     /// The spool could not be prepared.
     #[error("preparing the spool: {0}")]
     Spool(#[from] SpoolError),
@@ -86,7 +83,7 @@ pub fn run(opts: WorkerOptions) -> Result<(), WorkerError> {
         .build()
         .map_err(setup("starting the async runtime"))?;
     rt.block_on(async move {
-        let mut worker = Worker::new(opts)?;
+        let mut worker = Worker::new(opts);
         worker.serve().await
     })
 }
@@ -175,14 +172,17 @@ struct Worker {
     retry_at: Option<tokio::time::Instant>,
     retry_delay: Duration,
     notifier: Notifier,
+    /// Who may submit (`submit_group`).
+    submitters: Submitters,
     /// Turns of the event loop, and the count at the last watchdog ping.
     turns: u64,
     turns_at_ping: u64,
 }
 
 impl Worker {
-    fn new(opts: WorkerOptions) -> Result<Self, WorkerError> {
-        Ok(Worker {
+    fn new(opts: WorkerOptions) -> Self {
+        let submitters = Submitters::new(opts.loaded.config.submit_group.as_deref());
+        Worker {
             spool: Spool::new(opts.spool),
             config: opts.loaded.config,
             config_path: opts.config_path,
@@ -200,9 +200,10 @@ impl Worker {
             retry_at: None,
             retry_delay: RETRY_FIRST,
             notifier: Notifier::from_env(),
+            submitters,
             turns: 0,
             turns_at_ping: 0,
-        })
+        }
     }
 
     async fn serve(&mut self) -> Result<(), WorkerError> {
@@ -441,9 +442,13 @@ impl Worker {
             }
             Err(e) => {
                 // The directory, not the file, is at fault (permissions,
-                // I/O): leave the file for a later scan rather than reject
-                // good input.
-                error!(cmd_id = %id, "cannot inspect {}: {e}; leaving it for the next scan", path.display());
+                // I/O): keep the job queued and retry with a growing pause
+                // rather than reject good input or spin.
+                error!(cmd_id = %id, "cannot inspect {}: {e}; claiming paused, retrying", path.display());
+                self.queued.insert(name.clone(), since);
+                self.queue.push_front(name);
+                self.paused = true;
+                self.schedule_retry();
                 return;
             }
         };
@@ -496,6 +501,9 @@ impl Worker {
             Ok(j) => j,
             Err(e) => return self.reject(id, &path, e.to_string()),
         };
+        if let Some(why) = self.submitters.refuse(&meta) {
+            return self.reject(id, &path, why);
+        }
         let (log, log_path) = match self.create_log(&id) {
             Ok(x) => x,
             Err(e) => {
@@ -832,6 +840,7 @@ impl Worker {
                     warn!("the spool cannot change on reload; restart the worker to move it");
                 }
                 let spool = self.config.spool.clone();
+                self.submitters = Submitters::new(loaded.config.submit_group.as_deref());
                 self.config = loaded.config;
                 self.config.spool = spool;
                 info!(
@@ -1075,4 +1084,47 @@ fn read_bounded(file: &mut File, max: u64) -> Result<Vec<u8>, ReadError> {
         return Err(ReadError::TooBig(bytes.len() as u64));
     }
     Ok(bytes)
+}
+
+/// The `submit_group` rule: job files must be owned by root, by the
+/// worker's own user, or by a member of the group. Decisions are cached per
+/// owner, so the user database is asked once per uid.
+struct Submitters {
+    group: Option<(String, Option<nix::unistd::Group>)>,
+    cache: HashMap<u32, bool>,
+}
+
+impl Submitters {
+    fn new(group: Option<&str>) -> Self {
+        let group = group.map(|g| {
+            let found = nix::unistd::Group::from_name(g).ok().flatten();
+            if found.is_none() {
+                error!("submit_group {g:?} does not exist; every job file not owned by root or the worker is refused");
+            }
+            (g.to_owned(), found)
+        });
+        Submitters {
+            group,
+            cache: HashMap::new(),
+        }
+    }
+
+    /// Why a job file with this metadata is refused, if it is.
+    fn refuse(&mut self, meta: &fs::Metadata) -> Option<String> {
+        let (name, group) = self.group.as_ref()?;
+        let uid = meta.uid();
+        let allowed = *self.cache.entry(uid).or_insert_with(|| {
+            if uid == 0 || uid == nix::unistd::geteuid().as_raw() {
+                return true;
+            }
+            let Some(g) = group else { return false };
+            match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
+                Ok(Some(u)) => u.gid == g.gid || g.mem.contains(&u.name),
+                _ => false,
+            }
+        });
+        (!allowed).then(|| {
+            format!("the job file is owned by uid {uid}, who is not in the submit group {name:?} (submit_group)")
+        })
+    }
 }

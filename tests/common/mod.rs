@@ -84,6 +84,17 @@ impl Spool {
         Worker::start(self, config, env)
     }
 
+    /// Starts a worker as another user (the test must be root).
+    pub fn start_as(&self, config: &str, uid: u32, gid: u32) -> Worker {
+        Worker::start_inner(self, config, &[], Some((uid, gid)))
+    }
+
+    /// Lets other users reach the spool (test directories are private).
+    pub fn open_to_all(&self) {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(self.dir.path(), fs::Permissions::from_mode(0o755)).expect("chmod");
+    }
+
     /// Submits like an agent: write into tmp/, rename into pending/.
     pub fn drop_file(&self, name: &str, bytes: &[u8]) {
         static SEQ: AtomicU32 = AtomicU32::new(0);
@@ -165,6 +176,15 @@ pub struct Worker {
 
 impl Worker {
     fn start(spool: &Spool, config: &str, env: &[(&str, &str)]) -> Worker {
+        Worker::start_inner(spool, config, env, None)
+    }
+
+    fn start_inner(
+        spool: &Spool,
+        config: &str,
+        env: &[(&str, &str)],
+        ids: Option<(u32, u32)>,
+    ) -> Worker {
         static N: AtomicU32 = AtomicU32::new(0);
         let cfg = spool.config(config);
         let stderr = spool.scratch(&format!(
@@ -182,6 +202,10 @@ impl Worker {
             cmd.env_remove(var);
         }
         cmd.envs(env.iter().copied());
+        if let Some((uid, gid)) = ids {
+            use std::os::unix::process::CommandExt;
+            cmd.uid(uid).gid(gid);
+        }
         let child = cmd
             .arg("--config")
             .arg(&cfg)
