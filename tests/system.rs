@@ -233,3 +233,77 @@ fn watchdog_restarts_a_frozen_worker() {
     ));
     assert!(out.contains("succeeded"), "{out}");
 }
+
+#[test]
+fn storm_under_systemd_restarts_lose_nothing() {
+    // Restarts come from systemd: Restart= after SIGKILL, and the watchdog
+    // after SIGSTOP. A short watchdog and a roomy start limit keep the test
+    // quick; the mechanism is the shipped one.
+    let Some(sb) = installed(
+        "storm",
+        Some("WatchdogSec=3s\nTimeoutAbortSec=2s\nRestartSec=200ms\n[Unit]\nStartLimitBurst=100"),
+    ) else {
+        return;
+    };
+    sb.ok("echo 'max_parallel = 2' >> /etc/ai-cmd-executor/config.toml && systemctl restart ai-cmd-executor");
+    // Not under /tmp or /var/tmp: the service has a private one of each.
+    let ledger = "/srv/storm-ledger";
+    sb.ok(&format!("touch {ledger} && chmod 666 {ledger}"));
+    let script = format!(
+        "for i in $(seq 0 599); do
+           case $((i % 10)) in
+             0) body='sleep 0.3' ;;
+             1) body='exit 3' ;;
+             *) body='true' ;;
+           esac
+           runuser -u agent -- {BIN_INSIDE} submit --id storm-$i -- \"echo \\$AI_CMD_EXECUTOR_JOB_ID >> {ledger}; $body\" >/dev/null || exit 1
+         done"
+    );
+    let submitter = sb.sh_spawn(&script);
+    for round in 0..6 {
+        let pid = sb.wait_until(
+            "a running worker",
+            DEADLINE,
+            &format!("systemctl show -p MainPID --value {SERVICE}"),
+            |s| s != "0" && !s.is_empty(),
+        );
+        if round % 2 == 0 {
+            sb.ok(&format!("kill -KILL {pid}"));
+        } else {
+            sb.ok(&format!("kill -STOP {pid}"));
+        }
+        sb.wait_until(
+            "systemd to restart the worker",
+            DEADLINE,
+            &format!("systemctl show -p MainPID,ActiveState {SERVICE}"),
+            |s| s.contains("ActiveState=active") && !s.contains(&format!("MainPID={pid}\n")),
+        );
+    }
+    let out = submitter.wait_with_output().unwrap();
+    assert!(
+        out.status.success(),
+        "submitting failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let counts = sb.wait_until(
+        "600 results",
+        Duration::from_secs(300),
+        &format!("ls {SPOOL}/completed | grep -c '^storm-'"),
+        |s| s == "600",
+    );
+    assert_eq!(counts, "600");
+    let dup = sb.ok(&format!("sort {ledger} | uniq -d | head"));
+    assert_eq!(dup, "", "no job ran twice");
+    let ran: usize = sb.ok(&format!("sort -u {ledger} | wc -l")).parse().unwrap();
+    assert!(ran >= 550, "the ledger records the runs ({ran})");
+    let statuses = sb.ok(&format!(
+        "cat {SPOOL}/completed/storm-*.json | grep '\"status\"' | sort | uniq -c"
+    ));
+    let restarts = sb.prop(SERVICE, "NRestarts");
+    let _ = std::io::Write::write_all(
+        &mut std::io::stderr(),
+        format!("storm under systemd: 600 jobs, {restarts} restarts by systemd:\n{statuses}\n")
+            .as_bytes(),
+    );
+    assert!(!statuses.contains("rejected"), "{statuses}");
+}

@@ -257,6 +257,29 @@ impl Sandbox {
         child.wait_with_output().expect("nsenter output")
     }
 
+    /// Starts a shell script inside without waiting for it.
+    pub fn sh_spawn(&self, script: &str) -> Child {
+        Command::new("nsenter")
+            .args([
+                "-t",
+                &self.leader.to_string(),
+                "-a",
+                "/bin/sh",
+                "-c",
+                script,
+            ])
+            .env_clear()
+            .env(
+                "PATH",
+                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            )
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("nsenter")
+    }
+
     /// Runs a script that must succeed; returns its stdout, trimmed.
     pub fn ok(&self, script: &str) -> String {
         let out = self.sh(script);
