@@ -226,26 +226,33 @@ impl Sandbox {
         self.sh_input(script, b"")
     }
 
+    /// `/bin/sh -c script` inside, as root, with a clean environment.
+    fn command(&self, script: &str) -> Command {
+        let mut cmd = Command::new("nsenter");
+        cmd.args([
+            "-t",
+            &self.leader.to_string(),
+            "-a",
+            "/bin/sh",
+            "-c",
+            script,
+        ])
+        .env_clear()
+        .env(
+            "PATH",
+            "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+        )
+        .env("LANG", "C.UTF-8")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+        cmd
+    }
+
     /// Runs a shell script inside with `input` on its stdin.
     pub fn sh_input(&self, script: &str, input: &[u8]) -> Output {
-        let mut child = Command::new("nsenter")
-            .args([
-                "-t",
-                &self.leader.to_string(),
-                "-a",
-                "/bin/sh",
-                "-c",
-                script,
-            ])
-            .env_clear()
-            .env(
-                "PATH",
-                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            )
-            .env("LANG", "C.UTF-8")
+        let mut child = self
+            .command(script)
             .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
             .spawn()
             .expect("nsenter");
         child
@@ -259,23 +266,8 @@ impl Sandbox {
 
     /// Starts a shell script inside without waiting for it.
     pub fn sh_spawn(&self, script: &str) -> Child {
-        Command::new("nsenter")
-            .args([
-                "-t",
-                &self.leader.to_string(),
-                "-a",
-                "/bin/sh",
-                "-c",
-                script,
-            ])
-            .env_clear()
-            .env(
-                "PATH",
-                "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
-            )
+        self.command(script)
             .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
             .spawn()
             .expect("nsenter")
     }
