@@ -193,6 +193,12 @@ fn each_breakage_is_diagnosed_and_repaired() {
             .any(|b| b.contains("\"event\":\"repaired\"")),
         "repair reports to the notifier"
     );
+    assert!(
+        bodies.lock().unwrap().iter().any(
+            |b| b.contains("\"event\":\"repair-step\"") && b.contains("repair step 2/5: fix: ")
+        ),
+        "each repair step is sent as it happens"
+    );
 }
 
 #[test]

@@ -181,14 +181,17 @@ fn restore_cron(ctx: &Ctx) -> anyhow::Result<String> {
 }
 
 /// Sends `event` if a notifier is configured; a failure is printed, never
-/// fatal.
-pub fn tell(config: &crate::config::Config, event: Event) {
+/// fatal. Returns false if sending failed.
+pub fn tell(config: &crate::config::Config, event: Event) -> bool {
     if config.notify.is_none() {
-        return;
+        return true;
     }
     match Notifier::from_config(config).and_then(|n| n.send(&event)) {
-        Ok(()) => {}
-        Err(e) => eprintln!("notifier: {}", crate::error::chain(&e)),
+        Ok(()) => true,
+        Err(e) => {
+            eprintln!("notifier: {}", crate::error::chain(&e));
+            false
+        }
     }
 }
 
@@ -214,7 +217,7 @@ pub async fn check_and_fix(ctx: &Ctx, scope: Scope, fix: bool) -> (Vec<Finding>,
             )),
         }
     }
-    tell(
+    let _ = tell(
         &ctx.config,
         Event {
             unit: SERVICE.into(),
@@ -251,9 +254,28 @@ async fn settle(bus: &crate::systemd::bus::Systemd) -> String {
 /// well at the end.
 pub async fn repair(ctx: &Ctx) -> bool {
     let mut steps: Vec<String> = Vec::new();
+    // Each step is printed and sent to the notifier as it happens; after
+    // one failed send the rest are skipped, so a dead webhook costs a
+    // repair one bounded wait, not one per step.
+    let notifier_ok = std::cell::Cell::new(true);
     let step = |n: u8, text: String, steps: &mut Vec<String>| {
         println!("[{n}/5] {text}");
         steps.push(format!("{n}. {text}"));
+        if notifier_ok.get() {
+            let sent = tell(
+                &ctx.config,
+                Event {
+                    unit: SERVICE.into(),
+                    event: "repair-step".into(),
+                    message: format!("repair step {n}/5: {text}"),
+                    actions: Vec::new(),
+                },
+            );
+            if !sent {
+                notifier_ok.set(false);
+                eprintln!("notifier: the remaining repair steps are not sent");
+            }
+        }
     };
 
     // 1. Diagnose.
@@ -431,25 +453,27 @@ pub async fn repair(ctx: &Ctx) -> bool {
             println!("      {} {}: {}", f.level, f.id, f.summary);
         }
     }
-    tell(
-        &ctx.config,
-        Event {
-            unit: SERVICE.into(),
-            event: if ok {
-                "repaired".into()
-            } else {
-                "repair-failed".into()
+    if notifier_ok.get() {
+        tell(
+            &ctx.config,
+            Event {
+                unit: SERVICE.into(),
+                event: if ok {
+                    "repaired".into()
+                } else {
+                    "repair-failed".into()
+                },
+                message: if ok {
+                    "repair finished: all is well".into()
+                } else {
+                    format!(
+                        "repair finished, still wrong: {}",
+                        still.iter().map(|f| f.id).collect::<Vec<_>>().join(", ")
+                    )
+                },
+                actions: steps,
             },
-            message: if ok {
-                "repair finished: all is well".into()
-            } else {
-                format!(
-                    "repair finished, still wrong: {}",
-                    still.iter().map(|f| f.id).collect::<Vec<_>>().join(", ")
-                )
-            },
-            actions: steps,
-        },
-    );
+        );
+    }
     ok
 }
