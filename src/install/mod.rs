@@ -22,7 +22,7 @@ use clap::ValueEnum;
 use nix::unistd::{Gid, Group, Uid, User, chown};
 
 use crate::spool::{LAYOUT, ROOT_MODE};
-use crate::systemd::bus::Systemd;
+use crate::systemd::bus::{Systemd, block_on};
 use crate::systemd::units::{CLEANUP_TIMER, HEALTH_TIMER, SERVICE};
 use files::{Local, under};
 
@@ -569,12 +569,4 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
         );
     }
     Ok(())
-}
-
-fn block_on<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?
-        .block_on(f)
 }

@@ -103,6 +103,17 @@ pub struct Systemd {
     manager: ManagerProxy<'static>,
 }
 
+/// Runs a future on a single-threaded runtime: the CLI's operator
+/// commands and the installer talk to D-Bus asynchronously.
+pub fn block_on<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
+    use anyhow::Context as _;
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?
+        .block_on(f)
+}
+
 /// How long to wait for a start or stop job.
 pub const JOB_TIMEOUT: Duration = Duration::from_secs(120);
 
@@ -232,6 +243,14 @@ impl Systemd {
     /// as `not-found` rather than an error).
     pub async fn unit_state(&self, unit: &str) -> Result<UnitState, BusError> {
         let path = self.unit_path(unit).await?;
+        self.state_at(unit, path).await
+    }
+
+    async fn state_at(
+        &self,
+        unit: &str,
+        path: zbus::OwnedObjectPath,
+    ) -> Result<UnitState, BusError> {
         let u = UnitProxy::builder(&self.conn)
             .path(path)
             .build()
@@ -255,8 +274,8 @@ impl Systemd {
 
     /// Everything diagnosis wants to know about a service.
     pub async fn service_info(&self, unit: &str) -> Result<ServiceInfo, BusError> {
-        let state = self.unit_state(unit).await?;
         let path = self.unit_path(unit).await?;
+        let state = self.state_at(unit, path.clone()).await?;
         let what = || format!("reading {unit}");
         let u = UnitProxy::builder(&self.conn)
             .path(path.clone())
@@ -291,8 +310,8 @@ impl Systemd {
 
     /// A timer's state and next elapse.
     pub async fn timer_info(&self, unit: &str) -> Result<TimerInfo, BusError> {
-        let state = self.unit_state(unit).await?;
         let path = self.unit_path(unit).await?;
+        let state = self.state_at(unit, path.clone()).await?;
         let t = TimerProxy::builder(&self.conn)
             .path(path)
             .build()

@@ -117,12 +117,4 @@ pub fn waiting(f: impl FnOnce() -> anyhow::Result<ExitCode>) -> anyhow::Result<E
     }
 }
 
-/// Runs a future on a single-threaded runtime (the operator commands talk
-/// to D-Bus asynchronously).
-pub fn block_on<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?
-        .block_on(f)
-}
+pub use crate::systemd::bus::block_on;
