@@ -10,12 +10,11 @@
 //!
 //! 1. **Throughput** of `N` jobs of `true` at parallelism 1 and 2, compared with
 //!    a raw reference (a tight `bash -c true` spawn+wait loop in this process,
-//!    measured seconds before). An extra run with the spool on tmpfs, and the
-//!    CPU time of the worker and of its jobs, are printed for diagnosis.
+//!    measured seconds before), with the spool in each location in turn. The
+//!    CPU time of the worker and of its jobs is printed for diagnosis.
 //! 2. **Latency** of single jobs dropped into an idle worker: drop to
 //!    `started_at`, drop to result file, and result latency minus a bare
-//!    `bash -c true`; once with the spool on the default temp dir (disk) and
-//!    once under `/dev/shm` (tmpfs). The result latency is split at the
+//!    `bash -c true`, in each location. The result latency is split at the
 //!    result's `started_at`/`finished_at`, and the cost of write+fsync of a
 //!    small file next to the spool is printed as the durability floor.
 //! 3. **Idle** cost after a warm-up: RSS, CPU time and wake-ups (context
@@ -23,7 +22,11 @@
 //!    unset and set to `1`.
 //!
 //! Environment overrides: `BENCH_JOBS` (default 1000), `BENCH_IDLE_SECS`
-//! (default 30), `BENCH_LATENCY_SAMPLES` (default 200).
+//! (default 30), `BENCH_LATENCY_SAMPLES` (default 200), `BENCH_SECTIONS`
+//! (comma-separated subset of `throughput,latency,idle`), `BENCH_SPOOLS`
+//! (`label=dir;label=dir`: where spools are made; default the temp dir and
+//! `/dev/shm`; `scripts/bench.sh` adds a journaled ext4 on a loop device) and
+//! `BENCH_WORKER` (another build of the worker, to compare two builds).
 //!
 //! Every figure is printed with its target and PASS/MISS. The benchmark never
 //! fails on a MISS; it exits non-zero only when the worker does not process
@@ -53,7 +56,19 @@ use tempfile::TempDir;
 use tokio::signal::unix::{SignalKind, signal};
 
 /// The worker binary under test, built by cargo for this bench.
-const WORKER_BIN: &str = env!("CARGO_BIN_EXE_ai-cmd-executor");
+const BUILT_WORKER: &str = env!("CARGO_BIN_EXE_ai-cmd-executor");
+
+/// The worker binary to measure: `BENCH_WORKER` (to compare two builds),
+/// else the one cargo built for this bench.
+fn worker_bin() -> &'static str {
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("BENCH_WORKER")
+            .ok()
+            .filter(|v| !v.is_empty())
+            .unwrap_or_else(|| BUILT_WORKER.to_owned())
+    })
+}
 
 /// Job file body used for every benchmark job.
 const TRUE_JOB: &[u8] = br#"{"command": "true"}"#;
@@ -140,7 +155,7 @@ fn run() -> Result<()> {
     println!("ai-cmd-executor benchmark");
     println!("machine: {}", machine_line());
     println!("load:    loadavg 1/5/15 min {} (at start)", load_average());
-    println!("worker:  {WORKER_BIN}");
+    println!("worker:  {}", worker_bin());
     let built = binary_mtime();
     println!(
         "settings: BENCH_JOBS={} BENCH_IDLE_SECS={} BENCH_LATENCY_SAMPLES={}",
@@ -149,46 +164,44 @@ fn run() -> Result<()> {
         settings.latency_samples
     );
 
-    report.section(&format!("1. Throughput: {} jobs of `true`", settings.jobs));
-    for p in PARALLELISM {
-        throughput(&mut report, settings.jobs, p)?;
+    for loc in &settings.locations {
+        println!("spool:   {}", loc.label);
+    }
+    let wants = |x: &str| settings.sections.iter().any(|s| s == x);
+
+    if wants("throughput") {
+        report.section(&format!("1. Throughput: {} jobs of `true`", settings.jobs));
+        for p in PARALLELISM {
+            throughput(&mut report, &settings.locations, settings.jobs, p)?;
+        }
     }
 
-    report.section(&format!(
-        "2. Latency: {} jobs dropped one at a time into an idle worker (P=1)",
-        settings.latency_samples
-    ));
-    latency(
-        &mut report,
-        "disk (default temp dir)",
-        None,
-        settings.latency_samples,
-    )?;
-    let shm = Path::new("/dev/shm");
-    if shm.is_dir() {
-        latency(
-            &mut report,
-            "tmpfs (/dev/shm)",
-            Some(shm),
-            settings.latency_samples,
-        )?;
-    } else {
-        println!("\n  [tmpfs] skipped: /dev/shm does not exist");
+    if wants("latency") {
+        report.section(&format!(
+            "2. Latency: {} jobs dropped one at a time into an idle worker (P=1)",
+            settings.latency_samples
+        ));
+        for loc in &settings.locations {
+            latency(&mut report, loc, settings.latency_samples)?;
+        }
     }
 
-    report.section(&format!(
-        "3. Idle: {:.0} s window after {} jobs + 1 malformed job",
-        settings.idle.as_secs_f64(),
-        IDLE_WARMUP_JOBS
-    ));
-    idle(&mut report, Backtrace::Removed, settings.idle)?;
-    idle(&mut report, Backtrace::Enabled, settings.idle)?;
+    if wants("idle") {
+        report.section(&format!(
+            "3. Idle: {:.0} s window after {} jobs + 1 malformed job",
+            settings.idle.as_secs_f64(),
+            IDLE_WARMUP_JOBS
+        ));
+        idle(&mut report, Backtrace::Removed, settings.idle)?;
+        idle(&mut report, Backtrace::Enabled, settings.idle)?;
+    }
 
     println!("\nload:    loadavg 1/5/15 min {} (at end)", load_average());
     if binary_mtime() != built {
         println!(
-            "WARNING: {WORKER_BIN} was rebuilt during the run; \
-             the figures may mix two builds and a build's load"
+            "WARNING: {} was rebuilt during the run; \
+             the figures may mix two builds and a build's load",
+            worker_bin()
         );
     }
     report.summary();
@@ -276,6 +289,91 @@ struct Settings {
     idle: Duration,
     /// Number of latency samples per spool location.
     latency_samples: usize,
+    /// Sections to run (`BENCH_SECTIONS`).
+    sections: Vec<String>,
+    /// Where spools are made (`BENCH_SPOOLS`).
+    locations: Vec<Location>,
+}
+
+/// A place to put the spool, with a label for the report.
+#[derive(Clone)]
+struct Location {
+    /// Shown in the report.
+    label: String,
+    /// Parent directory of the temporary spool.
+    base: PathBuf,
+}
+
+/// The default spool locations: the temp dir (`TMPDIR`, else `/tmp`) and,
+/// when it exists, tmpfs at `/dev/shm`.
+fn default_locations() -> Vec<Location> {
+    let tmp = std::env::temp_dir();
+    let mut v = vec![Location {
+        label: format!("disk: {} ({})", tmp.display(), fs_type(&tmp)),
+        base: tmp,
+    }];
+    let shm = PathBuf::from("/dev/shm");
+    if shm.is_dir() {
+        v.push(Location {
+            label: "tmpfs: /dev/shm".into(),
+            base: shm,
+        });
+    }
+    v
+}
+
+/// Parses `BENCH_SPOOLS`: `label=dir` pairs separated by `;`.
+fn parse_locations(spec: &str) -> Result<Vec<Location>> {
+    spec.split(';')
+        .filter(|p| !p.trim().is_empty())
+        .map(|pair| {
+            let (label, dir) = pair
+                .split_once('=')
+                .ok_or_else(|| anyhow!("BENCH_SPOOLS entry {pair:?} is not label=dir"))?;
+            let base = PathBuf::from(dir.trim());
+            ensure!(
+                base.is_dir(),
+                "BENCH_SPOOLS: {} is not a directory",
+                base.display()
+            );
+            Ok(Location {
+                label: format!("{}: {} ({})", label.trim(), base.display(), fs_type(&base)),
+                base,
+            })
+        })
+        .collect()
+}
+
+/// The file system type of the mount holding `dir`, from /proc/self/mounts,
+/// with "no journal" added for an ext4 mounted without one.
+fn fs_type(dir: &Path) -> String {
+    let Ok(dir) = dir.canonicalize() else {
+        return "?".into();
+    };
+    let Ok(mounts) = fs::read_to_string("/proc/self/mounts") else {
+        return "?".into();
+    };
+    let best = mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (dev, mnt, ty) = (f.next()?, f.next()?, f.next()?);
+            dir.starts_with(mnt)
+                .then(|| (mnt.len(), dev.to_owned(), ty.to_owned()))
+        })
+        .max_by_key(|(len, _, _)| *len);
+    match best {
+        Some((_, dev, ty)) if ty == "ext4" => {
+            let name = dev.rsplit('/').next().unwrap_or_default().to_owned();
+            match fs::read_to_string(format!("/sys/fs/ext4/{name}/journal_task")) {
+                Ok(j) if j.trim() == "<none>" => "ext4, no journal".into(),
+                Ok(_) => "ext4 with journal".into(),
+                Err(_) => "ext4".into(),
+            }
+        }
+        Some((_, _, ty)) => ty,
+        None => "?".into(),
+    }
 }
 
 impl Settings {
@@ -293,10 +391,30 @@ impl Settings {
             latency_samples >= 1,
             "BENCH_LATENCY_SAMPLES must be at least 1"
         );
+        let sections: Vec<String> = std::env::var("BENCH_SECTIONS")
+            .ok()
+            .filter(|v| !v.trim().is_empty())
+            .unwrap_or_else(|| "throughput,latency,idle".into())
+            .split(',')
+            .map(|x| x.trim().to_owned())
+            .collect();
+        for x in &sections {
+            ensure!(
+                ["throughput", "latency", "idle"].contains(&x.as_str()),
+                "BENCH_SECTIONS: unknown section {x:?} (throughput, latency, idle)"
+            );
+        }
+        let locations = match std::env::var("BENCH_SPOOLS") {
+            Ok(v) if !v.trim().is_empty() => parse_locations(&v)?,
+            _ => default_locations(),
+        };
+        ensure!(!locations.is_empty(), "BENCH_SPOOLS names no location");
         Ok(Self {
             jobs,
             idle: Duration::from_secs_f64(idle_secs),
             latency_samples,
+            sections,
+            locations,
         })
     }
 }
@@ -387,7 +505,7 @@ fn machine_line() -> String {
 
 /// Modification time of the worker binary, to detect a rebuild during the run.
 fn binary_mtime() -> Option<SystemTime> {
-    fs::metadata(WORKER_BIN).and_then(|m| m.modified()).ok()
+    fs::metadata(worker_bin()).and_then(|m| m.modified()).ok()
 }
 
 /// The 1, 5 and 15 minute load averages, to show other activity on the machine.
@@ -493,7 +611,7 @@ impl Worker {
     ) -> Result<Self> {
         let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
         let err = out.try_clone()?;
-        let mut cmd = Command::new(WORKER_BIN);
+        let mut cmd = Command::new(worker_bin());
         cmd.arg("run").arg("--spool").arg(spool);
         if let Some(config) = config {
             cmd.arg("--config").arg(config);
@@ -512,7 +630,7 @@ impl Worker {
         cmd.stdin(Stdio::null()).stdout(out).stderr(err);
         let child = cmd
             .spawn()
-            .with_context(|| format!("starting worker {WORKER_BIN}"))?;
+            .with_context(|| format!("starting worker {}", worker_bin()))?;
         Ok(Self {
             child,
             log: log.to_owned(),
@@ -888,12 +1006,11 @@ fn raw_throughput(n: usize, p: usize) -> Result<(f64, f64)> {
     Ok((rate, child_ms / n as f64))
 }
 
-/// Measures raw and worker throughput for `n` jobs at parallelism `p`.
-///
-/// The figure with a target uses a spool on the default temp dir. A second,
-/// informational worker run on tmpfs (when `/dev/shm` exists) separates the
-/// file-system cost of the worker's per-job files from its own overhead.
-fn throughput(report: &mut Report, n: usize, p: usize) -> Result<()> {
+/// Measures raw and worker throughput for `n` jobs at parallelism `p`,
+/// with the spool in each location in turn (each checked against the
+/// target: the file system's cost per file is part of what an operator
+/// gets).
+fn throughput(report: &mut Report, locations: &[Location], n: usize, p: usize) -> Result<()> {
     report.group(&format!("P={p}"));
     let (raw, raw_child_ms) = raw_throughput(n, p)?;
     report.info(
@@ -902,29 +1019,17 @@ fn throughput(report: &mut Report, n: usize, p: usize) -> Result<()> {
     );
     report.info("  bash CPU per job (raw loop)", ms(raw_child_ms));
 
-    let run = worker_throughput(None, n, p)?;
-    report.info(
-        &format!("worker, max_parallel={p}"),
-        format!("{:.1} jobs/s", run.rate()),
-    );
-    report.check(
-        "ratio worker/raw",
-        format!("{:.3}", run.rate() / raw),
-        format!(">= {TARGET_RATIO}"),
-        run.rate() / raw >= TARGET_RATIO,
-    );
-    run.print_details(report);
-
-    let shm = Path::new("/dev/shm");
-    if shm.is_dir() {
-        let run = worker_throughput(Some(shm), n, p)?;
+    for loc in locations {
+        let run = worker_throughput(Some(&loc.base), n, p)?;
         report.info(
-            "worker, spool on tmpfs (/dev/shm)",
+            &format!("worker, max_parallel={p}, {}", loc.label),
             format!("{:.1} jobs/s", run.rate()),
         );
-        report.info(
-            "ratio worker on tmpfs/raw",
+        report.check(
+            "ratio worker/raw",
             format!("{:.3}", run.rate() / raw),
+            format!(">= {TARGET_RATIO}"),
+            run.rate() / raw >= TARGET_RATIO,
         );
         run.print_details(report);
     }
@@ -1046,7 +1151,9 @@ fn worker_throughput(base: Option<&Path>, n: usize, p: usize) -> Result<WorkerRu
 // ---------------------------------------------------------------------------
 
 /// Measures single-job latency on a spool under `base` (default temp dir when `None`).
-fn latency(report: &mut Report, label: &str, base: Option<&Path>, samples: usize) -> Result<()> {
+fn latency(report: &mut Report, loc: &Location, samples: usize) -> Result<()> {
+    let label = loc.label.as_str();
+    let base = Some(loc.base.as_path());
     report.group(label);
 
     // Bare spawn reference, measured right before the worker samples.

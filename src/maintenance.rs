@@ -80,27 +80,24 @@ pub fn archive_stale(
     Ok(done)
 }
 
-/// Logs (`logs/<id>/<stamp>.log`) whose run started more than `days` ago,
-/// grouped by the UTC day they started.
+/// Logs (`logs/<shard>/<id>@<stamp>.log`) whose run started more than
+/// `days` ago, grouped by the UTC day they started.
 fn old_logs(spool: &Spool, days: u32) -> io::Result<BTreeMap<String, Vec<PathBuf>>> {
     let cutoff = SystemTime::now() - Duration::from_secs(u64::from(days) * 86_400);
     let mut by_day: BTreeMap<String, Vec<PathBuf>> = BTreeMap::new();
     let logs = spool.logs();
-    for id_dir in fs::read_dir(&logs)?.flatten() {
-        if !id_dir.file_type().is_ok_and(|t| t.is_dir()) {
+    for shard in fs::read_dir(&logs)?.flatten() {
+        if !shard.file_type().is_ok_and(|t| t.is_dir()) {
             continue;
         }
-        for log in fs::read_dir(id_dir.path())?.flatten() {
+        for log in fs::read_dir(shard.path())?.flatten() {
             let name = log.file_name().to_string_lossy().into_owned();
-            let Some(stamp) = name.strip_suffix(".log") else {
-                continue;
-            };
-            let Some(started) = Timestamp::from_file_stamp(stamp) else {
+            let Some((_, started)) = crate::spool::log_name_parts(&name) else {
                 continue;
             };
             if started.0 < cutoff {
                 by_day
-                    .entry(stamp[..8].to_owned())
+                    .entry(started.file_stamp()[..8].to_owned())
                     .or_default()
                     .push(log.path());
             }
@@ -111,7 +108,7 @@ fn old_logs(spool: &Spool, days: u32) -> io::Result<BTreeMap<String, Vec<PathBuf
 
 /// Packs logs older than `days` into `archive/logs/logs-<YYYYMMDD>.tar.gz`
 /// (one archive per day the runs started; members keep their
-/// `logs/<id>/<stamp>.log` path), then deletes the packed files.
+/// `logs/<shard>/<id>@<stamp>.log` path), then deletes the packed files.
 pub fn pack_old_logs(spool: &Spool, days: u32, dry_run: bool) -> anyhow::Result<Vec<String>> {
     let mut done = Vec::new();
     for (day, files) in old_logs(spool, days).context("listing logs/")? {
@@ -149,7 +146,8 @@ pub fn pack_old_logs(spool: &Spool, days: u32, dry_run: bool) -> anyhow::Result<
         for f in &files {
             let _ = fs::remove_file(f);
             if let Some(parent) = f.parent() {
-                // Empty per-id directories go too; a busy one stays.
+                // Empty shard directories go too (the worker makes them
+                // again when needed); a busy one stays.
                 let _ = fs::remove_dir(parent);
             }
         }
@@ -236,18 +234,14 @@ mod tests {
         let (_d, s) = spool();
         let old = Timestamp(SystemTime::now() - Duration::from_secs(40 * 86_400));
         let new = Timestamp::now();
+        let log = |id: &str, t| s.log_path(&crate::spool::JobId::new(id).unwrap(), t);
         for (id, t) in [("a", old), ("b", old), ("c", new)] {
-            let dir = s.logs().join(id);
-            fs::create_dir_all(&dir).unwrap();
-            fs::write(
-                dir.join(format!("{}.log", t.file_stamp())),
-                format!("output of {id}\n"),
-            )
-            .unwrap();
+            fs::create_dir_all(log(id, t).parent().unwrap()).unwrap();
+            fs::write(log(id, t), format!("output of {id}\n")).unwrap();
         }
         let dry = pack_old_logs(&s, 30, true).unwrap();
         assert_eq!(dry.len(), 1, "{dry:?}");
-        assert!(s.logs().join("a").exists(), "a dry run changes nothing");
+        assert!(log("a", old).exists(), "a dry run changes nothing");
         let done = pack_old_logs(&s, 30, false).unwrap();
         assert_eq!(done.len(), 1, "{done:?}");
         let archives: Vec<_> = fs::read_dir(log_archive_dir(&s))
@@ -264,14 +258,10 @@ mod tests {
                 .to_string_lossy()
                 .contains(&format!("logs-{day}.tar.gz"))
         );
-        assert_eq!(
-            names,
-            [
-                format!("logs/a/{}.log", old.file_stamp()),
-                format!("logs/b/{}.log", old.file_stamp())
-            ]
-        );
-        assert!(!s.logs().join("a").exists() && s.logs().join("c").exists());
+        let mut want = [s.relative(&log("a", old)), s.relative(&log("b", old))];
+        want.sort();
+        assert_eq!(names, want);
+        assert!(!log("a", old).exists() && log("c", new).exists());
     }
 
     #[test]

@@ -80,7 +80,7 @@ fn submit_file_options_and_timeout() {
     ]);
     assert!(out.status.success(), "{}", stderr(&out));
     assert_eq!(stdout(&spool.cli(&["log", "scripted"])), "from a script\n");
-    assert!(spool.path("logs/scripted").is_dir());
+    assert_eq!(spool.logs_of("scripted").len(), 1);
 
     let cwd = spool.scratch("");
     let out = spool.cli(&[
@@ -192,8 +192,8 @@ fn log_follow_streams_until_the_job_ends() {
         .spawn()
         .unwrap();
     wait_for("the job to print its first line", DEADLINE, || {
-        spool.names("logs/stream").first().and_then(|n| {
-            let text = fs::read_to_string(spool.path(&format!("logs/stream/{n}"))).ok()?;
+        spool.logs_of("stream").first().and_then(|n| {
+            let text = fs::read_to_string(spool.path(n)).ok()?;
             (text == "one\n").then_some(())
         })
     });

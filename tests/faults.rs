@@ -193,9 +193,13 @@ fn inotify_overflow_is_recovered_by_a_rescan() {
     fs::write(knob, old.trim()).unwrap();
     let mut w = started.unwrap();
     let ids: Vec<String> = (0..5000).map(|i| format!("burst-{i}")).collect();
+    // The worker drains events faster than one writer makes them; stopped
+    // for the burst, its 64-event queue is sure to overflow.
+    w.signal(nix::sys::signal::Signal::SIGSTOP);
     for id in &ids {
         spool.submit(id, "true");
     }
+    w.signal(nix::sys::signal::Signal::SIGCONT);
     all_results(&spool, &ids, Duration::from_secs(600));
     w.wait_log("inotify queue overflowed; rescanning pending/");
 }

@@ -48,7 +48,12 @@ fn kill_9_mid_job_then_restart_records_interrupted_and_goes_on() {
         r["error"].as_str().unwrap().contains("not run again"),
         "{r}"
     );
-    assert!(r["log"].as_str().unwrap().starts_with("logs/victim/"));
+    assert!(
+        r["log"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("{}/victim@", spool.log_dir("victim")))
+    );
     assert_eq!(spool.wait_result("queued-behind")["status"], "succeeded");
     assert_eq!(
         fs::read_to_string(&ledger).unwrap(),

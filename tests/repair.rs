@@ -237,9 +237,18 @@ fn stale_pending_files_are_archived_and_old_logs_packed() {
 
     // Old logs are packed into a dated archive that lists back.
     let old = sb.ok("date -u -d '40 days ago' +%Y%m%dT%H%M%S.000001Z");
+    let log = |id: &str| {
+        let shard =
+            ai_cmd_executor::spool::log_shard(&ai_cmd_executor::spool::JobId::new(id).unwrap());
+        (
+            format!("logs/{shard}"),
+            format!("logs/{shard}/{id}@{old}.log"),
+        )
+    };
     for id in ["old-a", "old-b"] {
+        let (dir, file) = log(id);
         sb.ok(&format!(
-            "install -d -o ai-cmd -g ai-cmd {SPOOL}/logs/{id} && echo {id} > {SPOOL}/logs/{id}/{old}.log && chown ai-cmd:ai-cmd {SPOOL}/logs/{id}/{old}.log"
+            "install -d -o ai-cmd -g ai-cmd {SPOOL}/{dir} && echo {id} > {SPOOL}/{file} && chown ai-cmd:ai-cmd {SPOOL}/{file}"
         ));
     }
     let out = sb.ok(&format!("runuser -u ai-cmd -- {AICE} cleanup"));
@@ -248,9 +257,8 @@ fn stale_pending_files_are_archived_and_old_logs_packed() {
         "tar tzf {SPOOL}/archive/logs/logs-{}.tar.gz | sort",
         &old[..8]
     ));
-    assert_eq!(
-        listing,
-        format!("logs/old-a/{old}.log\nlogs/old-b/{old}.log")
-    );
-    sb.ok(&format!("test ! -e {SPOOL}/logs/old-a"));
+    let mut want = [log("old-a").1, log("old-b").1];
+    want.sort();
+    assert_eq!(listing, want.join("\n"));
+    sb.ok(&format!("test ! -e {SPOOL}/{}", log("old-a").1));
 }

@@ -58,7 +58,8 @@ fn result_record_has_every_contract_field() {
     assert!(r["started_at"].as_str() <= r["finished_at"].as_str());
     let log_rel = r["log"].as_str().unwrap();
     assert!(
-        log_rel.starts_with("logs/fields/") && log_rel.ends_with(".log"),
+        log_rel.starts_with(&format!("{}/fields@", spool.log_dir("fields")))
+            && log_rel.ends_with(".log"),
         "{log_rel}"
     );
     let log = spool.log_of(&r);
@@ -264,7 +265,7 @@ fn repeated_ids_keep_every_log_and_the_latest_result() {
     assert_ne!(first["log"], second["log"]);
     assert_eq!(spool.log_of(&first), "first\n");
     assert_eq!(spool.log_of(&second), "second\n");
-    assert_eq!(spool.names("logs/again").len(), 2);
+    assert_eq!(spool.logs_of("again").len(), 2);
     let out = spool.cli(&["log", "again"]);
     assert_eq!(String::from_utf8_lossy(&out.stdout), "second\n");
 }
@@ -288,7 +289,7 @@ fn same_id_as_json_and_sh_never_runs_concurrently() {
     let text = fs::read_to_string(&ledger).unwrap();
     assert_eq!(text, "start\nend\nstart\nend\n");
     wait_for("both logs", DEADLINE, || {
-        (spool.names("logs/twin").len() == 2).then_some(())
+        (spool.logs_of("twin").len() == 2).then_some(())
     });
     wait_for("the running file to go", DEADLINE, || {
         spool.names("running").is_empty().then_some(())

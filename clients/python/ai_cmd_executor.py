@@ -484,17 +484,21 @@ class Spool:
     # -- logs -----------------------------------------------------------------
 
     def log_dir(self, cmd_id: str) -> str:
-        """Return the path of ``logs/<id>/`` (it may not exist)."""
-        return os.path.join(self.subdir("logs"), validate_id(cmd_id))
+        """Return the path of ``logs/<shard>/``, which holds the logs of
+        *cmd_id* (it may not exist); see :func:`log_shard`."""
+        return os.path.join(self.subdir("logs"), log_shard(cmd_id))
 
     def log_paths(self, cmd_id: str) -> List[str]:
-        """Return the paths of all ``*.log`` files of *cmd_id*, oldest first."""
+        """Return the paths of all logs (``<id>@<stamp>.log``) of *cmd_id*,
+        oldest first."""
         directory = self.log_dir(cmd_id)
+        prefix = cmd_id + "@"
         try:
             with os.scandir(directory) as it:
                 names = [
                     e.name for e in it
-                    if e.name.endswith(".log") and not e.name.startswith(".")
+                    if e.name.startswith(prefix) and e.name.endswith(".log")
+                    and _LOG_STAMP.fullmatch(e.name[len(prefix):-len(".log")])
                     and e.is_file()
                 ]
         except (FileNotFoundError, NotADirectoryError):
@@ -522,6 +526,18 @@ class Spool:
             except FileNotFoundError:
                 continue  # removed meanwhile; fall back to the previous one
         return None
+
+
+_LOG_STAMP = re.compile(r"\d{8}T\d{6}\.\d{6}Z")
+
+
+def log_shard(cmd_id: str) -> str:
+    """Return the ``logs/`` shard of *cmd_id*: the low byte, as two
+    lower-case hex digits, of the 32-bit FNV-1a hash of the id's bytes."""
+    h = 0x811C9DC5
+    for b in validate_id(cmd_id).encode("ascii"):
+        h = ((h ^ b) * 0x01000193) & 0xFFFFFFFF
+    return "%02x" % (h & 0xFF)
 
 
 def _fsync_dir(path: str) -> None:

@@ -62,10 +62,12 @@ class FakeWorker:
 
     def write_log(self, cmd_id: str, started: dt.datetime, data: bytes) -> str:
         """Write a log for a run started at *started*; return its relative path."""
+        shard = ace.log_shard(cmd_id)
         rel = os.path.join(
-            "logs", cmd_id, started.strftime("%Y%m%dT%H%M%S.%fZ") + ".log"
+            "logs", shard,
+            cmd_id + "@" + started.strftime("%Y%m%dT%H%M%S.%fZ") + ".log"
         )
-        os.makedirs(os.path.join(self.root, "logs", cmd_id), exist_ok=True)
+        os.makedirs(os.path.join(self.root, "logs", shard), exist_ok=True)
         with open(os.path.join(self.root, rel), "wb") as f:
             f.write(data)
         return rel
@@ -443,28 +445,37 @@ class ResultsAndLogsTest(SpoolTestCase):
     def test_latest_log_none(self) -> None:
         """No log directory or no *.log file gives None."""
         self.assertIsNone(ace.get_latest_log("nolog", spool=self.root))
-        os.makedirs(self.path("logs", "nolog"))
+        shard = ace.log_shard("nolog")
+        os.makedirs(self.path("logs", shard))
         self.assertIsNone(ace.get_latest_log("nolog", spool=self.root))
-        with open(self.path("logs", "nolog", "notes.txt"), "w") as f:
-            f.write("not a log")
+        for name in ("notes.txt", "nolog@notastamp.log",
+                     "nolog.x@20261126T193309.123456Z.log",
+                     "other@20261126T193309.123456Z.log"):
+            with open(self.path("logs", shard, name), "w") as f:
+                f.write("not a log of nolog")
         self.assertIsNone(ace.get_latest_log("nolog", spool=self.root))
+
+    def test_log_shard_matches_the_protocol(self) -> None:
+        """FNV-1a 32-bit of the id, low byte in hex (docs/PROTOCOL.md)."""
+        self.assertEqual(ace.log_shard("a"), "2c")
+        self.assertEqual(len({ace.log_shard("job-%d" % i) for i in range(2000)}), 256)
 
     def test_latest_log_picks_greatest_name(self) -> None:
         """The lexicographically greatest *.log name is the latest run."""
-        d = self.path("logs", "lg")
+        d = self.path("logs", ace.log_shard("lg"))
         os.makedirs(d)
-        names = ["20261126T193309.123456Z.log", "20261126T193309.123457Z.log",
-                 "20251231T235959.999999Z.log", "20261126T093309.000000Z.log"]
+        names = ["lg@20261126T193309.123456Z.log", "lg@20261126T193309.123457Z.log",
+                 "lg@20251231T235959.999999Z.log", "lg@20261126T093309.000000Z.log"]
         for name in names:
             with open(os.path.join(d, name), "w") as f:
                 f.write("content of " + name)
-        with open(os.path.join(d, "20991231T000000.000000Z.log.tmp"), "w") as f:
+        with open(os.path.join(d, "lg@20991231T000000.000000Z.log.tmp"), "w") as f:
             f.write("ignored")
-        os.mkdir(os.path.join(d, "20991231T000000.000000Z.log"))  # a directory: ignored
+        os.mkdir(os.path.join(d, "lg@20991231T000000.000000Z.log"))  # a directory: ignored
         self.assertEqual(ace.get_latest_log("lg", spool=self.root),
-                         "content of 20261126T193309.123457Z.log")
+                         "content of lg@20261126T193309.123457Z.log")
         self.assertEqual(self.spool.latest_log_path("lg"),
-                         os.path.join(d, "20261126T193309.123457Z.log"))
+                         os.path.join(d, "lg@20261126T193309.123457Z.log"))
         self.assertEqual([os.path.basename(p) for p in self.spool.log_paths("lg")],
                          sorted(names))
 

@@ -668,10 +668,12 @@ fn overdue_jobs(ctx: &Ctx) -> Vec<String> {
             .map_or(ctx.config.default_timeout.get(), |t| {
                 Duration::from_secs(t.get())
             });
-        let started = ctx.spool.latest_log(&id).ok().flatten().and_then(|p| {
-            p.file_stem()
-                .and_then(|s| Timestamp::from_file_stamp(&s.to_string_lossy()))
-        });
+        let started = ctx
+            .spool
+            .latest_log(&id)
+            .ok()
+            .flatten()
+            .and_then(|p| crate::spool::log_started(&p));
         if let Some(started) = started
             && Timestamp::now().since(started)
                 > timeout + ctx.config.kill_grace.get() + Duration::from_secs(60)

@@ -2,7 +2,7 @@
 //!
 //! `tmp/` (writers stage files) → `pending/` (queued jobs) → `running/`
 //! (claimed by a worker) → `completed/<id>.json` (latest result), with
-//! `logs/<id>/<stamp>.log` (one log per run) and `archive/` (bad input,
+//! `logs/<shard>/<id>@<stamp>.log` (one log per run) and `archive/` (bad input,
 //! interrupted jobs, rotated logs). See `docs/PROTOCOL.md`.
 
 pub mod id;
@@ -105,7 +105,7 @@ impl Spool {
     pub fn completed(&self) -> PathBuf {
         self.root.join("completed")
     }
-    /// `logs/`: one directory per id, one file per run.
+    /// `logs/`: one file per run, in 256 shard directories.
     pub fn logs(&self) -> PathBuf {
         self.root.join("logs")
     }
@@ -127,9 +127,16 @@ impl Spool {
         self.completed().join(format!("{id}.json"))
     }
 
-    /// `logs/<id>/`.
+    /// `logs/<shard>/`: the directory that holds the logs of `id`.
     pub fn log_dir(&self, id: &JobId) -> PathBuf {
-        self.logs().join(id.as_str())
+        self.logs().join(log_shard(id))
+    }
+
+    /// `logs/<shard>/<id>@<stamp>.log`: the log of the run of `id` started
+    /// at `started`.
+    pub fn log_path(&self, id: &JobId, started: Timestamp) -> PathBuf {
+        self.log_dir(id)
+            .join(format!("{id}@{}.log", started.file_stamp()))
     }
 
     /// Creates any missing part of the layout with the modes of [`LAYOUT`].
@@ -164,7 +171,7 @@ impl Spool {
         write_atomically(&dir, &name, &bytes, 0o640)
     }
 
-    /// The newest log of `id` (the greatest name in `logs/<id>/`).
+    /// The newest log of `id` (the greatest of its names in its shard).
     pub fn latest_log(&self, id: &JobId) -> Result<Option<PathBuf>, SpoolError> {
         let dir = self.log_dir(id);
         let entries = match fs::read_dir(&dir) {
@@ -176,8 +183,7 @@ impl Spool {
         for entry in entries {
             let entry = entry.map_err(|e| SpoolError::io("listing", &dir, e))?;
             if let Some(name) = entry.file_name().to_str()
-                && name.ends_with(".log")
-                && !name.starts_with('.')
+                && log_name_parts(name).is_some_and(|(of, _)| of == id.as_str())
                 && best.as_deref().is_none_or(|b| name > b)
             {
                 best = Some(name.to_owned());
@@ -209,6 +215,34 @@ impl Spool {
         }
         None
     }
+}
+
+/// The shard of `logs/` for `id`: the low byte, as two lower-case hex
+/// digits, of the 32-bit FNV-1a hash of the id's bytes. Sharding keeps a
+/// new id from costing a directory of its own (an inode allocation per job)
+/// while a lookup by id still lists only 1/256 of the logs.
+pub fn log_shard(id: &JobId) -> String {
+    let mut h: u32 = 0x811c_9dc5;
+    for b in id.as_str().bytes() {
+        h ^= u32::from(b);
+        h = h.wrapping_mul(0x0100_0193);
+    }
+    format!("{:02x}", h & 0xff)
+}
+
+/// Splits a log file name `<id>@<stamp>.log` into the id and the time its
+/// run started; `None` for any other name.
+pub fn log_name_parts(name: &str) -> Option<(&str, Timestamp)> {
+    let (id, stamp) = name.strip_suffix(".log")?.rsplit_once('@')?;
+    if id.is_empty() || id.starts_with('.') {
+        return None;
+    }
+    Some((id, Timestamp::from_file_stamp(stamp)?))
+}
+
+/// When the run whose log is at `path` started, from the log's name.
+pub fn log_started(path: &Path) -> Option<Timestamp> {
+    log_name_parts(path.file_name()?.to_str()?).map(|(_, t)| t)
 }
 
 /// Whether a job file is waiting or being run.
@@ -393,13 +427,41 @@ mod tests {
         assert!(spool.latest_log(&id).unwrap().is_none());
         fs::create_dir_all(spool.log_dir(&id)).unwrap();
         for n in [
-            "20261126T000000.000001Z.log",
-            "20261126T000000.000003Z.log",
-            "20261126T000000.000002Z.log",
+            "x@20261126T000000.000001Z.log",
+            "x@20261126T000000.000003Z.log",
+            "x@20261126T000000.000002Z.log",
+            // Other ids sharing the shard, and stray names, are not x's.
+            "x.y@20261126T000000.000009Z.log",
+            "y@20261126T000000.000009Z.log",
+            "x@notastamp.log",
+            "notes.txt",
         ] {
             fs::write(spool.log_dir(&id).join(n), "").unwrap();
         }
         let latest = spool.latest_log(&id).unwrap().unwrap();
-        assert!(latest.ends_with("20261126T000000.000003Z.log"));
+        assert!(latest.ends_with("x@20261126T000000.000003Z.log"));
+        assert_eq!(
+            log_started(&latest),
+            Timestamp::from_file_stamp("20261126T000000.000003Z")
+        );
+    }
+
+    #[test]
+    fn log_shards_are_stable_and_spread() {
+        // The documented function (docs/PROTOCOL.md): FNV-1a 32-bit, low byte.
+        assert_eq!(log_shard(&JobId::new("a").unwrap()), "2c");
+        assert_eq!(
+            log_shard(&JobId::new("build-7").unwrap()),
+            log_shard(&JobId::new("build-7").unwrap())
+        );
+        let shards: std::collections::HashSet<String> = (0..2000)
+            .map(|i| log_shard(&JobId::new(&format!("job-{i}")).unwrap()))
+            .collect();
+        assert_eq!(shards.len(), 256);
+        let path = Spool::new("/s").log_path(
+            &JobId::new("a").unwrap(),
+            Timestamp::from_file_stamp("20261126T000000.000001Z").unwrap(),
+        );
+        assert_eq!(path, Path::new("/s/logs/2c/a@20261126T000000.000001Z.log"));
     }
 }

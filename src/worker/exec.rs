@@ -51,7 +51,14 @@ pub struct Run {
     pub kill_grace: Duration,
     /// Log cap.
     pub log_max_bytes: u64,
+    /// When the spawn began.
+    pub started_at: Timestamp,
+    /// The same moment, for the duration.
+    pub t0: Instant,
 }
+
+/// A started job process and the read end of its output pipe.
+pub type Spawned = (tokio::process::Child, pipe::Receiver);
 
 /// Why the worker signalled the job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -109,11 +116,15 @@ impl LogSink {
     }
 }
 
-/// Runs the job to the end and returns its result. `interrupt` fires when
-/// the worker gives up waiting for it (stop grace passed).
-pub async fn execute(run: Run, interrupt: oneshot::Receiver<()>) -> JobResult {
-    let started_at = Timestamp::now();
-    let t0 = Instant::now();
+/// Follows a started job to the end and returns its result. `interrupt`
+/// fires when the worker gives up waiting for it (stop grace passed).
+pub async fn execute(
+    run: Run,
+    spawned: std::io::Result<Spawned>,
+    interrupt: oneshot::Receiver<()>,
+) -> JobResult {
+    let started_at = run.started_at;
+    let t0 = run.t0;
     let result = |status, exit_code, signal: Option<Signal>, error, truncated| JobResult {
         id: run.id.to_string(),
         status,
@@ -142,7 +153,6 @@ pub async fn execute(run: Run, interrupt: oneshot::Receiver<()>) -> JobResult {
         broken: None,
     };
 
-    let spawned = spawn(&run);
     let (mut child, reader) = match spawned {
         Ok(x) => x,
         Err(e) => {
@@ -162,7 +172,7 @@ pub async fn execute(run: Run, interrupt: oneshot::Receiver<()>) -> JobResult {
     let mut phase = Phase::Running;
     let mut reason: Option<KillReason> = None;
     let mut kill_signal: Option<Signal> = None;
-    let deadline = sleep_until(TokioInstant::now() + run.timeout);
+    let deadline = sleep_until(TokioInstant::from_std(t0) + run.timeout);
     tokio::pin!(deadline);
 
     let signal_group = |sig: Signal| {
@@ -273,7 +283,7 @@ pub async fn execute(run: Run, interrupt: oneshot::Receiver<()>) -> JobResult {
 /// Starts the child: the shell in a new process group, stdin from
 /// /dev/null, stdout and stderr into one pipe (so they interleave in the
 /// order written).
-fn spawn(run: &Run) -> std::io::Result<(tokio::process::Child, pipe::Receiver)> {
+pub fn spawn(run: &Run) -> std::io::Result<Spawned> {
     let (rd, wr) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
     let mut cmd = tokio::process::Command::new(&run.shell);
     match &run.job.body {

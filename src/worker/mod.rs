@@ -6,15 +6,18 @@
 //! idle. Start-up: load the config, ensure the layout, recover `running/`,
 //! scan `pending/`, then serve.
 
+mod claim;
 mod exec;
 mod settle;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::{OsStr, OsString};
-use std::fs::{self, File, OpenOptions, TryLockError};
-use std::io::{self, Read};
-use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::fs::{self, File, TryLockError};
+use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -28,13 +31,13 @@ use crate::client::change_time;
 use crate::config::{Config, LoadedConfig};
 use crate::logging::message_id;
 use crate::spool::id::parse_job_file_name;
-use crate::spool::job::{Job, JobError};
+use crate::spool::job::Job;
 use crate::spool::{
-    JobId, JobResult, Spool, SpoolError, Status, Timestamp, move_into, open_job_file,
-    rename_noreplace,
+    JobId, JobResult, Spool, SpoolError, Status, Timestamp, log_started, move_into, open_job_file,
 };
 use crate::systemd::notify::Notifier;
 
+use claim::{Claim, ClaimCtx};
 pub use settle::{Settled, settle};
 
 /// Errors that stop the worker from starting or keep it from going on.
@@ -90,6 +93,8 @@ pub fn run(opts: WorkerOptions) -> Result<(), WorkerError> {
 
 /// What a background task reports when it ends.
 enum TaskDone {
+    /// A claim came back from its thread.
+    Claimed(Claim),
     /// A job's process ended; its result is ready to record.
     Ran(Box<Ran>),
     /// A result was recorded (or a job re-queued), and the id is free again.
@@ -172,8 +177,12 @@ struct Worker {
     retry_at: Option<tokio::time::Instant>,
     retry_delay: Duration,
     notifier: Notifier,
-    /// Who may submit (`submit_group`).
-    submitters: Submitters,
+    /// What claims on blocking threads need (rebuilt on reload).
+    claim_ctx: Arc<ClaimCtx>,
+    /// Set on SIGTERM; claims under way then leave their job pending.
+    stopping: Arc<AtomicBool>,
+    /// Claims under way; each holds a slot of `max_parallel`.
+    claiming: usize,
     /// Turns of the event loop, and the count at the last watchdog ping.
     turns: u64,
     turns_at_ping: u64,
@@ -181,9 +190,15 @@ struct Worker {
 
 impl Worker {
     fn new(opts: WorkerOptions) -> Self {
-        let submitters = Submitters::new(opts.loaded.config.submit_group.as_deref());
+        let spool = Spool::new(opts.spool);
+        let stopping = Arc::new(AtomicBool::new(false));
+        let claim_ctx = Arc::new(ClaimCtx::new(
+            spool.clone(),
+            &opts.loaded.config,
+            Arc::clone(&stopping),
+        ));
         Worker {
-            spool: Spool::new(opts.spool),
+            spool,
             config: opts.loaded.config,
             config_path: opts.config_path,
             queue: VecDeque::new(),
@@ -200,7 +215,9 @@ impl Worker {
             retry_at: None,
             retry_delay: RETRY_FIRST,
             notifier: Notifier::from_env(),
-            submitters,
+            claim_ctx,
+            stopping,
+            claiming: 0,
             turns: 0,
             turns_at_ping: 0,
         }
@@ -411,7 +428,7 @@ impl Worker {
     fn dispatch(&mut self) {
         while self.stop_at.is_none()
             && !self.paused
-            && self.active.len() < self.config.max_parallel.get()
+            && self.active.len() + self.claiming < self.config.max_parallel.get()
         {
             let Some(name) = self.queue.pop_front() else {
                 break;
@@ -421,13 +438,15 @@ impl Worker {
         }
     }
 
-    /// Reads, checks and claims one file from `pending/` (queued at
-    /// `since`), then starts it.
+    /// Hands a queued file (queued at `since`) to a blocking thread that
+    /// claims and starts it; see [`claim::claim`].
     fn claim(&mut self, name: OsString, since: Timestamp) {
-        let path = self.spool.pending().join(&name);
         let (id, kind) = match parse_job_file_name(&name) {
             Ok(x) => x,
-            Err(e) => return self.archive_nameless(&path, &e.to_string()),
+            Err(e) => {
+                let path = self.spool.pending().join(&name);
+                return self.archive_nameless(&path, &e.to_string());
+            }
         };
         if self.busy.contains(&id) {
             // Runs of one id never overlap; this one waits for the other.
@@ -435,184 +454,72 @@ impl Worker {
             self.deferred.push((id, name));
             return;
         }
-        let meta = match fs::symlink_metadata(&path) {
-            Ok(m) => m,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return self.vanished(id, &name, since);
-            }
-            Err(e) => {
-                // The directory, not the file, is at fault (permissions,
-                // I/O): keep the job queued and retry with a growing pause
-                // rather than reject good input or spin.
-                error!(cmd_id = %id, "cannot inspect {}: {e}; claiming paused, retrying", path.display());
-                self.queued.insert(name.clone(), since);
-                self.queue.push_front(name);
-                self.paused = true;
-                self.schedule_retry();
-                return;
-            }
-        };
-        let ft = meta.file_type();
-        if !ft.is_file() {
-            let what = if ft.is_symlink() {
-                "a symbolic link"
-            } else if ft.is_dir() {
-                "a directory"
-            } else {
-                "not a regular file (FIFO, socket or device)"
-            };
-            return self.reject(
-                id,
-                &path,
-                format!("the job file is {what}; only regular files are accepted"),
-            );
-        }
-        let mut file = match open_job_file(&path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {
-                return self.vanished(id, &name, since);
-            }
-            Err(e) => return self.reject(id, &path, format!("cannot open the job file: {e}")),
-        };
-        match file.try_lock() {
-            Ok(()) => {}
-            Err(TryLockError::WouldBlock) => {
-                debug!(cmd_id = %id, "another worker holds {}; leaving it", path.display());
-                return;
-            }
-            Err(TryLockError::Error(e)) => {
-                warn!(cmd_id = %id, "cannot lock {}: {e}", path.display())
-            }
-        }
-        let bytes = match read_bounded(&mut file, self.config.max_job_bytes.get()) {
-            Ok(b) => b,
-            Err(ReadError::TooBig(size)) => {
-                let e = JobError::TooBig {
-                    size,
-                    max: self.config.max_job_bytes.get(),
-                };
-                return self.reject(id, &path, e.to_string());
-            }
-            Err(ReadError::Io(e)) => {
-                return self.reject(id, &path, format!("cannot read the job file: {e}"));
-            }
-        };
-        let job = match Job::parse(kind, &bytes) {
-            Ok(j) => j,
-            Err(e) => return self.reject(id, &path, e.to_string()),
-        };
-        if let Some(why) = self.submitters.refuse(&meta) {
-            return self.reject(id, &path, why);
-        }
-        let (log, log_path) = match self.create_log(&id) {
-            Ok(x) => x,
-            Err(e) => {
-                // Most likely a full disk: keep the job queued and stop
-                // claiming until the retry, rather than spin.
-                error!(cmd_id = %id, "cannot create a log file: {e}; claiming paused, the job stays in pending/");
-                self.queued.insert(name.clone(), since);
-                self.queue.push_front(name);
-                self.paused = true;
-                self.schedule_retry();
-                return;
-            }
-        };
-        let running_path = self.spool.running().join(&name);
-        match rename_noreplace(&path, &running_path) {
-            Ok(true) => {}
-            Ok(false) => {
-                // Another worker runs a job of this id; the rescan retries.
-                let _ = fs::remove_file(&log_path);
-                debug!(cmd_id = %id, "a job with this id is running elsewhere; retrying later");
-                return;
-            }
-            Err(e) => {
-                let _ = fs::remove_file(&log_path);
-                if e.kind() == io::ErrorKind::NotFound {
-                    return self.vanished(id, &name, since);
-                }
-                error!(cmd_id = %id, "cannot claim {}: {e}", path.display());
-                return;
-            }
-        }
-        let timeout = job
-            .timeout_secs
-            .map_or(self.config.default_timeout.get(), |s| {
-                Duration::from_secs(s.get())
-            });
-        info!(
-            message_id = message_id::JOB_STARTED,
-            cmd_id = %id,
-            cmd_status = "running",
-            exit_code = "-",
-            duration_ms = 0,
-            attempt = job.attempt,
-            kind = kind.extension(),
-            "job started"
-        );
-        let run = exec::Run {
-            id: id.clone(),
-            job: job.clone(),
-            running_path: running_path.clone(),
-            log,
-            log_rel: self.spool.relative(&log_path),
-            shell: self.config.shell.clone(),
-            timeout,
-            kill_grace: self.config.kill_grace.get(),
-            log_max_bytes: self.config.log_max_bytes.get(),
-        };
-        let (tx, rx) = oneshot::channel();
         self.busy.insert(id.clone());
-        self.active.insert(
-            id.clone(),
-            ActiveJob {
-                cancel: tx,
-                started: Instant::now(),
-                limit: timeout + self.config.kill_grace.get(),
-            },
-        );
-        self.tasks.spawn(async move {
-            let result = exec::execute(run, rx).await;
-            TaskDone::Ran(Box::new(Ran {
-                id,
-                job,
-                running_path,
-                _lock: file,
-                result,
-            }))
-        });
+        self.claiming += 1;
+        let ctx = Arc::clone(&self.claim_ctx);
+        self.tasks
+            .spawn_blocking(move || TaskDone::Claimed(claim::claim(&ctx, name, id, kind, since)));
     }
 
-    /// Creates `logs/<id>/<stamp>.log` for a new run.
-    fn create_log(&self, id: &JobId) -> io::Result<(File, PathBuf)> {
-        let dir = self.spool.log_dir(id);
-        // One mkdir (logs/ itself is part of the layout).
-        match fs::create_dir(&dir) {
-            Ok(()) => {}
-            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
-            Err(e) if e.kind() == io::ErrorKind::NotFound => fs::create_dir_all(&dir)?,
-            Err(e) => return Err(e),
-        }
-        let mut stamp = Timestamp::now();
-        loop {
-            let path = dir.join(format!("{}.log", stamp.file_stamp()));
-            match OpenOptions::new()
-                .write(true)
-                .create_new(true)
-                .mode(0o640)
-                .open(&path)
-            {
-                Ok(f) => return Ok((f, path)),
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                    stamp = Timestamp(stamp.0 + Duration::from_micros(1));
+    /// A claim came back from its thread.
+    fn on_claimed(&mut self, claimed: Claim) {
+        self.claiming -= 1;
+        match claimed {
+            Claim::Started(started) => {
+                let claim::Started {
+                    run,
+                    spawned,
+                    lock,
+                    began,
+                } = *started;
+                let id = run.id.clone();
+                let (tx, rx) = oneshot::channel();
+                let limit = run.timeout + run.kill_grace;
+                let job = run.job.clone();
+                let running_path = run.running_path.clone();
+                self.active.insert(
+                    id.clone(),
+                    ActiveJob {
+                        cancel: tx,
+                        started: began,
+                        limit,
+                    },
+                );
+                if self.interrupted_all {
+                    // It started just as the stop grace ran out.
+                    self.interrupt(&id);
                 }
-                Err(e) => return Err(e),
+                self.tasks.spawn(async move {
+                    let result = exec::execute(run, spawned, rx).await;
+                    TaskDone::Ran(Box::new(Ran {
+                        id,
+                        job,
+                        running_path,
+                        _lock: lock,
+                        result,
+                    }))
+                });
             }
+            Claim::Rejected { id, reason } => self.record_rejection(id, reason),
+            Claim::Vanished { id, name, since } => {
+                if !self.vanished(id.clone(), &name, since) {
+                    self.release(id);
+                }
+            }
+            Claim::Retry { id, name, since } => {
+                self.queued.insert(name.clone(), since);
+                self.queue.push_front(name);
+                self.paused = true;
+                self.schedule_retry();
+                self.release(id);
+            }
+            Claim::Dropped { id } => self.release(id),
         }
     }
 
     fn on_task_done(&mut self, done: TaskDone) {
         match done {
+            TaskDone::Claimed(claimed) => self.on_claimed(claimed),
             TaskDone::Ran(ran) => {
                 self.active.remove(&ran.id);
                 let id = ran.id.clone();
@@ -716,22 +623,6 @@ impl Worker {
         }
     }
 
-    /// Rejects bad input: moves the file to `archive/rejected/` and records a
-    /// `rejected` result.
-    fn reject(&mut self, id: JobId, path: &Path, reason: String) {
-        match move_into(path, &self.spool.archive_rejected()) {
-            Ok(dest) => {
-                debug!(cmd_id = %id, "rejected job file kept as {}", self.spool.relative(&dest));
-            }
-            Err(e) if e.kind() == io::ErrorKind::NotFound => return,
-            Err(e) => {
-                error!(cmd_id = %id, "job rejected ({reason}) but cannot be moved out of pending/: {e}");
-                return;
-            }
-        }
-        self.record_rejection(id, reason);
-    }
-
     fn record_rejection(&mut self, id: JobId, reason: String) {
         warn!(
             message_id = message_id::JOB_REJECTED,
@@ -781,9 +672,10 @@ impl Worker {
     /// worker's claim shows as the file in `running/`, or as a log of this id
     /// begun about when the file arrived (a worker creates the log before
     /// it renames the file, and the event reached us soon after arrival).
-    fn vanished(&mut self, id: JobId, name: &OsStr, since: Timestamp) {
+    /// Returns whether a rejection is being recorded.
+    fn vanished(&mut self, id: JobId, name: &OsStr, since: Timestamp) -> bool {
         if self.spool.running().join(name).exists() {
-            return;
+            return false;
         }
         let window = Timestamp(since.0 - Duration::from_secs(2));
         let claimed_elsewhere = self
@@ -791,17 +683,17 @@ impl Worker {
             .latest_log(&id)
             .ok()
             .flatten()
-            .and_then(|p| p.file_stem().map(|s| s.to_string_lossy().into_owned()))
-            .and_then(|s| Timestamp::from_file_stamp(&s))
+            .and_then(|p| log_started(&p))
             .is_some_and(|started| started >= window);
         if claimed_elsewhere {
             debug!(cmd_id = %id, "the job file was claimed by another worker");
-            return;
+            return false;
         }
         self.record_rejection(
             id,
             "the job file vanished from pending/ before it could be read (withdrawn, or replaced while being read)".into(),
         );
+        true
     }
 
     fn begin_stop(&mut self, signal: &str) {
@@ -818,6 +710,7 @@ impl Worker {
             humantime::format_duration(grace)
         );
         self.stop_at = Some(tokio::time::Instant::now() + grace);
+        self.stopping.store(true, Ordering::SeqCst);
         self.notifier.stopping(&format!(
             "stopping: waiting for {} running job(s)",
             self.active.len()
@@ -826,7 +719,14 @@ impl Worker {
 
     fn interrupt_all(&mut self) {
         self.interrupted_all = true;
-        for (id, job) in self.active.drain() {
+        let ids: Vec<JobId> = self.active.keys().cloned().collect();
+        for id in ids {
+            self.interrupt(&id);
+        }
+    }
+
+    fn interrupt(&mut self, id: &JobId) {
+        if let Some(job) = self.active.remove(id) {
             info!(cmd_id = %id, "interrupting job: the stop grace has passed");
             let _ = job.cancel.send(());
         }
@@ -840,9 +740,13 @@ impl Worker {
                     warn!("the spool cannot change on reload; restart the worker to move it");
                 }
                 let spool = self.config.spool.clone();
-                self.submitters = Submitters::new(loaded.config.submit_group.as_deref());
                 self.config = loaded.config;
                 self.config.spool = spool;
+                self.claim_ctx = Arc::new(ClaimCtx::new(
+                    self.spool.clone(),
+                    &self.config,
+                    Arc::clone(&self.stopping),
+                ));
                 info!(
                     max_parallel = self.config.max_parallel.get(),
                     "configuration reloaded"
@@ -971,7 +875,7 @@ impl Worker {
                 debug!(cmd_id = %id, "running/{} belongs to a live worker", id);
                 continue;
             }
-            let job = read_bounded(&mut file, u64::MAX)
+            let job = claim::read_bounded(&mut file, u64::MAX)
                 .ok()
                 .and_then(|b| Job::parse(kind, &b).ok());
             if let Err(e) = self.recover_one(&id, &path, job.as_ref()) {
@@ -1002,8 +906,7 @@ impl Worker {
         }
         let started_at = latest
             .as_deref()
-            .and_then(Path::file_stem)
-            .and_then(|s| Timestamp::from_file_stamp(&s.to_string_lossy()))
+            .and_then(log_started)
             .or_else(|| fs::metadata(path).ok().map(|m| change_time(&m)))
             .unwrap_or_else(Timestamp::now);
         let finished_at = Timestamp::now();
@@ -1059,72 +962,5 @@ fn log_result(r: &JobResult) {
             cmd_id = %r.id, cmd_status = %r.status, exit_code = %exit, signal, duration_ms = r.duration_ms,
             "job finished: {}", r.error.as_deref().unwrap_or(r.status.as_str())
         ),
-    }
-}
-
-enum ReadError {
-    TooBig(u64),
-    Io(io::Error),
-}
-
-/// Reads a whole job file, refusing one over `max` bytes without reading it.
-fn read_bounded(file: &mut File, max: u64) -> Result<Vec<u8>, ReadError> {
-    let meta = file.metadata().map_err(ReadError::Io)?;
-    if !meta.is_file() {
-        return Err(ReadError::Io(io::Error::other("not a regular file")));
-    }
-    if meta.len() > max {
-        return Err(ReadError::TooBig(meta.len()));
-    }
-    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
-    file.take(max.saturating_add(1))
-        .read_to_end(&mut bytes)
-        .map_err(ReadError::Io)?;
-    if bytes.len() as u64 > max {
-        return Err(ReadError::TooBig(bytes.len() as u64));
-    }
-    Ok(bytes)
-}
-
-/// The `submit_group` rule: job files must be owned by root, by the
-/// worker's own user, or by a member of the group. Decisions are cached per
-/// owner, so the user database is asked once per uid.
-struct Submitters {
-    group: Option<(String, Option<nix::unistd::Group>)>,
-    cache: HashMap<u32, bool>,
-}
-
-impl Submitters {
-    fn new(group: Option<&str>) -> Self {
-        let group = group.map(|g| {
-            let found = nix::unistd::Group::from_name(g).ok().flatten();
-            if found.is_none() {
-                error!("submit_group {g:?} does not exist; every job file not owned by root or the worker is refused");
-            }
-            (g.to_owned(), found)
-        });
-        Submitters {
-            group,
-            cache: HashMap::new(),
-        }
-    }
-
-    /// Why a job file with this metadata is refused, if it is.
-    fn refuse(&mut self, meta: &fs::Metadata) -> Option<String> {
-        let (name, group) = self.group.as_ref()?;
-        let uid = meta.uid();
-        let allowed = *self.cache.entry(uid).or_insert_with(|| {
-            if uid == 0 || uid == nix::unistd::geteuid().as_raw() {
-                return true;
-            }
-            let Some(g) = group else { return false };
-            match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
-                Ok(Some(u)) => u.gid == g.gid || g.mem.contains(&u.name),
-                _ => false,
-            }
-        });
-        (!allowed).then(|| {
-            format!("the job file is owned by uid {uid}, who is not in the submit group {name:?} (submit_group)")
-        })
     }
 }

@@ -153,6 +153,22 @@ impl Spool {
         v
     }
 
+    /// `logs/<shard>` of `id`, relative to the spool root.
+    pub fn log_dir(&self, id: &str) -> String {
+        let id = ai_cmd_executor::spool::JobId::new(id).expect("a valid id");
+        format!("logs/{}", ai_cmd_executor::spool::log_shard(&id))
+    }
+
+    /// The logs of `id` (paths relative to the spool root), oldest first.
+    pub fn logs_of(&self, id: &str) -> Vec<String> {
+        let dir = self.log_dir(id);
+        self.names(&dir)
+            .into_iter()
+            .filter(|n| n.strip_prefix(id).is_some_and(|rest| rest.starts_with('@')))
+            .map(|n| format!("{dir}/{n}"))
+            .collect()
+    }
+
     /// Runs the CLI against this spool.
     pub fn cli(&self, args: &[&str]) -> Output {
         Command::new(BIN)

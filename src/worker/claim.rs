@@ -1,0 +1,349 @@
+//! Claiming one job file and starting its process, on a blocking thread.
+//!
+//! The event loop picks the next file (FIFO) and hands it here; the file
+//! operations (inspect, lock, read, create the log, rename into `running/`)
+//! and the spawn itself (which waits until the child has exec'd) run off the
+//! loop, so with `max_parallel` above 1 several jobs start at once, as they
+//! would from separate shells, and the loop stays free to reap and record.
+
+use std::collections::HashMap;
+use std::ffi::OsString;
+use std::fs::{self, File, OpenOptions, TryLockError};
+use std::io::{self, Read};
+use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use tracing::{debug, error, info, warn};
+
+use super::exec;
+use crate::config::Config;
+use crate::logging::message_id;
+use crate::spool::job::{Job, JobError};
+use crate::spool::{JobId, JobKind, Spool, Timestamp, move_into, open_job_file, rename_noreplace};
+
+/// What a claim needs from the worker; rebuilt when the configuration is
+/// reloaded. The `stopping` flag is shared by every generation.
+pub(super) struct ClaimCtx {
+    pub spool: Spool,
+    pub shell: PathBuf,
+    pub default_timeout: Duration,
+    pub kill_grace: Duration,
+    pub log_max_bytes: u64,
+    pub max_job_bytes: u64,
+    pub submitters: Mutex<Submitters>,
+    pub stopping: std::sync::Arc<AtomicBool>,
+}
+
+impl ClaimCtx {
+    pub fn new(spool: Spool, config: &Config, stopping: std::sync::Arc<AtomicBool>) -> Self {
+        ClaimCtx {
+            spool,
+            shell: config.shell.clone(),
+            default_timeout: config.default_timeout.get(),
+            kill_grace: config.kill_grace.get(),
+            log_max_bytes: config.log_max_bytes.get(),
+            max_job_bytes: config.max_job_bytes.get(),
+            submitters: Mutex::new(Submitters::new(config.submit_group.as_deref())),
+            stopping,
+        }
+    }
+}
+
+/// A job whose process was started (or failed to start: `spawned` holds
+/// the error, and the run ends as `failed`).
+pub(super) struct Started {
+    pub run: exec::Run,
+    pub spawned: io::Result<exec::Spawned>,
+    /// The lock on the job file, held until it has left `running/`.
+    pub lock: File,
+    /// When the spawn began (for the overdue check).
+    pub began: Instant,
+}
+
+/// What became of a claim.
+pub(super) enum Claim {
+    /// Claimed, and its process started.
+    Started(Box<Started>),
+    /// Bad input, moved to `archive/rejected/`; it needs a `rejected` result.
+    Rejected { id: JobId, reason: String },
+    /// Gone from `pending/` before it could be read (queued at `since`).
+    Vanished {
+        id: JobId,
+        name: OsString,
+        since: Timestamp,
+    },
+    /// The spool could not be used (a full disk, an unreadable `pending/`):
+    /// the file stays queued, and claiming pauses until a retry.
+    Retry {
+        id: JobId,
+        name: OsString,
+        since: Timestamp,
+    },
+    /// Nothing to do: another worker has it, or the worker is stopping.
+    Dropped { id: JobId },
+}
+
+/// Claims `pending/<name>` and starts it.
+pub(super) fn claim(
+    ctx: &ClaimCtx,
+    name: OsString,
+    id: JobId,
+    kind: JobKind,
+    since: Timestamp,
+) -> Claim {
+    let path = ctx.spool.pending().join(&name);
+    let meta = match fs::symlink_metadata(&path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Claim::Vanished { id, name, since };
+        }
+        Err(e) => {
+            // The directory, not the file, is at fault (permissions, I/O):
+            // keep the job queued and retry with a growing pause rather
+            // than reject good input or spin.
+            error!(cmd_id = %id, "cannot inspect {}: {e}; claiming paused, retrying", path.display());
+            return Claim::Retry { id, name, since };
+        }
+    };
+    let ft = meta.file_type();
+    if !ft.is_file() {
+        let what = if ft.is_symlink() {
+            "a symbolic link"
+        } else if ft.is_dir() {
+            "a directory"
+        } else {
+            "not a regular file (FIFO, socket or device)"
+        };
+        return reject(
+            ctx,
+            id,
+            &path,
+            format!("the job file is {what}; only regular files are accepted"),
+        );
+    }
+    let mut file = match open_job_file(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            return Claim::Vanished { id, name, since };
+        }
+        Err(e) => return reject(ctx, id, &path, format!("cannot open the job file: {e}")),
+    };
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(TryLockError::WouldBlock) => {
+            debug!(cmd_id = %id, "another worker holds {}; leaving it", path.display());
+            return Claim::Dropped { id };
+        }
+        Err(TryLockError::Error(e)) => {
+            warn!(cmd_id = %id, "cannot lock {}: {e}", path.display());
+        }
+    }
+    let bytes = match read_bounded(&mut file, ctx.max_job_bytes) {
+        Ok(b) => b,
+        Err(ReadError::TooBig(size)) => {
+            let e = JobError::TooBig {
+                size,
+                max: ctx.max_job_bytes,
+            };
+            return reject(ctx, id, &path, e.to_string());
+        }
+        Err(ReadError::Io(e)) => {
+            return reject(ctx, id, &path, format!("cannot read the job file: {e}"));
+        }
+    };
+    let job = match Job::parse(kind, &bytes) {
+        Ok(j) => j,
+        Err(e) => return reject(ctx, id, &path, e.to_string()),
+    };
+    let refused = ctx
+        .submitters
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .refuse(&meta);
+    if let Some(why) = refused {
+        return reject(ctx, id, &path, why);
+    }
+    let (log, log_path) = match create_log(&ctx.spool, &id) {
+        Ok(x) => x,
+        Err(e) => {
+            // Most likely a full disk: keep the job queued and stop
+            // claiming until the retry, rather than spin.
+            error!(cmd_id = %id, "cannot create a log file: {e}; claiming paused, the job stays in pending/");
+            return Claim::Retry { id, name, since };
+        }
+    };
+    if ctx.stopping.load(Ordering::SeqCst) {
+        // SIGTERM arrived while this claim was under way: leave the job
+        // for the next start.
+        let _ = fs::remove_file(&log_path);
+        return Claim::Dropped { id };
+    }
+    let running_path = ctx.spool.running().join(&name);
+    match rename_noreplace(&path, &running_path) {
+        Ok(true) => {}
+        Ok(false) => {
+            // Another worker runs a job of this id; the rescan retries.
+            let _ = fs::remove_file(&log_path);
+            debug!(cmd_id = %id, "a job with this id is running elsewhere; retrying later");
+            return Claim::Dropped { id };
+        }
+        Err(e) => {
+            let _ = fs::remove_file(&log_path);
+            if e.kind() == io::ErrorKind::NotFound {
+                return Claim::Vanished { id, name, since };
+            }
+            error!(cmd_id = %id, "cannot claim {}: {e}", path.display());
+            return Claim::Dropped { id };
+        }
+    }
+    let timeout = job
+        .timeout_secs
+        .map_or(ctx.default_timeout, |s| Duration::from_secs(s.get()));
+    info!(
+        message_id = message_id::JOB_STARTED,
+        cmd_id = %id,
+        cmd_status = "running",
+        exit_code = "-",
+        duration_ms = 0,
+        attempt = job.attempt,
+        kind = kind.extension(),
+        "job started"
+    );
+    let run = exec::Run {
+        id,
+        job,
+        running_path,
+        log,
+        log_rel: ctx.spool.relative(&log_path),
+        shell: ctx.shell.clone(),
+        timeout,
+        kill_grace: ctx.kill_grace,
+        log_max_bytes: ctx.log_max_bytes,
+        started_at: Timestamp::now(),
+        t0: Instant::now(),
+    };
+    let began = run.t0;
+    let spawned = exec::spawn(&run);
+    Claim::Started(Box::new(Started {
+        run,
+        spawned,
+        lock: file,
+        began,
+    }))
+}
+
+/// Rejects bad input: moves the file to `archive/rejected/`; the caller
+/// records a `rejected` result.
+fn reject(ctx: &ClaimCtx, id: JobId, path: &Path, reason: String) -> Claim {
+    match move_into(path, &ctx.spool.archive_rejected()) {
+        Ok(dest) => {
+            debug!(cmd_id = %id, "rejected job file kept as {}", ctx.spool.relative(&dest));
+            Claim::Rejected { id, reason }
+        }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Claim::Dropped { id },
+        Err(e) => {
+            error!(cmd_id = %id, "job rejected ({reason}) but cannot be moved out of pending/: {e}");
+            Claim::Dropped { id }
+        }
+    }
+}
+
+/// Creates `logs/<shard>/<id>@<stamp>.log` for a new run. The shard
+/// directory is made the first time it is needed (or again after `cleanup`
+/// removed it empty).
+fn create_log(spool: &Spool, id: &JobId) -> io::Result<(File, PathBuf)> {
+    let mut stamp = Timestamp::now();
+    let mut made_dir = false;
+    loop {
+        let path = spool.log_path(id, stamp);
+        match OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o640)
+            .open(&path)
+        {
+            Ok(f) => return Ok((f, path)),
+            Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                stamp = Timestamp(stamp.0 + Duration::from_micros(1));
+            }
+            Err(e) if e.kind() == io::ErrorKind::NotFound && !made_dir => {
+                match fs::create_dir_all(spool.log_dir(id)) {
+                    Ok(()) => made_dir = true,
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => made_dir = true,
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+pub(super) enum ReadError {
+    TooBig(u64),
+    Io(io::Error),
+}
+
+/// Reads a whole job file, refusing one over `max` bytes without reading it.
+pub(super) fn read_bounded(file: &mut File, max: u64) -> Result<Vec<u8>, ReadError> {
+    let meta = file.metadata().map_err(ReadError::Io)?;
+    if !meta.is_file() {
+        return Err(ReadError::Io(io::Error::other("not a regular file")));
+    }
+    if meta.len() > max {
+        return Err(ReadError::TooBig(meta.len()));
+    }
+    let mut bytes = Vec::with_capacity(usize::try_from(meta.len()).unwrap_or(0));
+    file.take(max.saturating_add(1))
+        .read_to_end(&mut bytes)
+        .map_err(ReadError::Io)?;
+    if bytes.len() as u64 > max {
+        return Err(ReadError::TooBig(bytes.len() as u64));
+    }
+    Ok(bytes)
+}
+
+/// The `submit_group` rule: job files must be owned by root, by the
+/// worker's own user, or by a member of the group. Decisions are cached per
+/// owner, so the user database is asked once per uid.
+pub(super) struct Submitters {
+    group: Option<(String, Option<nix::unistd::Group>)>,
+    cache: HashMap<u32, bool>,
+}
+
+impl Submitters {
+    pub fn new(group: Option<&str>) -> Self {
+        let group = group.map(|g| {
+            let found = nix::unistd::Group::from_name(g).ok().flatten();
+            if found.is_none() {
+                error!("submit_group {g:?} does not exist; every job file not owned by root or the worker is refused");
+            }
+            (g.to_owned(), found)
+        });
+        Submitters {
+            group,
+            cache: HashMap::new(),
+        }
+    }
+
+    /// Why a job file with this metadata is refused, if it is.
+    fn refuse(&mut self, meta: &fs::Metadata) -> Option<String> {
+        let (name, group) = self.group.as_ref()?;
+        let uid = meta.uid();
+        let allowed = *self.cache.entry(uid).or_insert_with(|| {
+            if uid == 0 || uid == nix::unistd::geteuid().as_raw() {
+                return true;
+            }
+            let Some(g) = group else { return false };
+            match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
+                Ok(Some(u)) => u.gid == g.gid || g.mem.contains(&u.name),
+                _ => false,
+            }
+        });
+        (!allowed).then(|| {
+            format!("the job file is owned by uid {uid}, who is not in the submit group {name:?} (submit_group)")
+        })
+    }
+}
