@@ -5,6 +5,8 @@
 //! and the spawn itself (which waits until the child has exec'd) run off the
 //! loop, so with `max_parallel` above 1 several jobs start at once, as they
 //! would from separate shells, and the loop stays free to reap and record.
+//! At `max_parallel = 1` the loop claims by itself: a hand-off would gain
+//! nothing and cost an idle pool thread.
 
 use std::collections::HashMap;
 use std::ffi::OsString;

@@ -439,7 +439,8 @@ impl Worker {
     }
 
     /// Hands a queued file (queued at `since`) to a blocking thread that
-    /// claims and starts it; see [`claim::claim`].
+    /// claims and starts it (at `max_parallel = 1`, claims it on the loop);
+    /// see [`claim::claim`].
     fn claim(&mut self, name: OsString, since: Timestamp) {
         let (id, kind) = match parse_job_file_name(&name) {
             Ok(x) => x,
@@ -456,6 +457,13 @@ impl Worker {
         }
         self.busy.insert(id.clone());
         self.claiming += 1;
+        if self.config.max_parallel.get() == 1 {
+            // One job at a time gains nothing from a thread hand-off, and
+            // each extra pool thread costs idle memory (a stack and a
+            // malloc arena): claim here.
+            let claimed = claim::claim(&self.claim_ctx, name, id, kind, since);
+            return self.on_claimed(claimed);
+        }
         let ctx = Arc::clone(&self.claim_ctx);
         self.tasks
             .spawn_blocking(move || TaskDone::Claimed(claim::claim(&ctx, name, id, kind, since)));
