@@ -48,9 +48,11 @@
 
 #![warn(missing_docs)]
 
+mod common;
 #[path = "../tests/common/sandbox.rs"]
 #[allow(dead_code)]
 mod sandbox;
+use common::*;
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::ffi::OsString;
@@ -61,7 +63,7 @@ use std::os::unix::process::CommandExt as _;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::thread;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -74,7 +76,6 @@ use nix::time::{ClockId, clock_gettime};
 use nix::unistd::Pid;
 use serde_json::Value;
 use tempfile::TempDir;
-use tokio::signal::unix::{SignalKind, signal};
 
 /// The worker binary under test, built by cargo for this bench.
 const WORKER_BIN: &str = env!("CARGO_BIN_EXE_ai-cmd-executor");
@@ -144,7 +145,7 @@ fn main() -> ExitCode {
 /// Measures every tool in turn and prints the table; `Ok(false)` when a
 /// tool failed (the others are still reported).
 fn run() -> Result<bool> {
-    install_interrupt_handler()?;
+    install_interrupt_handler("daemons and the sandbox")?;
     let settings = Settings::from_env()?;
     let _lock = bench_lock()?;
     let env = DaemonEnv::capture();
@@ -321,66 +322,6 @@ fn bench_lock() -> Result<Option<File>> {
 // Interruption, waiting, settings
 // ---------------------------------------------------------------------------
 
-/// Set when SIGINT, SIGTERM or SIGHUP arrives; checked by every wait loop.
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-/// Catches SIGINT, SIGTERM and SIGHUP on a thread (tokio signal streams: no
-/// `unsafe`, no blocked mask inherited by children) and sets [`INTERRUPTED`],
-/// so the wait loops fail and the Drop guards stop every daemon.
-fn install_interrupt_handler() -> Result<()> {
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<io::Result<()>>();
-    thread::Builder::new()
-        .name("bench-signals".to_owned())
-        .spawn(move || {
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                    return;
-                }
-            };
-            runtime.block_on(async move {
-                let streams = [
-                    SignalKind::interrupt(),
-                    SignalKind::terminate(),
-                    SignalKind::hangup(),
-                ]
-                .map(signal);
-                let [Ok(mut int), Ok(mut term), Ok(mut hup)] = streams else {
-                    let err = streams.into_iter().find_map(Result::err);
-                    let _ = ready_tx.send(Err(err.unwrap_or_else(|| io::Error::other("signal"))));
-                    return;
-                };
-                let _ = ready_tx.send(Ok(()));
-                loop {
-                    let name = tokio::select! {
-                        _ = int.recv() => "SIGINT",
-                        _ = term.recv() => "SIGTERM",
-                        _ = hup.recv() => "SIGHUP",
-                    };
-                    eprintln!("\n{name} received: stopping daemons and the sandbox");
-                    INTERRUPTED.store(true, Ordering::Relaxed);
-                }
-            });
-        })
-        .context("starting the signal thread")?;
-    ready_rx
-        .recv()
-        .context("signal thread died")?
-        .context("installing signal handlers")
-}
-
-/// Fails once the benchmark has been interrupted.
-fn check_interrupted() -> Result<()> {
-    if INTERRUPTED.load(Ordering::Relaxed) {
-        bail!("interrupted");
-    }
-    Ok(())
-}
-
 /// Polls `f` until it returns `Some`, or panics naming `what` after
 /// `deadline` or when the benchmark is interrupted. The sandbox helper
 /// (`tests/common/sandbox.rs`) calls this as `super::wait_for`.
@@ -492,21 +433,6 @@ impl Settings {
     }
 }
 
-/// Parses environment variable `name`, or returns `default` when it is unset or empty.
-fn env_or<T>(name: &str, default: T) -> Result<T>
-where
-    T: std::str::FromStr,
-    T::Err: std::fmt::Display,
-{
-    match std::env::var(name) {
-        Ok(v) if !v.trim().is_empty() => v
-            .trim()
-            .parse()
-            .map_err(|e| anyhow!("invalid {name}={v:?}: {e}")),
-        _ => Ok(default),
-    }
-}
-
 /// The one environment every daemon (and every client) is started with:
 /// this process's own, as inherited from the shell through cargo.
 struct DaemonEnv {
@@ -574,24 +500,6 @@ impl DaemonEnv {
 // Machine description
 // ---------------------------------------------------------------------------
 
-/// Describes the machine: nproc, CPU model, kernel.
-fn machine_line() -> String {
-    let nproc = thread::available_parallelism().map_or(0, |n| n.get());
-    let cpu = fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown".to_owned());
-    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".to_owned());
-    format!("nproc={nproc} cpu=\"{cpu}\" kernel={kernel}")
-}
-
 /// The temp dir, the file system it is on and its mount options.
 fn tmpdir_line() -> String {
     let dir = std::env::temp_dir();
@@ -620,14 +528,6 @@ fn tmpdir_line() -> String {
 /// Modification time of the worker binary, to detect a rebuild during the run.
 fn binary_mtime() -> Option<SystemTime> {
     fs::metadata(WORKER_BIN).and_then(|m| m.modified()).ok()
-}
-
-/// The 1, 5 and 15 minute load averages.
-fn load_average() -> String {
-    fs::read_to_string("/proc/loadavg")
-        .ok()
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|| "unknown".to_owned())
 }
 
 /// First line of `cmd --version`-like output, or why there is none.
@@ -683,20 +583,6 @@ impl Stats {
             "p50 {:.3} ms, p99 {:.3} ms (min {:.3}, max {:.3}, n={})",
             self.p50, self.p99, self.min, self.max, self.n
         )
-    }
-}
-
-/// Nearest-rank percentile of sorted, non-empty `sorted`.
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-/// `later - earlier` in milliseconds, negative when `later` is earlier.
-fn signed_ms(later: SystemTime, earlier: SystemTime) -> f64 {
-    match later.duration_since(earlier) {
-        Ok(d) => d.as_secs_f64() * 1e3,
-        Err(e) => -e.duration().as_secs_f64() * 1e3,
     }
 }
 
@@ -779,20 +665,6 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
 // ---------------------------------------------------------------------------
 // Raw reference
 // ---------------------------------------------------------------------------
-
-/// Runs `bash -c true` and waits for it.
-fn bash_true() -> Result<()> {
-    check_interrupted()?;
-    let status = Command::new("bash")
-        .args(["-c", "true"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .context("running bash -c true")?;
-    ensure!(status.success(), "bash -c true failed: {status}");
-    Ok(())
-}
 
 /// Runs `job` `n` times split over `p` threads; returns the wall time.
 fn split_loop(n: usize, p: usize, job: impl Fn() -> Result<()> + Sync) -> Result<Duration> {
@@ -1005,50 +877,6 @@ impl ThreadTrack {
         let seen = self.last.saturating_sub(self.base);
         if self.alive { seen } else { seen.max(1) }
     }
-}
-
-/// Voluntary + non-voluntary context switches and name of each thread of `pid`.
-fn thread_switches(pid: u32) -> Result<HashMap<u32, (String, u64)>> {
-    let mut out = HashMap::new();
-    for entry in fs::read_dir(format!("/proc/{pid}/task"))? {
-        let entry = entry?;
-        let Some(tid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
-            continue;
-        };
-        // A thread may exit between listing and reading: skip it.
-        let Ok(status) = fs::read_to_string(entry.path().join("status")) else {
-            continue;
-        };
-        let switches = ["voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:"]
-            .iter()
-            .map(|key| status_field(&status, key).unwrap_or(0))
-            .sum();
-        let name = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Name:"))
-            .unwrap_or("?")
-            .trim()
-            .to_owned();
-        out.insert(tid, (name, switches));
-    }
-    Ok(out)
-}
-
-/// First number after `key` in a `/proc/.../status` file.
-fn status_field(status: &str, key: &str) -> Option<u64> {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-}
-
-/// `(VmRSS, VmHWM)` of `pid` in KiB.
-fn memory_kib(pid: u32) -> Result<(u64, u64)> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let get =
-        |key| status_field(&status, key).ok_or_else(|| anyhow!("no {key} in /proc/{pid}/status"));
-    Ok((get("VmRSS:")?, get("VmHWM:")?))
 }
 
 /// utime + stime of `pid` (all threads), in ms, from `/proc/<pid>/stat`.

@@ -43,7 +43,6 @@ use std::io::{self, Write as _};
 use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -55,7 +54,9 @@ use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value;
 use tempfile::TempDir;
-use tokio::signal::unix::{SignalKind, signal};
+
+mod common;
+use common::*;
 
 /// The worker binary under test, built by cargo for this bench.
 const BUILT_WORKER: &str = env!("CARGO_BIN_EXE_ai-cmd-executor");
@@ -155,7 +156,7 @@ fn main() -> ExitCode {
 
 /// Runs all sections in order and prints the report.
 fn run() -> Result<()> {
-    install_interrupt_handler()?;
+    install_interrupt_handler("workers")?;
     let settings = Settings::from_env()?;
     let mut report = Report::default();
 
@@ -225,71 +226,6 @@ fn run() -> Result<()> {
 // ---------------------------------------------------------------------------
 // Interruption
 // ---------------------------------------------------------------------------
-
-/// Set when SIGINT, SIGTERM or SIGHUP arrives; checked by every wait loop.
-static INTERRUPTED: AtomicBool = AtomicBool::new(false);
-
-/// Starts a thread that catches SIGINT, SIGTERM and SIGHUP and sets
-/// [`INTERRUPTED`] instead of letting them kill the benchmark.
-///
-/// The wait loops then fail with "interrupted", and the normal return path
-/// drops every [`Worker`] guard and temporary spool. The handlers are
-/// installed with tokio's signal support (no `unsafe`, no blocked signal mask,
-/// which children would inherit: a worker spawned with SIGTERM blocked could
-/// not be stopped). Returns once the handlers are in place.
-fn install_interrupt_handler() -> Result<()> {
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<io::Result<()>>();
-    thread::Builder::new()
-        .name("bench-signals".to_owned())
-        .spawn(move || {
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(rt) => rt,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                    return;
-                }
-            };
-            runtime.block_on(async move {
-                let streams = [
-                    SignalKind::interrupt(),
-                    SignalKind::terminate(),
-                    SignalKind::hangup(),
-                ]
-                .map(signal);
-                let [Ok(mut int), Ok(mut term), Ok(mut hup)] = streams else {
-                    let err = streams.into_iter().find_map(Result::err);
-                    let _ = ready_tx.send(Err(err.unwrap_or_else(|| io::Error::other("signal"))));
-                    return;
-                };
-                let _ = ready_tx.send(Ok(()));
-                loop {
-                    let name = tokio::select! {
-                        _ = int.recv() => "SIGINT",
-                        _ = term.recv() => "SIGTERM",
-                        _ = hup.recv() => "SIGHUP",
-                    };
-                    eprintln!("\n{name} received: stopping workers");
-                    INTERRUPTED.store(true, Ordering::Relaxed);
-                }
-            });
-        })
-        .context("starting the signal thread")?;
-    ready_rx
-        .recv()
-        .context("signal thread died")?
-        .context("installing signal handlers")
-}
-
-/// Fails once the benchmark has been interrupted.
-fn check_interrupted() -> Result<()> {
-    if INTERRUPTED.load(Ordering::Relaxed) {
-        bail!("interrupted");
-    }
-    Ok(())
-}
 
 // ---------------------------------------------------------------------------
 // Settings and report
@@ -438,21 +374,6 @@ impl Settings {
     }
 }
 
-/// Parses environment variable `name`, or returns `default` when it is unset or empty.
-fn env_or<T>(name: &str, default: T) -> Result<T>
-where
-    T: std::str::FromStr,
-    T::Err: std::fmt::Display,
-{
-    match std::env::var(name) {
-        Ok(v) if !v.trim().is_empty() => v
-            .trim()
-            .parse()
-            .map_err(|e| anyhow!("invalid {name}={v:?}: {e}")),
-        _ => Ok(default),
-    }
-}
-
 /// Prints report rows as they are measured and counts PASS/MISS.
 #[derive(Default)]
 struct Report {
@@ -504,35 +425,9 @@ impl Report {
     }
 }
 
-/// Describes the machine: nproc, CPU model and kernel.
-fn machine_line() -> String {
-    let nproc = thread::available_parallelism().map_or(0, |n| n.get());
-    let cpu = fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("model name"))
-                .and_then(|l| l.split_once(':'))
-                .map(|(_, v)| v.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown".to_owned());
-    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
-        .map(|s| s.trim().to_owned())
-        .unwrap_or_else(|_| "unknown".to_owned());
-    format!("nproc={nproc} cpu=\"{cpu}\" kernel={kernel}")
-}
-
 /// Modification time of the worker binary, to detect a rebuild during the run.
 fn binary_mtime() -> Option<SystemTime> {
     fs::metadata(worker_bin()).and_then(|m| m.modified()).ok()
-}
-
-/// The 1, 5 and 15 minute load averages, to show other activity on the machine.
-fn load_average() -> String {
-    fs::read_to_string("/proc/loadavg")
-        .ok()
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_else(|| "unknown".to_owned())
 }
 
 // ---------------------------------------------------------------------------
@@ -562,23 +457,9 @@ impl Stats {
     }
 }
 
-/// Nearest-rank percentile of sorted, non-empty `sorted`.
-fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
 /// Formats milliseconds with microsecond resolution.
 fn ms(v: f64) -> String {
     format!("{v:.3} ms")
-}
-
-/// `later - earlier` in milliseconds, negative when `later` is earlier.
-fn signed_ms(later: SystemTime, earlier: SystemTime) -> f64 {
-    match later.duration_since(earlier) {
-        Ok(d) => d.as_secs_f64() * 1e3,
-        Err(e) => -e.duration().as_secs_f64() * 1e3,
-    }
 }
 
 // ---------------------------------------------------------------------------
@@ -990,20 +871,6 @@ impl Fixture {
 // 1. Throughput
 // ---------------------------------------------------------------------------
 
-/// Runs `bash -c true` to completion once, with all stdio on /dev/null.
-fn bash_true() -> Result<()> {
-    check_interrupted()?;
-    let status = Command::new("bash")
-        .args(["-c", "true"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .context("running bash -c true")?;
-    ensure!(status.success(), "bash -c true failed: {status}");
-    Ok(())
-}
-
 /// Raw reference: `n` runs of `bash -c true` split over `p` threads, each a
 /// tight spawn+wait loop. Returns jobs/s and the children's CPU ms per job.
 fn raw_throughput(n: usize, p: usize) -> Result<(f64, f64)> {
@@ -1348,50 +1215,6 @@ impl ThreadTrack {
         let seen = self.last.saturating_sub(self.base);
         if self.alive { seen } else { seen.max(1) }
     }
-}
-
-/// Voluntary + non-voluntary context switches and name of each thread of `pid`.
-fn thread_switches(pid: u32) -> Result<HashMap<u32, (String, u64)>> {
-    let mut out = HashMap::new();
-    for entry in fs::read_dir(format!("/proc/{pid}/task"))? {
-        let entry = entry?;
-        let Some(tid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
-            continue;
-        };
-        // A thread may exit between listing and reading: skip it.
-        let Ok(status) = fs::read_to_string(entry.path().join("status")) else {
-            continue;
-        };
-        let switches = ["voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:"]
-            .iter()
-            .map(|key| status_field(&status, key).unwrap_or(0))
-            .sum();
-        let name = status
-            .lines()
-            .find_map(|l| l.strip_prefix("Name:"))
-            .unwrap_or("?")
-            .trim()
-            .to_owned();
-        out.insert(tid, (name, switches));
-    }
-    Ok(out)
-}
-
-/// First number after `key` in a `/proc/.../status` file.
-fn status_field(status: &str, key: &str) -> Option<u64> {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.split_whitespace().next())
-        .and_then(|v| v.parse().ok())
-}
-
-/// `(VmRSS, VmHWM)` of `pid` in KiB.
-fn memory_kib(pid: u32) -> Result<(u64, u64)> {
-    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
-    let get =
-        |key| status_field(&status, key).ok_or_else(|| anyhow!("no {key} in /proc/{pid}/status"));
-    Ok((get("VmRSS:")?, get("VmHWM:")?))
 }
 
 /// CPU time of a process, from `/proc/<pid>/stat`, in clock ticks.

@@ -1,0 +1,194 @@
+//! Helpers shared by the benchmarks (`throughput.rs`, `peers.rs`): the
+//! interrupt handling, the raw `bash -c true` job, `/proc` readers,
+//! statistics and the environment knobs.
+
+#![allow(dead_code)] // each benchmark uses its own part
+
+use std::collections::HashMap;
+use std::fs;
+use std::io;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::thread;
+use std::time::SystemTime;
+
+use anyhow::{Context as _, Result, anyhow, bail, ensure};
+use tokio::signal::unix::{SignalKind, signal};
+
+/// Set when SIGINT, SIGTERM or SIGHUP arrives; checked by every wait loop.
+pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
+
+/// Starts a thread that catches SIGINT, SIGTERM and SIGHUP and sets
+/// [`INTERRUPTED`] instead of letting them kill the benchmark.
+///
+/// The wait loops then fail with "interrupted", and the normal return path
+/// drops every [`Worker`] guard and temporary spool. The handlers are
+/// installed with tokio's signal support (no `unsafe`, no blocked signal mask,
+/// which children would inherit: a worker spawned with SIGTERM blocked could
+/// not be stopped). Returns once the handlers are in place.
+pub fn install_interrupt_handler(stopping: &'static str) -> Result<()> {
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<io::Result<()>>();
+    thread::Builder::new()
+        .name("bench-signals".to_owned())
+        .spawn(move || {
+            let runtime = match tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+            {
+                Ok(rt) => rt,
+                Err(e) => {
+                    let _ = ready_tx.send(Err(e));
+                    return;
+                }
+            };
+            runtime.block_on(async move {
+                let streams = [
+                    SignalKind::interrupt(),
+                    SignalKind::terminate(),
+                    SignalKind::hangup(),
+                ]
+                .map(signal);
+                let [Ok(mut int), Ok(mut term), Ok(mut hup)] = streams else {
+                    let err = streams.into_iter().find_map(Result::err);
+                    let _ = ready_tx.send(Err(err.unwrap_or_else(|| io::Error::other("signal"))));
+                    return;
+                };
+                let _ = ready_tx.send(Ok(()));
+                loop {
+                    let name = tokio::select! {
+                        _ = int.recv() => "SIGINT",
+                        _ = term.recv() => "SIGTERM",
+                        _ = hup.recv() => "SIGHUP",
+                    };
+                    eprintln!("\n{name} received: stopping {stopping}");
+                    INTERRUPTED.store(true, Ordering::Relaxed);
+                }
+            });
+        })
+        .context("starting the signal thread")?;
+    ready_rx
+        .recv()
+        .context("signal thread died")?
+        .context("installing signal handlers")
+}
+
+/// Fails once the benchmark has been interrupted.
+pub fn check_interrupted() -> Result<()> {
+    if INTERRUPTED.load(Ordering::Relaxed) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+/// Parses environment variable `name`, or returns `default` when it is unset or empty.
+pub fn env_or<T>(name: &str, default: T) -> Result<T>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    match std::env::var(name) {
+        Ok(v) if !v.trim().is_empty() => v
+            .trim()
+            .parse()
+            .map_err(|e| anyhow!("invalid {name}={v:?}: {e}")),
+        _ => Ok(default),
+    }
+}
+
+/// Describes the machine: nproc, CPU model and kernel.
+pub fn machine_line() -> String {
+    let nproc = thread::available_parallelism().map_or(0, |n| n.get());
+    let cpu = fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown".to_owned());
+    let kernel = fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_owned())
+        .unwrap_or_else(|_| "unknown".to_owned());
+    format!("nproc={nproc} cpu=\"{cpu}\" kernel={kernel}")
+}
+
+/// The 1, 5 and 15 minute load averages, to show other activity on the machine.
+pub fn load_average() -> String {
+    fs::read_to_string("/proc/loadavg")
+        .ok()
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// Nearest-rank percentile of sorted, non-empty `sorted`.
+pub fn percentile(sorted: &[f64], p: f64) -> f64 {
+    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+/// `later - earlier` in milliseconds, negative when `later` is earlier.
+pub fn signed_ms(later: SystemTime, earlier: SystemTime) -> f64 {
+    match later.duration_since(earlier) {
+        Ok(d) => d.as_secs_f64() * 1e3,
+        Err(e) => -e.duration().as_secs_f64() * 1e3,
+    }
+}
+
+/// Runs `bash -c true` to completion once, with all stdio on /dev/null.
+pub fn bash_true() -> Result<()> {
+    check_interrupted()?;
+    let status = Command::new("bash")
+        .args(["-c", "true"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .context("running bash -c true")?;
+    ensure!(status.success(), "bash -c true failed: {status}");
+    Ok(())
+}
+
+/// Voluntary + non-voluntary context switches and name of each thread of `pid`.
+pub fn thread_switches(pid: u32) -> Result<HashMap<u32, (String, u64)>> {
+    let mut out = HashMap::new();
+    for entry in fs::read_dir(format!("/proc/{pid}/task"))? {
+        let entry = entry?;
+        let Some(tid) = entry.file_name().to_str().and_then(|s| s.parse().ok()) else {
+            continue;
+        };
+        // A thread may exit between listing and reading: skip it.
+        let Ok(status) = fs::read_to_string(entry.path().join("status")) else {
+            continue;
+        };
+        let switches = ["voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:"]
+            .iter()
+            .map(|key| status_field(&status, key).unwrap_or(0))
+            .sum();
+        let name = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Name:"))
+            .unwrap_or("?")
+            .trim()
+            .to_owned();
+        out.insert(tid, (name, switches));
+    }
+    Ok(out)
+}
+
+/// First number after `key` in a `/proc/.../status` file.
+pub fn status_field(status: &str, key: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(key))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// `(VmRSS, VmHWM)` of `pid` in KiB.
+pub fn memory_kib(pid: u32) -> Result<(u64, u64)> {
+    let status = fs::read_to_string(format!("/proc/{pid}/status"))?;
+    let get =
+        |key| status_field(&status, key).ok_or_else(|| anyhow!("no {key} in /proc/{pid}/status"));
+    Ok((get("VmRSS:")?, get("VmHWM:")?))
+}
