@@ -2,6 +2,7 @@
 //! a capped log, a timeout (TERM, then KILL after a grace period), and an
 //! interrupt for a stopping worker.
 
+use std::ffi::OsString;
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
@@ -19,16 +20,6 @@ use tokio::time::{Instant as TokioInstant, sleep_until};
 
 use crate::spool::job::{Job, JobBody};
 use crate::spool::{JobId, JobResult, Status, Timestamp};
-
-/// Variables of the worker's own environment that must not leak into jobs:
-/// they describe the worker's relation to systemd, not the job's.
-const PRIVATE_ENV: [&str; 5] = [
-    "NOTIFY_SOCKET",
-    "WATCHDOG_USEC",
-    "WATCHDOG_PID",
-    "JOURNAL_STREAM",
-    "LISTEN_FDS",
-];
 
 /// Everything a job run needs.
 #[derive(Debug)]
@@ -281,23 +272,36 @@ pub async fn execute(
 }
 
 /// Starts the child: the shell in a new process group, stdin from
-/// /dev/null, stdout and stderr into one pipe (so they interleave in the
-/// order written).
-pub fn spawn(run: &Run) -> std::io::Result<Spawned> {
+/// `/dev/null` (`dev_null`), stdout and stderr into one pipe (so they
+/// interleave in the order written), with `base_env` plus the job's own
+/// variables as its environment.
+pub fn spawn(
+    run: &Run,
+    base_env: &[(OsString, OsString)],
+    dev_null: Result<&File, &std::io::Error>,
+) -> std::io::Result<Spawned> {
+    let stdin = match dev_null {
+        Ok(f) => Stdio::from(f.try_clone()?),
+        Err(e) => {
+            return Err(std::io::Error::new(
+                e.kind(),
+                format!("cannot open /dev/null: {e}"),
+            ));
+        }
+    };
     let (rd, wr) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
     let mut cmd = tokio::process::Command::new(&run.shell);
     match &run.job.body {
         JobBody::Command(c) => cmd.arg("-c").arg(c),
         JobBody::Script => cmd.arg(&run.running_path),
     };
-    cmd.stdin(Stdio::null())
+    cmd.stdin(stdin)
         .stdout(Stdio::from(wr.try_clone()?))
         .stderr(Stdio::from(wr))
         .process_group(0);
-    for var in PRIVATE_ENV {
-        cmd.env_remove(var);
-    }
-    cmd.envs(&run.job.env)
+    cmd.env_clear()
+        .envs(base_env.iter().map(|(k, v)| (k, v)))
+        .envs(&run.job.env)
         .env("AI_CMD_EXECUTOR_JOB_ID", run.id.as_str())
         .env("AI_CMD_EXECUTOR_ATTEMPT", run.job.attempt.to_string());
     if let Some(cwd) = &run.job.cwd {

@@ -8,6 +8,7 @@
 
 mod claim;
 mod exec;
+mod record;
 mod settle;
 
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -16,8 +17,6 @@ use std::fs::{self, File, TryLockError};
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -38,6 +37,7 @@ use crate::spool::{
 use crate::systemd::notify::Notifier;
 
 use claim::{Claim, ClaimCtx};
+use record::{Record, Recorded, Recorder};
 pub use settle::{Settled, settle};
 
 /// Errors that stop the worker from starting or keep it from going on.
@@ -73,46 +73,21 @@ pub struct WorkerOptions {
 }
 
 /// Runs the worker until SIGTERM or SIGINT. Builds its own single-threaded
-/// runtime: one thread serves every job, and blocking file writes go to
-/// tokio's blocking pool.
+/// runtime: one thread claims, runs and reaps every job, and one more (the
+/// recorder) writes results, so the loop never waits on an `fsync`.
 pub fn run(opts: WorkerOptions) -> Result<(), WorkerError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
-        // Result writers (fsync) run on blocking threads; keep idle ones
-        // parked instead of letting them exit 10 s after the last job, which
-        // would wake an idle worker. Parked threads cost no CPU.
-        .thread_keep_alive(Duration::from_secs(u64::from(u32::MAX)))
-        .max_blocking_threads(8)
         .build()
         .map_err(setup("starting the async runtime"))?;
     rt.block_on(async move {
-        let mut worker = Worker::new(opts);
-        worker.serve().await
+        let (recorder, recorded) = Recorder::start(Spool::new(opts.spool.clone()))
+            .map_err(setup("starting the result recorder"))?;
+        let mut worker = Worker::new(opts, recorder);
+        let served = worker.serve(recorded).await;
+        worker.recorder.shutdown();
+        served
     })
-}
-
-/// What a background task reports when it ends.
-enum TaskDone {
-    /// A claim came back from its thread.
-    Claimed(Claim),
-    /// A job's process ended; its result is ready to record.
-    Ran(Box<Ran>),
-    /// A result was recorded (or a job re-queued), and the id is free again.
-    Settled { id: JobId, outcome: Settled },
-    /// Recording failed (a full disk, say); kept, and retried later.
-    Unrecorded {
-        id: JobId,
-        record: Record,
-        error: SpoolError,
-    },
-}
-
-/// A result waiting to be recorded.
-enum Record {
-    /// A run whose process ended (its job file still locked in `running/`).
-    Run(Box<Ran>),
-    /// The rejection of bad input.
-    Rejection(JobResult),
 }
 
 /// First and longest pause before recording is retried (and claiming
@@ -165,7 +140,10 @@ struct Worker {
     busy: HashSet<JobId>,
     /// Running jobs, with the way to interrupt each.
     active: HashMap<JobId, ActiveJob>,
-    tasks: JoinSet<TaskDone>,
+    /// One task per running job; each ends with the finished run.
+    tasks: JoinSet<Box<Ran>>,
+    /// The thread that writes results.
+    recorder: Recorder,
     /// Set when SIGTERM arrived: when running jobs will be interrupted.
     stop_at: Option<tokio::time::Instant>,
     interrupted_all: bool,
@@ -177,26 +155,17 @@ struct Worker {
     retry_at: Option<tokio::time::Instant>,
     retry_delay: Duration,
     notifier: Notifier,
-    /// What claims on blocking threads need (rebuilt on reload).
-    claim_ctx: Arc<ClaimCtx>,
-    /// Set on SIGTERM; claims under way then leave their job pending.
-    stopping: Arc<AtomicBool>,
-    /// Claims under way; each holds a slot of `max_parallel`.
-    claiming: usize,
+    /// What claims need (rebuilt on reload).
+    claim_ctx: ClaimCtx,
     /// Turns of the event loop, and the count at the last watchdog ping.
     turns: u64,
     turns_at_ping: u64,
 }
 
 impl Worker {
-    fn new(opts: WorkerOptions) -> Self {
+    fn new(opts: WorkerOptions, recorder: Recorder) -> Self {
         let spool = Spool::new(opts.spool);
-        let stopping = Arc::new(AtomicBool::new(false));
-        let claim_ctx = Arc::new(ClaimCtx::new(
-            spool.clone(),
-            &opts.loaded.config,
-            Arc::clone(&stopping),
-        ));
+        let claim_ctx = ClaimCtx::new(spool.clone(), &opts.loaded.config);
         Worker {
             spool,
             config: opts.loaded.config,
@@ -207,6 +176,7 @@ impl Worker {
             busy: HashSet::new(),
             active: HashMap::new(),
             tasks: JoinSet::new(),
+            recorder,
             stop_at: None,
             interrupted_all: false,
             counters: Counters::default(),
@@ -216,14 +186,15 @@ impl Worker {
             retry_delay: RETRY_FIRST,
             notifier: Notifier::from_env(),
             claim_ctx,
-            stopping,
-            claiming: 0,
             turns: 0,
             turns_at_ping: 0,
         }
     }
 
-    async fn serve(&mut self) -> Result<(), WorkerError> {
+    async fn serve(
+        &mut self,
+        mut recorded: tokio::sync::mpsc::UnboundedReceiver<Vec<Recorded>>,
+    ) -> Result<(), WorkerError> {
         self.spool.ensure_layout()?;
         let mut sigterm = signal(SignalKind::terminate()).map_err(setup("handling SIGTERM"))?;
         let mut sigint = signal(SignalKind::interrupt()).map_err(setup("handling SIGINT"))?;
@@ -265,6 +236,7 @@ impl Worker {
             // written, until the stop grace has run out.
             if self.stop_at.is_some()
                 && self.tasks.is_empty()
+                && self.recorder.in_flight() == 0
                 && (self.unrecorded.is_empty() || self.interrupted_all)
             {
                 if !self.unrecorded.is_empty() {
@@ -299,8 +271,22 @@ impl Worker {
                     }),
                 },
                 Some(done) = self.tasks.join_next(), if !self.tasks.is_empty() => match done {
-                    Ok(done) => self.on_task_done(done),
+                    Ok(ran) => self.on_ran(ran),
                     Err(e) => error!("a job task failed: {e}"),
+                },
+                batch = recorded.recv() => match batch {
+                    Some(batch) => {
+                        for r in batch {
+                            self.on_recorded(r);
+                        }
+                    }
+                    // Only a panic ends the recorder early. Results could
+                    // no longer be written: stop, and let the next start
+                    // record what is left in running/.
+                    None => return Err(WorkerError::Setup {
+                        what: "recording results",
+                        source: io::Error::other("the recorder thread stopped unexpectedly"),
+                    }),
                 },
                 _ = sigterm.recv() => self.begin_stop("SIGTERM"),
                 _ = sigint.recv() => self.begin_stop("SIGINT"),
@@ -428,7 +414,7 @@ impl Worker {
     fn dispatch(&mut self) {
         while self.stop_at.is_none()
             && !self.paused
-            && self.active.len() + self.claiming < self.config.max_parallel.get()
+            && self.active.len() < self.config.max_parallel.get()
         {
             let Some(name) = self.queue.pop_front() else {
                 break;
@@ -438,9 +424,8 @@ impl Worker {
         }
     }
 
-    /// Hands a queued file (queued at `since`) to a blocking thread that
-    /// claims and starts it (at `max_parallel = 1`, claims it on the loop);
-    /// see [`claim::claim`].
+    /// Claims a queued file (queued at `since`) and starts it; see
+    /// [`claim::claim`].
     fn claim(&mut self, name: OsString, since: Timestamp) {
         let (id, kind) = match parse_job_file_name(&name) {
             Ok(x) => x,
@@ -456,22 +441,11 @@ impl Worker {
             return;
         }
         self.busy.insert(id.clone());
-        self.claiming += 1;
-        if self.config.max_parallel.get() == 1 {
-            // One job at a time gains nothing from a thread hand-off, and
-            // each extra pool thread costs idle memory (a stack and a
-            // malloc arena): claim here.
-            let claimed = claim::claim(&self.claim_ctx, name, id, kind, since);
-            return self.on_claimed(claimed);
-        }
-        let ctx = Arc::clone(&self.claim_ctx);
-        self.tasks
-            .spawn_blocking(move || TaskDone::Claimed(claim::claim(&ctx, name, id, kind, since)));
+        let claimed = claim::claim(&mut self.claim_ctx, name, id, kind, since);
+        self.on_claimed(claimed);
     }
 
-    /// A claim came back from its thread.
     fn on_claimed(&mut self, claimed: Claim) {
-        self.claiming -= 1;
         match claimed {
             Claim::Started(started) => {
                 let claim::Started {
@@ -499,13 +473,13 @@ impl Worker {
                 }
                 self.tasks.spawn(async move {
                     let result = exec::execute(run, spawned, rx).await;
-                    TaskDone::Ran(Box::new(Ran {
+                    Box::new(Ran {
                         id,
                         job,
                         running_path,
                         _lock: lock,
                         result,
-                    }))
+                    })
                 });
             }
             Claim::Rejected { id, reason } => self.record_rejection(id, reason),
@@ -525,15 +499,17 @@ impl Worker {
         }
     }
 
-    fn on_task_done(&mut self, done: TaskDone) {
-        match done {
-            TaskDone::Claimed(claimed) => self.on_claimed(claimed),
-            TaskDone::Ran(ran) => {
-                self.active.remove(&ran.id);
-                let id = ran.id.clone();
-                self.spawn_record(id, Record::Run(ran));
-            }
-            TaskDone::Settled { id, outcome } => {
+    /// A job's process ended: its result goes to the recorder.
+    fn on_ran(&mut self, ran: Box<Ran>) {
+        self.active.remove(&ran.id);
+        let id = ran.id.clone();
+        self.record(id, Record::Run(ran));
+    }
+
+    fn on_recorded(&mut self, recorded: Recorded) {
+        self.recorder.answered();
+        match recorded {
+            Recorded::Settled { id, outcome } => {
                 match outcome {
                     Settled::Recorded(Status::Succeeded) => self.counters.succeeded += 1,
                     Settled::Recorded(Status::Rejected) => self.counters.rejected += 1,
@@ -547,7 +523,7 @@ impl Worker {
                 }
                 self.release(id);
             }
-            TaskDone::Unrecorded { id, record, error } => {
+            Recorded::Failed { id, record, error } => {
                 // Results cannot be written (a full disk, say): hold them,
                 // claim nothing new, and retry with a growing pause.
                 self.unrecorded.push((id.clone(), record));
@@ -566,36 +542,10 @@ impl Worker {
         }
     }
 
-    /// Writes a result (and settles the job file) on a blocking thread.
-    fn spawn_record(&mut self, id: JobId, record: Record) {
-        let spool = self.spool.clone();
+    /// Hands a result to the recorder thread.
+    fn record(&mut self, id: JobId, record: Record) {
         let max_attempts = self.config.max_attempts.get();
-        self.tasks.spawn_blocking(move || {
-            let outcome = match &record {
-                Record::Run(ran) => settle(
-                    &spool,
-                    &ran.running_path,
-                    Some(&ran.job),
-                    &ran.result,
-                    max_attempts,
-                ),
-                Record::Rejection(r) => spool
-                    .write_result(r)
-                    .map(|()| Settled::Recorded(Status::Rejected)),
-            };
-            match outcome {
-                Ok(outcome) => {
-                    if let (Record::Run(ran), Settled::Recorded(_)) = (&record, &outcome) {
-                        log_result(&ran.result);
-                    }
-                    // Dropping a run releases its lock, only now that its
-                    // job file has left running/.
-                    drop(record);
-                    TaskDone::Settled { id, outcome }
-                }
-                Err(error) => TaskDone::Unrecorded { id, record, error },
-            }
-        });
+        self.recorder.send(id, record, max_attempts);
     }
 
     /// The id is free again: waiting runs of it go first, in their order.
@@ -627,7 +577,7 @@ impl Worker {
         self.retry_at = None;
         self.paused = false;
         for (id, record) in std::mem::take(&mut self.unrecorded) {
-            self.spawn_record(id, record);
+            self.record(id, record);
         }
     }
 
@@ -655,7 +605,7 @@ impl Worker {
             attempt: 1,
         };
         self.busy.insert(id.clone());
-        self.spawn_record(id, Record::Rejection(result));
+        self.record(id, Record::Rejection(result));
     }
 
     /// A file whose name gives no id: it cannot have a result, so it is only
@@ -718,7 +668,6 @@ impl Worker {
             humantime::format_duration(grace)
         );
         self.stop_at = Some(tokio::time::Instant::now() + grace);
-        self.stopping.store(true, Ordering::SeqCst);
         self.notifier.stopping(&format!(
             "stopping: waiting for {} running job(s)",
             self.active.len()
@@ -750,11 +699,7 @@ impl Worker {
                 let spool = self.config.spool.clone();
                 self.config = loaded.config;
                 self.config.spool = spool;
-                self.claim_ctx = Arc::new(ClaimCtx::new(
-                    self.spool.clone(),
-                    &self.config,
-                    Arc::clone(&self.stopping),
-                ));
+                self.claim_ctx = ClaimCtx::new(self.spool.clone(), &self.config);
                 info!(
                     max_parallel = self.config.max_parallel.get(),
                     "configuration reloaded"

@@ -1,0 +1,173 @@
+//! The recorder: one long-lived thread that writes results (and settles
+//! job files), so the event loop never waits on an `fsync`.
+//!
+//! The loop sends each finished run or rejection down a channel; the thread
+//! takes whatever has queued up, records it, and answers with one message
+//! per batch, so a busy worker pays one wake-up of the loop per batch rather
+//! than one per result. A dedicated thread, rather than a task on a pool,
+//! also means one wake-up of the writer per batch instead of a pool hand-off
+//! per result.
+
+use std::sync::mpsc;
+use std::thread;
+
+use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
+use tracing::error;
+
+use super::{Ran, log_result};
+use crate::spool::{JobId, JobResult, Spool, SpoolError, Status};
+use crate::worker::settle::{Settled, settle};
+
+/// A result waiting to be recorded.
+pub(super) enum Record {
+    /// A run whose process ended (its job file still locked in `running/`).
+    Run(Box<Ran>),
+    /// The rejection of bad input.
+    Rejection(JobResult),
+}
+
+/// What became of one record.
+pub(super) enum Recorded {
+    /// The result was recorded (or the job re-queued); the id is free.
+    Settled { id: JobId, outcome: Settled },
+    /// Recording failed (a full disk, say); the record comes back to be
+    /// held and retried.
+    Failed {
+        id: JobId,
+        record: Record,
+        error: SpoolError,
+    },
+}
+
+struct Order {
+    id: JobId,
+    record: Record,
+    max_attempts: u32,
+}
+
+/// The handle the loop keeps: where to send records, and where their
+/// outcomes come back.
+pub(super) struct Recorder {
+    orders: Option<mpsc::Sender<Order>>,
+    thread: Option<thread::JoinHandle<()>>,
+    /// Records sent and not answered yet.
+    in_flight: usize,
+}
+
+impl Recorder {
+    /// Starts the thread. Outcomes arrive on the returned receiver, a batch
+    /// per message.
+    pub fn start(spool: Spool) -> std::io::Result<(Self, UnboundedReceiver<Vec<Recorded>>)> {
+        let (orders, inbox) = mpsc::channel::<Order>();
+        let (outbox, outcomes) = unbounded_channel();
+        let thread = thread::Builder::new()
+            .name("recorder".into())
+            .spawn(move || serve(&spool, &inbox, &outbox))?;
+        Ok((
+            Recorder {
+                orders: Some(orders),
+                thread: Some(thread),
+                in_flight: 0,
+            },
+            outcomes,
+        ))
+    }
+
+    /// Queues a record.
+    pub fn send(&mut self, id: JobId, record: Record, max_attempts: u32) {
+        let order = Order {
+            id,
+            record,
+            max_attempts,
+        };
+        let Some(orders) = self.orders.as_ref() else {
+            return;
+        };
+        match orders.send(order) {
+            Ok(()) => self.in_flight += 1,
+            // The thread is gone (it only ends when told to, or by a
+            // panic): the job stays in running/ and the next start records
+            // it interrupted.
+            Err(mpsc::SendError(order)) => {
+                error!(cmd_id = %order.id, "the result recorder has stopped; the result is lost and the job will be recorded interrupted at the next start");
+            }
+        }
+    }
+
+    /// One record was answered.
+    pub fn answered(&mut self) {
+        self.in_flight = self.in_flight.saturating_sub(1);
+    }
+
+    /// Records sent and not answered yet.
+    pub fn in_flight(&self) -> usize {
+        self.in_flight
+    }
+
+    /// Lets the thread finish what it has and waits for it.
+    pub fn shutdown(&mut self) {
+        self.orders = None;
+        if let Some(t) = self.thread.take()
+            && t.join().is_err()
+        {
+            error!("the result recorder panicked");
+        }
+    }
+}
+
+impl Drop for Recorder {
+    fn drop(&mut self) {
+        self.shutdown();
+    }
+}
+
+/// Most records answered in one message, so answers keep flowing while
+/// new records keep arriving.
+const MAX_BATCH: usize = 32;
+
+fn serve(spool: &Spool, inbox: &mpsc::Receiver<Order>, outbox: &UnboundedSender<Vec<Recorded>>) {
+    while let Ok(first) = inbox.recv() {
+        let mut batch = vec![record(spool, first)];
+        while batch.len() < MAX_BATCH
+            && let Ok(next) = inbox.try_recv()
+        {
+            batch.push(record(spool, next));
+        }
+        if outbox.send(batch).is_err() {
+            // The loop has gone; nothing is waiting for the answers.
+            return;
+        }
+    }
+}
+
+fn record(spool: &Spool, order: Order) -> Recorded {
+    let Order {
+        id,
+        record,
+        max_attempts,
+    } = order;
+    let outcome = match &record {
+        Record::Run(ran) => settle(
+            spool,
+            &ran.running_path,
+            Some(&ran.job),
+            &ran.result,
+            max_attempts,
+        ),
+        Record::Rejection(r) => spool
+            .write_result(r)
+            .map(|()| Settled::Recorded(Status::Rejected)),
+    };
+    match outcome {
+        Ok(outcome) => {
+            if let (Record::Run(ran), Settled::Recorded(_)) = (&record, &outcome) {
+                log_result(&ran.result);
+            }
+            // Dropping a run releases its lock, only now that its job file
+            // has left running/.
+            drop(record);
+            Recorded::Settled { id, outcome }
+        }
+        Err(error) => Recorded::Failed { id, record, error },
+    }
+}
