@@ -190,3 +190,40 @@ fn jobs_do_not_inherit_the_notify_socket() {
     let r = spool.wait_result("env");
     assert_eq!(spool.log_of(&r), "[unset] [unset]\n");
 }
+
+#[test]
+fn status_updates_are_few_while_busy_and_prompt_when_idle() {
+    const JOBS: usize = 300;
+    let spool = Spool::new();
+    // Queued before the worker starts, so it stays busy from the first job
+    // to the last.
+    fs::create_dir_all(spool.path("tmp")).unwrap();
+    fs::create_dir_all(spool.path("pending")).unwrap();
+    for i in 0..JOBS {
+        spool.drop_file(&format!("q{i:03}.json"), br#"{"command":"true"}"#);
+    }
+    let sock = NotifySocket::bind(&spool);
+    let mut w = start(&spool, &sock, "");
+    let (t_ready, _) = sock.until("READY=1", |m| m.contains("READY=1"));
+
+    // Every turn of the loop changes the counts; systemd hears of it at
+    // most about once a second, and at once when the worker goes idle.
+    let done = format!("STATUS=idle; 0 pending, {JOBS} done, 0 failed");
+    let mut statuses = 0;
+    let t_idle = loop {
+        let (t, m) = sock.until("a status", |m| m.contains("STATUS="));
+        statuses += 1;
+        if m.contains(&done) {
+            break t;
+        }
+    };
+    let busy = t_idle - t_ready;
+    let allowed = 4 + 2 * busy.as_secs() as usize;
+    assert!(
+        statuses <= allowed,
+        "{statuses} STATUS= updates in {busy:?} for {JOBS} jobs; at most {allowed} expected"
+    );
+    assert_eq!(spool.wait_result("q299")["status"], "succeeded");
+    w.signal(Signal::SIGTERM);
+    assert!(w.wait_exit().success());
+}

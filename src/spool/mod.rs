@@ -343,13 +343,14 @@ pub fn move_into(from: &Path, dir: &Path) -> io::Result<PathBuf> {
 pub fn open_job_file(path: &Path) -> io::Result<File> {
     OpenOptions::new()
         .read(true)
-        .custom_flags(libc_flags::O_NOFOLLOW | libc_flags::O_NONBLOCK)
+        .custom_flags(libc_flags::O_NOFOLLOW | libc_flags::O_NONBLOCK | libc_flags::O_NOCTTY)
         .open(path)
 }
 
 mod libc_flags {
     pub const O_NOFOLLOW: i32 = nix::fcntl::OFlag::O_NOFOLLOW.bits();
     pub const O_NONBLOCK: i32 = nix::fcntl::OFlag::O_NONBLOCK.bits();
+    pub const O_NOCTTY: i32 = nix::fcntl::OFlag::O_NOCTTY.bits();
 }
 
 #[cfg(test)]

@@ -8,7 +8,7 @@
 //! more than the claim itself.
 
 use std::collections::HashMap;
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::{self, Read};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
@@ -18,20 +18,11 @@ use std::time::{Duration, Instant};
 use tracing::{debug, error, info, warn};
 
 use super::exec;
+use super::spawn::Spawner;
 use crate::config::Config;
 use crate::logging::message_id;
 use crate::spool::job::{Job, JobError};
 use crate::spool::{JobId, JobKind, Spool, Timestamp, move_into, open_job_file, rename_noreplace};
-
-/// Variables of the worker's own environment that must not leak into jobs:
-/// they describe the worker's relation to systemd, not the job's.
-const PRIVATE_ENV: [&str; 5] = [
-    "NOTIFY_SOCKET",
-    "WATCHDOG_USEC",
-    "WATCHDOG_PID",
-    "JOURNAL_STREAM",
-    "LISTEN_FDS",
-];
 
 /// What a claim needs from the worker; rebuilt when the configuration is
 /// reloaded.
@@ -43,18 +34,12 @@ pub(super) struct ClaimCtx {
     pub log_max_bytes: u64,
     pub max_job_bytes: u64,
     pub submitters: Submitters,
-    /// The environment every job starts from: the worker's own, less
-    /// [`PRIVATE_ENV`]. Taken once, instead of at every spawn.
-    pub base_env: Vec<(OsString, OsString)>,
-    /// `/dev/null`, opened once; each job's stdin is a duplicate of it.
-    pub dev_null: io::Result<File>,
+    /// Starts job processes (environment and `/dev/null` prepared once).
+    pub spawner: Spawner,
 }
 
 impl ClaimCtx {
     pub fn new(spool: Spool, config: &Config) -> Self {
-        let base_env = std::env::vars_os()
-            .filter(|(k, _)| !PRIVATE_ENV.iter().any(|p| OsStr::new(p) == k))
-            .collect();
         ClaimCtx {
             spool,
             shell: config.shell.clone(),
@@ -63,8 +48,7 @@ impl ClaimCtx {
             log_max_bytes: config.log_max_bytes.get(),
             max_job_bytes: config.max_job_bytes.get(),
             submitters: Submitters::new(config.submit_group.as_deref()),
-            base_env,
-            dev_null: File::open("/dev/null"),
+            spawner: Spawner::new(),
         }
     }
 }
@@ -112,42 +96,44 @@ pub(super) fn claim(
     since: Timestamp,
 ) -> Claim {
     let path = ctx.spool.pending().join(&name);
-    let meta = match fs::symlink_metadata(&path) {
-        Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => {
-            return Claim::Vanished { id, name, since };
-        }
-        Err(e) => {
-            // The directory, not the file, is at fault (permissions, I/O):
-            // keep the job queued and retry with a growing pause rather
-            // than reject good input or spin.
-            error!(cmd_id = %id, "cannot inspect {}: {e}; claiming paused, retrying", path.display());
-            return Claim::Retry { id, name, since };
-        }
-    };
-    let ft = meta.file_type();
-    if !ft.is_file() {
-        let what = if ft.is_symlink() {
-            "a symbolic link"
-        } else if ft.is_dir() {
-            "a directory"
-        } else {
-            "not a regular file (FIFO, socket or device)"
-        };
-        return reject(
-            ctx,
-            id,
-            &path,
-            format!("the job file is {what}; only regular files are accepted"),
-        );
-    }
+    // Opened without following a symlink and without blocking on a FIFO;
+    // the type is checked on the open file, so nothing can swap it between
+    // the check and the read.
     let mut file = match open_job_file(&path) {
         Ok(f) => f,
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             return Claim::Vanished { id, name, since };
         }
-        Err(e) => return reject(ctx, id, &path, format!("cannot open the job file: {e}")),
+        Err(e) if e.raw_os_error() == Some(nix::libc::ELOOP) => {
+            return reject_type(ctx, id, &path, "a symbolic link");
+        }
+        Err(e) if e.raw_os_error() == Some(nix::libc::ENXIO) => {
+            return reject_type(ctx, id, &path, NOT_REGULAR);
+        }
+        Err(e) => match fs::symlink_metadata(&path) {
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                return Claim::Vanished { id, name, since };
+            }
+            Err(e) => {
+                // The directory, not the file, is at fault (permissions,
+                // I/O): keep the job queued and retry with a growing pause
+                // rather than reject good input or spin.
+                error!(cmd_id = %id, "cannot inspect {}: {e}; claiming paused, retrying", path.display());
+                return Claim::Retry { id, name, since };
+            }
+            Ok(_) => return reject(ctx, id, &path, format!("cannot open the job file: {e}")),
+        },
     };
+    let meta = match file.metadata() {
+        Ok(m) => m,
+        Err(e) => return reject(ctx, id, &path, format!("cannot inspect the job file: {e}")),
+    };
+    if meta.is_dir() {
+        return reject_type(ctx, id, &path, "a directory");
+    }
+    if !meta.is_file() {
+        return reject_type(ctx, id, &path, NOT_REGULAR);
+    }
     match file.try_lock() {
         Ok(()) => {}
         Err(TryLockError::WouldBlock) => {
@@ -158,7 +144,7 @@ pub(super) fn claim(
             warn!(cmd_id = %id, "cannot lock {}: {e}", path.display());
         }
     }
-    let bytes = match read_bounded(&mut file, ctx.max_job_bytes) {
+    let bytes = match read_file(&mut file, &meta, ctx.max_job_bytes) {
         Ok(b) => b,
         Err(ReadError::TooBig(size)) => {
             let e = JobError::TooBig {
@@ -209,16 +195,6 @@ pub(super) fn claim(
     let timeout = job
         .timeout_secs
         .map_or(ctx.default_timeout, |s| Duration::from_secs(s.get()));
-    info!(
-        message_id = message_id::JOB_STARTED,
-        cmd_id = %id,
-        cmd_status = "running",
-        exit_code = "-",
-        duration_ms = 0,
-        attempt = job.attempt,
-        kind = kind.extension(),
-        "job started"
-    );
     let run = exec::Run {
         id,
         job,
@@ -233,13 +209,37 @@ pub(super) fn claim(
         t0: Instant::now(),
     };
     let began = run.t0;
-    let spawned = exec::spawn(&run, &ctx.base_env, ctx.dev_null.as_ref());
+    let spawned = exec::spawn(&run, &ctx.spawner);
+    // Logged once the job runs: the line costs the loop some CPU, and the
+    // job need not wait for it.
+    info!(
+        message_id = message_id::JOB_STARTED,
+        cmd_id = %run.id,
+        cmd_status = "running",
+        exit_code = "-",
+        duration_ms = 0,
+        attempt = run.job.attempt,
+        kind = kind.extension(),
+        "job started"
+    );
     Claim::Started(Box::new(Started {
         run,
         spawned,
         lock: file,
         began,
     }))
+}
+
+const NOT_REGULAR: &str = "not a regular file (FIFO, socket or device)";
+
+/// Rejects a job file that is not a regular file.
+fn reject_type(ctx: &ClaimCtx, id: JobId, path: &Path, what: &str) -> Claim {
+    reject(
+        ctx,
+        id,
+        path,
+        format!("the job file is {what}; only regular files are accepted"),
+    )
 }
 
 /// Rejects bad input: moves the file to `archive/rejected/`; the caller
@@ -296,6 +296,11 @@ pub(super) enum ReadError {
 /// Reads a whole job file, refusing one over `max` bytes without reading it.
 pub(super) fn read_bounded(file: &mut File, max: u64) -> Result<Vec<u8>, ReadError> {
     let meta = file.metadata().map_err(ReadError::Io)?;
+    read_file(file, &meta, max)
+}
+
+/// [`read_bounded`] for a file whose metadata is at hand.
+fn read_file(file: &mut File, meta: &fs::Metadata, max: u64) -> Result<Vec<u8>, ReadError> {
     if !meta.is_file() {
         return Err(ReadError::Io(io::Error::other("not a regular file")));
     }

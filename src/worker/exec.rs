@@ -2,22 +2,21 @@
 //! a capped log, a timeout (TERM, then KILL after a grace period), and an
 //! interrupt for a stopping worker.
 
-use std::ffi::OsString;
+use std::ffi::OsStr;
 use std::fs::File;
 use std::io::Write;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
-use std::process::{ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
-use nix::fcntl::OFlag;
 use nix::sys::signal::{Signal, killpg};
-use nix::unistd::Pid;
 use tokio::io::AsyncReadExt;
 use tokio::net::unix::pipe;
 use tokio::sync::oneshot;
 use tokio::time::{Instant as TokioInstant, sleep_until};
 
+use super::spawn::{Child, Spawner, Spec};
 use crate::spool::job::{Job, JobBody};
 use crate::spool::{JobId, JobResult, Status, Timestamp};
 
@@ -49,7 +48,7 @@ pub struct Run {
 }
 
 /// A started job process and the read end of its output pipe.
-pub type Spawned = (tokio::process::Child, pipe::Receiver);
+pub type Spawned = (Child, pipe::Receiver);
 
 /// Why the worker signalled the job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -144,7 +143,7 @@ pub async fn execute(
         broken: None,
     };
 
-    let (mut child, reader) = match spawned {
+    let (child, reader) = match spawned {
         Ok(x) => x,
         Err(e) => {
             let msg = format!("could not start the job: {e}");
@@ -153,7 +152,7 @@ pub async fn execute(
             return result(Status::Failed, None, None, Some(msg), truncated);
         }
     };
-    let pgid = child.id().map(|p| Pid::from_raw(p as i32));
+    let pgid = Some(child.pid());
 
     let mut reader = Some(reader);
     // Pipe reads rarely exceed a page or two; a small buffer keeps the
@@ -271,47 +270,22 @@ pub async fn execute(
     }
 }
 
-/// Starts the child: the shell in a new process group, stdin from
-/// `/dev/null` (`dev_null`), stdout and stderr into one pipe (so they
-/// interleave in the order written), with `base_env` plus the job's own
-/// variables as its environment.
-pub fn spawn(
-    run: &Run,
-    base_env: &[(OsString, OsString)],
-    dev_null: Result<&File, &std::io::Error>,
-) -> std::io::Result<Spawned> {
-    let stdin = match dev_null {
-        Ok(f) => Stdio::from(f.try_clone()?),
-        Err(e) => {
-            return Err(std::io::Error::new(
-                e.kind(),
-                format!("cannot open /dev/null: {e}"),
-            ));
-        }
+/// Starts the job's process; see [`Spawner::spawn`].
+pub fn spawn(run: &Run, spawner: &Spawner) -> std::io::Result<Spawned> {
+    let (args, argc) = match &run.job.body {
+        JobBody::Command(c) => ([OsStr::new("-c"), OsStr::new(c.as_str())], 2),
+        JobBody::Script => ([run.running_path.as_os_str(), OsStr::new("")], 1),
     };
-    let (rd, wr) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
-    let mut cmd = tokio::process::Command::new(&run.shell);
-    match &run.job.body {
-        JobBody::Command(c) => cmd.arg("-c").arg(c),
-        JobBody::Script => cmd.arg(&run.running_path),
-    };
-    cmd.stdin(stdin)
-        .stdout(Stdio::from(wr.try_clone()?))
-        .stderr(Stdio::from(wr))
-        .process_group(0);
-    cmd.env_clear()
-        .envs(base_env.iter().map(|(k, v)| (k, v)))
-        .envs(&run.job.env)
-        .env("AI_CMD_EXECUTOR_JOB_ID", run.id.as_str())
-        .env("AI_CMD_EXECUTOR_ATTEMPT", run.job.attempt.to_string());
-    if let Some(cwd) = &run.job.cwd {
-        cmd.current_dir(cwd);
-    }
-    let child = cmd
-        .spawn()
-        .map_err(|e| std::io::Error::new(e.kind(), format!("{}: {e}", run.shell.display())))?;
-    // `cmd` still holds the write end of the pipe; drop it so the reader
-    // sees end-of-file when the job's processes close theirs.
-    drop(cmd);
-    Ok((child, pipe::Receiver::from_owned_fd(rd)?))
+    let attempt = run.job.attempt.to_string();
+    spawner.spawn(&Spec {
+        shell: &run.shell,
+        args,
+        argc,
+        env: &run.job.env,
+        extra_env: [
+            ("AI_CMD_EXECUTOR_JOB_ID", run.id.as_str()),
+            ("AI_CMD_EXECUTOR_ATTEMPT", &attempt),
+        ],
+        cwd: run.job.cwd.as_deref(),
+    })
 }

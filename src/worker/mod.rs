@@ -10,6 +10,7 @@ mod claim;
 mod exec;
 mod record;
 mod settle;
+mod spawn;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::{OsStr, OsString};
@@ -103,6 +104,9 @@ struct ActiveJob {
     limit: Duration,
 }
 
+/// The shortest time between two `STATUS=` updates of the same kind.
+const STATUS_EVERY: Duration = Duration::from_secs(1);
+
 /// How long past its timeout and kill grace a job may stay unreaped before
 /// the heartbeat is withheld (the loop is then not doing its job).
 const OVERDUE_MARGIN: Duration = Duration::from_secs(10);
@@ -144,6 +148,8 @@ struct Worker {
     tasks: JoinSet<Box<Ran>>,
     /// The thread that writes results.
     recorder: Recorder,
+    /// Results for the recorder, sent after this turn's claims.
+    to_record: Vec<(JobId, Record)>,
     /// Set when SIGTERM arrived: when running jobs will be interrupted.
     stop_at: Option<tokio::time::Instant>,
     interrupted_all: bool,
@@ -157,6 +163,11 @@ struct Worker {
     notifier: Notifier,
     /// What claims need (rebuilt on reload).
     claim_ctx: ClaimCtx,
+    /// When `STATUS=` was last sent, of which kind, and when a held-back
+    /// update is due (see [`Worker::update_status`]).
+    status_sent_at: Option<tokio::time::Instant>,
+    status_sent_kind: u8,
+    status_due: Option<tokio::time::Instant>,
     /// Turns of the event loop, and the count at the last watchdog ping.
     turns: u64,
     turns_at_ping: u64,
@@ -177,6 +188,7 @@ impl Worker {
             active: HashMap::new(),
             tasks: JoinSet::new(),
             recorder,
+            to_record: Vec::new(),
             stop_at: None,
             interrupted_all: false,
             counters: Counters::default(),
@@ -186,6 +198,9 @@ impl Worker {
             retry_delay: RETRY_FIRST,
             notifier: Notifier::from_env(),
             claim_ctx,
+            status_sent_at: None,
+            status_sent_kind: 0,
+            status_due: None,
             turns: 0,
             turns_at_ping: 0,
         }
@@ -227,10 +242,18 @@ impl Worker {
 
         loop {
             self.turns += 1;
-            self.dispatch();
+            // Start what can start first: a freed slot should not wait for
+            // the hand-off of the result that freed it.
+            loop {
+                self.dispatch();
+                // A result written on the loop frees its id, which may let
+                // a waiting run of it start.
+                if !self.flush_records() {
+                    break;
+                }
+            }
             if self.notifier.enabled() {
-                let status = self.status_line();
-                self.notifier.status(&status);
+                self.update_status(false);
             }
             // Stopping: wait for running jobs and for results still to be
             // written, until the stop grace has run out.
@@ -249,6 +272,7 @@ impl Worker {
             }
             let stop_at = self.stop_at.filter(|_| !self.interrupted_all);
             let retry_at = self.retry_at;
+            let status_due = self.status_due;
             tokio::select! {
                 ev = events.next() => match ev {
                     Some(Ok(ev)) => {
@@ -305,6 +329,9 @@ impl Worker {
                 }
                 () = async { tokio::time::sleep_until(stop_at.expect("guarded")).await }, if stop_at.is_some() => {
                     self.interrupt_all();
+                }
+                () = async { tokio::time::sleep_until(status_due.expect("guarded")).await }, if status_due.is_some() => {
+                    self.update_status(true);
                 }
             }
             if !watched {
@@ -542,10 +569,34 @@ impl Worker {
         }
     }
 
-    /// Hands a result to the recorder thread.
+    /// Queues a result for the recorder thread; sent at the next turn of
+    /// the loop, after the claims.
     fn record(&mut self, id: JobId, record: Record) {
+        self.to_record.push((id, record));
+    }
+
+    /// Sends queued results to the recorder; or, when nothing else is
+    /// running or waiting, writes the one result on the loop itself: the
+    /// loop would only sleep meanwhile, and the agent waiting for that
+    /// result is spared the wake-up of another thread.
+    /// Returns whether it wrote one on the loop.
+    fn flush_records(&mut self) -> bool {
         let max_attempts = self.config.max_attempts.get();
-        self.recorder.send(id, record, max_attempts);
+        if self.to_record.len() == 1
+            && self.active.is_empty()
+            && self.queue.is_empty()
+            && self.recorder.in_flight() == 0
+        {
+            let (id, record) = self.to_record.pop().expect("one");
+            let done = record::record_now(&self.spool, id, record, max_attempts);
+            self.recorder.sent_inline();
+            self.on_recorded(done);
+            return true;
+        }
+        for (id, record) in self.to_record.drain(..) {
+            self.recorder.send(id, record, max_attempts);
+        }
+        false
     }
 
     /// The id is free again: waiting runs of it go first, in their order.
@@ -709,6 +760,43 @@ impl Worker {
         }
         let status = self.status_line();
         self.notifier.ready(&status);
+    }
+
+    /// Sends `STATUS=` when what the worker is doing changed kind (idle,
+    /// running, stopping, in trouble) or `due` is set, and otherwise at
+    /// most every [`STATUS_EVERY`]: each message costs systemd (PID 1)
+    /// some work and a D-Bus signal, and a busy worker changes its counts
+    /// hundreds of times a second. A held-back update is sent when
+    /// `status_due` comes; an idle worker has none, so it never wakes.
+    fn update_status(&mut self, due: bool) {
+        let kind = self.status_kind();
+        let now = tokio::time::Instant::now();
+        let recent = self
+            .status_sent_at
+            .is_some_and(|t| now.duration_since(t) < STATUS_EVERY);
+        if !due && kind == self.status_sent_kind && recent {
+            if self.status_due.is_none() {
+                self.status_due = self.status_sent_at.map(|t| t + STATUS_EVERY);
+            }
+            return;
+        }
+        let status = self.status_line();
+        self.notifier.status(&status);
+        self.status_sent_at = Some(now);
+        self.status_sent_kind = kind;
+        self.status_due = None;
+    }
+
+    fn status_kind(&self) -> u8 {
+        if self.stop_at.is_some() {
+            3
+        } else if !self.unrecorded.is_empty() || self.paused {
+            2
+        } else if self.active.is_empty() {
+            0
+        } else {
+            1
+        }
     }
 
     /// What the worker is doing, for `STATUS=` (shown by `systemctl status`).

@@ -94,6 +94,12 @@ impl Recorder {
         }
     }
 
+    /// A record was written on the loop instead (its answer is handled
+    /// like the recorder's).
+    pub fn sent_inline(&mut self) {
+        self.in_flight += 1;
+    }
+
     /// One record was answered.
     pub fn answered(&mut self) {
         self.in_flight = self.in_flight.saturating_sub(1);
@@ -146,6 +152,12 @@ fn record(spool: &Spool, order: Order) -> Recorded {
         record,
         max_attempts,
     } = order;
+    record_now(spool, id, record, max_attempts)
+}
+
+/// Records one result on the calling thread (the recorder's, or the loop's
+/// when it has nothing else to do).
+pub(super) fn record_now(spool: &Spool, id: JobId, record: Record, max_attempts: u32) -> Recorded {
     let outcome = match &record {
         Record::Run(ran) => settle(
             spool,

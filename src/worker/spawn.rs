@@ -1,0 +1,348 @@
+//! Starting a job's process and waiting for it.
+//!
+//! A job is started with `posix_spawn` (a `vfork`-style clone, as
+//! `std::process::Command` uses too), from an environment built once per
+//! configuration rather than captured and copied at every spawn, and it is
+//! waited for through a pidfd on the event loop. The pidfd also means no
+//! `SIGCHLD` handler: a child's exit costs the worker one readiness event,
+//! not a signal delivery. A job with a `cwd` goes through
+//! `std::process::Command`, which can change directory in the child.
+
+use std::collections::BTreeMap;
+use std::ffi::{CStr, CString, OsStr, OsString};
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::path::Path;
+use std::process::{ExitStatus, Stdio};
+
+use nix::errno::Errno;
+use nix::fcntl::{FcntlArg, OFlag, fcntl};
+use nix::spawn::{PosixSpawnAttr, PosixSpawnFileActions, PosixSpawnFlags, posix_spawn};
+use nix::sys::signal::{SigSet, Signal, killpg};
+use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
+use nix::unistd::Pid;
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
+use tokio::net::unix::pipe;
+
+/// Variables of the worker's own environment that must not leak into jobs:
+/// they describe the worker's relation to systemd, not the job's.
+const PRIVATE_ENV: [&str; 5] = [
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
+    "JOURNAL_STREAM",
+    "LISTEN_FDS",
+];
+
+/// What every job is started with: its environment before the job's own
+/// variables, and `/dev/null` for its stdin.
+pub(super) struct Spawner {
+    /// The worker's environment less [`PRIVATE_ENV`], as pairs.
+    base: Vec<(OsString, OsString)>,
+    /// The same, as `KEY=VALUE` strings for `posix_spawn`.
+    base_c: Vec<CString>,
+    dev_null: io::Result<File>,
+}
+
+/// What to start.
+pub(super) struct Spec<'a> {
+    pub shell: &'a Path,
+    /// The arguments after the shell's own name.
+    pub args: [&'a OsStr; 2],
+    pub argc: usize,
+    /// The job's own variables, then the worker's (`AI_CMD_EXECUTOR_*`);
+    /// both override the inherited environment.
+    pub env: &'a BTreeMap<String, String>,
+    pub extra_env: [(&'a str, &'a str); 2],
+    pub cwd: Option<&'a Path>,
+}
+
+impl Spawner {
+    /// Takes the worker's environment and opens `/dev/null`.
+    pub fn new() -> Self {
+        let base: Vec<(OsString, OsString)> = std::env::vars_os()
+            .filter(|(k, _)| !PRIVATE_ENV.iter().any(|p| OsStr::new(p) == k))
+            .collect();
+        let base_c = base
+            .iter()
+            .filter_map(|(k, v)| env_entry(k.as_bytes(), v.as_bytes()))
+            .collect();
+        Spawner {
+            base,
+            base_c,
+            dev_null: File::open("/dev/null"),
+        }
+    }
+
+    /// Starts `spec` in a new process group, stdin from `/dev/null`,
+    /// stdout and stderr into one pipe (so they interleave in the order
+    /// written). Returns the child and the pipe's read end.
+    pub fn spawn(&self, spec: &Spec<'_>) -> io::Result<(Child, pipe::Receiver)> {
+        let stdin = match &self.dev_null {
+            Ok(f) => f.try_clone()?,
+            Err(e) => {
+                return Err(io::Error::new(
+                    e.kind(),
+                    format!("cannot open /dev/null: {e}"),
+                ));
+            }
+        };
+        let (rd, wr) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
+        fcntl(&rd, FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
+        // Our copy of the write end is closed as soon as the child has it,
+        // so the reader sees end-of-file once the job's processes close
+        // theirs.
+        let pid = match spec.cwd {
+            None => {
+                let pid = self.posix_spawn(spec, &stdin, &wr);
+                drop(wr);
+                pid?
+            }
+            Some(cwd) => self.command_spawn(spec, cwd, stdin, wr)?,
+        };
+        let child = Child::track(pid)?;
+        Ok((child, pipe::Receiver::from_owned_fd_unchecked(rd)?))
+    }
+
+    fn posix_spawn(&self, spec: &Spec<'_>, stdin: &File, out: &OwnedFd) -> io::Result<Pid> {
+        let mut actions = PosixSpawnFileActions::init()?;
+        actions.add_dup2(stdin.as_raw_fd(), 0)?;
+        actions.add_dup2(out.as_raw_fd(), 1)?;
+        actions.add_dup2(out.as_raw_fd(), 2)?;
+        let mut attr = PosixSpawnAttr::init()?;
+        attr.set_flags(
+            PosixSpawnFlags::POSIX_SPAWN_SETPGROUP
+                | PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK
+                | PosixSpawnFlags::POSIX_SPAWN_SETSIGDEF,
+        )?;
+        attr.set_pgroup(Pid::from_raw(0))?;
+        attr.set_sigmask(&SigSet::empty())?;
+        // The Rust runtime ignores SIGPIPE, and an ignored signal stays
+        // ignored across exec; a shell job expects the default.
+        let mut sigdef = SigSet::empty();
+        sigdef.add(Signal::SIGPIPE);
+        attr.set_sigdefault(&sigdef)?;
+
+        let argv0 = cstring(spec.shell.as_os_str(), "the shell path")?;
+        let mut argv: Vec<CString> = vec![argv0];
+        for a in &spec.args[..spec.argc] {
+            argv.push(cstring(a, "the command")?);
+        }
+        let own: Vec<CString> = spec
+            .env
+            .iter()
+            .map(|(k, v)| (k.as_str(), v.as_str()))
+            .chain(spec.extra_env)
+            .map(|(k, v)| {
+                env_entry(k.as_bytes(), v.as_bytes()).ok_or_else(|| {
+                    io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("environment variable {k:?} contains a NUL byte"),
+                    )
+                })
+            })
+            .collect::<io::Result<_>>()?;
+        let overridden = |entry: &CStr| {
+            let name = entry.to_bytes().split(|b| *b == b'=').next().unwrap_or(b"");
+            spec.env.keys().any(|k| k.as_bytes() == name)
+                || spec.extra_env.iter().any(|(k, _)| k.as_bytes() == name)
+        };
+        let envp: Vec<&CStr> = self
+            .base_c
+            .iter()
+            .map(CString::as_c_str)
+            .filter(|e| !overridden(e))
+            .chain(own.iter().map(CString::as_c_str))
+            .collect();
+        posix_spawn(spec.shell, &actions, &attr, &argv, &envp).map_err(|e| {
+            io::Error::new(
+                io::Error::from(e).kind(),
+                format!("{}: {e}", spec.shell.display()),
+            )
+        })
+    }
+
+    fn command_spawn(
+        &self,
+        spec: &Spec<'_>,
+        cwd: &Path,
+        stdin: File,
+        out: OwnedFd,
+    ) -> io::Result<Pid> {
+        let mut cmd = std::process::Command::new(spec.shell);
+        cmd.args(&spec.args[..spec.argc])
+            .env_clear()
+            .envs(self.base.iter().map(|(k, v)| (k, v)))
+            .envs(spec.env)
+            .envs(spec.extra_env)
+            .current_dir(cwd)
+            .stdin(Stdio::from(stdin))
+            .stdout(Stdio::from(out.try_clone()?))
+            .stderr(Stdio::from(out))
+            .process_group(0);
+        let child = cmd
+            .spawn()
+            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", spec.shell.display())))?;
+        let pid = i32::try_from(child.id()).map_err(io::Error::other)?;
+        Ok(Pid::from_raw(pid))
+    }
+}
+
+/// A started job process, waited for through its pidfd.
+pub(super) struct Child {
+    pid: Pid,
+    exit: AsyncFd<OwnedFd>,
+}
+
+impl Child {
+    // The crate's one exception to `unsafe_code = "deny"`: tokio 1.54 made
+    // registering any file descriptor with its reactor an unsafe call.
+    #[allow(unsafe_code)]
+    fn track(pid: Pid) -> io::Result<Self> {
+        let opened = rustix::process::Pid::from_raw(pid.as_raw())
+            .ok_or_else(|| io::Error::other("posix_spawn returned pid 0"))
+            .and_then(|p| {
+                rustix::process::pidfd_open(p, rustix::process::PidfdFlags::NONBLOCK)
+                    .map_err(io::Error::from)
+            })
+            .and_then(|fd| {
+                // SAFETY: an `OwnedFd` is a valid, open descriptor that stays
+                // open and unchanged until the `AsyncFd` that owns it drops.
+                unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
+                    .map_err(|e| e.into_parts().1)
+            });
+        match opened {
+            Ok(exit) => Ok(Child { pid, exit }),
+            Err(e) => {
+                // It cannot be followed (out of file descriptors, say): stop
+                // it rather than leave it running unaccounted for.
+                let _ = killpg(pid, Signal::SIGKILL);
+                let _ = waitpid(pid, None);
+                Err(io::Error::new(
+                    e.kind(),
+                    format!("cannot follow the started process: {e}"),
+                ))
+            }
+        }
+    }
+
+    /// The process id, which is also its process group id.
+    pub fn pid(&self) -> Pid {
+        self.pid
+    }
+
+    /// Waits for the process to end and reaps it. Cancel-safe.
+    pub async fn wait(&self) -> io::Result<ExitStatus> {
+        loop {
+            let mut ready = self.exit.readable().await?;
+            match waitid(
+                Id::PIDFd(self.exit.get_ref().as_fd()),
+                WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG,
+            ) {
+                Ok(WaitStatus::Exited(_, code)) => return Ok(ExitStatus::from_raw(code << 8)),
+                Ok(WaitStatus::Signaled(_, sig, core)) => {
+                    return Ok(ExitStatus::from_raw(
+                        (sig as i32) | if core { 0x80 } else { 0 },
+                    ));
+                }
+                Ok(_) => ready.clear_ready(),
+                Err(Errno::EINTR) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+    }
+}
+
+fn env_entry(key: &[u8], value: &[u8]) -> Option<CString> {
+    let mut entry = Vec::with_capacity(key.len() + value.len() + 1);
+    entry.extend_from_slice(key);
+    entry.push(b'=');
+    entry.extend_from_slice(value);
+    CString::new(entry).ok()
+}
+
+fn cstring(s: &OsStr, what: &str) -> io::Result<CString> {
+    CString::new(s.as_bytes()).map_err(|_| {
+        io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("{what} contains a NUL byte"),
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::path::PathBuf;
+
+    async fn run(spawner: &Spawner, spec: &Spec<'_>) -> (ExitStatus, String) {
+        use tokio::io::AsyncReadExt;
+        let (child, mut out) = spawner.spawn(spec).unwrap();
+        let mut text = String::new();
+        out.read_to_string(&mut text).await.unwrap();
+        (child.wait().await.unwrap(), text)
+    }
+
+    fn spec<'a>(
+        shell: &'a Path,
+        command: &'a str,
+        env: &'a BTreeMap<String, String>,
+        cwd: Option<&'a Path>,
+    ) -> Spec<'a> {
+        Spec {
+            shell,
+            args: [OsStr::new("-c"), OsStr::new(command)],
+            argc: 2,
+            env,
+            extra_env: [
+                ("AI_CMD_EXECUTOR_JOB_ID", "j1"),
+                ("AI_CMD_EXECUTOR_ATTEMPT", "1"),
+            ],
+            cwd,
+        }
+    }
+
+    #[tokio::test]
+    async fn both_paths_give_the_same_environment_group_and_status() {
+        let spawner = Spawner::new();
+        let shell = PathBuf::from("/bin/sh");
+        let mut env = BTreeMap::new();
+        env.insert("JOB_VAR".to_owned(), "x y".to_owned());
+        // A job's variable overrides an inherited one.
+        env.insert("PATH".to_owned(), "/usr/bin:/bin".to_owned());
+        let cmd = r#"echo "$JOB_VAR|$AI_CMD_EXECUTOR_JOB_ID|$AI_CMD_EXECUTOR_ATTEMPT|$PATH"; env | grep -c '^PATH='; [ "$(ps -o pgid= $$ | tr -d ' ')" = "$$" ] && echo own-group; read -r x || echo stdin-empty; echo err >&2; exit 3"#;
+        let dir = tempfile::tempdir().unwrap();
+        for cwd in [None, Some(dir.path())] {
+            let (status, out) = run(&spawner, &spec(&shell, cmd, &env, cwd)).await;
+            assert_eq!(status.code(), Some(3), "{out}");
+            assert_eq!(
+                out, "x y|j1|1|/usr/bin:/bin\n1\nown-group\nstdin-empty\nerr\n",
+                "cwd {cwd:?}"
+            );
+        }
+    }
+
+    #[tokio::test]
+    async fn a_signal_is_reported_and_a_missing_shell_is_an_error() {
+        let spawner = Spawner::new();
+        let env = BTreeMap::new();
+        let shell = PathBuf::from("/bin/sh");
+        let (status, _) = run(&spawner, &spec(&shell, "kill -TERM $$", &env, None)).await;
+        assert_eq!(status.signal(), Some(libc_sigterm()));
+        let missing = PathBuf::from("/nonexistent/shell");
+        let err = spawner
+            .spawn(&spec(&missing, "true", &env, None))
+            .err()
+            .expect("no such shell");
+        assert_eq!(err.kind(), io::ErrorKind::NotFound, "{err}");
+        assert!(err.to_string().contains("/nonexistent/shell"), "{err}");
+    }
+
+    fn libc_sigterm() -> i32 {
+        Signal::SIGTERM as i32
+    }
+}
