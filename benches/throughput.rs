@@ -14,7 +14,8 @@
 //!    CPU time of the worker and of its jobs is printed for diagnosis.
 //! 2. **Latency** of single jobs dropped into an idle worker: drop to
 //!    `started_at`, drop to result file, and result latency minus a bare
-//!    `bash -c true`, in each location. The result latency is split at the
+//!    `bash -c true` (timed between the samples, after the same idle gap),
+//!    in each location. The result latency is split at the
 //!    result's `started_at`/`finished_at`, and the cost of write+fsync of a
 //!    small file next to the spool is printed as the durability floor.
 //! 3. **Idle** cost after a warm-up: RSS, CPU time and wake-ups (context
@@ -92,9 +93,6 @@ const DEFAULT_ROUNDS: usize = 3;
 
 /// Parallelism levels for the throughput section.
 const PARALLELISM: [usize; 2] = [1, 2];
-
-/// Number of bare `bash -c true` runs used as the spawn-cost reference.
-const BARE_SPAWN_SAMPLES: usize = 200;
 
 /// Number of write+fsync probes for the durability floor.
 const FSYNC_SAMPLES: usize = 100;
@@ -1087,23 +1085,23 @@ fn latency(report: &mut Report, loc: &Location, samples: usize) -> Result<()> {
     let base = Some(loc.base.as_path());
     report.group(label);
 
-    // Bare spawn reference, measured right before the worker samples.
-    let mut bare = Vec::with_capacity(BARE_SPAWN_SAMPLES);
-    for _ in 0..BARE_SPAWN_SAMPLES {
-        let t = Instant::now();
-        bash_true()?;
-        bare.push(t.elapsed().as_secs_f64() * 1e3);
-    }
-    let bare = Stats::of(bare);
-
     let mut fx = Fixture::start(base, Some(1), Backtrace::Inherit)?;
     report.info("spool", fx.spool.dir.display().to_string());
     let mut to_start = Vec::with_capacity(samples);
     let mut to_result = Vec::with_capacity(samples);
     let mut run = Vec::with_capacity(samples);
     let mut record = Vec::with_capacity(samples);
+    // The bare spawn reference is interleaved with the worker samples, each
+    // after the same idle gap: on a VM the cost of a lone spawn drifts by a
+    // third from one minute to the next, and a reference taken before the
+    // samples would carry that drift into the difference.
+    let mut bare = Vec::with_capacity(samples);
     for i in 0..samples {
         let id = format!("lat-{i:05}");
+        thread::sleep(LATENCY_GAP);
+        let t = Instant::now();
+        bash_true()?;
+        bare.push(t.elapsed().as_secs_f64() * 1e3);
         thread::sleep(LATENCY_GAP);
         fx.spool.submit(&id, TRUE_JOB)?;
         let dropped_mono = Instant::now();
@@ -1120,6 +1118,7 @@ fn latency(report: &mut Report, loc: &Location, samples: usize) -> Result<()> {
         run.push(signed_ms(finished, started));
         record.push(signed_ms(seen_wall, finished));
     }
+    let bare = Stats::of(bare);
     let run = Stats::of(run);
     let record = Stats::of(record);
     let overhead: Vec<f64> = to_result.iter().map(|r| r - bare.p50).collect();
