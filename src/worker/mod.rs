@@ -301,6 +301,7 @@ impl Worker {
                 batch = recorded.recv() => match batch {
                     Some(batch) => {
                         for r in batch {
+                            self.recorder.answered();
                             self.on_recorded(r);
                         }
                     }
@@ -534,7 +535,6 @@ impl Worker {
     }
 
     fn on_recorded(&mut self, recorded: Recorded) {
-        self.recorder.answered();
         match recorded {
             Recorded::Settled { id, outcome } => {
                 match outcome {
@@ -589,7 +589,6 @@ impl Worker {
         {
             let (id, record) = self.to_record.pop().expect("one");
             let done = record::record_now(&self.spool, id, record, max_attempts);
-            self.recorder.sent_inline();
             self.on_recorded(done);
             return true;
         }

@@ -94,12 +94,6 @@ impl Recorder {
         }
     }
 
-    /// A record was written on the loop instead (its answer is handled
-    /// like the recorder's).
-    pub fn sent_inline(&mut self) {
-        self.in_flight += 1;
-    }
-
     /// One record was answered.
     pub fn answered(&mut self) {
         self.in_flight = self.in_flight.saturating_sub(1);
@@ -133,26 +127,18 @@ const MAX_BATCH: usize = 32;
 
 fn serve(spool: &Spool, inbox: &mpsc::Receiver<Order>, outbox: &UnboundedSender<Vec<Recorded>>) {
     while let Ok(first) = inbox.recv() {
-        let mut batch = vec![record(spool, first)];
+        let run = |o: Order| record_now(spool, o.id, o.record, o.max_attempts);
+        let mut batch = vec![run(first)];
         while batch.len() < MAX_BATCH
             && let Ok(next) = inbox.try_recv()
         {
-            batch.push(record(spool, next));
+            batch.push(run(next));
         }
         if outbox.send(batch).is_err() {
             // The loop has gone; nothing is waiting for the answers.
             return;
         }
     }
-}
-
-fn record(spool: &Spool, order: Order) -> Recorded {
-    let Order {
-        id,
-        record,
-        max_attempts,
-    } = order;
-    record_now(spool, id, record, max_attempts)
 }
 
 /// Records one result on the calling thread (the recorder's, or the loop's
