@@ -98,26 +98,8 @@ const PARALLELISM: [usize; 2] = [1, 2];
 /// Jobs a fresh daemon runs (submitted through its CLI) before its idle window.
 const IDLE_WARMUP_JOBS: usize = 20;
 
-/// Pause between the last job and the idle window.
-const IDLE_SETTLE: Duration = Duration::from_secs(1);
-
-/// Sampling period of the per-thread counters during the idle window.
-const IDLE_SAMPLE_PERIOD: Duration = Duration::from_millis(100);
-
-/// How long a daemon may take to come up (or the sandbox's client to answer).
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Fail when no awaited job has finished for this long.
-const STALL_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// How long a daemon gets to exit after SIGTERM before it is SIGKILLed.
-const STOP_GRACE: Duration = Duration::from_secs(5);
-
 /// How long the sandbox's PID 1 must use no CPU before measuring in it.
 const SANDBOX_QUIET: Duration = Duration::from_secs(2);
-
-/// Target: ai-cmd-executor throughput / raw throughput, at both parallelisms.
-const TARGET_RATIO: f64 = 0.85;
 
 /// Environment variable that turns this binary into the in-sandbox client.
 const INNER_ENV: &str = "AICE_PEERS_CLIENT";
@@ -881,28 +863,9 @@ impl ThreadTrack {
 
 /// utime + stime of `pid` (all threads), in ms, from `/proc/<pid>/stat`.
 fn cpu_ms(pid: u32) -> Result<f64> {
-    let path = format!("/proc/{pid}/stat");
-    let stat = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    // Fields after the parenthesised command name start at field 3 (state);
-    // utime and stime are fields 14 and 15.
-    let fields: Vec<u64> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace())
-        .into_iter()
-        .flatten()
-        .skip(14 - 3)
-        .take(2)
-        .map_while(|v| v.parse().ok())
-        .collect();
-    match fields[..] {
-        [utime, stime] => Ok((utime + stime) as f64 * 1000.0 / CLOCK_TICKS_PER_SEC as f64),
-        _ => bail!("malformed {path}"),
-    }
+    let [utime, stime, ..] = cpu_ticks(&pid.to_string())?;
+    Ok(ticks_ms(utime + stime))
 }
-
-/// Units of utime/stime in `/proc/<pid>/stat` (`USER_HZ`, fixed at 100 by
-/// the Linux ABI; the crate forbids the `unsafe` a sysconf call would need).
-const CLOCK_TICKS_PER_SEC: u64 = 100;
 
 /// Measures `pid` over an idle `window`: RSS at the end, CPU time and
 /// context switches of all threads (sampled so that threads that come and
@@ -1245,14 +1208,6 @@ mod aice {
             }
             Ok(done_at)
         }
-    }
-
-    /// The job id of a result file name (`<id>.json`, not a dot-prefixed temp file).
-    fn result_id(name: &str) -> Option<&str> {
-        if name.starts_with('.') {
-            return None;
-        }
-        name.strip_suffix(".json")
     }
 
     /// How jobs are submitted in a throughput run.

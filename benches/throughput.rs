@@ -107,26 +107,8 @@ const LATENCY_GAP: Duration = Duration::from_millis(2);
 /// Number of warm-up jobs before the idle window.
 const IDLE_WARMUP_JOBS: usize = 100;
 
-/// Pause between the end of the idle warm-up and the start of the window.
-const IDLE_SETTLE: Duration = Duration::from_secs(1);
-
-/// Sampling period of the per-thread counters during the idle window.
-const IDLE_SAMPLE_PERIOD: Duration = Duration::from_millis(100);
-
-/// How long a fresh worker may take to create its spool and run a warm-up job.
-const READY_TIMEOUT: Duration = Duration::from_secs(30);
-
-/// Fail when no awaited result has appeared for this long.
-const STALL_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// How long the malformed idle warm-up job may stay in `pending/`/`running/`.
 const MALFORMED_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// How long a worker gets to exit after SIGTERM before it is SIGKILLed.
-const STOP_GRACE: Duration = Duration::from_secs(5);
-
-/// Target: worker throughput / raw throughput.
-const TARGET_RATIO: f64 = 0.85;
 
 /// Target: p50 of drop -> `started_at`, in ms.
 const TARGET_START_P50_MS: f64 = 0.5;
@@ -771,14 +753,6 @@ impl ResultWatcher {
     }
 }
 
-/// The job id of a result file name (`<id>.json`, not a dot-prefixed temp file).
-fn result_id(name: &str) -> Option<&str> {
-    if name.starts_with('.') {
-        return None;
-    }
-    name.strip_suffix(".json")
-}
-
 /// Number of result files in `dir` (for error messages).
 fn count_results(dir: &Path) -> String {
     match fs::read_dir(dir) {
@@ -1228,42 +1202,22 @@ struct CpuTimes {
 impl CpuTimes {
     /// Reads the CPU times of `pid` (a number, or `self`).
     fn of(pid: &str) -> Result<Self> {
-        let path = format!("/proc/{pid}/stat");
-        let stat = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-        // Fields after the parenthesised command name start at field 3
-        // (state); utime, stime, cutime and cstime are fields 14 to 17.
-        let fields: Vec<u64> = stat
-            .rsplit_once(')')
-            .map(|(_, rest)| rest.split_whitespace())
-            .into_iter()
-            .flatten()
-            .skip(14 - 3)
-            .take(4)
-            .map_while(|v| v.parse().ok())
-            .collect();
-        match fields[..] {
-            [utime, stime, cutime, cstime] => Ok(Self {
-                own: utime + stime,
-                children: cutime + cstime,
-            }),
-            _ => bail!("malformed {path}"),
-        }
+        let [utime, stime, cutime, cstime] = cpu_ticks(pid)?;
+        Ok(Self {
+            own: utime + stime,
+            children: cutime + cstime,
+        })
     }
 
     /// `(own, children)` CPU time since `earlier`, in ms.
     fn ms_since(self, earlier: Self) -> (f64, f64) {
-        let ms = |ticks: u64| ticks as f64 * 1000.0 / CLOCK_TICKS_PER_SEC as f64;
+        let ms = ticks_ms;
         (
             ms(self.own.saturating_sub(earlier.own)),
             ms(self.children.saturating_sub(earlier.children)),
         )
     }
 }
-
-/// Units of the utime/stime fields of `/proc/<pid>/stat` (`USER_HZ`, which
-/// the kernel ABI fixes at 100 on Linux; the crate forbids the `unsafe` a
-/// `sysconf(_SC_CLK_TCK)` call would need).
-const CLOCK_TICKS_PER_SEC: u64 = 100;
 
 /// Measures an idle worker's memory, CPU and wake-ups after a warm-up.
 fn idle(report: &mut Report, backtrace: Backtrace, window: Duration) -> Result<()> {

@@ -10,10 +10,32 @@ use std::io;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use tokio::signal::unix::{SignalKind, signal};
+
+/// Pause between the last warm-up job and the idle window.
+pub const IDLE_SETTLE: Duration = Duration::from_secs(1);
+
+/// Sampling period of the per-thread counters during the idle window.
+pub const IDLE_SAMPLE_PERIOD: Duration = Duration::from_millis(100);
+
+/// How long a daemon may take to come up (and run a warm-up job).
+pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Fail when no awaited result has appeared for this long.
+pub const STALL_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// How long a daemon gets to exit after SIGTERM before it is SIGKILLed.
+pub const STOP_GRACE: Duration = Duration::from_secs(5);
+
+/// Target: ai-cmd-executor throughput / raw throughput, at both parallelisms.
+pub const TARGET_RATIO: f64 = 0.85;
+
+/// Units of utime/stime in `/proc/<pid>/stat` (`USER_HZ`, fixed at 100 by
+/// the Linux ABI; a sysconf call would need `unsafe`).
+pub const CLOCK_TICKS_PER_SEC: u64 = 100;
 
 /// Set when SIGINT, SIGTERM or SIGHUP arrives; checked by every wait loop.
 pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
@@ -191,4 +213,36 @@ pub fn memory_kib(pid: u32) -> Result<(u64, u64)> {
     let get =
         |key| status_field(&status, key).ok_or_else(|| anyhow!("no {key} in /proc/{pid}/status"));
     Ok((get("VmRSS:")?, get("VmHWM:")?))
+}
+
+/// The job id of a result file name (`<id>.json`, not a dot-prefixed temp file).
+pub fn result_id(name: &str) -> Option<&str> {
+    if name.starts_with('.') {
+        return None;
+    }
+    name.strip_suffix(".json")
+}
+
+/// utime, stime, cutime and cstime of `pid` (a number, or `self`), in clock
+/// ticks, from `/proc/<pid>/stat`.
+pub fn cpu_ticks(pid: &str) -> Result<[u64; 4]> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    // Fields after the parenthesised command name start at field 3 (state);
+    // utime, stime, cutime and cstime are fields 14 to 17.
+    let fields: Vec<u64> = stat
+        .rsplit_once(')')
+        .map(|(_, rest)| rest.split_whitespace())
+        .into_iter()
+        .flatten()
+        .skip(14 - 3)
+        .take(4)
+        .map_while(|v| v.parse().ok())
+        .collect();
+    fields.try_into().map_err(|_| anyhow!("malformed {path}"))
+}
+
+/// Clock ticks as milliseconds.
+pub fn ticks_ms(ticks: u64) -> f64 {
+    ticks as f64 * 1000.0 / CLOCK_TICKS_PER_SEC as f64
 }
