@@ -16,7 +16,7 @@ use tracing::error;
 
 use super::{Ran, log_result};
 use crate::spool::{JobId, JobResult, Spool, SpoolError, Status};
-use crate::worker::settle::{Settled, settle};
+use crate::worker::settle::{self, Prepared, Settled};
 
 /// A result waiting to be recorded.
 pub(super) enum Record {
@@ -127,13 +127,25 @@ const MAX_BATCH: usize = 32;
 
 fn serve(spool: &Spool, inbox: &mpsc::Receiver<Order>, outbox: &UnboundedSender<Vec<Recorded>>) {
     while let Ok(first) = inbox.recv() {
-        let run = |o: Order| record_now(spool, o.id, o.record, o.max_attempts);
-        let mut batch = vec![run(first)];
-        while batch.len() < MAX_BATCH
+        let mut orders = vec![first];
+        while orders.len() < MAX_BATCH
             && let Ok(next) = inbox.try_recv()
         {
-            batch.push(run(next));
+            orders.push(next);
         }
+        // Every result of the batch is written before any is synced, so
+        // that one journal commit makes them all durable (see `Staged`).
+        let prepared: Vec<_> = orders
+            .into_iter()
+            .map(|o| {
+                let p = prepare(spool, &o);
+                (o, p)
+            })
+            .collect();
+        let batch = prepared
+            .into_iter()
+            .map(|(o, p)| conclude(spool, o, p))
+            .collect();
         if outbox.send(batch).is_err() {
             // The loop has gone; nothing is waiting for the answers.
             return;
@@ -144,18 +156,41 @@ fn serve(spool: &Spool, inbox: &mpsc::Receiver<Order>, outbox: &UnboundedSender<
 /// Records one result on the calling thread (the recorder's, or the loop's
 /// when it has nothing else to do).
 pub(super) fn record_now(spool: &Spool, id: JobId, record: Record, max_attempts: u32) -> Recorded {
-    let outcome = match &record {
-        Record::Run(ran) => settle(
+    let order = Order {
+        id,
+        record,
+        max_attempts,
+    };
+    let prepared = prepare(spool, &order);
+    conclude(spool, order, prepared)
+}
+
+/// Re-queues the order's job, or stages its result.
+fn prepare(spool: &Spool, order: &Order) -> Result<Prepared, SpoolError> {
+    match &order.record {
+        Record::Run(ran) => settle::prepare(
             spool,
             &ran.running_path,
             Some(&ran.job),
             &ran.result,
-            max_attempts,
+            order.max_attempts,
         ),
-        Record::Rejection(r) => spool
-            .write_result(r)
-            .map(|()| Settled::Recorded(Status::Rejected)),
-    };
+        Record::Rejection(r) => spool.stage_result(r).map(Prepared::Staged),
+    }
+}
+
+/// Puts a staged result in place and settles its job file.
+fn conclude(spool: &Spool, order: Order, prepared: Result<Prepared, SpoolError>) -> Recorded {
+    let Order { id, record, .. } = order;
+    let outcome = prepared.and_then(|p| match p {
+        Prepared::Done(settled) => Ok(settled),
+        Prepared::Staged(staged) => match &record {
+            Record::Run(ran) => settle::finish(spool, &ran.running_path, ran.result.status, staged),
+            Record::Rejection(_) => staged
+                .commit()
+                .map(|()| Settled::Recorded(Status::Rejected)),
+        },
+    });
     match outcome {
         Ok(outcome) => {
             if let (Record::Run(ran), Settled::Recorded(_)) = (&record, &outcome) {

@@ -9,7 +9,7 @@ use std::path::Path;
 
 use crate::spool::job::{Job, OnInterrupt};
 use crate::spool::{
-    JobResult, Spool, SpoolError, Status, move_into, rename_noreplace, write_atomically,
+    JobResult, Spool, SpoolError, Staged, Status, move_into, rename_noreplace, write_atomically,
 };
 
 /// What [`settle`] did.
@@ -34,16 +34,52 @@ pub fn settle(
     result: &JobResult,
     max_attempts: u32,
 ) -> Result<Settled, SpoolError> {
+    match prepare(spool, running_path, job, result, max_attempts)? {
+        Prepared::Done(settled) => Ok(settled),
+        Prepared::Staged(staged) => finish(spool, running_path, result.status, staged),
+    }
+}
+
+/// How far [`prepare`] got.
+#[derive(Debug)]
+pub enum Prepared {
+    /// Nothing is left to do (the job was re-queued).
+    Done(Settled),
+    /// The result is staged; [`finish`] puts it in place.
+    Staged(Staged),
+}
+
+/// The first half of [`settle`]: re-queues the job, or stages its result
+/// (written, not yet synced; see [`Staged`]), so that several results can
+/// be made durable by one journal commit.
+pub fn prepare(
+    spool: &Spool,
+    running_path: &Path,
+    job: Option<&Job>,
+    result: &JobResult,
+    max_attempts: u32,
+) -> Result<Prepared, SpoolError> {
     if result.status == Status::Interrupted
         && let Some(job) = job
         && job.on_interrupt == OnInterrupt::Retry
         && job.attempt < max_attempts
         && let Some(attempt) = requeue(spool, running_path, job)?
     {
-        return Ok(Settled::Requeued { attempt });
+        return Ok(Prepared::Done(Settled::Requeued { attempt }));
     }
-    spool.write_result(result)?;
-    let done = if result.status == Status::Interrupted {
+    spool.stage_result(result).map(Prepared::Staged)
+}
+
+/// The second half of [`settle`]: puts the staged result (of a run that
+/// ended as `status`) in place, then takes the job file out of `running/`.
+pub fn finish(
+    spool: &Spool,
+    running_path: &Path,
+    status: Status,
+    staged: Staged,
+) -> Result<Settled, SpoolError> {
+    staged.commit()?;
+    let done = if status == Status::Interrupted {
         // Keep what was interrupted, so an operator can look at it or
         // submit it again; it is never run again by itself.
         move_into(running_path, &spool.archive_interrupted()).map(drop)
@@ -51,8 +87,8 @@ pub fn settle(
         fs::remove_file(running_path)
     };
     match done {
-        Ok(()) => Ok(Settled::Recorded(result.status)),
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Settled::Recorded(result.status)),
+        Ok(()) => Ok(Settled::Recorded(status)),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(Settled::Recorded(status)),
         Err(e) => Err(SpoolError::io("removing", running_path, e)),
     }
 }
