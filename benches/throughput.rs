@@ -844,9 +844,11 @@ impl Fixture {
 // ---------------------------------------------------------------------------
 
 /// Raw reference: `n` runs of `bash -c true` split over `p` threads, each a
-/// tight spawn+wait loop. Returns jobs/s and the children's CPU ms per job.
-fn raw_throughput(n: usize, p: usize) -> Result<(f64, f64)> {
+/// tight spawn+wait loop. Returns jobs/s, the children's CPU ms per job and
+/// the share of the machine's CPU time that went idle meanwhile.
+fn raw_throughput(n: usize, p: usize) -> Result<(f64, f64, f64)> {
     let cpu_before = CpuTimes::of("self")?;
+    let machine_before = MachineCpu::now()?;
     let start = Instant::now();
     thread::scope(|s| {
         let handles: Vec<_> = (0..p)
@@ -860,8 +862,9 @@ fn raw_throughput(n: usize, p: usize) -> Result<(f64, f64)> {
             .try_for_each(|h| h.join().map_err(|_| anyhow!("raw loop thread panicked"))?)
     })?;
     let rate = n as f64 / start.elapsed().as_secs_f64();
+    let idle = MachineCpu::now()?.idle_share_since(machine_before);
     let (_, child_ms) = CpuTimes::of("self")?.ms_since(cpu_before);
-    Ok((rate, child_ms / n as f64))
+    Ok((rate, child_ms / n as f64, idle))
 }
 
 /// Measures raw and worker throughput for `n` jobs at parallelism `p`,
@@ -879,13 +882,15 @@ fn throughput(
     report.group(&format!("P={p}"));
     let mut raws = Vec::with_capacity(rounds);
     let mut raw_child = Vec::with_capacity(rounds);
+    let mut raw_idle = Vec::with_capacity(rounds);
     let mut ratios: Vec<Vec<f64>> = vec![Vec::with_capacity(rounds); locations.len()];
     let mut rates: Vec<Vec<f64>> = vec![Vec::with_capacity(rounds); locations.len()];
     let mut last: Vec<Option<WorkerRun>> = (0..locations.len()).map(|_| None).collect();
     for _ in 0..rounds {
-        let (raw, child_ms) = raw_throughput(n, p)?;
+        let (raw, child_ms, idle) = raw_throughput(n, p)?;
         raws.push(raw);
         raw_child.push(child_ms);
+        raw_idle.push(idle);
         for (i, loc) in locations.iter().enumerate() {
             let run = worker_throughput(Some(&loc.base), n, p)?;
             ratios[i].push(run.rate() / raw);
@@ -905,6 +910,10 @@ fn throughput(
     );
     report.info("  raw, each round", format!("{} jobs/s", list(&raws, 0)));
     report.info("  bash CPU per job (raw loop)", ms(median(&raw_child)));
+    report.info(
+        "  CPUs idle during the raw loop, each round",
+        list(&raw_idle.iter().map(|x| x * 100.0).collect::<Vec<_>>(), 1) + " %",
+    );
 
     for (i, loc) in locations.iter().enumerate() {
         report.info(
@@ -957,6 +966,8 @@ struct WorkerRun {
     worker_cpu_ms: f64,
     /// CPU time of the worker's reaped children (the jobs) during the batch, in ms.
     jobs_cpu_ms: f64,
+    /// Share of the machine's CPU time that went idle during the batch.
+    idle: f64,
 }
 
 impl WorkerRun {
@@ -993,6 +1004,10 @@ impl WorkerRun {
             &detail("bash CPU per job (worker's children)"),
             ms(self.jobs_cpu_ms / self.jobs as f64),
         );
+        report.info(
+            &detail("CPUs idle during the drain"),
+            format!("{:.1} %", self.idle * 100.0),
+        );
         if self.parallel == 1 && self.runs.len() > 1 {
             let mut runs = self.runs.clone();
             runs.sort_by_key(|&(s, _)| s);
@@ -1021,6 +1036,7 @@ fn worker_throughput(base: Option<&Path>, n: usize, p: usize) -> Result<WorkerRu
 
     let pid = fx.worker.pid().to_string();
     let cpu_before = CpuTimes::of(&pid)?;
+    let machine_before = MachineCpu::now()?;
     let start = Instant::now();
     for id in &ids {
         fx.spool.submit(id, TRUE_JOB)?;
@@ -1030,6 +1046,7 @@ fn worker_throughput(base: Option<&Path>, n: usize, p: usize) -> Result<WorkerRu
         .watcher
         .wait_all(&mut fx.worker, &mut pending)
         .with_context(|| format!("throughput run P={p} in {}", fx.spool.dir.display()))?;
+    let idle = MachineCpu::now()?.idle_share_since(machine_before);
     let (worker_cpu_ms, jobs_cpu_ms) = CpuTimes::of(&pid)?.ms_since(cpu_before);
 
     // Checked after the timed part: every job must have succeeded.
@@ -1046,6 +1063,7 @@ fn worker_throughput(base: Option<&Path>, n: usize, p: usize) -> Result<WorkerRu
         overflows: fx.watcher.overflows,
         worker_cpu_ms,
         jobs_cpu_ms,
+        idle,
     })
 }
 

@@ -246,3 +246,44 @@ pub fn cpu_ticks(pid: &str) -> Result<[u64; 4]> {
 pub fn ticks_ms(ticks: u64) -> f64 {
     ticks as f64 * 1000.0 / CLOCK_TICKS_PER_SEC as f64
 }
+
+/// The whole machine's CPU time so far (all CPUs), in clock ticks, from the
+/// first line of `/proc/stat`.
+#[derive(Debug, Clone, Copy)]
+pub struct MachineCpu {
+    /// Idle and iowait.
+    idle: u64,
+    /// Every state (guest time is already inside user and nice).
+    total: u64,
+}
+
+impl MachineCpu {
+    /// Reads `/proc/stat`.
+    pub fn now() -> Result<Self> {
+        let stat = fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+        let line = stat.lines().next().unwrap_or_default();
+        let fields: Vec<u64> = line
+            .strip_prefix("cpu ")
+            .ok_or_else(|| anyhow!("/proc/stat does not start with the cpu line"))?
+            .split_whitespace()
+            .map(|v| v.parse().context("parsing /proc/stat"))
+            .collect::<Result<_>>()?;
+        ensure!(fields.len() >= 8, "/proc/stat: short cpu line");
+        Ok(MachineCpu {
+            idle: fields[3] + fields[4],
+            // user nice system idle iowait irq softirq steal
+            total: fields[..8].iter().sum(),
+        })
+    }
+
+    /// The share of all CPUs' time since `earlier` that went idle: time
+    /// nothing was runnable, which a CPU-bound run at full parallelism
+    /// would not have.
+    pub fn idle_share_since(self, earlier: MachineCpu) -> f64 {
+        let total = self.total.saturating_sub(earlier.total);
+        if total == 0 {
+            return 0.0;
+        }
+        self.idle.saturating_sub(earlier.idle) as f64 / total as f64
+    }
+}
