@@ -107,6 +107,16 @@ struct ActiveJob {
 /// The shortest time between two `STATUS=` updates of the same kind.
 const STATUS_EVERY: Duration = Duration::from_secs(1);
 
+/// What a `STATUS=` line reports, broadly; a change of kind is sent at once.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum StatusKind {
+    Idle,
+    Running,
+    /// Results waiting to be written, or claiming paused.
+    Trouble,
+    Stopping,
+}
+
 /// How long past its timeout and kill grace a job may stay unreaped before
 /// the heartbeat is withheld (the loop is then not doing its job).
 const OVERDUE_MARGIN: Duration = Duration::from_secs(10);
@@ -166,7 +176,7 @@ struct Worker {
     /// When `STATUS=` was last sent, of which kind, and when a held-back
     /// update is due (see [`Worker::update_status`]).
     status_sent_at: Option<tokio::time::Instant>,
-    status_sent_kind: u8,
+    status_sent_kind: StatusKind,
     status_due: Option<tokio::time::Instant>,
     /// Turns of the event loop, and the count at the last watchdog ping.
     turns: u64,
@@ -199,7 +209,7 @@ impl Worker {
             notifier: Notifier::from_env(),
             claim_ctx,
             status_sent_at: None,
-            status_sent_kind: 0,
+            status_sent_kind: StatusKind::Idle,
             status_due: None,
             turns: 0,
             turns_at_ping: 0,
@@ -786,15 +796,15 @@ impl Worker {
         self.status_due = None;
     }
 
-    fn status_kind(&self) -> u8 {
+    fn status_kind(&self) -> StatusKind {
         if self.stop_at.is_some() {
-            3
+            StatusKind::Stopping
         } else if !self.unrecorded.is_empty() || self.paused {
-            2
+            StatusKind::Trouble
         } else if self.active.is_empty() {
-            0
+            StatusKind::Idle
         } else {
-            1
+            StatusKind::Running
         }
     }
 

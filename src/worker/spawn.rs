@@ -82,8 +82,8 @@ impl Spawner {
     /// stdout and stderr into one pipe (so they interleave in the order
     /// written). Returns the child and the pipe's read end.
     pub fn spawn(&self, spec: &Spec<'_>) -> io::Result<(Child, pipe::Receiver)> {
-        let stdin = match &self.dev_null {
-            Ok(f) => f.try_clone()?,
+        let dev_null = match &self.dev_null {
+            Ok(f) => f,
             Err(e) => {
                 return Err(io::Error::new(
                     e.kind(),
@@ -98,11 +98,12 @@ impl Spawner {
         // theirs.
         let pid = match spec.cwd {
             None => {
-                let pid = self.posix_spawn(spec, &stdin, &wr);
+                let pid = self.posix_spawn(spec, dev_null, &wr);
                 drop(wr);
                 pid?
             }
-            Some(cwd) => self.command_spawn(spec, cwd, stdin, wr)?,
+            // `Command` takes its stdin by value: a duplicate of ours.
+            Some(cwd) => self.command_spawn(spec, cwd, dev_null.try_clone()?, wr)?,
         };
         let child = Child::track(pid)?;
         Ok((child, pipe::Receiver::from_owned_fd_unchecked(rd)?))
