@@ -1,11 +1,10 @@
-//! Claiming one job file and starting its process, on the event loop.
+//! Claiming one job file and starting its process, on a slot thread.
 //!
-//! The loop picks the next file (FIFO) and claims it here: inspect, lock,
+//! A slot takes the next file (FIFO) and claims it here: inspect, lock,
 //! read, create the log, rename into `running/`, and spawn (which returns
-//! once the child has exec'd). All of it is a handful of system calls; on
-//! the loop it costs no thread hand-off, which on a small virtual machine
-//! (a wake-up of another CPU is an interrupt through the hypervisor) cost
-//! more than the claim itself.
+//! once the child has exec'd). All of it is a handful of system calls, made
+//! by the thread that will wait for the job, so no other thread is woken
+//! to start it.
 
 use std::collections::HashMap;
 use std::ffi::OsString;
@@ -13,6 +12,7 @@ use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::{self, Read};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
+use std::sync::{Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use tracing::{debug, error, info, warn};
@@ -25,7 +25,7 @@ use crate::spool::job::{Job, JobError};
 use crate::spool::{JobId, JobKind, Spool, Timestamp, move_into, open_job_file, rename_noreplace};
 
 /// What a claim needs from the worker; rebuilt when the configuration is
-/// reloaded.
+/// reloaded, and shared by the slots.
 pub(super) struct ClaimCtx {
     pub spool: Spool,
     pub shell: PathBuf,
@@ -89,7 +89,7 @@ pub(super) enum Claim {
 
 /// Claims `pending/<name>` and starts it.
 pub(super) fn claim(
-    ctx: &mut ClaimCtx,
+    ctx: &ClaimCtx,
     name: OsString,
     id: JobId,
     kind: JobKind,
@@ -322,7 +322,7 @@ fn read_file(file: &mut File, meta: &fs::Metadata, max: u64) -> Result<Vec<u8>, 
 /// owner, so the user database is asked once per uid.
 pub(super) struct Submitters {
     group: Option<(String, Option<nix::unistd::Group>)>,
-    cache: HashMap<u32, bool>,
+    cache: Mutex<HashMap<u32, bool>>,
 }
 
 impl Submitters {
@@ -336,15 +336,16 @@ impl Submitters {
         });
         Submitters {
             group,
-            cache: HashMap::new(),
+            cache: Mutex::new(HashMap::new()),
         }
     }
 
     /// Why a job file with this metadata is refused, if it is.
-    fn refuse(&mut self, meta: &fs::Metadata) -> Option<String> {
+    fn refuse(&self, meta: &fs::Metadata) -> Option<String> {
         let (name, group) = self.group.as_ref()?;
         let uid = meta.uid();
-        let allowed = *self.cache.entry(uid).or_insert_with(|| {
+        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
+        let allowed = *cache.entry(uid).or_insert_with(|| {
             if uid == 0 || uid == nix::unistd::geteuid().as_raw() {
                 return true;
             }

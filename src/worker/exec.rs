@@ -4,17 +4,17 @@
 
 use std::ffi::OsStr;
 use std::fs::File;
-use std::io::Write;
+use std::io::{self, Read, Write};
+use std::os::fd::AsFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::ExitStatus;
 use std::time::{Duration, Instant};
 
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::eventfd::EventFd;
 use nix::sys::signal::{Signal, killpg};
-use tokio::io::AsyncReadExt;
-use tokio::net::unix::pipe;
-use tokio::sync::oneshot;
-use tokio::time::{Instant as TokioInstant, sleep_until};
 
 use super::spawn::{Child, Spawner, Spec};
 use crate::spool::job::{Job, JobBody};
@@ -47,8 +47,9 @@ pub struct Run {
     pub t0: Instant,
 }
 
-/// A started job process and the read end of its output pipe.
-pub type Spawned = (Child, pipe::Receiver);
+/// A started job process and the (non-blocking) read end of its output
+/// pipe.
+pub type Spawned = (Child, File);
 
 /// Why the worker signalled the job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -63,6 +64,39 @@ enum Phase {
     Running,
     Terminating,
     Killed,
+}
+
+/// The job's kill sequence: TERM (on timeout or interrupt), then KILL once
+/// the grace has passed.
+struct Kill {
+    pgid: nix::unistd::Pid,
+    grace: Duration,
+    phase: Phase,
+    reason: Option<KillReason>,
+    /// The last signal sent.
+    signal: Option<Signal>,
+    /// When the job times out, or (terminating) gets KILL.
+    deadline: Instant,
+}
+
+impl Kill {
+    fn begin(&mut self, why: KillReason) {
+        self.reason = Some(why);
+        self.send(Signal::SIGTERM);
+        self.phase = Phase::Terminating;
+        self.deadline = Instant::now() + self.grace;
+    }
+
+    fn finish(&mut self) {
+        self.send(Signal::SIGKILL);
+        self.phase = Phase::Killed;
+    }
+
+    fn send(&mut self, sig: Signal) {
+        self.signal = Some(sig);
+        // ESRCH: the group is already gone.
+        let _ = killpg(self.pgid, sig);
+    }
 }
 
 /// A log file that keeps at most `cap` bytes.
@@ -106,12 +140,16 @@ impl LogSink {
     }
 }
 
-/// Follows a started job to the end and returns its result. `interrupt`
-/// fires when the worker gives up waiting for it (stop grace passed).
-pub async fn execute(
+/// Follows a started job to the end and returns its result, blocking the
+/// calling slot thread: it sleeps in `poll` on the job's output, its exit
+/// and `interrupt` (set when the worker gives up waiting for it: the stop
+/// grace passed) until the next of them or of its timeouts. `interrupted`
+/// says the interrupt came before the job started.
+pub fn execute(
     run: Run,
-    spawned: std::io::Result<Spawned>,
-    interrupt: oneshot::Receiver<()>,
+    spawned: io::Result<Spawned>,
+    interrupt: &EventFd,
+    interrupted: bool,
 ) -> JobResult {
     let started_at = run.started_at;
     let t0 = run.t0;
@@ -130,13 +168,7 @@ pub async fn execute(
     };
 
     let mut sink = LogSink {
-        file: match run.log.try_clone() {
-            Ok(f) => f,
-            Err(e) => {
-                let msg = format!("could not use the log file: {e}");
-                return result(Status::Failed, None, None, Some(msg), false);
-            }
-        },
+        file: run.log,
         written: 0,
         cap: run.log_max_bytes,
         truncated: false,
@@ -152,57 +184,82 @@ pub async fn execute(
             return result(Status::Failed, None, None, Some(msg), truncated);
         }
     };
-    let pgid = Some(child.pid());
-
     let mut reader = Some(reader);
-    // Pipe reads rarely exceed a page or two; a small buffer keeps the
-    // per-job allocation cheap.
-    let mut buf = vec![0u8; 16 * 1024];
-    let mut interrupt = Some(interrupt);
-    let mut phase = Phase::Running;
-    let mut reason: Option<KillReason> = None;
-    let mut kill_signal: Option<Signal> = None;
-    let deadline = sleep_until(TokioInstant::from_std(t0) + run.timeout);
-    tokio::pin!(deadline);
-
-    let signal_group = |sig: Signal| {
-        if let Some(pg) = pgid {
-            // ESRCH: the group is already gone.
-            let _ = killpg(pg, sig);
-        }
+    // Pipe reads rarely exceed a page or two; the slot thread's stack
+    // holds the buffer, so a job costs no allocation for it.
+    let mut buf = [0u8; 16 * 1024];
+    let mut kill = Kill {
+        pgid: child.pid(),
+        grace: run.kill_grace,
+        phase: Phase::Running,
+        reason: None,
+        signal: None,
+        deadline: t0 + run.timeout,
     };
+    if interrupted {
+        kill.begin(KillReason::Interrupt);
+    }
 
-    let status: std::io::Result<ExitStatus> = loop {
-        tokio::select! {
-            r = async { reader.as_mut().expect("guarded").read(&mut buf).await }, if reader.is_some() => {
-                match r {
-                    Ok(0) | Err(_) => reader = None,
+    let status: io::Result<ExitStatus> = loop {
+        let timeout = if kill.phase == Phase::Killed {
+            PollTimeout::NONE
+        } else {
+            poll_timeout(kill.deadline.saturating_duration_since(Instant::now()))
+        };
+        let (exited, interrupt_set, output) = {
+            let mut fds = [
+                PollFd::new(child.exit_fd(), PollFlags::POLLIN),
+                PollFd::new(interrupt.as_fd(), PollFlags::POLLIN),
+                PollFd::new(
+                    reader.as_ref().map_or(interrupt.as_fd(), |r| r.as_fd()),
+                    PollFlags::POLLIN,
+                ),
+            ];
+            let n = if reader.is_some() { 3 } else { 2 };
+            match poll(&mut fds[..n], timeout) {
+                Ok(_) => {}
+                Err(Errno::EINTR) => continue,
+                Err(e) => break Err(e.into()),
+            }
+            let ready = |fd: &PollFd<'_>| fd.revents().is_some_and(|r| !r.is_empty());
+            (ready(&fds[0]), ready(&fds[1]), n == 3 && ready(&fds[2]))
+        };
+        if output && let Some(r) = reader.as_mut() {
+            // Read what is there; more wakes the next poll.
+            loop {
+                match r.read(&mut buf) {
+                    Ok(0) => {
+                        reader = None;
+                        break;
+                    }
                     Ok(n) => sink.write(&buf[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => {
+                        reader = None;
+                        break;
+                    }
                 }
             }
-            st = child.wait() => break st,
-            () = &mut deadline, if phase != Phase::Killed => {
-                if phase == Phase::Running {
-                    reason = Some(KillReason::Timeout);
-                    kill_signal = Some(Signal::SIGTERM);
-                    signal_group(Signal::SIGTERM);
-                    phase = Phase::Terminating;
-                    deadline.as_mut().reset(TokioInstant::now() + run.kill_grace);
-                } else {
-                    kill_signal = Some(Signal::SIGKILL);
-                    signal_group(Signal::SIGKILL);
-                    phase = Phase::Killed;
-                }
+        }
+        if exited {
+            match child.try_wait() {
+                Ok(Some(st)) => break Ok(st),
+                Ok(None) => {}
+                Err(e) => break Err(e),
             }
-            r = async { interrupt.as_mut().expect("guarded").await }, if interrupt.is_some() => {
-                interrupt = None;
-                if r.is_ok() && phase == Phase::Running {
-                    reason = Some(KillReason::Interrupt);
-                    kill_signal = Some(Signal::SIGTERM);
-                    signal_group(Signal::SIGTERM);
-                    phase = Phase::Terminating;
-                    deadline.as_mut().reset(TokioInstant::now() + run.kill_grace);
-                }
+        }
+        if interrupt_set {
+            let _ = interrupt.read();
+            if kill.phase == Phase::Running {
+                kill.begin(KillReason::Interrupt);
+            }
+        }
+        if kill.phase != Phase::Killed && Instant::now() >= kill.deadline {
+            if kill.phase == Phase::Running {
+                kill.begin(KillReason::Timeout);
+            } else {
+                kill.finish();
             }
         }
     };
@@ -210,11 +267,13 @@ pub async fn execute(
     // Whatever the job wrote before it exited is in the pipe now; take it
     // without waiting for an end-of-file that a background grandchild
     // holding the pipe open would delay for ever.
-    if let Some(r) = reader {
+    if let Some(mut r) = reader {
         loop {
-            match r.try_read(&mut buf) {
-                Ok(0) | Err(_) => break,
+            match r.read(&mut buf) {
+                Ok(0) => break,
                 Ok(n) => sink.write(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(_) => break,
             }
         }
     }
@@ -231,7 +290,8 @@ pub async fn execute(
     let signal = status.signal().and_then(|s| Signal::try_from(s).ok());
     let log_note = log_error.map(|e| format!("; writing its log failed: {e}"));
     let with_note = |s: String| Some(s + log_note.as_deref().unwrap_or(""));
-    match reason {
+    let kill_signal = kill.signal;
+    match kill.reason {
         Some(KillReason::Timeout) => result(
             Status::TimedOut,
             exit_code,
@@ -268,6 +328,13 @@ pub async fn execute(
             truncated,
         ),
     }
+}
+
+/// A `poll` timeout that ends no earlier than `left` (whole milliseconds,
+/// rounded up, so the loop does not spin through the last fraction).
+fn poll_timeout(left: Duration) -> PollTimeout {
+    let ms = left.as_nanos().div_ceil(1_000_000);
+    PollTimeout::try_from(ms).unwrap_or(PollTimeout::MAX)
 }
 
 /// Starts the job's process; see [`Spawner::spawn`].

@@ -1,30 +1,32 @@
-//! The worker: one event loop that claims jobs from `pending/`, runs them,
-//! and records their results.
+//! The worker: an event loop that finds jobs in `pending/`, and one slot
+//! thread per unit of `max_parallel` that claims, runs and hands on each
+//! (see [`slots`]).
 //!
-//! It waits on inotify events for `pending/`, child exits, finished result
-//! writes, signals and a slow safety-net rescan; nothing polls while it is
-//! idle. Start-up: load the config, ensure the layout, recover `running/`,
-//! scan `pending/`, then serve.
+//! The loop waits on inotify events for `pending/`, signals, messages from
+//! the slots and the recorder, and a slow safety-net rescan; nothing polls
+//! while the worker is idle. Start-up: load the config, ensure the layout,
+//! recover `running/`, scan `pending/`, start the slots, then serve.
 
 mod claim;
 mod exec;
 mod record;
 mod settle;
+mod slots;
 mod spawn;
 
-use std::collections::{HashMap, HashSet, VecDeque};
-use std::ffi::{OsStr, OsString};
+use std::ffi::OsString;
 use std::fs::{self, File, TryLockError};
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use inotify::{EventMask, Inotify, WatchMask};
 use tokio::signal::unix::{SignalKind, signal};
-use tokio::sync::oneshot;
-use tokio::task::JoinSet;
+use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 use tracing::{debug, error, info, warn};
 
 use crate::client::change_time;
@@ -37,9 +39,10 @@ use crate::spool::{
 };
 use crate::systemd::notify::Notifier;
 
-use claim::{Claim, ClaimCtx};
-use record::{Record, Recorded, Recorder};
+use claim::ClaimCtx;
+use record::{Record, RecordSender, Recorder};
 pub use settle::{Settled, settle};
+use slots::{Shared, State, ToLoop};
 
 /// Errors that stop the worker from starting or keep it from going on.
 #[derive(Debug, thiserror::Error)]
@@ -73,20 +76,35 @@ pub struct WorkerOptions {
     pub spool: PathBuf,
 }
 
-/// Runs the worker until SIGTERM or SIGINT. Builds its own single-threaded
-/// runtime: one thread claims, runs and reaps every job, and one more (the
-/// recorder) writes results, so the loop never waits on an `fsync`.
+/// Runs the worker until SIGTERM or SIGINT. The event loop runs on a
+/// single-threaded runtime on this thread; the slots and the recorder (which
+/// writes results, so no slot waits on an `fsync` while others queue up)
+/// are threads of their own.
 pub fn run(opts: WorkerOptions) -> Result<(), WorkerError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .map_err(setup("starting the async runtime"))?;
     rt.block_on(async move {
-        let (recorder, recorded) = Recorder::start(Spool::new(opts.spool.clone()))
+        let spool = Spool::new(opts.spool.clone());
+        let (to_loop, inbox) = unbounded_channel();
+        let config = &opts.loaded.config;
+        let shared = Arc::new(Shared::new(
+            spool.clone(),
+            ClaimCtx::new(spool.clone(), config),
+            config.max_parallel.get(),
+            config.max_attempts.get(),
+            to_loop,
+        ));
+        let recorder = Recorder::start(spool, Arc::clone(&shared))
             .map_err(setup("starting the result recorder"))?;
-        let mut worker = Worker::new(opts, recorder);
-        let served = worker.serve(recorded).await;
-        worker.recorder.shutdown();
+        let mut worker = Worker::new(opts, shared, recorder);
+        let served = worker.serve(inbox).await;
+        if served.is_ok() {
+            // Every slot is idle now; a failed loop leaves them, and the
+            // process exit ends them.
+            worker.shutdown();
+        }
         served
     })
 }
@@ -95,14 +113,6 @@ pub fn run(opts: WorkerOptions) -> Result<(), WorkerError> {
 /// resumed) after a write failed.
 const RETRY_FIRST: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(30);
-
-/// A job being run, and how to interrupt it.
-struct ActiveJob {
-    cancel: oneshot::Sender<()>,
-    started: Instant,
-    /// Timeout plus kill grace: past this the job should have been reaped.
-    limit: Duration,
-}
 
 /// The shortest time between two `STATUS=` updates of the same kind.
 const STATUS_EVERY: Duration = Duration::from_secs(1);
@@ -118,12 +128,11 @@ enum StatusKind {
 }
 
 /// How long past its timeout and kill grace a job may stay unreaped before
-/// the heartbeat is withheld (the loop is then not doing its job).
+/// the heartbeat is withheld (its slot is then not doing its job).
 const OVERDUE_MARGIN: Duration = Duration::from_secs(10);
 
 /// A run whose process has ended.
 struct Ran {
-    id: JobId,
     job: Job,
     running_path: PathBuf,
     /// The lock on the job file, held (never read) until it has left
@@ -132,51 +141,32 @@ struct Ran {
     result: JobResult,
 }
 
-#[derive(Default)]
-struct Counters {
-    succeeded: u64,
-    failed: u64,
-    rejected: u64,
-}
-
 struct Worker {
     spool: Spool,
     config: Config,
     config_path: Option<PathBuf>,
-    /// File names in arrival order.
-    queue: VecDeque<OsString>,
-    /// Names in `queue` or `deferred`, with when they were queued, so no
-    /// name is queued twice.
-    queued: HashMap<OsString, Timestamp>,
-    /// Names whose id is busy; they go back to the queue when it is free.
-    deferred: Vec<(JobId, OsString)>,
-    /// Ids with a run in progress or a result being written.
-    busy: HashSet<JobId>,
-    /// Running jobs, with the way to interrupt each.
-    active: HashMap<JobId, ActiveJob>,
-    /// One task per running job; each ends with the finished run.
-    tasks: JoinSet<Box<Ran>>,
-    /// The thread that writes results.
+    /// The queue and bookkeeping shared with the slots.
+    shared: Arc<Shared>,
+    /// The thread that writes results, and a way to send it records.
     recorder: Recorder,
-    /// Results for the recorder, sent after this turn's claims.
-    to_record: Vec<(JobId, Record)>,
+    record_tx: Option<RecordSender>,
+    slot_threads: Vec<JoinHandle<()>>,
     /// Set when SIGTERM arrived: when running jobs will be interrupted.
     stop_at: Option<tokio::time::Instant>,
-    interrupted_all: bool,
-    counters: Counters,
     /// Results that could not be written yet, retried at `retry_at`.
     unrecorded: Vec<(JobId, Record)>,
-    /// No claims until the retry: a log file could not be created.
-    paused: bool,
     retry_at: Option<tokio::time::Instant>,
     retry_delay: Duration,
+    /// The shared count of settled results when the last retry was
+    /// scheduled: one settled since resets the back-off.
+    settled_seen: u64,
     notifier: Notifier,
-    /// What claims need (rebuilt on reload).
-    claim_ctx: ClaimCtx,
-    /// When `STATUS=` was last sent, of which kind, and when a held-back
-    /// update is due (see [`Worker::update_status`]).
+    /// When `STATUS=` was last sent, of which kind and with which text, and
+    /// when a held-back or refreshing update is due (see
+    /// [`Worker::update_status`]).
     status_sent_at: Option<tokio::time::Instant>,
     status_sent_kind: StatusKind,
+    status_sent: String,
     status_due: Option<tokio::time::Instant>,
     /// Turns of the event loop, and the count at the last watchdog ping.
     turns: u64,
@@ -184,42 +174,57 @@ struct Worker {
 }
 
 impl Worker {
-    fn new(opts: WorkerOptions, recorder: Recorder) -> Self {
-        let spool = Spool::new(opts.spool);
-        let claim_ctx = ClaimCtx::new(spool.clone(), &opts.loaded.config);
+    fn new(opts: WorkerOptions, shared: Arc<Shared>, recorder: Recorder) -> Self {
+        let record_tx = recorder.sender();
         Worker {
-            spool,
+            spool: Spool::new(opts.spool),
             config: opts.loaded.config,
             config_path: opts.config_path,
-            queue: VecDeque::new(),
-            queued: HashMap::new(),
-            deferred: Vec::new(),
-            busy: HashSet::new(),
-            active: HashMap::new(),
-            tasks: JoinSet::new(),
+            shared,
             recorder,
-            to_record: Vec::new(),
+            record_tx,
+            slot_threads: Vec::new(),
             stop_at: None,
-            interrupted_all: false,
-            counters: Counters::default(),
             unrecorded: Vec::new(),
-            paused: false,
             retry_at: None,
             retry_delay: RETRY_FIRST,
+            settled_seen: 0,
             notifier: Notifier::from_env(),
-            claim_ctx,
             status_sent_at: None,
             status_sent_kind: StatusKind::Idle,
+            status_sent: String::new(),
             status_due: None,
             turns: 0,
             turns_at_ping: 0,
         }
     }
 
-    async fn serve(
-        &mut self,
-        mut recorded: tokio::sync::mpsc::UnboundedReceiver<Vec<Recorded>>,
-    ) -> Result<(), WorkerError> {
+    /// Ends the (idle) slots, then the recorder once they are gone.
+    fn shutdown(&mut self) {
+        self.shared.shutdown();
+        for t in self.slot_threads.drain(..) {
+            if t.join().is_err() {
+                error!("a job slot panicked");
+            }
+        }
+        self.record_tx = None;
+        self.recorder.shutdown();
+    }
+
+    /// Starts slot threads up to `max_parallel`.
+    fn ensure_slots(&mut self) -> Result<(), WorkerError> {
+        let Some(tx) = self.record_tx.as_ref() else {
+            return Ok(());
+        };
+        let started = self
+            .shared
+            .ensure_slots(self.config.max_parallel.get(), tx)
+            .map_err(setup("starting job slots"))?;
+        self.slot_threads.extend(started);
+        Ok(())
+    }
+
+    async fn serve(&mut self, mut inbox: UnboundedReceiver<ToLoop>) -> Result<(), WorkerError> {
         self.spool.ensure_layout()?;
         let mut sigterm = signal(SignalKind::terminate()).map_err(setup("handling SIGTERM"))?;
         let mut sigint = signal(SignalKind::interrupt()).map_err(setup("handling SIGINT"))?;
@@ -231,15 +236,16 @@ impl Worker {
         let mut watched = self.watch_pending(&events);
         self.recover();
         self.rescan();
+        self.ensure_slots()?;
         info!(
             message_id = message_id::WORKER_READY,
             spool = %self.spool.root().display(),
             max_parallel = self.config.max_parallel.get(),
             watchdog = self.notifier.watchdog_interval().map(|d| humantime::format_duration(d * 2).to_string()).unwrap_or_else(|| "off".into()),
             "worker ready; {} job(s) queued",
-            self.queue.len()
+            self.shared.lock().queue.len()
         );
-        let status = self.status_line();
+        let status = self.status_line(&self.shared.lock());
         self.notifier.ready(&status);
         let mut heartbeat = self.notifier.watchdog_interval().map(|every| {
             let mut t = tokio::time::interval(every);
@@ -252,26 +258,16 @@ impl Worker {
 
         loop {
             self.turns += 1;
-            // Start what can start first: a freed slot should not wait for
-            // the hand-off of the result that freed it.
-            loop {
-                self.dispatch();
-                // A result written on the loop frees its id, which may let
-                // a waiting run of it start.
-                if !self.flush_records() {
-                    break;
-                }
-            }
             if self.notifier.enabled() {
                 self.update_status(false);
             }
             // Stopping: wait for running jobs and for results still to be
             // written, until the stop grace has run out.
-            if self.stop_at.is_some()
-                && self.tasks.is_empty()
-                && self.recorder.in_flight() == 0
-                && (self.unrecorded.is_empty() || self.interrupted_all)
-            {
+            let stopped = {
+                let st = self.shared.lock();
+                st.stopping && st.quiet() && (self.unrecorded.is_empty() || st.interrupted_all)
+            };
+            if stopped {
                 if !self.unrecorded.is_empty() {
                     error!(
                         "{} result(s) could not be written before stopping; their jobs will be recorded interrupted at the next start",
@@ -280,7 +276,7 @@ impl Worker {
                 }
                 break;
             }
-            let stop_at = self.stop_at.filter(|_| !self.interrupted_all);
+            let stop_at = self.stop_at.filter(|_| !self.shared.lock().interrupted_all);
             let retry_at = self.retry_at;
             let status_due = self.status_due;
             tokio::select! {
@@ -304,23 +300,22 @@ impl Worker {
                         source: io::Error::other("the event stream ended"),
                     }),
                 },
-                Some(done) = self.tasks.join_next(), if !self.tasks.is_empty() => match done {
-                    Ok(ran) => self.on_ran(ran),
-                    Err(e) => error!("a job task failed: {e}"),
-                },
-                batch = recorded.recv() => match batch {
-                    Some(batch) => {
-                        for r in batch {
-                            self.recorder.answered();
-                            self.on_recorded(r);
-                        }
+                msg = inbox.recv() => match msg {
+                    Some(ToLoop::Kick) => {}
+                    Some(ToLoop::Paused) => self.schedule_retry(),
+                    Some(ToLoop::Failed(failed)) => {
+                        let (id, record, error) = *failed;
+                        self.on_failed(id, record, &error);
                     }
-                    // Only a panic ends the recorder early. Results could
-                    // no longer be written: stop, and let the next start
-                    // record what is left in running/.
+                    // A thread that owned jobs or results is gone: stop, and
+                    // let the next start record what is left in running/.
+                    Some(ToLoop::Panicked(what)) => return Err(WorkerError::Setup {
+                        what: "running jobs",
+                        source: io::Error::other(format!("{what} thread panicked")),
+                    }),
                     None => return Err(WorkerError::Setup {
-                        what: "recording results",
-                        source: io::Error::other("the recorder thread stopped unexpectedly"),
+                        what: "running jobs",
+                        source: io::Error::other("the slots' channel closed"),
                     }),
                 },
                 _ = sigterm.recv() => self.begin_stop("SIGTERM"),
@@ -339,7 +334,7 @@ impl Worker {
                     self.rescan();
                 }
                 () = async { tokio::time::sleep_until(stop_at.expect("guarded")).await }, if stop_at.is_some() => {
-                    self.interrupt_all();
+                    self.shared.interrupt_all();
                 }
                 () = async { tokio::time::sleep_until(status_due.expect("guarded")).await }, if status_due.is_some() => {
                     self.update_status(true);
@@ -349,11 +344,12 @@ impl Worker {
                 watched = self.rewatch(&events);
             }
         }
+        let st = self.shared.lock();
         info!(
             message_id = message_id::WORKER_STOPPING,
-            succeeded = self.counters.succeeded,
-            failed = self.counters.failed,
-            rejected = self.counters.rejected,
+            succeeded = st.counters.succeeded,
+            failed = st.counters.failed,
+            rejected = st.counters.rejected,
             "worker stopped"
         );
         Ok(())
@@ -408,13 +404,9 @@ impl Worker {
                 Err(_) => return,
             }
         }
-        self.enqueue(name);
-    }
-
-    fn enqueue(&mut self, name: OsString) {
-        if let std::collections::hash_map::Entry::Vacant(e) = self.queued.entry(name.clone()) {
-            e.insert(Timestamp::now());
-            self.queue.push_back(name);
+        let mut st = self.shared.lock();
+        if st.enqueue(name) {
+            self.shared.wake(&st, 1);
         }
     }
 
@@ -428,9 +420,18 @@ impl Worker {
                 return;
             }
         };
-        let mut found: Vec<(Timestamp, OsString)> = rd
-            .filter_map(Result::ok)
-            .filter(|e| !self.queued.contains_key(&e.file_name()))
+        let names: Vec<fs::DirEntry> = rd.filter_map(Result::ok).collect();
+        // Only files not queued yet are looked at (a large backlog is
+        // listed on every rescan); the lock is not held meanwhile.
+        let new: Vec<fs::DirEntry> = {
+            let st = self.shared.lock();
+            names
+                .into_iter()
+                .filter(|e| !st.queued.contains_key(&e.file_name()))
+                .collect()
+        };
+        let mut found: Vec<(Timestamp, OsString)> = new
+            .into_iter()
             .map(|e| {
                 let t = e
                     .metadata()
@@ -440,193 +441,44 @@ impl Worker {
             })
             .collect();
         found.sort();
-        if !found.is_empty() {
-            debug!("rescan found {} file(s)", found.len());
-        }
+        let mut st = self.shared.lock();
+        let mut added = 0;
         for (_, name) in found {
-            self.enqueue(name);
-        }
-    }
-
-    /// Starts queued jobs while there are free slots.
-    fn dispatch(&mut self) {
-        while self.stop_at.is_none()
-            && !self.paused
-            && self.active.len() < self.config.max_parallel.get()
-        {
-            let Some(name) = self.queue.pop_front() else {
-                break;
-            };
-            let since = self.queued.remove(&name).unwrap_or_else(Timestamp::now);
-            self.claim(name, since);
-        }
-    }
-
-    /// Claims a queued file (queued at `since`) and starts it; see
-    /// [`claim::claim`].
-    fn claim(&mut self, name: OsString, since: Timestamp) {
-        let (id, kind) = match parse_job_file_name(&name) {
-            Ok(x) => x,
-            Err(e) => {
-                let path = self.spool.pending().join(&name);
-                return self.archive_nameless(&path, &e.to_string());
-            }
-        };
-        if self.busy.contains(&id) {
-            // Runs of one id never overlap; this one waits for the other.
-            self.queued.insert(name.clone(), since);
-            self.deferred.push((id, name));
-            return;
-        }
-        self.busy.insert(id.clone());
-        let claimed = claim::claim(&mut self.claim_ctx, name, id, kind, since);
-        self.on_claimed(claimed);
-    }
-
-    fn on_claimed(&mut self, claimed: Claim) {
-        match claimed {
-            Claim::Started(started) => {
-                let claim::Started {
-                    run,
-                    spawned,
-                    lock,
-                    began,
-                } = *started;
-                let id = run.id.clone();
-                let (tx, rx) = oneshot::channel();
-                let limit = run.timeout + run.kill_grace;
-                let job = run.job.clone();
-                let running_path = run.running_path.clone();
-                self.active.insert(
-                    id.clone(),
-                    ActiveJob {
-                        cancel: tx,
-                        started: began,
-                        limit,
-                    },
-                );
-                if self.interrupted_all {
-                    // It started just as the stop grace ran out.
-                    self.interrupt(&id);
-                }
-                self.tasks.spawn(async move {
-                    let result = exec::execute(run, spawned, rx).await;
-                    Box::new(Ran {
-                        id,
-                        job,
-                        running_path,
-                        _lock: lock,
-                        result,
-                    })
-                });
-            }
-            Claim::Rejected { id, reason } => self.record_rejection(id, reason),
-            Claim::Vanished { id, name, since } => {
-                if !self.vanished(id.clone(), &name, since) {
-                    self.release(id);
-                }
-            }
-            Claim::Retry { id, name, since } => {
-                self.queued.insert(name.clone(), since);
-                self.queue.push_front(name);
-                self.paused = true;
-                self.schedule_retry();
-                self.release(id);
-            }
-            Claim::Dropped { id } => self.release(id),
-        }
-    }
-
-    /// A job's process ended: its result goes to the recorder.
-    fn on_ran(&mut self, ran: Box<Ran>) {
-        self.active.remove(&ran.id);
-        let id = ran.id.clone();
-        self.record(id, Record::Run(ran));
-    }
-
-    fn on_recorded(&mut self, recorded: Recorded) {
-        match recorded {
-            Recorded::Settled { id, outcome } => {
-                match outcome {
-                    Settled::Recorded(Status::Succeeded) => self.counters.succeeded += 1,
-                    Settled::Recorded(Status::Rejected) => self.counters.rejected += 1,
-                    Settled::Recorded(_) => self.counters.failed += 1,
-                    Settled::Requeued { attempt } => {
-                        info!(cmd_id = %id, attempt, "interrupted job re-queued for another attempt");
-                    }
-                }
-                if self.unrecorded.is_empty() {
-                    self.retry_delay = RETRY_FIRST;
-                }
-                self.release(id);
-            }
-            Recorded::Failed { id, record, error } => {
-                // Results cannot be written (a full disk, say): hold them,
-                // claim nothing new, and retry with a growing pause.
-                self.unrecorded.push((id.clone(), record));
-                self.paused = true;
-                self.schedule_retry();
-                let wait = self
-                    .retry_at
-                    .map(|t| t.saturating_duration_since(tokio::time::Instant::now()))
-                    .unwrap_or_default();
-                error!(
-                    cmd_id = %id,
-                    "recording the result failed: {error}; held in memory, claiming paused, retrying in {}s",
-                    wait.as_secs_f32().ceil()
-                );
+            if st.enqueue(name) {
+                added += 1;
             }
         }
+        if added > 0 {
+            debug!("rescan found {added} file(s)");
+            self.shared.wake(&st, added);
+        }
     }
 
-    /// Queues a result for the recorder thread; sent at the next turn of
-    /// the loop, after the claims.
-    fn record(&mut self, id: JobId, record: Record) {
-        self.to_record.push((id, record));
-    }
-
-    /// Sends queued results to the recorder; or, when nothing else is
-    /// running or waiting, writes the one result on the loop itself: the
-    /// loop would only sleep meanwhile, and the agent waiting for that
-    /// result is spared the wake-up of another thread.
-    /// Returns whether it wrote one on the loop.
-    fn flush_records(&mut self) -> bool {
-        let max_attempts = self.config.max_attempts.get();
-        if self.to_record.len() == 1
-            && self.active.is_empty()
-            && self.queue.is_empty()
-            && self.recorder.in_flight() == 0
-        {
-            let (id, record) = self.to_record.pop().expect("one");
-            let done = record::record_now(&self.spool, id, record, max_attempts);
-            self.on_recorded(done);
-            return true;
-        }
-        for (id, record) in self.to_record.drain(..) {
-            self.recorder.send(id, record, max_attempts);
-        }
-        false
-    }
-
-    /// The id is free again: waiting runs of it go first, in their order.
-    fn release(&mut self, id: JobId) {
-        self.busy.remove(&id);
-        let mut waiting: Vec<OsString> = Vec::new();
-        self.deferred.retain(|(d, name)| {
-            if *d == id {
-                waiting.push(name.clone());
-                false
-            } else {
-                true
-            }
-        });
-        for name in waiting.into_iter().rev() {
-            self.queue.push_front(name);
-        }
+    /// Recording failed (a full disk, say): hold the result, claim nothing
+    /// new, and retry with a growing pause.
+    fn on_failed(&mut self, id: JobId, record: Record, error: &SpoolError) {
+        self.unrecorded.push((id.clone(), record));
+        self.shared.lock().paused = true;
+        self.schedule_retry();
+        let wait = self
+            .retry_at
+            .map(|t| t.saturating_duration_since(tokio::time::Instant::now()))
+            .unwrap_or_default();
+        error!(
+            cmd_id = %id,
+            "recording the result failed: {error}; held in memory, claiming paused, retrying in {}s",
+            wait.as_secs_f32().ceil()
+        );
     }
 
     fn schedule_retry(&mut self) {
         if self.retry_at.is_none() {
+            let settled = self.shared.lock().settled;
+            if settled != self.settled_seen {
+                // Results were written since the last failure.
+                self.settled_seen = settled;
+                self.retry_delay = RETRY_FIRST;
+            }
             self.retry_at = Some(tokio::time::Instant::now() + self.retry_delay);
             self.retry_delay = (self.retry_delay * 2).min(RETRY_MAX);
         }
@@ -635,118 +487,41 @@ impl Worker {
     /// Retries what could not be written, and resumes claiming.
     fn retry(&mut self) {
         self.retry_at = None;
-        self.paused = false;
-        for (id, record) in std::mem::take(&mut self.unrecorded) {
-            self.record(id, record);
+        let held = std::mem::take(&mut self.unrecorded);
+        let max_attempts = self.config.max_attempts.get();
+        let mut st = self.shared.lock();
+        st.paused = false;
+        st.in_flight += held.len();
+        self.shared.wake(&st, usize::MAX);
+        drop(st);
+        for (id, record) in held {
+            match &self.record_tx {
+                Some(tx) => tx.send(&self.shared, id, record, max_attempts),
+                None => self.shared.unsent(),
+            }
         }
-    }
-
-    fn record_rejection(&mut self, id: JobId, reason: String) {
-        warn!(
-            message_id = message_id::JOB_REJECTED,
-            cmd_id = %id,
-            cmd_status = "rejected",
-            exit_code = "-",
-            duration_ms = 0,
-            "job rejected: {reason}"
-        );
-        let now = Timestamp::now();
-        let result = JobResult {
-            id: id.to_string(),
-            status: Status::Rejected,
-            exit_code: None,
-            signal: None,
-            started_at: now,
-            finished_at: now,
-            duration_ms: 0,
-            log: None,
-            output_truncated: false,
-            error: Some(reason),
-            attempt: 1,
-        };
-        self.busy.insert(id.clone());
-        self.record(id, Record::Rejection(result));
-    }
-
-    /// A file whose name gives no id: it cannot have a result, so it is only
-    /// moved aside, with the reason in the log.
-    fn archive_nameless(&mut self, path: &Path, reason: &str) {
-        match move_into(path, &self.spool.archive_rejected()) {
-            Ok(dest) => warn!(
-                "{} is not a job file ({reason}); moved to {}",
-                path.display(),
-                self.spool.relative(&dest)
-            ),
-            Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-            Err(e) => error!(
-                "{} is not a job file ({reason}) and cannot be moved: {e}",
-                path.display()
-            ),
-        }
-    }
-
-    /// The file was announced (at `since`) but is gone. Unless another
-    /// worker claimed it, the agent gets a result that says so. Another
-    /// worker's claim shows as the file in `running/`, or as a log of this id
-    /// begun about when the file arrived (a worker creates the log before
-    /// it renames the file, and the event reached us soon after arrival).
-    /// Returns whether a rejection is being recorded.
-    fn vanished(&mut self, id: JobId, name: &OsStr, since: Timestamp) -> bool {
-        if self.spool.running().join(name).exists() {
-            return false;
-        }
-        let window = Timestamp(since.0 - Duration::from_secs(2));
-        let claimed_elsewhere = self
-            .spool
-            .latest_log(&id)
-            .ok()
-            .flatten()
-            .and_then(|p| log_started(&p))
-            .is_some_and(|started| started >= window);
-        if claimed_elsewhere {
-            debug!(cmd_id = %id, "the job file was claimed by another worker");
-            return false;
-        }
-        self.record_rejection(
-            id,
-            "the job file vanished from pending/ before it could be read (withdrawn, or replaced while being read)".into(),
-        );
-        true
     }
 
     fn begin_stop(&mut self, signal: &str) {
         if self.stop_at.is_some() {
             info!("{signal} again: interrupting running jobs now");
-            self.interrupt_all();
+            self.shared.interrupt_all();
             return;
         }
+        let running = {
+            let mut st = self.shared.lock();
+            st.stopping = true;
+            st.active().count()
+        };
         let grace = self.config.stop_grace.get();
         info!(
             message_id = message_id::WORKER_STOPPING,
-            "{signal}: no new jobs; {} running job(s) get {} to finish",
-            self.active.len(),
+            "{signal}: no new jobs; {running} running job(s) get {} to finish",
             humantime::format_duration(grace)
         );
         self.stop_at = Some(tokio::time::Instant::now() + grace);
-        self.notifier.stopping(&format!(
-            "stopping: waiting for {} running job(s)",
-            self.active.len()
-        ));
-    }
-
-    fn interrupt_all(&mut self) {
-        self.interrupted_all = true;
-        let ids: Vec<JobId> = self.active.keys().cloned().collect();
-        for id in ids {
-            self.interrupt(&id);
-        }
-    }
-
-    fn interrupt(&mut self, id: &JobId) {
-        if let Some(job) = self.active.remove(id) {
-            info!(cmd_id = %id, "interrupting job: the stop grace has passed");
-            let _ = job.cancel.send(());
-        }
+        self.notifier
+            .stopping(&format!("stopping: waiting for {running} running job(s)"));
     }
 
     fn reload(&mut self) {
@@ -759,7 +534,17 @@ impl Worker {
                 let spool = self.config.spool.clone();
                 self.config = loaded.config;
                 self.config.spool = spool;
-                self.claim_ctx = ClaimCtx::new(self.spool.clone(), &self.config);
+                let ctx = ClaimCtx::new(self.spool.clone(), &self.config);
+                {
+                    let mut st = self.shared.lock();
+                    st.ctx = Arc::new(ctx);
+                    st.max_parallel = self.config.max_parallel.get();
+                    st.max_attempts = self.config.max_attempts.get();
+                    self.shared.wake(&st, usize::MAX);
+                }
+                if let Err(e) = self.ensure_slots() {
+                    error!("{e}; running with the slots there are");
+                }
                 info!(
                     max_parallel = self.config.max_parallel.get(),
                     "configuration reloaded"
@@ -767,19 +552,22 @@ impl Worker {
             }
             Err(e) => error!("reload failed, keeping the running configuration: {e}"),
         }
-        let status = self.status_line();
+        let status = self.status_line(&self.shared.lock());
         self.notifier.ready(&status);
     }
 
     /// Sends `STATUS=` when what the worker is doing changed kind (idle,
-    /// running, stopping, in trouble) or `due` is set, and otherwise at
-    /// most every [`STATUS_EVERY`]: each message costs systemd (PID 1)
-    /// some work and a D-Bus signal, and a busy worker changes its counts
-    /// hundreds of times a second. A held-back update is sent when
-    /// `status_due` comes; an idle worker has none, so it never wakes.
+    /// running, stopping, in trouble), and otherwise at most every
+    /// [`STATUS_EVERY`], and only when the text changed: each message costs
+    /// systemd (PID 1) some work and a D-Bus signal, and a busy worker
+    /// changes its counts hundreds of times a second. While jobs run, an
+    /// update is due a second after each one sent (`due` says it is that
+    /// one), so the counts keep up without the slots waking the loop; an
+    /// idle worker has none due, so it never wakes.
     fn update_status(&mut self, due: bool) {
-        let kind = self.status_kind();
         let now = tokio::time::Instant::now();
+        let mut st = self.shared.lock();
+        let kind = self.status_kind(&st);
         let recent = self
             .status_sent_at
             .is_some_and(|t| now.duration_since(t) < STATUS_EVERY);
@@ -789,19 +577,28 @@ impl Worker {
             }
             return;
         }
-        let status = self.status_line();
-        self.notifier.status(&status);
+        let line = self.status_line(&st);
+        if line == self.status_sent {
+            // Nothing new; whatever changes it next wakes the loop.
+            self.status_due = None;
+            return;
+        }
+        let idle = st.active().next().is_none();
+        st.announced_idle = idle;
+        drop(st);
+        self.notifier.status(&line);
         self.status_sent_at = Some(now);
         self.status_sent_kind = kind;
-        self.status_due = None;
+        self.status_sent = line;
+        self.status_due = (kind != StatusKind::Idle).then(|| now + STATUS_EVERY);
     }
 
-    fn status_kind(&self) -> StatusKind {
-        if self.stop_at.is_some() {
+    fn status_kind(&self, st: &State) -> StatusKind {
+        if st.stopping {
             StatusKind::Stopping
-        } else if !self.unrecorded.is_empty() || self.paused {
+        } else if !self.unrecorded.is_empty() || st.paused {
             StatusKind::Trouble
-        } else if self.active.is_empty() {
+        } else if st.active().next().is_none() {
             StatusKind::Idle
         } else {
             StatusKind::Running
@@ -809,34 +606,31 @@ impl Worker {
     }
 
     /// What the worker is doing, for `STATUS=` (shown by `systemctl status`).
-    fn status_line(&self) -> String {
-        let c = &self.counters;
-        let pending = self.queue.len() + self.deferred.len();
+    fn status_line(&self, st: &State) -> String {
+        let c = &st.counters;
+        let pending = st.queue.len() + st.deferred.len();
         let tail = format!(
             "{pending} pending, {} done, {} failed, {} rejected",
             c.succeeded + c.failed,
             c.failed,
             c.rejected
         );
-        let tail = if self.unrecorded.is_empty() && !self.paused {
+        let tail = if self.unrecorded.is_empty() && !st.paused {
             tail
         } else {
             format!(
                 "{tail}; CANNOT WRITE to the spool (disk full?): {} result(s) held in memory{}, retrying",
                 self.unrecorded.len(),
-                if self.paused { ", claiming paused" } else { "" }
+                if st.paused { ", claiming paused" } else { "" }
             )
         };
-        if self.stop_at.is_some() {
-            return format!(
-                "stopping: waiting for {} running job(s); {tail}",
-                self.active.len()
-            );
+        let mut ids: Vec<&str> = st.active().map(|j| j.id.as_str()).collect();
+        if st.stopping {
+            return format!("stopping: waiting for {} running job(s); {tail}", ids.len());
         }
-        if self.active.is_empty() {
+        if ids.is_empty() {
             return format!("idle; {tail}");
         }
-        let mut ids: Vec<&str> = self.active.keys().map(JobId::as_str).collect();
         ids.sort_unstable();
         let shown = ids.iter().take(5).copied().collect::<Vec<_>>().join(", ");
         let more = if ids.len() > 5 { ", ..." } else { "" };
@@ -878,11 +672,12 @@ impl Worker {
         ) {
             return Err(format!("{} is not usable: {e}", pending.display()));
         }
-        for (id, job) in &self.active {
+        for job in self.shared.lock().active() {
             let ran = job.started.elapsed();
             if ran > job.limit + OVERDUE_MARGIN {
                 return Err(format!(
-                    "job {id} has run {} although it should have been killed after {}",
+                    "job {} has run {} although it should have been killed after {}",
+                    job.id,
                     humantime::format_duration(Duration::from_secs(ran.as_secs())),
                     humantime::format_duration(job.limit)
                 ));
@@ -914,11 +709,15 @@ impl Worker {
             }
             let path = entry.path();
             let Ok((id, kind)) = parse_job_file_name(&entry.file_name()) else {
-                self.archive_nameless(&path, "found in running/ without a valid job name");
+                archive_nameless(
+                    &self.spool,
+                    &path,
+                    "found in running/ without a valid job name",
+                );
                 continue;
             };
             let Ok(mut file) = open_job_file(&path) else {
-                self.archive_nameless(&path, "found in running/ and cannot be opened");
+                archive_nameless(&self.spool, &path, "found in running/ and cannot be opened");
                 continue;
             };
             if let Err(TryLockError::WouldBlock) = file.try_lock() {
@@ -988,10 +787,27 @@ impl Worker {
             }
             Settled::Recorded(_) => {
                 log_result(&result);
-                self.counters.failed += 1;
+                self.shared.lock().counters.failed += 1;
             }
         }
         Ok(())
+    }
+}
+
+/// A file whose name gives no id: it cannot have a result, so it is only
+/// moved aside, with the reason in the log.
+fn archive_nameless(spool: &Spool, path: &Path, reason: &str) {
+    match move_into(path, &spool.archive_rejected()) {
+        Ok(dest) => warn!(
+            "{} is not a job file ({reason}); moved to {}",
+            path.display(),
+            spool.relative(&dest)
+        ),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => error!(
+            "{} is not a job file ({reason}) and cannot be moved: {e}",
+            path.display()
+        ),
     }
 }
 

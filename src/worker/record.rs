@@ -1,19 +1,19 @@
 //! The recorder: one long-lived thread that writes results (and settles
-//! job files), so the event loop never waits on an `fsync`.
+//! job files) for the slots, so a slot can start its next job while the
+//! last one's result is synced.
 //!
-//! The loop sends each finished run or rejection down a channel; the thread
-//! takes whatever has queued up, records it, and answers with one message
-//! per batch, so a busy worker pays one wake-up of the loop per batch rather
-//! than one per result. A dedicated thread, rather than a task on a pool,
-//! also means one wake-up of the writer per batch instead of a pool hand-off
-//! per result.
+//! Slots send each finished run or rejection down a channel; the thread
+//! takes whatever has queued up, writes the batch with one journal commit
+//! (see [`Staged`](crate::spool::Staged)), and applies the outcomes to the
+//! shared state: the ids are freed and counted. Only a failure, or the
+//! worker going quiet, is told to the event loop.
 
-use std::sync::mpsc;
+use std::sync::{Arc, mpsc};
 use std::thread;
 
-use tokio::sync::mpsc::{UnboundedReceiver, UnboundedSender, unbounded_channel};
 use tracing::error;
 
+use super::slots::{PanicAlarm, Shared};
 use super::{Ran, log_result};
 use crate::spool::{JobId, JobResult, Spool, SpoolError, Status};
 use crate::worker::settle::{self, Prepared, Settled};
@@ -45,66 +45,36 @@ struct Order {
     max_attempts: u32,
 }
 
-/// The handle the loop keeps: where to send records, and where their
-/// outcomes come back.
+/// The recorder thread.
 pub(super) struct Recorder {
     orders: Option<mpsc::Sender<Order>>,
     thread: Option<thread::JoinHandle<()>>,
-    /// Records sent and not answered yet.
-    in_flight: usize,
 }
 
+/// Where slots (and the loop's retry) send records.
+#[derive(Clone)]
+pub(super) struct RecordSender(mpsc::Sender<Order>);
+
 impl Recorder {
-    /// Starts the thread. Outcomes arrive on the returned receiver, a batch
-    /// per message.
-    pub fn start(spool: Spool) -> std::io::Result<(Self, UnboundedReceiver<Vec<Recorded>>)> {
+    /// Starts the thread.
+    pub fn start(spool: Spool, shared: Arc<Shared>) -> std::io::Result<Self> {
         let (orders, inbox) = mpsc::channel::<Order>();
-        let (outbox, outcomes) = unbounded_channel();
         let thread = thread::Builder::new()
             .name("recorder".into())
-            .spawn(move || serve(&spool, &inbox, &outbox))?;
-        Ok((
-            Recorder {
-                orders: Some(orders),
-                thread: Some(thread),
-                in_flight: 0,
-            },
-            outcomes,
-        ))
+            .spawn(move || serve(&spool, &inbox, &shared))?;
+        Ok(Recorder {
+            orders: Some(orders),
+            thread: Some(thread),
+        })
     }
 
-    /// Queues a record.
-    pub fn send(&mut self, id: JobId, record: Record, max_attempts: u32) {
-        let order = Order {
-            id,
-            record,
-            max_attempts,
-        };
-        let Some(orders) = self.orders.as_ref() else {
-            return;
-        };
-        match orders.send(order) {
-            Ok(()) => self.in_flight += 1,
-            // The thread is gone (it only ends when told to, or by a
-            // panic): the job stays in running/ and the next start records
-            // it interrupted.
-            Err(mpsc::SendError(order)) => {
-                error!(cmd_id = %order.id, "the result recorder has stopped; the result is lost and the job will be recorded interrupted at the next start");
-            }
-        }
+    /// A handle to send records with.
+    pub fn sender(&self) -> Option<RecordSender> {
+        self.orders.clone().map(RecordSender)
     }
 
-    /// One record was answered.
-    pub fn answered(&mut self) {
-        self.in_flight = self.in_flight.saturating_sub(1);
-    }
-
-    /// Records sent and not answered yet.
-    pub fn in_flight(&self) -> usize {
-        self.in_flight
-    }
-
-    /// Lets the thread finish what it has and waits for it.
+    /// Lets the thread finish what it has and waits for it. Every
+    /// [`RecordSender`] must be gone first.
     pub fn shutdown(&mut self) {
         self.orders = None;
         if let Some(t) = self.thread.take()
@@ -115,17 +85,33 @@ impl Recorder {
     }
 }
 
-impl Drop for Recorder {
-    fn drop(&mut self) {
-        self.shutdown();
+impl RecordSender {
+    /// Queues a record, already counted in the shared `in_flight`.
+    pub fn send(&self, shared: &Shared, id: JobId, record: Record, max_attempts: u32) {
+        let order = Order {
+            id,
+            record,
+            max_attempts,
+        };
+        // The thread only ends when every sender is gone, or by a panic
+        // (which stops the worker): the job stays in running/ and the next
+        // start records it interrupted.
+        if let Err(mpsc::SendError(order)) = self.0.send(order) {
+            error!(cmd_id = %order.id, "the result recorder has stopped; the result is lost and the job will be recorded interrupted at the next start");
+            shared.unsent();
+        }
     }
 }
 
-/// Most records answered in one message, so answers keep flowing while
-/// new records keep arriving.
+/// Most records written in one batch, so outcomes keep flowing while new
+/// records keep arriving.
 const MAX_BATCH: usize = 32;
 
-fn serve(spool: &Spool, inbox: &mpsc::Receiver<Order>, outbox: &UnboundedSender<Vec<Recorded>>) {
+fn serve(spool: &Spool, inbox: &mpsc::Receiver<Order>, shared: &Shared) {
+    let _alarm = PanicAlarm {
+        shared,
+        what: "the result recorder",
+    };
     while let Ok(first) = inbox.recv() {
         let mut orders = vec![first];
         while orders.len() < MAX_BATCH
@@ -146,15 +132,12 @@ fn serve(spool: &Spool, inbox: &mpsc::Receiver<Order>, outbox: &UnboundedSender<
             .into_iter()
             .map(|(o, p)| conclude(spool, o, p))
             .collect();
-        if outbox.send(batch).is_err() {
-            // The loop has gone; nothing is waiting for the answers.
-            return;
-        }
+        shared.recorded(batch, true);
     }
 }
 
-/// Records one result on the calling thread (the recorder's, or the loop's
-/// when it has nothing else to do).
+/// Records one result on the calling thread (the recorder's, or a slot's
+/// when nothing else is going on).
 pub(super) fn record_now(spool: &Spool, id: JobId, record: Record, max_attempts: u32) -> Recorded {
     let order = Order {
         id,

@@ -12,7 +12,7 @@ use std::collections::BTreeMap;
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
 use std::path::Path;
@@ -24,9 +24,6 @@ use nix::spawn::{PosixSpawnAttr, PosixSpawnFileActions, PosixSpawnFlags, posix_s
 use nix::sys::signal::{SigSet, Signal, killpg};
 use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
 use nix::unistd::Pid;
-use tokio::io::Interest;
-use tokio::io::unix::AsyncFd;
-use tokio::net::unix::pipe;
 
 /// Variables of the worker's own environment that must not leak into jobs:
 /// they describe the worker's relation to systemd, not the job's.
@@ -80,8 +77,9 @@ impl Spawner {
 
     /// Starts `spec` in a new process group, stdin from `/dev/null`,
     /// stdout and stderr into one pipe (so they interleave in the order
-    /// written). Returns the child and the pipe's read end.
-    pub fn spawn(&self, spec: &Spec<'_>) -> io::Result<(Child, pipe::Receiver)> {
+    /// written). Returns the child and the pipe's read end, which does not
+    /// block.
+    pub fn spawn(&self, spec: &Spec<'_>) -> io::Result<(Child, File)> {
         let dev_null = match &self.dev_null {
             Ok(f) => f,
             Err(e) => {
@@ -106,7 +104,7 @@ impl Spawner {
             Some(cwd) => self.command_spawn(spec, cwd, dev_null.try_clone()?, wr)?,
         };
         let child = Child::track(pid)?;
-        Ok((child, pipe::Receiver::from_owned_fd_unchecked(rd)?))
+        Ok((child, File::from(rd)))
     }
 
     fn posix_spawn(&self, spec: &Spec<'_>, stdin: &File, out: &OwnedFd) -> io::Result<Pid> {
@@ -196,28 +194,19 @@ impl Spawner {
 /// A started job process, waited for through its pidfd.
 pub(super) struct Child {
     pid: Pid,
-    exit: AsyncFd<OwnedFd>,
+    pidfd: OwnedFd,
 }
 
 impl Child {
-    // The crate's one exception to `unsafe_code = "deny"`: tokio 1.54 made
-    // registering any file descriptor with its reactor an unsafe call.
-    #[allow(unsafe_code)]
     fn track(pid: Pid) -> io::Result<Self> {
         let opened = rustix::process::Pid::from_raw(pid.as_raw())
             .ok_or_else(|| io::Error::other("posix_spawn returned pid 0"))
             .and_then(|p| {
                 rustix::process::pidfd_open(p, rustix::process::PidfdFlags::NONBLOCK)
                     .map_err(io::Error::from)
-            })
-            .and_then(|fd| {
-                // SAFETY: an `OwnedFd` is a valid, open descriptor that stays
-                // open and unchanged until the `AsyncFd` that owns it drops.
-                unsafe { AsyncFd::register_with_interest(fd, Interest::READABLE) }
-                    .map_err(|e| e.into_parts().1)
             });
         match opened {
-            Ok(exit) => Ok(Child { pid, exit }),
+            Ok(pidfd) => Ok(Child { pid, pidfd }),
             Err(e) => {
                 // It cannot be followed (out of file descriptors, say): stop
                 // it rather than leave it running unaccounted for.
@@ -236,21 +225,27 @@ impl Child {
         self.pid
     }
 
-    /// Waits for the process to end and reaps it. Cancel-safe.
-    pub async fn wait(&self) -> io::Result<ExitStatus> {
+    /// The pidfd: readable once the process has ended.
+    pub fn exit_fd(&self) -> BorrowedFd<'_> {
+        self.pidfd.as_fd()
+    }
+
+    /// Reaps the process if it has ended.
+    pub fn try_wait(&self) -> io::Result<Option<ExitStatus>> {
         loop {
-            let mut ready = self.exit.readable().await?;
             match waitid(
-                Id::PIDFd(self.exit.get_ref().as_fd()),
+                Id::PIDFd(self.pidfd.as_fd()),
                 WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG,
             ) {
-                Ok(WaitStatus::Exited(_, code)) => return Ok(ExitStatus::from_raw(code << 8)),
-                Ok(WaitStatus::Signaled(_, sig, core)) => {
-                    return Ok(ExitStatus::from_raw(
-                        (sig as i32) | if core { 0x80 } else { 0 },
-                    ));
+                Ok(WaitStatus::Exited(_, code)) => {
+                    return Ok(Some(ExitStatus::from_raw(code << 8)));
                 }
-                Ok(_) => ready.clear_ready(),
+                Ok(WaitStatus::Signaled(_, sig, core)) => {
+                    return Ok(Some(ExitStatus::from_raw(
+                        (sig as i32) | if core { 0x80 } else { 0 },
+                    )));
+                }
+                Ok(_) => return Ok(None),
                 Err(Errno::EINTR) => {}
                 Err(e) => return Err(e.into()),
             }
@@ -278,14 +273,33 @@ fn cstring(s: &OsStr, what: &str) -> io::Result<CString> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+    use std::io::Read;
     use std::path::PathBuf;
 
-    async fn run(spawner: &Spawner, spec: &Spec<'_>) -> (ExitStatus, String) {
-        use tokio::io::AsyncReadExt;
+    /// Reads the job's output to its end, then reaps it.
+    fn run(spawner: &Spawner, spec: &Spec<'_>) -> (ExitStatus, String) {
         let (child, mut out) = spawner.spawn(spec).unwrap();
-        let mut text = String::new();
-        out.read_to_string(&mut text).await.unwrap();
-        (child.wait().await.unwrap(), text)
+        let mut bytes = Vec::new();
+        let mut buf = [0u8; 4096];
+        loop {
+            match out.read(&mut buf) {
+                Ok(0) => break,
+                Ok(n) => bytes.extend_from_slice(&buf[..n]),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                    let mut fds = [PollFd::new(out.as_fd(), PollFlags::POLLIN)];
+                    poll(&mut fds, PollTimeout::NONE).unwrap();
+                }
+                Err(e) => panic!("reading the output: {e}"),
+            }
+        }
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return (status, String::from_utf8(bytes).unwrap());
+            }
+            let mut fds = [PollFd::new(child.exit_fd(), PollFlags::POLLIN)];
+            poll(&mut fds, PollTimeout::NONE).unwrap();
+        }
     }
 
     fn spec<'a>(
@@ -307,8 +321,8 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn both_paths_give_the_same_environment_group_and_status() {
+    #[test]
+    fn both_paths_give_the_same_environment_group_and_status() {
         let spawner = Spawner::new();
         let shell = PathBuf::from("/bin/sh");
         let mut env = BTreeMap::new();
@@ -318,7 +332,7 @@ mod tests {
         let cmd = r#"echo "$JOB_VAR|$AI_CMD_EXECUTOR_JOB_ID|$AI_CMD_EXECUTOR_ATTEMPT|$PATH"; env | grep -c '^PATH='; [ "$(ps -o pgid= $$ | tr -d ' ')" = "$$" ] && echo own-group; read -r x || echo stdin-empty; echo err >&2; exit 3"#;
         let dir = tempfile::tempdir().unwrap();
         for cwd in [None, Some(dir.path())] {
-            let (status, out) = run(&spawner, &spec(&shell, cmd, &env, cwd)).await;
+            let (status, out) = run(&spawner, &spec(&shell, cmd, &env, cwd));
             assert_eq!(status.code(), Some(3), "{out}");
             assert_eq!(
                 out, "x y|j1|1|/usr/bin:/bin\n1\nown-group\nstdin-empty\nerr\n",
@@ -327,12 +341,12 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_signal_is_reported_and_a_missing_shell_is_an_error() {
+    #[test]
+    fn a_signal_is_reported_and_a_missing_shell_is_an_error() {
         let spawner = Spawner::new();
         let env = BTreeMap::new();
         let shell = PathBuf::from("/bin/sh");
-        let (status, _) = run(&spawner, &spec(&shell, "kill -TERM $$", &env, None)).await;
+        let (status, _) = run(&spawner, &spec(&shell, "kill -TERM $$", &env, None));
         assert_eq!(status.signal(), Some(libc_sigterm()));
         let missing = PathBuf::from("/nonexistent/shell");
         let err = spawner
