@@ -236,6 +236,7 @@ impl Worker {
         let mut watched = self.watch_pending(&events);
         self.recover();
         self.rescan();
+        self.shared.lock().reports_status = self.notifier.enabled();
         self.ensure_slots()?;
         info!(
             message_id = message_id::WORKER_READY,
@@ -583,8 +584,7 @@ impl Worker {
             self.status_due = None;
             return;
         }
-        let idle = st.active().next().is_none();
-        st.announced_idle = idle;
+        st.announced_idle = kind == StatusKind::Idle;
         drop(st);
         self.notifier.status(&line);
         self.status_sent_at = Some(now);
@@ -598,7 +598,9 @@ impl Worker {
             StatusKind::Stopping
         } else if !self.unrecorded.is_empty() || st.paused {
             StatusKind::Trouble
-        } else if st.active().next().is_none() {
+        } else if st.quiet() && st.queue.is_empty() {
+            // Not merely between two jobs, which would flip the kind (and
+            // send an update) whenever the loop looked in that gap.
             StatusKind::Idle
         } else {
             StatusKind::Running
@@ -629,6 +631,9 @@ impl Worker {
             return format!("stopping: waiting for {} running job(s); {tail}", ids.len());
         }
         if ids.is_empty() {
+            if st.working > 0 {
+                return format!("starting the next job; {tail}");
+            }
             return format!("idle; {tail}");
         }
         ids.sort_unstable();

@@ -7,8 +7,9 @@
 //! The event loop fills the queue (inotify, rescans) and handles signals,
 //! the heartbeat, `STATUS=` and retries. Slots and loop share the queue and
 //! the bookkeeping below under one mutex, held only for a few field
-//! updates. A slot wakes the loop only when it goes idle or a job starts
-//! after an idle `STATUS=`; a busy worker's loop sleeps.
+//! updates. A slot wakes the loop only when it goes idle (and the loop
+//! sends `STATUS=` or is stopping) or a job starts after an idle
+//! `STATUS=`; a busy worker's loop sleeps.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::{OsStr, OsString};
@@ -95,6 +96,9 @@ pub(super) struct State {
     pub settled: u64,
     /// The last `STATUS=` said no job was running.
     pub announced_idle: bool,
+    /// `STATUS=` is sent (under systemd), so the loop wants to hear when
+    /// the worker goes idle.
+    pub reports_status: bool,
     /// What claims need (rebuilt on reload).
     pub ctx: Arc<ClaimCtx>,
     pub max_attempts: u32,
@@ -136,6 +140,12 @@ impl State {
             self.queue.push_front(name);
         }
         n
+    }
+
+    /// The loop wants to hear when a slot or the worker goes idle: for
+    /// `STATUS=`, or to finish a stop.
+    fn watched(&self) -> bool {
+        self.reports_status || self.stopping
     }
 
     /// No job is being claimed, run or recorded.
@@ -196,6 +206,7 @@ impl Shared {
                 counters: Counters::default(),
                 settled: 0,
                 announced_idle: false,
+                reports_status: false,
                 ctx: Arc::new(ctx),
                 max_attempts,
                 waiting: 0,
@@ -326,7 +337,7 @@ impl Shared {
             st.in_flight = st.in_flight.saturating_sub(n);
         }
         self.wake(&st, freed);
-        let kick = counted && st.quiet();
+        let kick = counted && st.quiet() && st.watched();
         drop(st);
         if kick {
             self.kick();
@@ -337,7 +348,7 @@ impl Shared {
     pub fn unsent(&self) {
         let mut st = self.lock();
         st.in_flight = st.in_flight.saturating_sub(1);
-        let kick = st.quiet();
+        let kick = st.quiet() && st.watched();
         drop(st);
         if kick {
             self.kick();
@@ -379,7 +390,7 @@ impl Shared {
         if held {
             st.working -= 1;
         }
-        let mut going_idle = held;
+        let mut going_idle = held && st.watched();
         loop {
             if st.shutdown {
                 return None;
