@@ -206,6 +206,31 @@ fn sighup_reloads_the_config_and_survives_a_bad_one() {
     spool.config("max_parallel = 3\n");
     w.signal(Signal::SIGHUP);
     w.wait_log("max_parallel=3");
+    // The new parallelism holds: three jobs that wait for each other all
+    // start (a slot is a thread; the reload starts the two new ones).
+    let gate = spool.scratch("gate");
+    let started = spool.scratch("started");
+    fs::create_dir_all(&started).unwrap();
+    for i in 0..3 {
+        spool.submit(
+            &format!("wide-{i}"),
+            &format!(
+                "touch {}/{i}; while [ ! -e {} ]; do sleep 0.01; done",
+                started.display(),
+                gate.display()
+            ),
+        );
+    }
+    wait_for("three jobs at once after the reload", DEADLINE, || {
+        (fs::read_dir(&started).unwrap().count() == 3).then_some(())
+    });
+    fs::write(&gate, "").unwrap();
+    for i in 0..3 {
+        assert_eq!(
+            spool.wait_result(&format!("wide-{i}"))["status"],
+            "succeeded"
+        );
+    }
     spool.config("max_parallel = 0\n");
     w.signal(Signal::SIGHUP);
     w.wait_log("reload failed, keeping the running configuration");

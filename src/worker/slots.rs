@@ -56,7 +56,10 @@ pub(super) struct ActiveJob {
 /// One slot, as the loop sees it.
 pub(super) struct Slot {
     pub job: Option<ActiveJob>,
-    /// Set by the loop to interrupt the slot's job (the stop grace ran out).
+    /// Set by the loop to interrupt the slot's job (the stop grace ran
+    /// out). Only ever set once the worker is stopping, when no slot takes
+    /// new work, so a count left by a job that ended first never reaches
+    /// another job.
     interrupt: Arc<EventFd>,
 }
 
