@@ -210,7 +210,7 @@ pub(super) fn claim(
     };
     let began = run.t0;
     let spawned = exec::spawn(&run, &ctx.spawner);
-    // Logged once the job runs: the line costs the loop some CPU, and the
+    // Logged once the job runs: the line costs the slot some CPU, and the
     // job need not wait for it.
     info!(
         message_id = message_id::JOB_STARTED,

@@ -580,7 +580,9 @@ impl Worker {
         }
         let line = self.status_line(&st);
         if line == self.status_sent {
-            // Nothing new; whatever changes it next wakes the loop.
+            // Nothing new: no refresh until the loop wakes for another
+            // reason (a slot going idle, a job starting after an idle
+            // status, a new file, or at the latest the heartbeat).
             self.status_due = None;
             return;
         }

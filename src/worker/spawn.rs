@@ -3,9 +3,9 @@
 //! A job is started with `posix_spawn` (a `vfork`-style clone, as
 //! `std::process::Command` uses too), from an environment built once per
 //! configuration rather than captured and copied at every spawn, and it is
-//! waited for through a pidfd on the event loop. The pidfd also means no
-//! `SIGCHLD` handler: a child's exit costs the worker one readiness event,
-//! not a signal delivery. A job with a `cwd` goes through
+//! waited for through a pidfd by the slot thread that started it. The
+//! pidfd also means no `SIGCHLD` handler: a child's exit costs the worker
+//! one readiness event, not a signal delivery. A job with a `cwd` goes through
 //! `std::process::Command`, which can change directory in the child.
 
 use std::collections::BTreeMap;
