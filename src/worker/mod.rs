@@ -563,8 +563,9 @@ impl Worker {
     /// systemd (PID 1) some work and a D-Bus signal, and a busy worker
     /// changes its counts hundreds of times a second. While jobs run, an
     /// update is due a second after each one sent (`due` says it is that
-    /// one), so the counts keep up without the slots waking the loop; an
-    /// idle worker has none due, so it never wakes.
+    /// one), so the counts keep up without the slots waking the loop; when
+    /// none is due (idle, or nothing changed in the last second), the next
+    /// job a slot starts or ends wakes it. An idle worker never wakes.
     fn update_status(&mut self, due: bool) {
         let now = tokio::time::Instant::now();
         let mut st = self.shared.lock();
@@ -576,23 +577,32 @@ impl Worker {
             if self.status_due.is_none() {
                 self.status_due = self.status_sent_at.map(|t| t + STATUS_EVERY);
             }
+            st.status_waits = self.status_due.is_none();
+            return;
+        }
+        if kind == StatusKind::Running && st.active().next().is_none() {
+            // Between two jobs, or a claim under way: the job's start
+            // (which wakes the loop, see `status_waits`) says more, and
+            // sending this too would double the updates of a busy worker.
+            st.status_waits = true;
+            self.status_due = Some(now + STATUS_EVERY);
             return;
         }
         let line = self.status_line(&st);
         if line == self.status_sent {
-            // Nothing new: no refresh until the loop wakes for another
-            // reason (a slot going idle, a job starting after an idle
-            // status, a new file, or at the latest the heartbeat).
+            // Nothing new: no refresh is due until a slot starts or ends a
+            // job (see `status_waits`) or the loop wakes for another reason.
             self.status_due = None;
+            st.status_waits = true;
             return;
         }
-        st.announced_idle = kind == StatusKind::Idle;
+        self.status_due = (kind != StatusKind::Idle).then(|| now + STATUS_EVERY);
+        st.status_waits = self.status_due.is_none();
         drop(st);
         self.notifier.status(&line);
         self.status_sent_at = Some(now);
         self.status_sent_kind = kind;
         self.status_sent = line;
-        self.status_due = (kind != StatusKind::Idle).then(|| now + STATUS_EVERY);
     }
 
     fn status_kind(&self, st: &State) -> StatusKind {
@@ -633,7 +643,8 @@ impl Worker {
             return format!("stopping: waiting for {} running job(s); {tail}", ids.len());
         }
         if ids.is_empty() {
-            if st.working > 0 {
+            let starting = st.working > 0 || (!st.queue.is_empty() && !st.paused);
+            if starting {
                 return format!("starting the next job; {tail}");
             }
             return format!("idle; {tail}");

@@ -8,8 +8,9 @@
 //! the heartbeat, `STATUS=` and retries. Slots and loop share the queue and
 //! the bookkeeping below under one mutex, held only for a few field
 //! updates. A slot wakes the loop only when it goes idle (and the loop
-//! sends `STATUS=` or is stopping) or a job starts after an idle
-//! `STATUS=`; a busy worker's loop sleeps.
+//! sends `STATUS=` or is stopping), or when a job starts or ends while no
+//! `STATUS=` refresh is due; a busy worker's loop wakes at most once a
+//! second.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::{OsStr, OsString};
@@ -97,8 +98,9 @@ pub(super) struct State {
     pub counters: Counters,
     /// Results recorded (or jobs re-queued) so far.
     pub settled: u64,
-    /// The last `STATUS=` said no job was running.
-    pub announced_idle: bool,
+    /// No `STATUS=` refresh is due (the worker was idle, or nothing had
+    /// changed): the next job a slot starts or ends wakes the loop.
+    pub status_waits: bool,
     /// `STATUS=` is sent (under systemd), so the loop wants to hear when
     /// the worker goes idle.
     pub reports_status: bool,
@@ -208,7 +210,7 @@ impl Shared {
                 shutdown: false,
                 counters: Counters::default(),
                 settled: 0,
-                announced_idle: false,
+                status_waits: false,
                 reports_status: false,
                 ctx: Arc::new(ctx),
                 max_attempts,
@@ -466,7 +468,7 @@ impl Shared {
                     limit: run.timeout + run.kill_grace,
                 });
                 let interrupted = st.interrupted_all;
-                let kick = std::mem::take(&mut st.announced_idle);
+                let kick = std::mem::take(&mut st.status_waits);
                 drop(st);
                 if kick {
                     self.kick();
@@ -532,12 +534,18 @@ impl Shared {
         max_attempts: u32,
     ) {
         let mut st = self.lock();
-        st.slots[index].job = None;
+        let was_running = st.slots[index].job.take().is_some();
         let alone = st.working == 1 && st.queue.is_empty() && st.in_flight == 0;
         if !alone {
             st.in_flight += 1;
         }
+        // A job ended while no STATUS= refresh was due: the loop should
+        // say so (unless this slot goes idle now, which tells it anyway).
+        let kick = was_running && !alone && std::mem::take(&mut st.status_waits);
         drop(st);
+        if kick {
+            self.kick();
+        }
         if alone {
             let done = record::record_now(&self.spool, id, record, max_attempts);
             self.recorded(vec![done], false);
