@@ -5,7 +5,7 @@ mod common;
 
 use std::fs;
 
-use common::{DEADLINE, Spool, alive, read_pid, wait_for};
+use common::{DEADLINE, Gate, Spool, alive, read_pid, wait_for};
 use nix::sys::signal::{Signal, killpg};
 use serde_json::json;
 
@@ -128,24 +128,17 @@ fn retries_stop_at_max_attempts() {
 fn sigterm_lets_running_jobs_finish_within_the_grace() {
     let spool = Spool::new();
     let mut w = spool.start("stop_grace = \"30s\"\n");
-    let gate = spool.scratch("gate");
-    let started = spool.scratch("started");
+    let gate = Gate::new(&spool);
     spool.submit(
         "finishing",
-        &format!(
-            "touch {}; while [ ! -e {} ]; do sleep 0.01; done; echo finished",
-            started.display(),
-            gate.display()
-        ),
+        &format!("{}; echo finished", gate.command("finishing")),
     );
     spool.submit("left-pending", "echo later");
-    wait_for("the job to start", DEADLINE, || {
-        started.exists().then_some(())
-    });
+    gate.wait_started(1);
     w.signal(Signal::SIGTERM);
     w.wait_log("SIGTERM: no new jobs");
     assert!(!w.exited(), "the worker waits for its running job");
-    fs::write(&gate, "").unwrap();
+    gate.open();
     let st = w.wait_exit();
     assert!(st.success(), "{st}");
     let r = spool.wait_result("finishing");
@@ -208,23 +201,12 @@ fn sighup_reloads_the_config_and_survives_a_bad_one() {
     w.wait_log("max_parallel=3");
     // The new parallelism holds: three jobs that wait for each other all
     // start (a slot is a thread; the reload starts the two new ones).
-    let gate = spool.scratch("gate");
-    let started = spool.scratch("started");
-    fs::create_dir_all(&started).unwrap();
+    let gate = Gate::new(&spool);
     for i in 0..3 {
-        spool.submit(
-            &format!("wide-{i}"),
-            &format!(
-                "touch {}/{i}; while [ ! -e {} ]; do sleep 0.01; done",
-                started.display(),
-                gate.display()
-            ),
-        );
+        spool.submit(&format!("wide-{i}"), &gate.command(&format!("wide-{i}")));
     }
-    wait_for("three jobs at once after the reload", DEADLINE, || {
-        (fs::read_dir(&started).unwrap().count() == 3).then_some(())
-    });
-    fs::write(&gate, "").unwrap();
+    gate.wait_started(3);
+    gate.open();
     for i in 0..3 {
         assert_eq!(
             spool.wait_result(&format!("wide-{i}"))["status"],
@@ -280,24 +262,14 @@ fn two_workers_on_one_spool_never_run_a_job_twice() {
 fn a_second_worker_leaves_the_first_ones_running_job_alone() {
     let spool = Spool::new();
     let _a = spool.start("");
-    let gate = spool.scratch("gate");
-    let started = spool.scratch("started");
-    spool.submit(
-        "owned",
-        &format!(
-            "touch {}; while [ ! -e {} ]; do sleep 0.01; done",
-            started.display(),
-            gate.display()
-        ),
-    );
-    wait_for("the job to start", DEADLINE, || {
-        started.exists().then_some(())
-    });
+    let gate = Gate::new(&spool);
+    spool.submit("owned", &gate.command("owned"));
+    gate.wait_started(1);
     let _b = spool.start("");
     assert!(
         spool.result("owned").is_none(),
         "recovery must not mark a live job interrupted"
     );
-    fs::write(&gate, "").unwrap();
+    gate.open();
     assert_eq!(spool.wait_result("owned")["status"], "succeeded");
 }

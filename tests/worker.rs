@@ -5,7 +5,7 @@ mod common;
 
 use std::fs;
 
-use common::{DEADLINE, Spool, alive, read_pid, wait_for};
+use common::{DEADLINE, Gate, Spool, alive, read_pid, wait_for};
 use serde_json::json;
 
 #[test]
@@ -159,27 +159,16 @@ fn jobs_run_in_arrival_order() {
 fn parallelism_is_bounded() {
     let spool = Spool::new();
     let _w = spool.start("max_parallel = 2\n");
-    let gate = spool.scratch("gate");
-    let started = spool.scratch("started");
-    fs::create_dir_all(&started).unwrap();
+    let gate = Gate::new(&spool);
     for i in 0..4 {
-        spool.submit(
-            &format!("p{i}"),
-            &format!(
-                "touch {}/p{i}; while [ ! -e {} ]; do sleep 0.01; done",
-                started.display(),
-                gate.display()
-            ),
-        );
+        spool.submit(&format!("p{i}"), &gate.command(&format!("p{i}")));
     }
-    wait_for("two jobs to start", DEADLINE, || {
-        (fs::read_dir(&started).unwrap().count() == 2).then_some(())
-    });
+    gate.wait_started(2);
     // Both slots are full: the other two stay queued.
     assert_eq!(spool.names("running").len(), 2);
     assert_eq!(spool.names("pending").len(), 2);
-    assert_eq!(fs::read_dir(&started).unwrap().count(), 2);
-    fs::write(&gate, "").unwrap();
+    assert_eq!(gate.started(), 2);
+    gate.open();
     for i in 0..4 {
         assert_eq!(spool.wait_result(&format!("p{i}"))["status"], "succeeded");
     }

@@ -295,7 +295,6 @@ impl Shared {
                 }
             }
         }
-        drop(st);
     }
 
     /// Ends the slot threads once they are idle.

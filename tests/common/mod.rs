@@ -36,6 +36,53 @@ pub fn wait_for<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Option
     }
 }
 
+/// Jobs held until the test lets them go: each touches its own marker in
+/// `started/` (in the test's scratch space), then waits for the gate file.
+pub struct Gate {
+    gate: PathBuf,
+    started: PathBuf,
+}
+
+impl Gate {
+    /// A closed gate beside `spool`, with no job started yet.
+    pub fn new(spool: &Spool) -> Self {
+        let started = spool.scratch("started");
+        fs::create_dir_all(&started).expect("creating the started/ markers directory");
+        Gate {
+            gate: spool.scratch("gate"),
+            started,
+        }
+    }
+
+    /// A shell command that marks `name` started, then waits at the gate.
+    pub fn command(&self, name: &str) -> String {
+        format!(
+            "touch {}/{name}; while [ ! -e {} ]; do sleep 0.01; done",
+            self.started.display(),
+            self.gate.display()
+        )
+    }
+
+    /// How many gated jobs have started.
+    pub fn started(&self) -> usize {
+        fs::read_dir(&self.started)
+            .expect("listing started/")
+            .count()
+    }
+
+    /// Waits until exactly `n` gated jobs have started.
+    pub fn wait_started(&self, n: usize) {
+        wait_for(&format!("{n} gated job(s) to start"), DEADLINE, || {
+            (self.started() == n).then_some(())
+        });
+    }
+
+    /// Lets every gated job, running or still to come, finish.
+    pub fn open(&self) {
+        fs::write(&self.gate, "").expect("opening the gate");
+    }
+}
+
 /// A spool directory that outlives worker restarts.
 pub struct Spool {
     dir: tempfile::TempDir,
