@@ -28,8 +28,9 @@
 //! (`label=dir;label=dir`: where spools are made; default the temp dir and
 //! `/dev/shm`; `scripts/bench.sh` adds a journaled ext4 on a loop device) and
 //! `BENCH_WORKER` (another build of the worker, to compare two builds),
-//! `BENCH_ROUNDS` (default 3: the throughput ratio is the median of the
-//! rounds' raw-then-worker ratios).
+//! `BENCH_ROUNDS` (default 5: the throughput ratio is the median of the
+//! rounds' ratios, each worker run against the raw loops just before and
+//! just after it).
 //!
 //! Every figure is printed with its target and PASS/MISS. The benchmark never
 //! fails on a MISS; it exits non-zero only when the worker does not process
@@ -44,6 +45,7 @@ use std::io::{self, Write as _};
 use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
+use std::sync::{Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -86,10 +88,10 @@ const DEFAULT_IDLE_SECS: f64 = 30.0;
 /// Default number of latency samples (`BENCH_LATENCY_SAMPLES` overrides).
 const DEFAULT_LATENCY_SAMPLES: usize = 200;
 
-/// Default rounds of raw-then-worker throughput runs (`BENCH_ROUNDS`
-/// overrides); the ratio checked is the median of the rounds' ratios, since
-/// on a shared or virtual machine one round can be off by 15 % either way.
-const DEFAULT_ROUNDS: usize = 3;
+/// Default rounds of throughput runs (`BENCH_ROUNDS` overrides); the ratio
+/// checked is the median of the rounds' ratios, since on a shared or
+/// virtual machine one round can be off by 15 % either way.
+const DEFAULT_ROUNDS: usize = 5;
 
 /// Parallelism levels for the throughput section.
 const PARALLELISM: [usize; 2] = [1, 2];
@@ -124,7 +126,9 @@ const TARGET_IDLE_WAKEUPS: u64 = 0;
 
 /// Runs the benchmark; exits non-zero only when the worker failed to process jobs.
 fn main() -> ExitCode {
-    match run() {
+    let outcome = run();
+    remove_finished_spools();
+    match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
             let _ = io::stdout().flush();
@@ -768,7 +772,7 @@ fn count_results(dir: &Path) -> String {
 /// A worker running on its own fresh spool, ready to take jobs.
 ///
 /// Fields drop in declaration order: the worker is stopped before the spool
-/// directory is deleted.
+/// directory is put aside in [`FINISHED_SPOOLS`].
 struct Fixture {
     /// The running worker.
     worker: Worker,
@@ -776,8 +780,39 @@ struct Fixture {
     watcher: ResultWatcher,
     /// The spool.
     spool: Spool,
-    /// Temporary directory holding the spool, config and worker log.
-    root: TempDir,
+    /// Temporary directory holding the spool, config and worker log
+    /// (`None` once dropped).
+    root: Option<TempDir>,
+}
+
+/// Spools of finished runs, deleted only at the end of the benchmark.
+/// Deleting a spool's thousands of files between runs would slow the runs
+/// after it on the same file system: ext4 without a journal passes over
+/// every inode freed in the last minutes when it allocates a new one (the
+/// kernel's `recently_deleted()`), so each file a later run created would
+/// cost a scan past the previous runs' deletions, and the rounds would
+/// measure the benchmark's own clean-up.
+static FINISHED_SPOOLS: Mutex<Vec<TempDir>> = Mutex::new(Vec::new());
+
+impl Drop for Fixture {
+    fn drop(&mut self) {
+        if let Some(root) = self.root.take() {
+            FINISHED_SPOOLS
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(root);
+        }
+    }
+}
+
+/// Deletes the spools of every finished run (see [`FINISHED_SPOOLS`]).
+fn remove_finished_spools() {
+    let spools = std::mem::take(
+        &mut *FINISHED_SPOOLS
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner),
+    );
+    drop(spools);
 }
 
 impl Fixture {
@@ -834,7 +869,7 @@ impl Fixture {
             worker,
             watcher,
             spool,
-            root,
+            root: Some(root),
         })
     }
 }
@@ -870,8 +905,12 @@ fn raw_throughput(n: usize, p: usize) -> Result<(f64, f64, f64)> {
 /// Measures raw and worker throughput for `n` jobs at parallelism `p`,
 /// with the spool in each location in turn (each checked against the
 /// target: the file system's cost per file is part of what an operator
-/// gets). Each of `rounds` rounds measures the raw loop, then the worker in
-/// every location; the ratio checked is the median of the rounds' ratios.
+/// gets). Each of `rounds` rounds alternates raw loops and worker runs,
+/// raw, worker in the first location, raw, worker in the next, ..., raw,
+/// so that every worker run is bracketed by a raw loop just before and just
+/// after it; its ratio is taken against the mean of those two, which
+/// cancels a machine that speeds up or slows down during the round. The
+/// ratio checked is the median of the rounds' ratios.
 fn throughput(
     report: &mut Report,
     locations: &[Location],
@@ -880,22 +919,29 @@ fn throughput(
     rounds: usize,
 ) -> Result<()> {
     report.group(&format!("P={p}"));
-    let mut raws = Vec::with_capacity(rounds);
-    let mut raw_child = Vec::with_capacity(rounds);
-    let mut raw_idle = Vec::with_capacity(rounds);
+    let raw_runs = rounds * (locations.len() + 1);
+    let mut raws = Vec::with_capacity(raw_runs);
+    let mut raw_child = Vec::with_capacity(raw_runs);
+    let mut raw_idle = Vec::with_capacity(raw_runs);
     let mut ratios: Vec<Vec<f64>> = vec![Vec::with_capacity(rounds); locations.len()];
     let mut rates: Vec<Vec<f64>> = vec![Vec::with_capacity(rounds); locations.len()];
     let mut last: Vec<Option<WorkerRun>> = (0..locations.len()).map(|_| None).collect();
-    for _ in 0..rounds {
+    let mut measure_raw = |raws: &mut Vec<f64>| -> Result<f64> {
         let (raw, child_ms, idle) = raw_throughput(n, p)?;
         raws.push(raw);
         raw_child.push(child_ms);
         raw_idle.push(idle);
+        Ok(raw)
+    };
+    for _ in 0..rounds {
+        let mut before = measure_raw(&mut raws)?;
         for (i, loc) in locations.iter().enumerate() {
             let run = worker_throughput(Some(&loc.base), n, p)?;
-            ratios[i].push(run.rate() / raw);
+            let after = measure_raw(&mut raws)?;
+            ratios[i].push(run.rate() / ((before + after) / 2.0));
             rates[i].push(run.rate());
             last[i] = Some(run);
+            before = after;
         }
     }
     let list = |v: &[f64], digits: usize| {
@@ -908,10 +954,10 @@ fn throughput(
         &format!("raw bash -c true loop ({p} thread(s)), median"),
         format!("{:.1} jobs/s", median(&raws)),
     );
-    report.info("  raw, each round", format!("{} jobs/s", list(&raws, 0)));
+    report.info("  raw, each run", format!("{} jobs/s", list(&raws, 0)));
     report.info("  bash CPU per job (raw loop)", ms(median(&raw_child)));
     report.info(
-        "  CPUs idle during the raw loop, each round",
+        "  CPUs idle during the raw loop, each run",
         list(&raw_idle.iter().map(|x| x * 100.0).collect::<Vec<_>>(), 1) + " %",
     );
 
@@ -1146,7 +1192,7 @@ fn latency(report: &mut Report, loc: &Location, samples: usize) -> Result<()> {
         ms(record.p50),
     );
 
-    let (create, fsync) = fsync_cost(fx.root.path())?;
+    let (create, fsync) = fsync_cost(fx.spool.dir.parent().context("the spool has a parent")?)?;
     report.info(
         &format!("write+fsync {FSYNC_PROBE_BYTES} B, same fs p50"),
         ms(fsync.p50),
