@@ -75,7 +75,6 @@ use nix::sys::signal::{Signal, kill};
 use nix::time::{ClockId, clock_gettime};
 use nix::unistd::Pid;
 use serde_json::Value;
-use tempfile::TempDir;
 
 /// The worker binary under test, built by cargo for this bench.
 const WORKER_BIN: &str = env!("CARGO_BIN_EXE_ai-cmd-executor");
@@ -109,7 +108,9 @@ fn main() -> ExitCode {
     if let Ok(mode) = std::env::var(INNER_ENV) {
         return inner::main(&mode);
     }
-    match run() {
+    let outcome = run();
+    remove_finished_run_dirs();
+    match outcome {
         Ok(true) => ExitCode::SUCCESS,
         Ok(false) => {
             let _ = io::stdout().flush();
@@ -1019,16 +1020,13 @@ mod aice {
         /// The spool root.
         spool: PathBuf,
         /// Temp dir holding spool, config and log.
-        _root: TempDir,
+        _root: RunDir,
     }
 
     impl Fixture {
         /// Starts a worker with `max_parallel = p` and runs a warm-up job.
         fn start(p: usize, env: &DaemonEnv) -> Result<Self> {
-            let root = tempfile::Builder::new()
-                .prefix("peers-aice-")
-                .tempdir()
-                .context("creating the temp spool")?;
+            let root = RunDir::new("peers-aice-", None).context("creating the temp spool")?;
             let spool = root.path().join("spool");
             fs::create_dir(&spool)?;
             let config = root.path().join("worker.toml");
@@ -1391,16 +1389,13 @@ mod pueue {
         /// Its config file.
         config: PathBuf,
         /// Temp dir holding config, data, socket and log.
-        _root: TempDir,
+        _root: RunDir,
     }
 
     impl<'a> Fixture<'a> {
         /// Starts `pueued -c FILE` (foreground), sets `parallel p`, runs a warm-up task.
         fn start(bins: &'a Bins, env: &'a DaemonEnv, p: usize) -> Result<Self> {
-            let root = tempfile::Builder::new()
-                .prefix("peers-pueue-")
-                .tempdir()
-                .context("creating the pueue temp dir")?;
+            let root = RunDir::new("peers-pueue-", None).context("creating the pueue temp dir")?;
             let dir = root.path();
             let config = dir.join("pueue.yml");
             // Every tool runs `bash -c true`: pueue's default shell is `sh -c`.

@@ -45,7 +45,6 @@ use std::io::{self, Write as _};
 use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitCode, Stdio};
-use std::sync::{Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -56,7 +55,6 @@ use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 use serde_json::Value;
-use tempfile::TempDir;
 
 mod common;
 use common::*;
@@ -127,7 +125,7 @@ const TARGET_IDLE_WAKEUPS: u64 = 0;
 /// Runs the benchmark; exits non-zero only when the worker failed to process jobs.
 fn main() -> ExitCode {
     let outcome = run();
-    remove_finished_spools();
+    remove_finished_run_dirs();
     match outcome {
         Ok(()) => ExitCode::SUCCESS,
         Err(err) => {
@@ -772,7 +770,7 @@ fn count_results(dir: &Path) -> String {
 /// A worker running on its own fresh spool, ready to take jobs.
 ///
 /// Fields drop in declaration order: the worker is stopped before the spool
-/// directory is put aside in [`FINISHED_SPOOLS`].
+/// directory is put aside (see [`RunDir`]).
 struct Fixture {
     /// The running worker.
     worker: Worker,
@@ -780,39 +778,8 @@ struct Fixture {
     watcher: ResultWatcher,
     /// The spool.
     spool: Spool,
-    /// Temporary directory holding the spool, config and worker log
-    /// (`None` once dropped).
-    root: Option<TempDir>,
-}
-
-/// Spools of finished runs, deleted only at the end of the benchmark.
-/// Deleting a spool's thousands of files between runs would slow the runs
-/// after it on the same file system: ext4 without a journal passes over
-/// every inode freed in the last minutes when it allocates a new one (the
-/// kernel's `recently_deleted()`), so each file a later run created would
-/// cost a scan past the previous runs' deletions, and the rounds would
-/// measure the benchmark's own clean-up.
-static FINISHED_SPOOLS: Mutex<Vec<TempDir>> = Mutex::new(Vec::new());
-
-impl Drop for Fixture {
-    fn drop(&mut self) {
-        if let Some(root) = self.root.take() {
-            FINISHED_SPOOLS
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(root);
-        }
-    }
-}
-
-/// Deletes the spools of every finished run (see [`FINISHED_SPOOLS`]).
-fn remove_finished_spools() {
-    let spools = std::mem::take(
-        &mut *FINISHED_SPOOLS
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner),
-    );
-    drop(spools);
+    /// Temporary directory holding the spool, config and worker log.
+    root: RunDir,
 }
 
 impl Fixture {
@@ -824,13 +791,8 @@ impl Fixture {
         max_parallel: Option<usize>,
         backtrace: Backtrace,
     ) -> Result<Self> {
-        let mut builder = tempfile::Builder::new();
-        builder.prefix("ai-cmd-bench-");
-        let root = match base {
-            Some(base) => builder.tempdir_in(base),
-            None => builder.tempdir(),
-        }
-        .context("creating temporary spool directory")?;
+        let root =
+            RunDir::new("ai-cmd-bench-", base).context("creating temporary spool directory")?;
         let spool = Spool {
             dir: root.path().join("spool"),
         };
@@ -869,7 +831,7 @@ impl Fixture {
             worker,
             watcher,
             spool,
-            root: Some(root),
+            root,
         })
     }
 }
@@ -1192,7 +1154,7 @@ fn latency(report: &mut Report, loc: &Location, samples: usize) -> Result<()> {
         ms(record.p50),
     );
 
-    let (create, fsync) = fsync_cost(fx.spool.dir.parent().context("the spool has a parent")?)?;
+    let (create, fsync) = fsync_cost(fx.root.path())?;
     report.info(
         &format!("write+fsync {FSYNC_PROBE_BYTES} B, same fs p50"),
         ms(fsync.p50),

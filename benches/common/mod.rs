@@ -7,12 +7,15 @@
 use std::collections::HashMap;
 use std::fs;
 use std::io;
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
+use tempfile::TempDir;
 use tokio::signal::unix::{SignalKind, signal};
 
 /// Pause between the last warm-up job and the idle window.
@@ -286,4 +289,63 @@ impl MachineCpu {
         }
         self.idle.saturating_sub(earlier.idle) as f64 / total as f64
     }
+}
+
+/// The temporary directory of one run (a spool, a daemon's data), deleted
+/// only at the end of the benchmark: dropping it puts it aside until
+/// [`remove_finished_run_dirs`].
+///
+/// Deleting a run's thousands of files between runs would slow the runs
+/// after it on the same file system: ext4 without a journal passes over
+/// every inode freed in the last minutes when it allocates a new one (the
+/// kernel's `recently_deleted()`), so each file a later run created would
+/// cost a scan past the earlier runs' deletions, and the later runs would
+/// measure the benchmark's own clean-up.
+pub struct RunDir(Option<TempDir>);
+
+/// Run directories dropped so far, deleted by [`remove_finished_run_dirs`].
+static FINISHED_RUN_DIRS: Mutex<Vec<TempDir>> = Mutex::new(Vec::new());
+
+impl RunDir {
+    /// A new directory named `<prefix>XXXXXX` under `base`, or the
+    /// default temp dir when `None`.
+    pub fn new(prefix: &str, base: Option<&Path>) -> io::Result<Self> {
+        let mut builder = tempfile::Builder::new();
+        builder.prefix(prefix);
+        let dir = match base {
+            Some(base) => builder.tempdir_in(base),
+            None => builder.tempdir(),
+        }?;
+        Ok(RunDir(Some(dir)))
+    }
+
+    /// Where it is.
+    pub fn path(&self) -> &Path {
+        self.0
+            .as_ref()
+            .map(TempDir::path)
+            .expect("a run directory is in place until dropped")
+    }
+}
+
+impl Drop for RunDir {
+    fn drop(&mut self) {
+        if let Some(dir) = self.0.take() {
+            FINISHED_RUN_DIRS
+                .lock()
+                .unwrap_or_else(PoisonError::into_inner)
+                .push(dir);
+        }
+    }
+}
+
+/// Deletes the directories of every finished run (see [`RunDir`]); called
+/// once, when the benchmark ends, however it ends.
+pub fn remove_finished_run_dirs() {
+    let dirs = std::mem::take(
+        &mut *FINISHED_RUN_DIRS
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner),
+    );
+    drop(dirs);
 }
