@@ -10,8 +10,11 @@
 //!
 //! 1. **Throughput** of `N` jobs of `true` at parallelism 1 and 2, compared with
 //!    a raw reference (a tight `bash -c true` spawn+wait loop in this process,
-//!    measured seconds before), with the spool in each location in turn. The
-//!    CPU time of the worker and of its jobs is printed for diagnosis.
+//!    measured just before and just after), with the spool in each location
+//!    in turn. The CPU time of the worker and of its jobs is printed for
+//!    diagnosis, and beside each worker run a "contract loop" (the same loop,
+//!    doing inline each job's file work that the spool contract requires) shows
+//!    how much of the raw rate that file work leaves on the file system.
 //! 2. **Latency** of single jobs dropped into an idle worker: drop to
 //!    `started_at`, drop to result file, and result latency minus a bare
 //!    `bash -c true` (timed between the samples, after the same idle gap),
@@ -99,6 +102,10 @@ const FSYNC_SAMPLES: usize = 100;
 
 /// Size of the write+fsync probe file (about the size of a result file).
 const FSYNC_PROBE_BYTES: usize = 300;
+
+/// Size of the result the contract loop writes per job (a `succeeded`
+/// result of `true` is about this long).
+const RESULT_BYTES: usize = 320;
 
 /// Pause between latency samples, so each job lands on an idle worker that
 /// has finished any bookkeeping after writing the previous result.
@@ -864,15 +871,90 @@ fn raw_throughput(n: usize, p: usize) -> Result<(f64, f64, f64)> {
     Ok((rate, child_ms / n as f64, idle))
 }
 
+/// The contract's own file work and nothing else: `n` jobs over `p`
+/// threads, each a tight loop that does inline, per job, what the spool
+/// contract asks of a submitter and a worker: the job file written to
+/// `tmp/` and renamed into `pending/`, read back and renamed into
+/// `running/`, a log file created and given to `bash -c true` as its stdout
+/// and stderr, a result of a real result's size written to a temporary
+/// file, fsynced and renamed into `completed/`, and the `running/` file
+/// removed. No daemon, no inotify, no queue: it shows what the file system
+/// charges any implementation of the contract, beside the raw loop (which
+/// touches no file) and the worker (which overlaps some of this work with
+/// the next job). Returns jobs/s.
+fn contract_throughput(base: &Path, n: usize, p: usize) -> Result<f64> {
+    let root = RunDir::new("ai-cmd-bench-contract-", Some(base))
+        .context("creating the contract loop's directory")?;
+    let dir = root.path();
+    for sub in ["tmp", "pending", "running", "completed", "logs"] {
+        fs::create_dir(dir.join(sub))?;
+    }
+    let start = Instant::now();
+    thread::scope(|s| {
+        let handles: Vec<_> = (0..p)
+            .map(|t| {
+                let share = n / p + usize::from(t < n % p);
+                s.spawn(move || {
+                    (0..share).try_for_each(|i| contract_job(dir, &format!("c{t}-{i:06}")))
+                })
+            })
+            .collect();
+        handles.into_iter().try_for_each(|h| {
+            h.join()
+                .map_err(|_| anyhow!("contract loop thread panicked"))?
+        })
+    })?;
+    Ok(n as f64 / start.elapsed().as_secs_f64())
+}
+
+/// One job of [`contract_throughput`].
+fn contract_job(dir: &Path, id: &str) -> Result<()> {
+    check_interrupted()?;
+    let name = format!("{id}.json");
+    let tmp = dir.join("tmp").join(&name);
+    let pending = dir.join("pending").join(&name);
+    let running = dir.join("running").join(&name);
+    fs::write(&tmp, TRUE_JOB)?;
+    fs::rename(&tmp, &pending)?;
+    ensure!(
+        fs::read(&pending)? == TRUE_JOB,
+        "the job file read back differs"
+    );
+    fs::rename(&pending, &running)?;
+    let log = File::options()
+        .write(true)
+        .create_new(true)
+        .open(dir.join("logs").join(format!("{id}.log")))?;
+    let status = Command::new("bash")
+        .args(["-c", "true"])
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .status()
+        .context("running bash -c true")?;
+    ensure!(status.success(), "bash -c true failed: {status}");
+    let staged = dir.join("completed").join(format!(".{name}.tmp"));
+    let mut result = File::create(&staged)?;
+    result.write_all(&[b' '; RESULT_BYTES])?;
+    result.sync_all()?;
+    drop(result);
+    fs::rename(&staged, dir.join("completed").join(&name))?;
+    fs::remove_file(&running)?;
+    Ok(())
+}
+
 /// Measures raw and worker throughput for `n` jobs at parallelism `p`,
 /// with the spool in each location in turn (each checked against the
 /// target: the file system's cost per file is part of what an operator
-/// gets). Each of `rounds` rounds alternates raw loops and worker runs,
-/// raw, worker in the first location, raw, worker in the next, ..., raw,
-/// so that every worker run is bracketed by a raw loop just before and just
-/// after it; its ratio is taken against the mean of those two, which
-/// cancels a machine that speeds up or slows down during the round. The
-/// ratio checked is the median of the rounds' ratios.
+/// gets). Each of `rounds` rounds alternates raw loops and runs in each
+/// location, raw, the contract loop and the worker in the first location,
+/// raw, the same in the next, ..., raw, so that every worker run is
+/// bracketed by a raw loop just before and just after it; its ratio is
+/// taken against the mean of those two, which cancels a machine that
+/// speeds up or slows down during the round. The ratio checked is the
+/// median of the rounds' ratios. The contract loop (see
+/// [`contract_throughput`]) is information: how much of the raw rate the
+/// contract's file work leaves to any implementation there.
 fn throughput(
     report: &mut Report,
     locations: &[Location],
@@ -887,6 +969,8 @@ fn throughput(
     let mut raw_idle = Vec::with_capacity(raw_runs);
     let mut ratios: Vec<Vec<f64>> = vec![Vec::with_capacity(rounds); locations.len()];
     let mut rates: Vec<Vec<f64>> = vec![Vec::with_capacity(rounds); locations.len()];
+    let mut contract_rates: Vec<Vec<f64>> = vec![Vec::with_capacity(rounds); locations.len()];
+    let mut contract_ratios: Vec<Vec<f64>> = vec![Vec::with_capacity(rounds); locations.len()];
     let mut last: Vec<Option<WorkerRun>> = (0..locations.len()).map(|_| None).collect();
     let mut measure_raw = |raws: &mut Vec<f64>| -> Result<f64> {
         let (raw, child_ms, idle) = raw_throughput(n, p)?;
@@ -898,10 +982,14 @@ fn throughput(
     for _ in 0..rounds {
         let mut before = measure_raw(&mut raws)?;
         for (i, loc) in locations.iter().enumerate() {
+            let contract = contract_throughput(&loc.base, n, p)?;
             let run = worker_throughput(Some(&loc.base), n, p)?;
             let after = measure_raw(&mut raws)?;
-            ratios[i].push(run.rate() / ((before + after) / 2.0));
+            let reference = (before + after) / 2.0;
+            ratios[i].push(run.rate() / reference);
             rates[i].push(run.rate());
+            contract_ratios[i].push(contract / reference);
+            contract_rates[i].push(contract);
             last[i] = Some(run);
             before = after;
         }
@@ -936,6 +1024,27 @@ fn throughput(
             ratio >= TARGET_RATIO,
         );
         report.info("  ratio, each round", list(&ratios[i], 3));
+        report.info(
+            "  contract loop (same file work inline, no daemon), median",
+            format!(
+                "{:.1} jobs/s, {:.3} of raw",
+                median(&contract_rates[i]),
+                median(&contract_ratios[i])
+            ),
+        );
+        report.info(
+            "  ratio contract loop/raw, each round",
+            list(&contract_ratios[i], 3),
+        );
+        let against: Vec<f64> = rates[i]
+            .iter()
+            .zip(&contract_rates[i])
+            .map(|(w, c)| w / c)
+            .collect();
+        report.info(
+            "  ratio worker/contract loop (median of rounds)",
+            format!("{:.3}", median(&against)),
+        );
         if let Some(run) = &last[i] {
             report.note("details of the last round:");
             run.print_details(report);
