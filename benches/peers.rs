@@ -649,27 +649,9 @@ fn days_from_civil(year: i64, month: i64, day: i64) -> i64 {
 // Raw reference
 // ---------------------------------------------------------------------------
 
-/// Runs `job` `n` times split over `p` threads; returns the wall time.
-fn split_loop(n: usize, p: usize, job: impl Fn() -> Result<()> + Sync) -> Result<Duration> {
-    let job = &job;
-    let start = Instant::now();
-    thread::scope(|s| {
-        let handles: Vec<_> = (0..p)
-            .map(|t| {
-                let share = n / p + usize::from(t < n % p);
-                s.spawn(move || (0..share).try_for_each(|_| job()))
-            })
-            .collect();
-        handles
-            .into_iter()
-            .try_for_each(|h| h.join().map_err(|_| anyhow!("loop thread panicked"))?)
-    })?;
-    Ok(start.elapsed())
-}
-
 /// Raw reference: `n` runs of `bash -c true` over `p` threads, in jobs/s.
 fn raw_rate(n: usize, p: usize) -> Result<f64> {
-    let elapsed = split_loop(n, p, bash_true)?;
+    let elapsed = split_loop(n, p, |_, _| bash_true())?;
     Ok(n as f64 / elapsed.as_secs_f64())
 }
 
@@ -1894,7 +1876,7 @@ mod inner {
         match mode {
             "raw" => Ok(serde_json::json!({ "rate": raw_rate(n, p)? })),
             "systemd-run" => {
-                let elapsed = split_loop(n, p, systemd_run_wait)?;
+                let elapsed = split_loop(n, p, |_, _| systemd_run_wait())?;
                 Ok(serde_json::json!({ "rate": n as f64 / elapsed.as_secs_f64() }))
             }
             "latency" => Ok(serde_json::json!({ "ms": latency(n)? })),

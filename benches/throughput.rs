@@ -853,19 +853,8 @@ impl Fixture {
 fn raw_throughput(n: usize, p: usize) -> Result<(f64, f64, f64)> {
     let cpu_before = CpuTimes::of("self")?;
     let machine_before = MachineCpu::now()?;
-    let start = Instant::now();
-    thread::scope(|s| {
-        let handles: Vec<_> = (0..p)
-            .map(|t| {
-                let share = n / p + usize::from(t < n % p);
-                s.spawn(move || (0..share).try_for_each(|_| bash_true()))
-            })
-            .collect();
-        handles
-            .into_iter()
-            .try_for_each(|h| h.join().map_err(|_| anyhow!("raw loop thread panicked"))?)
-    })?;
-    let rate = n as f64 / start.elapsed().as_secs_f64();
+    let elapsed = split_loop(n, p, |_, _| bash_true())?;
+    let rate = n as f64 / elapsed.as_secs_f64();
     let idle = MachineCpu::now()?.idle_share_since(machine_before);
     let (_, child_ms) = CpuTimes::of("self")?.ms_since(cpu_before);
     Ok((rate, child_ms / n as f64, idle))
@@ -889,22 +878,8 @@ fn contract_throughput(base: &Path, n: usize, p: usize) -> Result<f64> {
     for sub in ["tmp", "pending", "running", "completed", "logs"] {
         fs::create_dir(dir.join(sub))?;
     }
-    let start = Instant::now();
-    thread::scope(|s| {
-        let handles: Vec<_> = (0..p)
-            .map(|t| {
-                let share = n / p + usize::from(t < n % p);
-                s.spawn(move || {
-                    (0..share).try_for_each(|i| contract_job(dir, &format!("c{t}-{i:06}")))
-                })
-            })
-            .collect();
-        handles.into_iter().try_for_each(|h| {
-            h.join()
-                .map_err(|_| anyhow!("contract loop thread panicked"))?
-        })
-    })?;
-    Ok(n as f64 / start.elapsed().as_secs_f64())
+    let elapsed = split_loop(n, p, |t, i| contract_job(dir, &format!("c{t}-{i:06}")))?;
+    Ok(n as f64 / elapsed.as_secs_f64())
 }
 
 /// One job of [`contract_throughput`].

@@ -12,7 +12,7 @@ use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::thread;
-use std::time::{Duration, SystemTime};
+use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
 use tempfile::TempDir;
@@ -348,4 +348,27 @@ pub fn remove_finished_run_dirs() {
             .unwrap_or_else(PoisonError::into_inner),
     );
     drop(dirs);
+}
+
+/// Runs `job(thread, index)` `n` times split over `p` threads (thread `t`
+/// takes its share of the `n`, with indices from 0); returns the wall time.
+pub fn split_loop(
+    n: usize,
+    p: usize,
+    job: impl Fn(usize, usize) -> Result<()> + Sync,
+) -> Result<Duration> {
+    let job = &job;
+    let start = Instant::now();
+    thread::scope(|s| {
+        let handles: Vec<_> = (0..p)
+            .map(|t| {
+                let share = n / p + usize::from(t < n % p);
+                s.spawn(move || (0..share).try_for_each(|i| job(t, i)))
+            })
+            .collect();
+        handles
+            .into_iter()
+            .try_for_each(|h| h.join().map_err(|_| anyhow!("loop thread panicked"))?)
+    })?;
+    Ok(start.elapsed())
 }
