@@ -947,7 +947,7 @@ fn throughput(
     let mut contract_rates: Vec<Vec<f64>> = vec![Vec::with_capacity(rounds); locations.len()];
     let mut contract_ratios: Vec<Vec<f64>> = vec![Vec::with_capacity(rounds); locations.len()];
     let mut last: Vec<Option<WorkerRun>> = (0..locations.len()).map(|_| None).collect();
-    let mut measure_raw = |raws: &mut Vec<f64>| -> Result<f64> {
+    let mut measure_raw = || -> Result<f64> {
         let (raw, child_ms, idle) = raw_throughput(n, p)?;
         raws.push(raw);
         raw_child.push(child_ms);
@@ -955,11 +955,11 @@ fn throughput(
         Ok(raw)
     };
     for _ in 0..rounds {
-        let mut before = measure_raw(&mut raws)?;
+        let mut before = measure_raw()?;
         for (i, loc) in locations.iter().enumerate() {
             let contract = contract_throughput(&loc.base, n, p)?;
             let run = worker_throughput(Some(&loc.base), n, p)?;
-            let after = measure_raw(&mut raws)?;
+            let after = measure_raw()?;
             let reference = (before + after) / 2.0;
             ratios[i].push(run.rate() / reference);
             rates[i].push(run.rate());
