@@ -847,17 +847,53 @@ impl Fixture {
 // 1. Throughput
 // ---------------------------------------------------------------------------
 
+/// One run of the raw loop.
+#[derive(Clone, Copy)]
+struct RawRun {
+    /// Jobs/s.
+    rate: f64,
+    /// CPU time of the `bash` children per job, in ms.
+    child_ms: f64,
+    /// Share of the machine's CPU time that went idle meanwhile.
+    idle: f64,
+    /// The machine's busy CPU time per job (all CPUs, everything), in ms.
+    busy_ms: f64,
+    /// The machine's CPUs.
+    cpus: usize,
+}
+
 /// Raw reference: `n` runs of `bash -c true` split over `p` threads, each a
-/// tight spawn+wait loop. Returns jobs/s, the children's CPU ms per job and
-/// the share of the machine's CPU time that went idle meanwhile.
-fn raw_throughput(n: usize, p: usize) -> Result<(f64, f64, f64)> {
+/// tight spawn+wait loop.
+fn raw_throughput(n: usize, p: usize) -> Result<RawRun> {
     let cpu_before = CpuTimes::of("self")?;
     let machine_before = MachineCpu::now()?;
     let elapsed = split_loop(n, p, |_, _| bash_true())?;
-    let rate = n as f64 / elapsed.as_secs_f64();
-    let idle = MachineCpu::now()?.idle_share_since(machine_before);
+    let machine = MachineCpu::now()?;
     let (_, child_ms) = CpuTimes::of("self")?.ms_since(cpu_before);
-    Ok((rate, child_ms / n as f64, idle))
+    Ok(RawRun {
+        rate: n as f64 / elapsed.as_secs_f64(),
+        child_ms: child_ms / n as f64,
+        idle: machine.idle_share_since(machine_before),
+        busy_ms: machine.busy_ms_since(machine_before) / n as f64,
+        cpus: machine.cpus(),
+    })
+}
+
+/// Whether a contract loop runs each job's process or only its file work.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Jobs {
+    /// `bash -c true`, its output going to the job's log.
+    Run,
+    /// No process: the file work alone.
+    Skip,
+}
+
+/// One run of a contract loop.
+struct ContractRun {
+    /// Jobs/s.
+    rate: f64,
+    /// The machine's busy CPU time per job (all CPUs, everything), in ms.
+    busy_ms: f64,
 }
 
 /// The contract's own file work and nothing else: `n` jobs over `p`
@@ -870,20 +906,27 @@ fn raw_throughput(n: usize, p: usize) -> Result<(f64, f64, f64)> {
 /// removed. No daemon, no inotify, no queue: it shows what the file system
 /// charges any implementation of the contract, beside the raw loop (which
 /// touches no file) and the worker (which overlaps some of this work with
-/// the next job). Returns jobs/s.
-fn contract_throughput(base: &Path, n: usize, p: usize) -> Result<f64> {
+/// the next job). With [`Jobs::Skip`] it does the same file work with no
+/// process, to measure the CPU time that file work costs the machine.
+fn contract_throughput(base: &Path, n: usize, p: usize, jobs: Jobs) -> Result<ContractRun> {
     let root = RunDir::new("ai-cmd-bench-contract-", Some(base))
         .context("creating the contract loop's directory")?;
     let dir = root.path();
     for sub in ["tmp", "pending", "running", "completed", "logs"] {
         fs::create_dir(dir.join(sub))?;
     }
-    let elapsed = split_loop(n, p, |t, i| contract_job(dir, &format!("c{t}-{i:06}")))?;
-    Ok(n as f64 / elapsed.as_secs_f64())
+    let machine_before = MachineCpu::now()?;
+    let elapsed = split_loop(n, p, |t, i| {
+        contract_job(dir, &format!("c{t}-{i:06}"), jobs)
+    })?;
+    Ok(ContractRun {
+        rate: n as f64 / elapsed.as_secs_f64(),
+        busy_ms: MachineCpu::now()?.busy_ms_since(machine_before) / n as f64,
+    })
 }
 
 /// One job of [`contract_throughput`].
-fn contract_job(dir: &Path, id: &str) -> Result<()> {
+fn contract_job(dir: &Path, id: &str, jobs: Jobs) -> Result<()> {
     check_interrupted()?;
     let name = format!("{id}.json");
     let tmp = dir.join("tmp").join(&name);
@@ -900,14 +943,16 @@ fn contract_job(dir: &Path, id: &str) -> Result<()> {
         .write(true)
         .create_new(true)
         .open(dir.join("logs").join(format!("{id}.log")))?;
-    let status = Command::new("bash")
-        .args(["-c", "true"])
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log)
-        .status()
-        .context("running bash -c true")?;
-    ensure!(status.success(), "bash -c true failed: {status}");
+    if jobs == Jobs::Run {
+        let status = Command::new("bash")
+            .args(["-c", "true"])
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .status()
+            .context("running bash -c true")?;
+        ensure!(status.success(), "bash -c true failed: {status}");
+    }
     let staged = dir.join("completed").join(format!(".{name}.tmp"));
     let mut result = File::create(&staged)?;
     result.write_all(&[b' '; RESULT_BYTES])?;
@@ -930,6 +975,13 @@ fn contract_job(dir: &Path, id: &str) -> Result<()> {
 /// median of the rounds' ratios. The contract loop (see
 /// [`contract_throughput`]) is information: how much of the raw rate the
 /// contract's file work leaves to any implementation there.
+///
+/// So is the CPU ceiling: the contract's file work alone (no process) is
+/// timed in CPU, and the machine's CPUs divided by what a job then needs
+/// at the least (the raw loop's CPU per job plus that file work's) gives
+/// the highest rate any implementation of the contract could reach there,
+/// as a ratio to the raw rate. It binds only where the raw loop keeps the
+/// CPUs busy (P=2 on two CPUs); above 1 it does not bind.
 fn throughput(
     report: &mut Report,
     locations: &[Location],
@@ -939,32 +991,33 @@ fn throughput(
 ) -> Result<()> {
     report.group(&format!("P={p}"));
     let raw_runs = rounds * (locations.len() + 1);
-    let mut raws = Vec::with_capacity(raw_runs);
-    let mut raw_child = Vec::with_capacity(raw_runs);
-    let mut raw_idle = Vec::with_capacity(raw_runs);
-    let mut ratios: Vec<Vec<f64>> = vec![Vec::with_capacity(rounds); locations.len()];
-    let mut rates: Vec<Vec<f64>> = vec![Vec::with_capacity(rounds); locations.len()];
-    let mut contract_rates: Vec<Vec<f64>> = vec![Vec::with_capacity(rounds); locations.len()];
-    let mut contract_ratios: Vec<Vec<f64>> = vec![Vec::with_capacity(rounds); locations.len()];
+    let mut raws: Vec<RawRun> = Vec::with_capacity(raw_runs);
+    let per_location = || -> Vec<Vec<f64>> { vec![Vec::with_capacity(rounds); locations.len()] };
+    let mut ratios = per_location();
+    let mut rates = per_location();
+    let mut contract_rates = per_location();
+    let mut contract_ratios = per_location();
+    let mut file_work_ms = per_location();
+    let mut ceilings = per_location();
     let mut last: Vec<Option<WorkerRun>> = (0..locations.len()).map(|_| None).collect();
-    let mut measure_raw = || -> Result<f64> {
-        let (raw, child_ms, idle) = raw_throughput(n, p)?;
-        raws.push(raw);
-        raw_child.push(child_ms);
-        raw_idle.push(idle);
-        Ok(raw)
-    };
     for _ in 0..rounds {
-        let mut before = measure_raw()?;
+        let mut before = raw_throughput(n, p)?;
+        raws.push(before);
         for (i, loc) in locations.iter().enumerate() {
-            let contract = contract_throughput(&loc.base, n, p)?;
+            let contract = contract_throughput(&loc.base, n, p, Jobs::Run)?;
+            let file_work = contract_throughput(&loc.base, n, p, Jobs::Skip)?;
             let run = worker_throughput(Some(&loc.base), n, p)?;
-            let after = measure_raw()?;
-            let reference = (before + after) / 2.0;
+            let after = raw_throughput(n, p)?;
+            raws.push(after);
+            let reference = (before.rate + after.rate) / 2.0;
+            let raw_busy_ms = (before.busy_ms + after.busy_ms) / 2.0;
+            let capacity = after.cpus as f64 * 1000.0 / (raw_busy_ms + file_work.busy_ms);
             ratios[i].push(run.rate() / reference);
             rates[i].push(run.rate());
-            contract_ratios[i].push(contract / reference);
-            contract_rates[i].push(contract);
+            contract_ratios[i].push(contract.rate / reference);
+            contract_rates[i].push(contract.rate);
+            file_work_ms[i].push(file_work.busy_ms);
+            ceilings[i].push(capacity / reference);
             last[i] = Some(run);
             before = after;
         }
@@ -975,15 +1028,26 @@ fn throughput(
             .collect::<Vec<_>>()
             .join(" ")
     };
+    let of_raws = |f: fn(&RawRun) -> f64| raws.iter().map(f).collect::<Vec<_>>();
     report.info(
         &format!("raw bash -c true loop ({p} thread(s)), median"),
-        format!("{:.1} jobs/s", median(&raws)),
+        format!("{:.1} jobs/s", median(&of_raws(|r| r.rate))),
     );
-    report.info("  raw, each run", format!("{} jobs/s", list(&raws, 0)));
-    report.info("  bash CPU per job (raw loop)", ms(median(&raw_child)));
+    report.info(
+        "  raw, each run",
+        format!("{} jobs/s", list(&of_raws(|r| r.rate), 0)),
+    );
+    report.info(
+        "  bash CPU per job (raw loop)",
+        ms(median(&of_raws(|r| r.child_ms))),
+    );
+    report.info(
+        "  machine CPU per job (raw loop, all CPUs)",
+        ms(median(&of_raws(|r| r.busy_ms))),
+    );
     report.info(
         "  CPUs idle during the raw loop, each run",
-        list(&raw_idle.iter().map(|x| x * 100.0).collect::<Vec<_>>(), 1) + " %",
+        list(&of_raws(|r| r.idle * 100.0), 1) + " %",
     );
 
     for (i, loc) in locations.iter().enumerate() {
@@ -1019,6 +1083,23 @@ fn throughput(
         report.info(
             "  ratio worker/contract loop (median of rounds)",
             format!("{:.3}", median(&against)),
+        );
+        report.info(
+            "  contract file work alone (no process), machine CPU per job",
+            ms(median(&file_work_ms[i])),
+        );
+        report.info(
+            "  CPU ceiling for any implementation, ratio to raw, each round",
+            list(&ceilings[i], 3),
+        );
+        let share: Vec<f64> = ratios[i]
+            .iter()
+            .zip(&ceilings[i])
+            .map(|(r, c)| r / c)
+            .collect();
+        report.info(
+            "  CPU ceiling (median); worker/ceiling (median)",
+            format!("{:.3}; {:.3}", median(&ceilings[i]), median(&share)),
         );
         if let Some(run) = &last[i] {
             report.note("details of the last round:");

@@ -258,6 +258,8 @@ pub struct MachineCpu {
     idle: u64,
     /// Every state (guest time is already inside user and nice).
     total: u64,
+    /// Number of CPUs (the `cpuN` lines).
+    cpus: usize,
 }
 
 impl MachineCpu {
@@ -272,11 +274,32 @@ impl MachineCpu {
             .map(|v| v.parse().context("parsing /proc/stat"))
             .collect::<Result<_>>()?;
         ensure!(fields.len() >= 8, "/proc/stat: short cpu line");
+        let cpus = stat
+            .lines()
+            .filter(|l| {
+                l.strip_prefix("cpu")
+                    .is_some_and(|r| r.starts_with(|c: char| c.is_ascii_digit()))
+            })
+            .count();
         Ok(MachineCpu {
             idle: fields[3] + fields[4],
             // user nice system idle iowait irq softirq steal
             total: fields[..8].iter().sum(),
+            cpus: cpus.max(1),
         })
+    }
+
+    /// Number of CPUs the machine has online.
+    pub fn cpus(self) -> usize {
+        self.cpus
+    }
+
+    /// CPU time spent on all CPUs since `earlier`, by anything (user,
+    /// kernel, interrupts, and time the hypervisor took: steal), in ms.
+    pub fn busy_ms_since(self, earlier: MachineCpu) -> f64 {
+        let total = self.total.saturating_sub(earlier.total);
+        let idle = self.idle.saturating_sub(earlier.idle);
+        ticks_ms(total.saturating_sub(idle))
     }
 
     /// The share of all CPUs' time since `earlier` that went idle: time
