@@ -1131,7 +1131,11 @@ fn throughput(
         );
         report.info(
             "  contract file work alone (no process, batched), CPU per job",
-            ms(median(&file_work[i])),
+            format!(
+                "{} (each round: {} ms)",
+                ms(median(&file_work[i])),
+                list(&file_work[i], 3)
+            ),
         );
         report.info(
             "  CPU ceiling: CPUs / (raw + file work CPU), of raw, each round",
