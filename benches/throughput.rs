@@ -904,10 +904,13 @@ fn contract_dir(base: &Path) -> Result<RunDir> {
 /// removed. No daemon, no inotify, no queue: it shows what the file system
 /// charges any implementation of the contract, beside the raw loop (which
 /// touches no file) and the worker (which overlaps some of this work with
-/// the next job). Returns jobs/s.
-fn contract_throughput(base: &Path, n: usize, p: usize) -> Result<f64> {
+/// the next job). Returns jobs/s and the `bash` children's CPU time per
+/// job in ms (beside the raw loop's, it shows what the file work's I/O
+/// does to the jobs' own cost).
+fn contract_throughput(base: &Path, n: usize, p: usize) -> Result<(f64, f64)> {
     let root = contract_dir(base)?;
     let dir = root.path();
+    let cpu_before = CpuTimes::of("self")?;
     let elapsed = split_loop(n, p, |t, i| {
         let id = format!("c{t}-{i:06}");
         let (log, running) = submit_and_claim(dir, &id)?;
@@ -924,7 +927,8 @@ fn contract_throughput(base: &Path, n: usize, p: usize) -> Result<f64> {
         drop(result);
         put_in_place(dir, &id, &staged, &running)
     })?;
-    Ok(n as f64 / elapsed.as_secs_f64())
+    let (_, child_ms) = CpuTimes::of("self")?.ms_since(cpu_before);
+    Ok((n as f64 / elapsed.as_secs_f64(), child_ms / n as f64))
 }
 
 /// The machine's CPU time per job, in ms, for the contract's file work
@@ -1042,6 +1046,7 @@ fn throughput(
     let mut rates = per_location();
     let mut contract_rates = per_location();
     let mut contract_ratios = per_location();
+    let mut contract_bash = per_location();
     let mut file_work = per_location();
     let mut ceilings = per_location();
     let mut last: Vec<Option<WorkerRun>> = (0..locations.len()).map(|_| None).collect();
@@ -1049,7 +1054,7 @@ fn throughput(
         let mut before = raw_throughput(n, p)?;
         raws.push(before);
         for (i, loc) in locations.iter().enumerate() {
-            let contract = contract_throughput(&loc.base, n, p)?;
+            let (contract, contract_bash_ms) = contract_throughput(&loc.base, n, p)?;
             let file_work_ms = file_work_cpu(&loc.base, n, p)?;
             let run = worker_throughput(Some(&loc.base), n, p)?;
             let after = raw_throughput(n, p)?;
@@ -1061,6 +1066,7 @@ fn throughput(
             rates[i].push(run.rate());
             contract_ratios[i].push(contract / reference);
             contract_rates[i].push(contract);
+            contract_bash[i].push(contract_bash_ms);
             file_work[i].push(file_work_ms);
             ceilings[i].push(capacity / reference);
             last[i] = Some(run);
@@ -1119,6 +1125,10 @@ fn throughput(
         report.info(
             "  ratio contract loop/raw, each round",
             list(&contract_ratios[i], 3),
+        );
+        report.info(
+            "  bash CPU per job in the contract loop (median)",
+            ms(median(&contract_bash[i])),
         );
         let against: Vec<f64> = rates[i]
             .iter()
