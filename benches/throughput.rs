@@ -14,7 +14,10 @@
 //!    in turn. The CPU time of the worker and of its jobs is printed for
 //!    diagnosis, and beside each worker run a "contract loop" (the same loop,
 //!    doing inline each job's file work that the spool contract requires) shows
-//!    how much of the raw rate that file work leaves on the file system.
+//!    how much of the raw rate that file work leaves on the file system. A
+//!    "file-work loop" (that file work alone, batched, no process) is timed
+//!    in machine CPU, which gives a CPU ceiling: the most any implementation
+//!    of the contract could reach where the CPUs are the limit.
 //! 2. **Latency** of single jobs dropped into an idle worker: drop to
 //!    `started_at`, drop to result file, and result latency minus a bare
 //!    `bash -c true` (timed between the samples, after the same idle gap),
@@ -1015,9 +1018,10 @@ fn put_in_place(dir: &Path, id: &str, tmp: &Path, running: &Path) -> Result<()> 
 /// with the spool in each location in turn (each checked against the
 /// target: the file system's cost per file is part of what an operator
 /// gets). Each of `rounds` rounds alternates raw loops and runs in each
-/// location, raw, the contract loop and the worker in the first location,
-/// raw, the same in the next, ..., raw, so that every worker run is
-/// bracketed by a raw loop just before and just after it; its ratio is
+/// location, raw, the contract loop, the file-work loop and the worker in
+/// the first location, raw, the same in the next, ..., raw, so that every
+/// worker run is bracketed by a raw loop just before and just after it;
+/// its ratio is
 /// taken against the mean of those two, which cancels a machine that
 /// speeds up or slows down during the round. The ratio checked is the
 /// median of the rounds' ratios. The contract loop (see
