@@ -1021,9 +1021,8 @@ fn put_in_place(dir: &Path, id: &str, tmp: &Path, running: &Path) -> Result<()> 
 /// location, raw, the contract loop, the file-work loop and the worker in
 /// the first location, raw, the same in the next, ..., raw, so that every
 /// worker run is bracketed by a raw loop just before and just after it;
-/// its ratio is
-/// taken against the mean of those two, which cancels a machine that
-/// speeds up or slows down during the round. The ratio checked is the
+/// its ratio is taken against the mean of those two, which cancels a
+/// machine that speeds up or slows down during the round. The ratio checked is the
 /// median of the rounds' ratios. The contract loop (see
 /// [`contract_throughput`]) is information: how much of the raw rate the
 /// contract's file work leaves to any implementation there.
