@@ -1133,14 +1133,9 @@ fn throughput(
             "  bash CPU per job in the contract loop (median)",
             ms(median(&contract_bash[i])),
         );
-        let against: Vec<f64> = rates[i]
-            .iter()
-            .zip(&contract_rates[i])
-            .map(|(w, c)| w / c)
-            .collect();
         report.info(
             "  ratio worker/contract loop (median of rounds)",
-            format!("{:.3}", median(&against)),
+            format!("{:.3}", median(&quotients(&rates[i], &contract_rates[i]))),
         );
         report.info(
             "  contract file work alone (no process, batched), CPU per job",
@@ -1154,14 +1149,13 @@ fn throughput(
             "  CPU ceiling: CPUs / (raw + file work CPU), of raw, each round",
             list(&ceilings[i], 3),
         );
-        let share: Vec<f64> = ratios[i]
-            .iter()
-            .zip(&ceilings[i])
-            .map(|(r, c)| r / c)
-            .collect();
         report.info(
             "  CPU ceiling (median); worker/ceiling (median)",
-            format!("{:.3}; {:.3}", median(&ceilings[i]), median(&share)),
+            format!(
+                "{:.3}; {:.3}",
+                median(&ceilings[i]),
+                median(&quotients(&ratios[i], &ceilings[i]))
+            ),
         );
         if let Some(run) = &last[i] {
             report.note("details of the last round:");
@@ -1169,6 +1163,11 @@ fn throughput(
         }
     }
     Ok(())
+}
+
+/// `a[k] / b[k]` for each round `k`.
+fn quotients(a: &[f64], b: &[f64]) -> Vec<f64> {
+    a.iter().zip(b).map(|(x, y)| x / y).collect()
 }
 
 /// The median of `v` (the mean of the middle two for an even count).
