@@ -22,6 +22,8 @@ pub mod logging;
 pub mod maintenance;
 /// Alerts: Slack or generic JSON webhooks.
 pub mod notifier;
+/// Root's tools act in the spool as its owner.
+pub mod privilege;
 /// The spool directory contract: layout, ids, job files, results.
 pub mod spool;
 /// systemd integration: the notify protocol.

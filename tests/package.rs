@@ -253,3 +253,143 @@ fn cron_mode_without_systemd_keeps_exactly_one_worker() {
     assert!(stdout.contains("status:    succeeded"), "{stdout}");
     assert!(stdout.contains("install: no changes"), "{stdout}");
 }
+
+/// What must not change however root's tools are tricked: the owner,
+/// group and mode of /etc and its account files (other parts of /etc
+/// change as the tools install and remove their own files), and all of
+/// /srv/victim: owner, mode, inode, times, content and listing.
+fn fingerprint(sb: &Sandbox) -> String {
+    sb.ok("stat -c '%n %u %g %a' /etc /etc/passwd /etc/shadow; \
+           for p in /srv/victim /srv/victim/secret; do stat -c '%n %u %g %a %i %Y %Z' \"$p\"; done; \
+           md5sum /srv/victim/secret; ls -la --time-style=+%s /srv/victim")
+}
+
+#[test]
+fn root_follows_no_link_that_a_job_or_member_planted() {
+    let Some(deb1) = deb("AI_CMD_EXECUTOR_DEB", "trust") else {
+        return;
+    };
+    let Some(sb) = sandbox("trust", &[deb1.parent().unwrap()]) else {
+        return;
+    };
+    sb.ok(&format!("dpkg -i {}", deb1.display()));
+    wait_active(&sb, SERVICE);
+    sb.ok("usermod -aG ai-cmd agent");
+    // A root-owned directory with a secret: what the links point at,
+    // besides /etc itself.
+    sb.ok("mkdir -m 0755 /srv/victim && echo secret > /srv/victim/secret && chmod 0600 /srv/victim/secret \
+           && touch -d '400 days ago' /srv/victim/secret /srv/victim");
+    let before = fingerprint(&sb);
+    let agent = |cmd: &str| {
+        sb.ok(&format!(
+            "runuser -u agent -- ai-cmd-executor submit --wait --wait-timeout 60 -- '{cmd}'"
+        ))
+    };
+
+    // 1. The reported escalation: a member's job makes tmp/ a link to /etc;
+    //    the health timer's service runs `health --fix` as root.
+    let out = agent(&format!("cd {SPOOL} && mv tmp tmp.old && ln -s /etc tmp"));
+    assert!(out.contains("succeeded"), "{out}");
+    let since = sb.ok("date +%s");
+    sb.sh("systemctl start ai-cmd-executor-health.service");
+    let said = sb.ok(&format!(
+        "journalctl --no-pager -o cat -u ai-cmd-executor-health --since @{since}"
+    ));
+    assert!(
+        said.contains("tmp is a symbolic link to /etc"),
+        "the health check names the link:\n{said}"
+    );
+    assert_eq!(fingerprint(&sb), before, "health --fix followed the link");
+
+    // 2. The administrator's tools, as root, on the same spool: each names
+    //    the link and leaves its target alone.
+    let repair = sb.sh("ai-cmd-executor repair");
+    let repair = String::from_utf8_lossy(&repair.stdout).into_owned();
+    assert!(
+        repair.contains("tmp is a symbolic link to /etc"),
+        "{repair}"
+    );
+    let install = sb.sh("ai-cmd-executor install --no-start 2>&1");
+    let install = String::from_utf8_lossy(&install.stdout).into_owned();
+    assert!(
+        install.contains("tmp is a symbolic link to /etc"),
+        "{install}"
+    );
+    let tmpfiles = sb.sh("systemd-tmpfiles --create ai-cmd-executor.conf 2>&1");
+    assert!(
+        String::from_utf8_lossy(&tmpfiles.stdout).contains("tmp"),
+        "the maintainer scripts' tool names it too"
+    );
+    sb.ok("dpkg-reconfigure ai-cmd-executor");
+    assert_eq!(fingerprint(&sb), before, "a root tool followed the link");
+
+    // 3. Links in place of archive/, pending/ and a log shard, and of a
+    //    stale job and an old log: cleanup (the timer's, and root's by
+    //    hand) and the health fix that archives stale jobs.
+    sb.ok(&format!(
+        "cd {SPOOL} && rm tmp && mv tmp.old tmp && systemctl restart {SERVICE}"
+    ));
+    sb.write(
+        "/etc/ai-cmd-executor/config.toml",
+        &format!("spool = \"{SPOOL}\"\nstale_pending_after = \"1s\"\nlog_retention_days = 1\n"),
+    );
+    agent(&format!(
+        "cd {SPOOL} && mkdir -p logs/00 && ln -s /srv/victim/secret logs/00/x@20200101T000000.000000Z.log \
+         && ln -s /srv/victim logs/01 && mv archive archive.old && ln -s /srv/victim archive"
+    ));
+    let out = sb.sh("ai-cmd-executor cleanup 2>&1");
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(!out.status.success(), "{said}");
+    assert!(said.contains("working as ai-cmd"), "{said}");
+    assert!(
+        said.contains("archive is a symbolic link to /srv/victim"),
+        "{said}"
+    );
+    sb.sh("systemctl start ai-cmd-executor-cleanup.service");
+    sb.ok(&format!(
+        "cd {SPOOL} && rm archive && mv archive.old archive"
+    ));
+    agent(&format!(
+        "cd {SPOOL} && mv pending pending.old && ln -s /srv/victim pending"
+    ));
+    sb.sh("systemctl start ai-cmd-executor-health.service");
+    sb.sh("ai-cmd-executor cleanup");
+    assert_eq!(fingerprint(&sb), before, "cleanup followed a link");
+    sb.ok(&format!(
+        "cd {SPOOL} && rm pending && mv pending.old pending"
+    ));
+    let out = sb.sh("ai-cmd-executor cleanup 2>&1");
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(said.contains("refused logs/01"), "{said}");
+    assert!(said.contains("refused logs/00/x@"), "{said}");
+    assert_eq!(fingerprint(&sb), before, "cleanup followed a link");
+
+    // 4. Every shipped service unit's exposure, reported.
+    for unit in [
+        SERVICE,
+        "ai-cmd-executor-health.service",
+        "ai-cmd-executor-cleanup.service",
+        "ai-cmd-executor-alert@x.service",
+    ] {
+        let line = sb.ok(&format!(
+            "systemd-analyze security --no-pager {unit} | tail -n 1"
+        ));
+        let _ = writeln!(std::io::stderr(), "systemd-analyze security: {line}");
+        let exposure: f64 = line
+            .split("service: ")
+            .nth(1)
+            .and_then(|s| s.split_whitespace().next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or_else(|| panic!("no exposure level in {line:?}"));
+        if unit.contains("health") || unit.contains("cleanup") {
+            assert!(exposure <= 3.5, "{line}");
+        }
+    }
+
+    // 5. uninstall --purge as root deletes the spool, links and all, and
+    //    nothing they point to.
+    agent(&format!("ln -s /srv/victim {SPOOL}/logs/02"));
+    let out = sb.ok("ai-cmd-executor uninstall --purge");
+    assert!(out.contains("purge: deleting"), "{out}");
+    assert_eq!(fingerprint(&sb), before, "purge followed a link");
+}

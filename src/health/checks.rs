@@ -13,9 +13,11 @@ use super::{Ctx, Finding, Fix, Level, Scope, Supervision};
 use crate::client::{Client, Submission};
 use crate::install::{CRON_FILE, LOCAL_BINARY, ensure};
 use crate::logging::message_id;
+use crate::spool::acl;
 use crate::spool::id::parse_job_file_name;
 use crate::spool::job::Job;
-use crate::spool::{JobId, LAYOUT, ROOT_MODE, Status, Timestamp, open_job_file};
+use crate::spool::safe::{SafeDir, SafeError};
+use crate::spool::{JobId, LAYOUT, ROOT_MODE, Status, Timestamp};
 use crate::systemd::bus::ServiceInfo;
 use crate::systemd::units::{
     self, CLEANUP_TIMER, HEALTH_TIMER, RenderOptions, SERVICE, SHIPPED_BINARY, SHIPPED_USER,
@@ -49,8 +51,14 @@ pub async fn run_checks(ctx: &Ctx, scope: Scope) -> Vec<Finding> {
     let user = service_user(&service);
     out.push(check_layout(ctx, &user));
     out.push(check_disk(ctx));
-    out.push(check_stale(ctx));
-    out.push(check_orphans(ctx));
+    {
+        // Reading the queue is spool work: as root, done as the spool's
+        // owner. Were that impossible (a link in place of the spool root),
+        // the checks below still follow no link and say what they found.
+        let _as_owner = crate::privilege::lower(ctx.spool.root()).ok().flatten();
+        out.push(check_stale(ctx));
+        out.push(check_orphans(ctx));
+    }
     out.push(check_notifier(ctx));
     if scope == Scope::Full {
         out.push(check_process(ctx, &service));
@@ -405,7 +413,14 @@ fn check_layout(ctx: &Ctx, user: &str) -> Finding {
     let mut dirs = vec![(ctx.spool.root().to_owned(), ROOT_MODE)];
     dirs.extend(LAYOUT.iter().map(|(n, m)| (ctx.spool.root().join(n), *m)));
     for (dir, mode) in &dirs {
-        match fs::metadata(dir) {
+        // Not following links: a link here is a finding, never looked through.
+        match fs::symlink_metadata(dir) {
+            Ok(m) if m.file_type().is_symlink() => problems.push(format!(
+                "{} is a symbolic link to {}: a job or a member of the spool's group may have planted it; \
+                 root will not touch it or its target: inspect it, move it away, then run `ai-cmd-executor repair`",
+                dir.display(),
+                fs::read_link(dir).map_or_else(|_| "?".into(), |t| t.display().to_string())
+            )),
             Ok(m) if m.is_dir() => {
                 if let Some((uid, gid)) = ids
                     && (m.uid() != uid || m.gid() != gid)
@@ -432,7 +447,35 @@ fn check_layout(ctx: &Ctx, user: &str) -> Finding {
     if ids.is_none() {
         problems.push(format!("the service user {user} does not exist"));
     }
-    let detail = json!({"spool": ctx.spool.root(), "user": user, "problems": problems});
+    // The queue directories' default ACL keeps members' jobs apart.
+    let mut notes = Vec::new();
+    if let Some((uid, _)) = ids {
+        for name in acl::QUEUE_DIRS {
+            let Ok(dir) = SafeDir::open(ctx.spool.root()).and_then(|r| r.dir(name)) else {
+                continue; // reported above
+            };
+            match acl::state(&dir, uid) {
+                Ok(acl::AclState::Private) => {}
+                Ok(acl::AclState::Missing) => problems.push(format!(
+                    "{} has no default ACL for {user}: members can read each other's queued jobs",
+                    dir.path().display()
+                )),
+                Ok(acl::AclState::Unsupported) => notes.push(format!(
+                    "{} is on a file system without POSIX ACLs: members can read each other's queued jobs",
+                    dir.path().display()
+                )),
+                Err(e) => problems.push(format!(
+                    "reading the ACL of {}: {e}",
+                    dir.path().display()
+                )),
+            }
+        }
+    }
+    let detail =
+        json!({"spool": ctx.spool.root(), "user": user, "problems": problems, "notes": notes});
+    if problems.is_empty() && !notes.is_empty() {
+        return Finding::new("spool.layout", Level::Warning, notes.join("; ")).detail(detail);
+    }
     if problems.is_empty() {
         Finding::new(
             "spool.layout",
@@ -511,15 +554,22 @@ fn check_stale(ctx: &Ctx) -> Finding {
     }
 }
 
+/// Opens `running/` of the spool without following a link anywhere.
+fn running_dir(ctx: &Ctx) -> Result<SafeDir, SafeError> {
+    SafeDir::open(ctx.spool.root())?.dir("running")
+}
+
 /// Files in `running/` that no live worker holds.
-pub fn orphans(ctx: &Ctx) -> std::io::Result<Vec<PathBuf>> {
+pub fn orphans(ctx: &Ctx) -> Result<Vec<PathBuf>, SafeError> {
+    let running = running_dir(ctx)?;
     let mut out = Vec::new();
-    for e in fs::read_dir(ctx.spool.running())?.flatten() {
-        let Ok(f) = open_job_file(&e.path()) else {
+    for e in running.entries()? {
+        // A link is nobody's job: the worker never claims one.
+        let Ok(f) = running.open_file(&e.name) else {
             continue;
         };
         match f.try_lock() {
-            Ok(()) => out.push(e.path()),
+            Ok(()) => out.push(running.join(&e.name)),
             Err(TryLockError::WouldBlock) => {}
             Err(TryLockError::Error(_)) => {}
         }
@@ -627,7 +677,10 @@ fn check_process(ctx: &Ctx, service: &Result<ServiceInfo, String>) -> Finding {
     let open_files = fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| d.count())
         .ok();
-    let overdue = overdue_jobs(ctx);
+    let overdue = {
+        let _as_owner = crate::privilege::lower(ctx.spool.root()).ok().flatten();
+        overdue_jobs(ctx)
+    };
     let detail = json!({
         "pid": pid, "rss_bytes": p.memory(), "cpu_ms": p.accumulated_cpu_time(), "children": children,
         "open_files": open_files, "running_for_s": p.run_time(), "overdue_jobs": overdue,
@@ -654,15 +707,20 @@ fn check_process(ctx: &Ctx, service: &Result<ServiceInfo, String>) -> Finding {
 /// minute.
 fn overdue_jobs(ctx: &Ctx) -> Vec<String> {
     let mut out = Vec::new();
-    let Ok(rd) = fs::read_dir(ctx.spool.running()) else {
+    let Ok(running) = running_dir(ctx) else {
         return out;
     };
-    for e in rd.flatten() {
-        let Ok((id, kind)) = parse_job_file_name(&e.file_name()) else {
+    for e in running.entries().unwrap_or_default() {
+        let Ok((id, kind)) = parse_job_file_name(&e.name) else {
             continue;
         };
-        let timeout = fs::read(e.path())
+        let timeout = running
+            .open_file(&e.name)
             .ok()
+            .and_then(|mut f| {
+                let mut b = Vec::new();
+                std::io::Read::read_to_end(&mut f, &mut b).ok().map(|_| b)
+            })
             .and_then(|b| Job::parse(kind, &b).ok())
             .and_then(|j| j.timeout_secs)
             .map_or(ctx.config.default_timeout.get(), |t| {
@@ -730,6 +788,21 @@ async fn check_probe(ctx: &Ctx, service: &Result<ServiceInfo, String>) -> Findin
             "no worker is running, so no probe job was submitted",
         );
     }
+    // Submitting and reading back is spool work any member could do: as
+    // root, it is done as the spool's owner (see `crate::privilege`).
+    let _as_owner = match crate::privilege::lower(ctx.spool.root()) {
+        Ok(l) => l,
+        Err(e) => {
+            return Finding::new(
+                "probe.end_to_end",
+                Level::Critical,
+                format!(
+                    "cannot act as the spool's owner to submit a probe job: {}",
+                    crate::error::chain(e.as_ref())
+                ),
+            );
+        }
+    };
     let client = Client::new(ctx.spool.root());
     let id = JobId::new(PROBE_ID).expect("valid id");
     let now = Timestamp::now();

@@ -122,6 +122,8 @@ pub async fn apply(ctx: &Ctx, fix: &Fix) -> anyhow::Result<String> {
             ))
         }
         Fix::ArchiveStale => {
+            // Spool work: as the spool's owner, never as root.
+            let _as_owner = crate::privilege::lower(ctx.spool.root())?;
             let done = crate::maintenance::archive_stale(
                 &ctx.spool,
                 ctx.config.stale_pending_after.get(),

@@ -15,6 +15,8 @@ use anyhow::{Context, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
+const NOFOLLOW: i32 = nix::fcntl::OFlag::O_NOFOLLOW.bits();
+
 /// The worker's lock file in a spool.
 pub fn worker_lock_path(spool: &Path) -> PathBuf {
     spool.join(".worker.lock")
@@ -40,6 +42,8 @@ pub fn acquire_worker_lock(path: &Path) -> anyhow::Result<WorkerLock> {
         .create(true)
         .truncate(false)
         .mode(0o640)
+        // A job may have put a link here: never write through it.
+        .custom_flags(NOFOLLOW)
         .open(path)
         .with_context(|| format!("opening lock file {}", path.display()))?;
     match file.try_lock() {
@@ -70,7 +74,13 @@ fn read_pid(file: &mut File) -> Option<i32> {
 /// The pid of the worker holding the lock, or `None` if none does.
 pub fn running_worker(spool: &Path) -> anyhow::Result<Option<i32>> {
     let path = worker_lock_path(spool);
-    let mut file = match OpenOptions::new().read(true).write(true).open(&path) {
+    // Read-only and not through a link: whoever asks (root's health check
+    // included) only looks. `flock` works on a read-only descriptor.
+    let mut file = match OpenOptions::new()
+        .read(true)
+        .custom_flags(NOFOLLOW | nix::fcntl::OFlag::O_NONBLOCK.bits())
+        .open(&path)
+    {
         Ok(f) => f,
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("opening {}", path.display())),
@@ -81,6 +91,60 @@ pub fn running_worker(spool: &Path) -> anyhow::Result<Option<i32>> {
         Err(TryLockError::Error(e)) => {
             Err(e).with_context(|| format!("locking {}", path.display()))
         }
+    }
+}
+
+/// The pid that holds the `flock` on the file at `path`, from
+/// `/proc/locks` (matched by device and inode), if any.
+pub fn lock_holder(path: &Path) -> anyhow::Result<Option<i32>> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) if m.file_type().is_file() => m,
+        Ok(_) => bail!("{} is not a regular file", path.display()),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let locks = std::fs::read_to_string("/proc/locks").context("reading /proc/locks")?;
+    let dev = meta.dev();
+    let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
+    Ok(holder_in(&locks, major, minor, meta.ino()))
+}
+
+/// The pid of the `FLOCK` entry on `major:minor:ino` in `/proc/locks`
+/// text. On a stacked file system (overlayfs) the lock sits on the lower
+/// file's inode, whose device `stat` does not show: then the one entry with
+/// the inode number is taken, and none if several share it.
+fn holder_in(locks: &str, major: u64, minor: u64, ino: u64) -> Option<i32> {
+    let entries: Vec<(u64, u64, i32)> = locks
+        .lines()
+        .filter_map(|line| {
+            // "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"; a
+            // waiter's line has "->" after the number.
+            let f: Vec<&str> = line.split_whitespace().collect();
+            if f.len() < 6 || f[1] != "FLOCK" {
+                return None;
+            }
+            let mut parts = f[5].split(':');
+            let (ma, mi, i) = (parts.next()?, parts.next()?, parts.next()?);
+            if i.parse::<u64>().ok()? != ino {
+                return None;
+            }
+            Some((
+                u64::from_str_radix(ma, 16).ok()?,
+                u64::from_str_radix(mi, 16).ok()?,
+                f[4].parse().ok()?,
+            ))
+        })
+        .collect();
+    if let Some(&(_, _, pid)) = entries
+        .iter()
+        .find(|(ma, mi, _)| (*ma, *mi) == (major, minor))
+    {
+        return Some(pid);
+    }
+    match entries.as_slice() {
+        [(_, _, pid)] => Some(*pid),
+        _ => None,
     }
 }
 
@@ -104,6 +168,7 @@ pub fn ensure_running(spool: &Path, config: Option<&Path>) -> anyhow::Result<Ens
         .create(true)
         .truncate(false)
         .mode(0o640)
+        .custom_flags(NOFOLLOW)
         .open(&serial_path)
         .with_context(|| format!("opening {}", serial_path.display()))?;
     serial
@@ -119,6 +184,7 @@ pub fn ensure_running(spool: &Path, config: Option<&Path>) -> anyhow::Result<Ens
         .create(true)
         .append(true)
         .mode(0o640)
+        .custom_flags(NOFOLLOW)
         .open(&log_path)
         .with_context(|| format!("opening {}", log_path.display()))?;
     let mut cmd = Command::new(exe);
@@ -164,8 +230,21 @@ pub fn stop_worker(spool: &Path) -> anyhow::Result<Option<i32>> {
     let Some(pid) = running_worker(spool)? else {
         return Ok(None);
     };
-    if pid > 0 {
-        let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+    // The pid in the file is only a hint that anyone who can write the
+    // spool could change: the signal goes to the process that the kernel
+    // says holds the lock, and to no other.
+    match lock_holder(&worker_lock_path(spool))? {
+        Some(holder) if holder == pid => {
+            let _ = kill(Pid::from_raw(pid), Signal::SIGTERM);
+        }
+        Some(holder) => bail!(
+            "{} names pid {pid}, but pid {holder} holds its lock; not signalling either",
+            worker_lock_path(spool).display()
+        ),
+        None => bail!(
+            "cannot tell which process holds {}; not signalling pid {pid}",
+            worker_lock_path(spool).display()
+        ),
     }
     let start = Instant::now();
     while start.elapsed() < Duration::from_secs(60) {
@@ -175,4 +254,55 @@ pub fn stop_worker(spool: &Path) -> anyhow::Result<Option<i32>> {
         std::thread::sleep(Duration::from_millis(50));
     }
     bail!("worker {pid} did not stop within 60 s")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_lock_holder_is_read_from_proc_locks() {
+        let text = "1: POSIX  ADVISORY  WRITE 10 08:01:77 0 EOF\n\
+                    2: FLOCK  ADVISORY  WRITE 4242 fd:01:77 0 EOF\n\
+                    2: -> FLOCK  ADVISORY  WRITE 99 fd:01:77 0 EOF\n";
+        assert_eq!(holder_in(text, 0xfd, 1, 77), Some(4242));
+        assert_eq!(
+            holder_in(text, 8, 2, 77),
+            Some(4242),
+            "overlayfs: the one flock on the inode"
+        );
+        assert_eq!(holder_in(text, 0xfd, 1, 78), None);
+        let two = "1: FLOCK  ADVISORY  WRITE 5 08:01:77 0 EOF\n\
+                   2: FLOCK  ADVISORY  WRITE 6 08:02:77 0 EOF\n";
+        assert_eq!(holder_in(two, 8, 3, 77), None, "ambiguous");
+    }
+
+    #[test]
+    fn a_held_lock_names_this_process_and_a_planted_pid_is_not_signalled() {
+        let d = tempfile::tempdir().unwrap();
+        let path = worker_lock_path(d.path());
+        let lock = acquire_worker_lock(&path).unwrap();
+        assert_eq!(lock_holder(&path).unwrap(), Some(std::process::id() as i32));
+        assert_eq!(
+            running_worker(d.path()).unwrap(),
+            Some(std::process::id() as i32)
+        );
+        // Whoever can write the spool rewrites the pid: stop refuses.
+        std::fs::write(&path, "1\n").unwrap();
+        let err = stop_worker(d.path()).unwrap_err();
+        assert!(err.to_string().contains("not signalling"), "{err:#}");
+        drop(lock);
+        assert_eq!(lock_holder(&path).unwrap(), None);
+    }
+
+    #[test]
+    fn a_linked_lock_file_is_never_written() {
+        let d = tempfile::tempdir().unwrap();
+        let target = d.path().join("target");
+        std::fs::write(&target, "keep").unwrap();
+        std::os::unix::fs::symlink(&target, worker_lock_path(d.path())).unwrap();
+        assert!(acquire_worker_lock(&worker_lock_path(d.path())).is_err());
+        assert!(running_worker(d.path()).is_err());
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep");
+    }
 }

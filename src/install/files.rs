@@ -82,6 +82,10 @@ impl Local {
                 &format!(" {SHIPPED_USER} {SHIPPED_USER} "),
                 &format!(" {} {} ", self.user, self.user),
             )
+            .replace(
+                &format!(":u:{SHIPPED_USER}:"),
+                &format!(":u:{}:", self.user),
+            )
             .replace(SHIPPED_SPOOL, &self.spool)
     }
 }
@@ -150,10 +154,17 @@ mod tests {
         crate::config::Config::parse(&l.config(), Path::new("x")).unwrap();
         assert!(
             l.tmpfiles()
-                .contains("d /srv/spool/pending    2770 runner runner -"),
+                .contains("d /srv/spool/pending    3770 runner runner -"),
             "{}",
             l.tmpfiles()
         );
+        assert!(
+            l.tmpfiles()
+                .contains("a /srv/spool/pending    -    -      -      - d:u::rwx,d:u:runner:r-x,"),
+            "{}",
+            l.tmpfiles()
+        );
+        assert!(!l.tmpfiles().contains("ai-cmd:"), "{}", l.tmpfiles());
         assert!(l.sysusers().starts_with("#") && l.sysusers().contains("u runner - "));
     }
 

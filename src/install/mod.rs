@@ -12,15 +12,16 @@ pub mod files;
 
 use std::fs;
 use std::io;
-use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::os::unix::fs::PermissionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{Context, bail};
 use clap::ValueEnum;
-use nix::unistd::{Gid, Group, Uid, User, chown};
+use nix::unistd::{Gid, Group, Uid, User};
 
+use crate::spool::safe::SafeDir;
 use crate::spool::{LAYOUT, ROOT_MODE};
 use crate::systemd::bus::{Systemd, block_on};
 use crate::systemd::units::{CLEANUP_TIMER, HEALTH_TIMER, SERVICE};
@@ -290,48 +291,141 @@ fn ensure_user(report: &mut Report, local: &Local) -> anyhow::Result<()> {
     ]))
 }
 
-/// Creates the spool with the layout's modes, owned by the service user.
+/// Creates the spool with the layout's modes, owned by the service user,
+/// and sets the owner and mode of its directories that have others.
+///
+/// Root does this in a directory that the service user (every job) and
+/// the spool's group can write, so no path is trusted: the spool root is
+/// opened without following a link, each directory of the layout relative
+/// to it with no link followed anywhere (see [`crate::spool::safe`]), and
+/// owners and modes are set on the opened directories. A link where a
+/// directory belongs is refused and named; the other directories are still
+/// put right, and the refusal is the error returned.
 pub(crate) fn ensure_spool(report: &mut Report, spool: &Path, user: &str) -> anyhow::Result<()> {
     let (uid, gid) = match (User::from_name(user)?, Group::from_name(user)?) {
         (Some(u), Some(g)) => (u.uid, g.gid),
         _ if report.dry_run => (Uid::from_raw(0), Gid::from_raw(0)),
         _ => bail!("user or group {user} does not exist"),
     };
-    let mut dirs = vec![(spool.to_owned(), ROOT_MODE)];
-    dirs.extend(LAYOUT.iter().map(|(n, m)| (spool.join(n), *m)));
-    for (dir, mode) in dirs {
-        ensure_dir(report, &dir, mode, uid, gid)?;
+    let shown = spool.display();
+    let root = match SafeDir::open(spool) {
+        Ok(d) => Some(d),
+        Err(e) if e.is_not_found() => {
+            report.change(&format!("create {shown} (mode {ROOT_MODE:04o})"));
+            if report.dry_run {
+                None
+            } else {
+                let parent = spool
+                    .parent()
+                    .with_context(|| format!("{shown} has no parent directory"))?;
+                fs::create_dir_all(parent)
+                    .with_context(|| format!("creating {}", parent.display()))?;
+                let name = spool
+                    .file_name()
+                    .with_context(|| format!("{shown} has no final name"))?;
+                let (dir, _) = SafeDir::open(parent)?.ensure_dir(name, ROOT_MODE)?;
+                dir.set_owner(uid.as_raw(), gid.as_raw())?;
+                Some(dir)
+            }
+        }
+        Err(e) => return Err(e).with_context(|| format!("opening the spool {shown}")),
+    };
+    let Some(root) = root else {
+        for (name, mode) in LAYOUT {
+            report.change(&format!(
+                "create {} (mode {mode:04o})",
+                spool.join(name).display()
+            ));
+        }
+        return Ok(());
+    };
+    set_owner_mode(report, &root, ROOT_MODE, uid, gid)?;
+    let mut refused = Vec::new();
+    for (name, mode) in LAYOUT {
+        let dir = if report.dry_run {
+            match root.dir(name) {
+                Ok(d) => d,
+                Err(e) if e.is_not_found() => {
+                    report.change(&format!(
+                        "create {} (mode {mode:04o})",
+                        root.join(name).display()
+                    ));
+                    continue;
+                }
+                Err(e) => {
+                    refused.push(e.to_string());
+                    continue;
+                }
+            }
+        } else {
+            match root.ensure_dir(name, mode) {
+                Ok((d, created)) => {
+                    if created {
+                        report.change(&format!("create {} (mode {mode:04o})", d.path().display()));
+                    }
+                    d
+                }
+                Err(e) => {
+                    refused.push(e.to_string());
+                    continue;
+                }
+            }
+        };
+        set_owner_mode(report, &dir, mode, uid, gid)?;
+        if crate::spool::acl::QUEUE_DIRS.contains(&name) {
+            queue_acl(report, &dir, uid)?;
+        }
+    }
+    if !refused.is_empty() {
+        bail!("{}", refused.join("; "));
     }
     Ok(())
 }
 
-fn ensure_dir(
+/// Gives a queue directory the default ACL that keeps members' queued jobs
+/// apart (see [`crate::spool::acl`]).
+fn queue_acl(report: &mut Report, dir: &SafeDir, uid: Uid) -> anyhow::Result<()> {
+    use crate::spool::acl::{self, AclState};
+    let shown = dir.path().display();
+    match acl::state(dir, uid.as_raw()).with_context(|| format!("reading the ACL of {shown}"))? {
+        AclState::Private => report.same(&format!("{shown} default ACL")),
+        AclState::Unsupported => println!(
+            "warning: {shown} is on a file system without POSIX ACLs: members can read each other's queued jobs"
+        ),
+        AclState::Missing => {
+            report.change(&format!(
+                "set the default ACL of {shown} (queued jobs readable by their submitter and the worker only)"
+            ));
+            if !report.dry_run {
+                acl::set(dir, uid.as_raw())
+                    .with_context(|| format!("setting the default ACL of {shown}"))?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Gives an opened spool directory its owner and mode, on its fd.
+fn set_owner_mode(
     report: &mut Report,
-    dir: &Path,
+    dir: &SafeDir,
     mode: u32,
     uid: Uid,
     gid: Gid,
 ) -> anyhow::Result<()> {
-    let shown = dir.display();
-    match fs::metadata(dir) {
-        Ok(m) if m.is_dir() => {
-            let right =
-                m.uid() == uid.as_raw() && m.gid() == gid.as_raw() && m.mode() & 0o7777 == mode;
-            if right {
-                report.same(&format!("{shown}"));
-                return Ok(());
-            }
-            report.change(&format!("set owner and mode {mode:04o} of {shown}"));
-        }
-        Ok(_) => bail!("{shown} exists and is not a directory"),
-        Err(_) => report.change(&format!("create {shown} (mode {mode:04o})")),
+    let m = dir.meta()?;
+    if m.uid == uid.as_raw() && m.gid == gid.as_raw() && m.perm() == mode {
+        report.same(&format!("{}", dir.path().display()));
+        return Ok(());
     }
+    report.change(&format!(
+        "set owner and mode {mode:04o} of {}",
+        dir.path().display()
+    ));
     if !report.dry_run {
-        fs::create_dir_all(dir).with_context(|| format!("creating {shown}"))?;
-        chown(dir, Some(uid), Some(gid))
-            .with_context(|| format!("changing the owner of {shown}"))?;
-        fs::set_permissions(dir, fs::Permissions::from_mode(mode))
-            .with_context(|| format!("setting the mode of {shown}"))?;
+        dir.set_owner(uid.as_raw(), gid.as_raw())?;
+        // After the owner: chown clears the set-group-id bit.
+        dir.set_mode(mode)?;
     }
     Ok(())
 }
@@ -569,4 +663,51 @@ fn run(cmd: &mut Command) -> anyhow::Result<()> {
         );
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::{MetadataExt, symlink};
+
+    #[test]
+    fn the_spool_is_put_right_but_a_planted_link_is_refused() {
+        if !Uid::effective().is_root() {
+            eprintln!("skipped: setting owners needs root");
+            return;
+        }
+        let d = tempfile::tempdir().unwrap();
+        let victim = d.path().join("etc");
+        fs::create_dir(&victim).unwrap();
+        fs::set_permissions(&victim, fs::Permissions::from_mode(0o755)).unwrap();
+        let spool = d.path().join("spool");
+        fs::create_dir(&spool).unwrap();
+        fs::set_permissions(&spool, fs::Permissions::from_mode(0o777)).unwrap();
+        symlink(&victim, spool.join("tmp")).unwrap();
+        fs::create_dir(spool.join("pending")).unwrap();
+        let mut report = Report::new(false);
+        let err = ensure_spool(&mut report, &spool, "root").unwrap_err();
+        let text = format!("{err:#}");
+        assert!(text.contains("tmp is a symbolic link to"), "{text}");
+        let v = fs::metadata(&victim).unwrap();
+        assert_eq!(v.mode() & 0o7777, 0o755, "the target keeps its mode");
+        // Everything else was put right, on the real directories.
+        assert_eq!(fs::metadata(&spool).unwrap().mode() & 0o7777, ROOT_MODE);
+        for (name, mode) in LAYOUT.iter().filter(|(n, _)| *n != "tmp") {
+            let m = fs::symlink_metadata(spool.join(name)).unwrap();
+            assert!(m.is_dir(), "{name}");
+            assert_eq!(m.mode() & 0o7777, *mode, "{name}");
+        }
+        assert!(
+            fs::symlink_metadata(spool.join("tmp"))
+                .unwrap()
+                .is_symlink()
+        );
+        // A link in place of the spool root itself.
+        let alias = d.path().join("alias");
+        symlink(&victim, &alias).unwrap();
+        let err = ensure_spool(&mut Report::new(false), &alias, "root").unwrap_err();
+        assert!(format!("{err:#}").contains("symbolic link"), "{err:#}");
+        assert_eq!(fs::metadata(&victim).unwrap().mode() & 0o7777, 0o755);
+    }
 }

@@ -5,9 +5,11 @@
 //! `logs/<shard>/<id>@<stamp>.log` (one log per run) and `archive/` (bad input,
 //! interrupted jobs, rotated logs). See `docs/PROTOCOL.md`.
 
+pub mod acl;
 pub mod id;
 pub mod job;
 pub mod result;
+pub mod safe;
 
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
@@ -60,10 +62,12 @@ impl SpoolError {
 
 /// The sub-directories of a spool, with the modes they are created with.
 /// `tmp/` and `pending/` are group-writable so that members of the spool's
-/// group can submit; the set-group-id bit makes new files inherit the group.
+/// group can submit; the set-group-id bit makes new files inherit the group,
+/// and the sticky bit keeps a member from removing or replacing another's
+/// file (their default ACL keeps it unreadable too: [`acl`]).
 pub const LAYOUT: [(&str, u32); 6] = [
-    ("tmp", 0o2770),
-    ("pending", 0o2770),
+    ("tmp", 0o3770),
+    ("pending", 0o3770),
     ("running", 0o2750),
     ("completed", 0o2750),
     ("logs", 0o2750),
@@ -141,10 +145,41 @@ impl Spool {
 
     /// Creates any missing part of the layout with the modes of [`LAYOUT`].
     /// Existing directories are left as they are.
+    ///
+    /// The queue directories it owns get what keeps members' jobs apart
+    /// whether new or not: the sticky bit and the default ACL of
+    /// [`acl`] naming this process's user, so a spool made before those
+    /// existed gets them at the worker's next start.
     pub fn ensure_layout(&self) -> Result<(), SpoolError> {
         create_dir_with_mode(&self.root, ROOT_MODE, true)?;
         for (name, mode) in LAYOUT {
             create_dir_with_mode(&self.root.join(name), mode, false)?;
+        }
+        let me = nix::unistd::geteuid().as_raw();
+        let root = safe::SafeDir::open(&self.root)
+            .map_err(|e| SpoolError::io("opening", &self.root, io::Error::other(e)))?;
+        for name in acl::QUEUE_DIRS {
+            let dir = root.dir(name).map_err(|e| {
+                SpoolError::io("opening", self.root.join(name), io::Error::other(e))
+            })?;
+            let meta = dir
+                .meta()
+                .map_err(|e| SpoolError::io("opening", dir.path(), io::Error::other(e)))?;
+            if meta.uid != me {
+                continue;
+            }
+            if meta.perm() & 0o1000 == 0 {
+                dir.set_mode(meta.perm() | 0o1000).map_err(|e| {
+                    SpoolError::io("setting the sticky bit of", dir.path(), io::Error::other(e))
+                })?;
+            }
+            if acl::state(&dir, me)
+                .map_err(|e| SpoolError::io("reading the ACL of", dir.path(), e))?
+                == acl::AclState::Missing
+            {
+                acl::set(&dir, me)
+                    .map_err(|e| SpoolError::io("setting the default ACL of", dir.path(), e))?;
+            }
         }
         Ok(())
     }
@@ -152,7 +187,16 @@ impl Spool {
     /// Reads `completed/<id>.json`, `None` if there is none.
     pub fn read_result(&self, id: &JobId) -> Result<Option<JobResult>, SpoolError> {
         let path = self.result_path(id);
-        match fs::read(&path) {
+        // Not through a link a job planted in place of the result.
+        let read = OpenOptions::new()
+            .read(true)
+            .custom_flags(libc_flags::O_NOFOLLOW | libc_flags::O_NONBLOCK)
+            .open(&path)
+            .and_then(|mut f| {
+                let mut bytes = Vec::new();
+                io::Read::read_to_end(&mut f, &mut bytes).map(|_| bytes)
+            });
+        match read {
             Ok(bytes) => serde_json::from_slice(&bytes)
                 .map(Some)
                 .map_err(|source| SpoolError::BadResult { path, source }),
@@ -311,19 +355,31 @@ impl Staged {
     /// its write-back.
     pub fn write(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> Result<Self, SpoolError> {
         static SEQ: AtomicU64 = AtomicU64::new(0);
-        let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+        // A new file, never an existing name: `O_EXCL` (which also refuses
+        // a symbolic link, dangling or not) and `O_NOFOLLOW`, so a link
+        // planted under the predictable name in a directory others can
+        // write (`tmp/`) cannot redirect the write. A taken name is skipped.
+        let mut tries = 0;
+        let (tmp, mut f) = loop {
+            let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+            let tmp = dir.join(format!(".{name}.{}.{seq}.tmp", std::process::id()));
+            match OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .custom_flags(libc_flags::O_NOFOLLOW)
+                .mode(mode)
+                .open(&tmp)
+            {
+                Ok(f) => break (tmp, f),
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists && tries < 100 => tries += 1,
+                Err(e) => return Err(SpoolError::io("writing", &tmp, e)),
+            }
+        };
         let mut staged = Staged {
             file: None,
-            tmp: dir.join(format!(".{name}.{}.{seq}.tmp", std::process::id())),
+            tmp,
             dest: dir.join(name),
         };
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(mode)
-            .open(&staged.tmp)
-            .map_err(|e| SpoolError::io("writing", &staged.tmp, e))?;
         // From here on, dropping `staged` removes the file.
         let written = f.write_all(bytes);
         staged.file = Some(f);
@@ -462,7 +518,7 @@ mod tests {
             assert!(spool.root().join(name).is_dir(), "{name}");
         }
         let mode = fs::metadata(spool.pending()).unwrap().permissions().mode() & 0o7777;
-        assert_eq!(mode, 0o2770);
+        assert_eq!(mode, 0o3770);
         let mode = fs::metadata(spool.completed())
             .unwrap()
             .permissions()
@@ -628,5 +684,26 @@ mod tests {
             Timestamp::from_file_stamp("20261126T000000.000001Z").unwrap(),
         );
         assert_eq!(path, Path::new("/s/logs/2c/a@20261126T000000.000001Z.log"));
+    }
+
+    #[test]
+    fn a_link_planted_under_a_staged_name_is_never_written_through() {
+        use std::os::unix::fs::symlink;
+        let dir = tempfile::tempdir().unwrap();
+        let target = dir.path().join("target");
+        fs::write(&target, "keep").unwrap();
+        let tmp = dir.path().join("tmp");
+        fs::create_dir(&tmp).unwrap();
+        // Every name the next writes could pick, for this process.
+        for n in 0..400 {
+            let name = format!(".r.{}.{n}.tmp", std::process::id());
+            symlink(&target, tmp.join(name)).unwrap();
+        }
+        for _ in 0..3 {
+            // Taken names are skipped or the write fails; neither writes
+            // through a link.
+            let _ = write_atomically(&tmp, "r", b"new", 0o640);
+        }
+        assert_eq!(fs::read_to_string(&target).unwrap(), "keep");
     }
 }

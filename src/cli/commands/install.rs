@@ -46,6 +46,20 @@ pub fn uninstall(ctx: &Context, args: UninstallArgs) -> anyhow::Result<ExitCode>
 pub fn ensure_running(ctx: &Context) -> anyhow::Result<ExitCode> {
     let loaded = ctx.load_config()?;
     let spool = ctx.spool_path(&loaded.config)?;
+    // Run by root, the worker it starts and the files it opens in the
+    // spool are the spool owner's, never root's.
+    if nix::unistd::Uid::effective().is_root() && crate::privilege::become_owner(&spool)?.is_none()
+    {
+        let owned_by_root = crate::spool::safe::SafeDir::open(&spool)
+            .and_then(|d| d.meta())
+            .is_ok_and(|m| m.uid == 0);
+        anyhow::ensure!(
+            owned_by_root,
+            "{} does not exist: as root, ensure-running only starts a worker on an installed spool \
+             (run `ai-cmd-executor install` first, or run ensure-running as the service user)",
+            spool.display()
+        );
+    }
     match ensure::ensure_running(&spool, ctx.config_path.as_deref())? {
         ensure::Ensured::AlreadyRunning(_) => {}
         ensure::Ensured::Started(pid) => {

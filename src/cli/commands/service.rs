@@ -234,14 +234,29 @@ fn dir_size(dir: &std::path::Path) -> u64 {
 pub fn cleanup(ctx: &Context, args: CleanupArgs) -> anyhow::Result<ExitCode> {
     let loaded = ctx.load_config()?;
     let spool = crate::spool::Spool::new(ctx.spool_path(&loaded.config)?);
-    let done = crate::maintenance::cleanup(&spool, &loaded.config, args.dry_run)?;
-    if done.is_empty() {
+    // All of it is spool work: root does it as the spool's owner.
+    if let Some(owner) = crate::privilege::become_owner(spool.root())? {
+        eprintln!(
+            "cleanup: working as {}, the owner of {}",
+            owner.describe(),
+            spool.root().display()
+        );
+    }
+    let done = crate::maintenance::cleanup(&spool, &loaded.config, args.dry_run);
+    if done.actions.is_empty() && done.failed.is_empty() {
         println!("cleanup: nothing to do");
     }
-    for d in done {
+    for d in &done.actions {
         println!("{d}");
     }
-    Ok(ExitCode::SUCCESS)
+    for f in &done.failed {
+        eprintln!("cleanup: {f}");
+    }
+    Ok(if done.failed.is_empty() {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
+    })
 }
 
 /// `notify`: what the `OnFailure=` alert unit runs.
