@@ -23,6 +23,8 @@ command -v nsenter >/dev/null || missing+=(util-linux)
 command -v lintian >/dev/null || missing+=(lintian)
 command -v cron >/dev/null || missing+=(cron)
 command -v gzip >/dev/null || missing+=(gzip)
+# getfacl checks the queue directories' default ACL in the unit tests.
+command -v getfacl >/dev/null || missing+=(acl)
 command -v bash >/dev/null || missing+=(bash)
 command -v cc >/dev/null || missing+=(gcc libc6-dev)
 if [ ${#missing[@]} -gt 0 ]; then

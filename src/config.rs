@@ -2,7 +2,9 @@
 //!
 //! Every key is optional. Values that cannot be right (zero parallelism, a
 //! zero timeout) are refused by the types themselves, so the parser reports
-//! them with the file, line and column.
+//! them with the file, line and column. Values too large to be meant (a
+//! timeout of centuries, a million job slots) are refused when the file is
+//! validated, with the key and its allowed range named.
 
 use std::fmt;
 use std::num::{NonZeroU32, NonZeroU64, NonZeroUsize};
@@ -11,11 +13,36 @@ use std::time::Duration;
 
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
+use crate::spool::job::{MAX_ATTEMPTS, MAX_TIMEOUT_SECS};
+
 /// Where the worker and the CLI look for the configuration by default.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/ai-cmd-executor/config.toml";
 
 /// The system spool, used by root when nothing else is configured.
 pub const SYSTEM_SPOOL: &str = "/var/lib/ai-cmd-executor";
+
+/// The longest duration any key may hold: 100 years of 365 days, the same
+/// ceiling as a job's `timeout_secs`. Every deadline the worker derives
+/// from a configured duration stays far from the limits of its clock
+/// arithmetic.
+pub const MAX_DURATION: Duration = Duration::from_secs(MAX_TIMEOUT_SECS);
+
+/// Most job slots (`max_parallel`): each is a thread with its own stack.
+pub const MAX_PARALLEL: usize = 1024;
+
+/// Largest `log_max_bytes`: 1 TiB.
+pub const MAX_LOG_BYTES: u64 = 1 << 40;
+
+/// Largest `max_job_bytes`: 64 MiB. A slot reads a whole job file into
+/// memory before it parses it.
+pub const MAX_JOB_BYTES: u64 = 64 << 20;
+
+/// Longest `log_retention_days` and `archive_retention_days`: 36 500 days
+/// (100 years).
+pub const MAX_RETENTION_DAYS: u32 = 36_500;
+
+/// Most `notify.attempts`: the pauses between attempts grow with each one.
+pub const MAX_NOTIFY_ATTEMPTS: u32 = 10;
 
 /// A duration that is never zero, written as in `"30s"`, `"5m"`, `"1h 30m"`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -243,6 +270,58 @@ impl Config {
                 "notify.url_file must be an absolute path, not {file:?}"
             ));
         }
+        let mut durations = vec![
+            ("default_timeout", self.default_timeout),
+            ("kill_grace", self.kill_grace),
+            ("stop_grace", self.stop_grace),
+            ("rescan_interval", self.rescan_interval),
+            ("stale_pending_after", self.stale_pending_after),
+        ];
+        let mut counts = vec![
+            (
+                "max_parallel",
+                u64::try_from(self.max_parallel.get()).unwrap_or(u64::MAX),
+                MAX_PARALLEL as u64,
+            ),
+            ("log_max_bytes", self.log_max_bytes.get(), MAX_LOG_BYTES),
+            ("max_job_bytes", self.max_job_bytes.get(), MAX_JOB_BYTES),
+            (
+                "max_attempts",
+                u64::from(self.max_attempts.get()),
+                u64::from(MAX_ATTEMPTS),
+            ),
+            (
+                "log_retention_days",
+                u64::from(self.log_retention_days.get()),
+                u64::from(MAX_RETENTION_DAYS),
+            ),
+            (
+                "archive_retention_days",
+                u64::from(self.archive_retention_days.get()),
+                u64::from(MAX_RETENTION_DAYS),
+            ),
+        ];
+        if let Some(n) = &self.notify {
+            durations.push(("notify.timeout", n.timeout));
+            counts.push((
+                "notify.attempts",
+                u64::from(n.attempts.get()),
+                u64::from(MAX_NOTIFY_ATTEMPTS),
+            ));
+        }
+        for (key, d) in durations {
+            if d.get() > MAX_DURATION {
+                return invalid(format!(
+                    "{key} must be at most {}s (100 years), not {d}",
+                    MAX_DURATION.as_secs()
+                ));
+            }
+        }
+        for (key, n, max) in counts {
+            if n > max {
+                return invalid(format!("{key} must be from 1 to {max}, not {n}"));
+            }
+        }
         Ok(())
     }
 
@@ -351,6 +430,87 @@ mod tests {
             assert!(err.contains("/etc/x.toml"), "{err}");
             assert!(err.contains(want), "{input:?}: {err:?} lacks {want:?}");
         }
+    }
+
+    #[test]
+    fn values_too_large_are_refused_with_key_and_range() {
+        let cases = [
+            (
+                "max_parallel = 1025\n",
+                "max_parallel must be from 1 to 1024",
+            ),
+            (
+                "log_max_bytes = 1099511627777\n",
+                "log_max_bytes must be from 1 to 1099511627776",
+            ),
+            (
+                "max_job_bytes = 67108865\n",
+                "max_job_bytes must be from 1 to 67108864",
+            ),
+            ("max_attempts = 101\n", "max_attempts must be from 1 to 100"),
+            (
+                "log_retention_days = 36501\n",
+                "log_retention_days must be from 1 to 36500",
+            ),
+            (
+                "archive_retention_days = 4294967295\n",
+                "archive_retention_days must be from 1",
+            ),
+            (
+                "default_timeout = \"200years\"\n",
+                "default_timeout must be at most 3153600000s",
+            ),
+            (
+                "kill_grace = \"3153600001s\"\n",
+                "kill_grace must be at most",
+            ),
+            (
+                "stop_grace = \"500000000000y\"\n",
+                "stop_grace must be at most",
+            ),
+            (
+                "rescan_interval = \"101y\"\n",
+                "rescan_interval must be at most",
+            ),
+            (
+                "stale_pending_after = \"101y\"\n",
+                "stale_pending_after must be at most",
+            ),
+            (
+                "[notify]\nkind = \"slack\"\ntimeout = \"101y\"\n",
+                "notify.timeout must be at most",
+            ),
+            (
+                "[notify]\nkind = \"slack\"\nattempts = 11\n",
+                "notify.attempts must be from 1 to 10",
+            ),
+            // Out of the type's own range: the parser refuses these.
+            ("max_parallel = -1\n", "line 1"),
+            ("log_max_bytes = 1.5\n", "line 1"),
+            ("max_job_bytes = \"1\"\n", "line 1"),
+            ("max_attempts = 4294967296\n", "line 1"),
+            (
+                "default_timeout = \"99999999999999999999s\"\n",
+                "invalid duration",
+            ),
+            ("kill_grace = 5\n", "line 1"),
+        ];
+        for (input, want) in cases {
+            let err = parse(input).unwrap_err().to_string();
+            assert!(err.contains("/etc/x.toml"), "{err}");
+            assert!(err.contains(want), "{input:?}: {err:?} lacks {want:?}");
+        }
+        let at_the_limits = format!(
+            "max_parallel = {MAX_PARALLEL}\nlog_max_bytes = {MAX_LOG_BYTES}\nmax_job_bytes = {MAX_JOB_BYTES}\n\
+             max_attempts = {MAX_ATTEMPTS}\nlog_retention_days = {MAX_RETENTION_DAYS}\n\
+             default_timeout = \"{}s\"\nstop_grace = \"{}s\"\n\
+             [notify]\nkind = \"webhook\"\nattempts = {MAX_NOTIFY_ATTEMPTS}\n",
+            MAX_DURATION.as_secs(),
+            MAX_DURATION.as_secs()
+        );
+        let c = parse(&at_the_limits).unwrap();
+        assert_eq!(c.default_timeout.get(), MAX_DURATION);
+        assert_eq!(parse(&c.to_toml()).unwrap(), c);
     }
 
     #[test]

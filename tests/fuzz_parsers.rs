@@ -3,14 +3,16 @@
 //! project's machines do not have; proptest runs on stable, is bounded (a
 //! fixed number of cases per property, `PROPTEST_CASES` to change it) and
 //! keeps any failure it finds in `proptest-regressions/`, where it is
-//! replayed first on every later run.
+//! replayed first on every later run. The property that feeds job files
+//! through a running worker, from `pending/` to the result, is in
+//! `tests/numbers.rs`.
 
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 
 use ai_cmd_executor::spool::JobId;
 use ai_cmd_executor::spool::id::{JobKind, MAX_ID_LEN, parse_job_file_name};
-use ai_cmd_executor::spool::job::{Job, JobBody};
+use ai_cmd_executor::spool::job::{Job, JobBody, MAX_ATTEMPTS, MAX_TIMEOUT_SECS};
 use proptest::prelude::*;
 
 fn valid_id_rule(s: &str) -> bool {
@@ -21,8 +23,53 @@ fn valid_id_rule(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-'))
 }
 
+/// A JSON number (or other value) as text, and the integer it is, if it
+/// is a JSON integer that fits an `i128`.
+fn numeric_literal() -> impl Strategy<Value = (String, Option<i128>)> {
+    prop_oneof![
+        (0u64..200).prop_map(|n| (n.to_string(), Some(i128::from(n)))),
+        (MAX_TIMEOUT_SECS - 5..MAX_TIMEOUT_SECS + 5)
+            .prop_map(|n| (n.to_string(), Some(i128::from(n)))),
+        any::<u64>().prop_map(|n| (n.to_string(), Some(i128::from(n)))),
+        any::<i64>().prop_map(|n| (n.to_string(), Some(i128::from(n)))),
+        any::<f64>()
+            .prop_filter("JSON has no NaN or infinity", |f| f.is_finite())
+            .prop_map(|f| (format!("{f:?}"), None)),
+        "[1-9][0-9]{20,40}".prop_map(|s| (s, None)),
+        "[0-9]{1,5}".prop_map(|s| (format!("{s:?}"), None)),
+    ]
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(4000))]
+
+    #[test]
+    fn numeric_fields_take_exactly_the_whole_numbers_in_their_range(
+        field in prop::sample::select(vec![
+            ("timeout_secs", i128::from(MAX_TIMEOUT_SECS)),
+            ("attempt", i128::from(MAX_ATTEMPTS)),
+        ]),
+        (literal, n) in numeric_literal(),
+    ) {
+        let (name, max) = field;
+        let text = format!(r#"{{"command":"x","{name}":{literal}}}"#);
+        match Job::parse(JobKind::Json, text.as_bytes()) {
+            Ok(job) => {
+                let n = n.filter(|n| (1..=max).contains(n));
+                prop_assert!(n.is_some(), "{} was accepted", text);
+                let got = match name {
+                    "timeout_secs" => job.timeout_secs.map(|t| i128::from(t.get())),
+                    _ => Some(i128::from(job.attempt)),
+                };
+                prop_assert_eq!(got, n);
+            }
+            Err(e) => {
+                prop_assert!(n.is_none_or(|n| !(1..=max).contains(&n)), "{}: {}", text, e);
+                let want = format!("\"{name}\" must be a whole number from 1 to {max}");
+                prop_assert!(e.to_string().contains(&want), "{}: {}", text, e);
+            }
+        }
+    }
 
     #[test]
     fn ids_are_accepted_exactly_by_the_rule(s in "\\PC{0,140}|[A-Za-z0-9._-]{0,140}") {

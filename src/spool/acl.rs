@@ -147,7 +147,7 @@ mod tests {
         }
         assert_eq!(state(&dir, 1234).unwrap(), AclState::Private);
         assert_eq!(state(&dir, 99).unwrap(), AclState::Missing);
-        if let Ok(out) = Command::new("getfacl").args(["-dn"]).arg(d.path()).output() {
+        if let Ok(out) = Command::new("getfacl").args(["-n"]).arg(d.path()).output() {
             let text = String::from_utf8_lossy(&out.stdout);
             for line in [
                 "default:user::rwx",

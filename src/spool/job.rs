@@ -4,7 +4,8 @@ use std::collections::BTreeMap;
 use std::num::{NonZeroU32, NonZeroU64};
 use std::path::PathBuf;
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::Value;
 
 use super::id::JobKind;
 
@@ -12,6 +13,19 @@ use super::id::JobKind;
 /// `bash -c` as one argument, and Linux refuses a single argument longer
 /// than 128 KiB (`MAX_ARG_STRLEN`); longer scripts go in a `.sh` job.
 pub const MAX_COMMAND_BYTES: usize = 128 * 1024 - 1;
+
+/// The longest `timeout_secs` a job may ask for: 100 years of 365 days
+/// (3 153 600 000 seconds). No real job needs more, it still admits the
+/// usual "practically for ever" values (`2147483647`, `999999999`), and
+/// it keeps every deadline the worker computes from it far from the limits
+/// of its clock arithmetic (a timeout near `u64::MAX` seconds overflows
+/// `Instant + Duration`).
+pub const MAX_TIMEOUT_SECS: u64 = 100 * 365 * 86_400;
+
+/// The highest `attempt` a job file may carry, and so the highest
+/// `max_attempts` the configuration may set: a job re-queued after every
+/// interruption runs at most this many times.
+pub const MAX_ATTEMPTS: u32 = 100;
 
 /// What to do with a job that was running when the worker stopped or died.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -30,8 +44,13 @@ pub enum OnInterrupt {
 pub struct JobSpec {
     /// The shell command, run with `bash -c`.
     pub command: String,
-    /// Seconds before the job is killed; the configured default when absent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Seconds before the job is killed, from 1 to [`MAX_TIMEOUT_SECS`];
+    /// the configured default when absent.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "de_timeout_secs"
+    )]
     pub timeout_secs: Option<NonZeroU64>,
     /// Extra environment variables.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
@@ -42,13 +61,99 @@ pub struct JobSpec {
     /// What happens when the worker stops or dies mid-run.
     #[serde(default, skip_serializing_if = "is_default")]
     pub on_interrupt: OnInterrupt,
-    /// Which run this is; set by the worker when it re-queues a job.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
+    /// Which run this is, from 1 to [`MAX_ATTEMPTS`]; set by the worker
+    /// when it re-queues a job.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "de_attempt"
+    )]
     pub attempt: Option<NonZeroU32>,
 }
 
 fn is_default<T: Default + PartialEq>(t: &T) -> bool {
     *t == T::default()
+}
+
+/// A numeric job field: its name in the contract, its largest value, and
+/// what follows that value in a refusal (the unit).
+struct Bound {
+    field: &'static str,
+    max: u64,
+    unit: &'static str,
+}
+
+const TIMEOUT: Bound = Bound {
+    field: "timeout_secs",
+    max: MAX_TIMEOUT_SECS,
+    unit: " seconds (100 years)",
+};
+
+const ATTEMPT: Bound = Bound {
+    field: "attempt",
+    max: MAX_ATTEMPTS as u64,
+    unit: "",
+};
+
+impl Bound {
+    /// Why `value` is not allowed in this field.
+    fn refusal(&self, value: &str) -> String {
+        format!(
+            "\"{}\" must be a whole number from 1 to {}{}, not {value}",
+            self.field, self.max, self.unit
+        )
+    }
+
+    /// `n`, if it lies in `1..=max`.
+    fn check(&self, n: u64) -> Result<u64, String> {
+        if (1..=self.max).contains(&n) {
+            Ok(n)
+        } else {
+            Err(self.refusal(&n.to_string()))
+        }
+    }
+
+    /// Reads the field as any JSON value, so that a negative, fractional,
+    /// huge or non-numeric value gets a refusal that names the field and
+    /// its range rather than serde's generic one. `null` is the same as
+    /// leaving the field out.
+    fn read<'de, D: Deserializer<'de>>(&self, d: D) -> Result<Option<u64>, D::Error> {
+        let value = Value::deserialize(d)?;
+        if value.is_null() {
+            return Ok(None);
+        }
+        match value.as_u64() {
+            Some(n) => self.check(n).map(Some),
+            None => Err(self.refusal(&describe(&value))),
+        }
+        .map_err(serde::de::Error::custom)
+    }
+}
+
+/// A short description of a JSON value for an error message.
+fn describe(value: &Value) -> String {
+    const SHOWN: usize = 40;
+    match value {
+        Value::String(s) if s.chars().count() > SHOWN => {
+            let head: String = s.chars().take(SHOWN).collect();
+            format!("the string {head:?}...")
+        }
+        Value::String(s) => format!("the string {s:?}"),
+        Value::Array(_) => "an array".into(),
+        Value::Object(_) => "an object".into(),
+        other => other.to_string(),
+    }
+}
+
+fn de_timeout_secs<'de, D: Deserializer<'de>>(d: D) -> Result<Option<NonZeroU64>, D::Error> {
+    Ok(TIMEOUT.read(d)?.and_then(NonZeroU64::new))
+}
+
+fn de_attempt<'de, D: Deserializer<'de>>(d: D) -> Result<Option<NonZeroU32>, D::Error> {
+    Ok(ATTEMPT
+        .read(d)?
+        .and_then(|n| u32::try_from(n).ok())
+        .and_then(NonZeroU32::new))
 }
 
 /// How the worker starts a job.
@@ -65,7 +170,8 @@ pub enum JobBody {
 pub struct Job {
     /// What to run.
     pub body: JobBody,
-    /// Seconds before it is killed, if the job set it.
+    /// Seconds before it is killed (at most [`MAX_TIMEOUT_SECS`]), if the
+    /// job set it.
     pub timeout_secs: Option<NonZeroU64>,
     /// Extra environment variables.
     pub env: BTreeMap<String, String>,
@@ -73,7 +179,7 @@ pub struct Job {
     pub cwd: Option<PathBuf>,
     /// What happens when the worker stops or dies mid-run.
     pub on_interrupt: OnInterrupt,
-    /// Which run this is (1 for the first).
+    /// Which run this is (1 for the first, at most [`MAX_ATTEMPTS`]).
     pub attempt: u32,
 }
 
@@ -164,6 +270,16 @@ impl Job {
         {
             return invalid(format!("\"cwd\" must be an absolute path, not {cwd:?}"));
         }
+        // The parser checks these already; a spec built in code (the
+        // client's) is checked here.
+        if let Some(t) = spec.timeout_secs {
+            TIMEOUT.check(t.get()).map_err(JobError::Invalid)?;
+        }
+        if let Some(a) = spec.attempt {
+            ATTEMPT
+                .check(u64::from(a.get()))
+                .map_err(JobError::Invalid)?;
+        }
         Ok(Job {
             body: JobBody::Command(spec.command),
             timeout_secs: spec.timeout_secs,
@@ -239,6 +355,64 @@ mod tests {
         }
         let long = format!(r#"{{"command":"{}"}}"#, "x".repeat(MAX_COMMAND_BYTES + 1));
         assert!(json(&long).unwrap_err().to_string().contains(".sh job"));
+    }
+
+    #[test]
+    fn numeric_fields_are_bounded_and_refusals_name_field_and_range() {
+        let bad = [
+            "0",
+            "-1",
+            "1.5",
+            "5.0",
+            "1e300",
+            "18446744073709551615",
+            "18446744073709551616",
+            "9223372036854775808",
+            "-9223372036854775808",
+            "\"5\"",
+            "true",
+            "[1]",
+            "{\"n\":1}",
+        ];
+        for (field, max) in [
+            ("timeout_secs", MAX_TIMEOUT_SECS),
+            ("attempt", u64::from(MAX_ATTEMPTS)),
+        ] {
+            let range = format!("from 1 to {max}");
+            for value in bad.iter().copied().chain([(max + 1).to_string().as_str()]) {
+                let input = format!(r#"{{"command":"x","{field}":{value}}}"#);
+                let err = json(&input).unwrap_err().to_string();
+                assert!(
+                    err.contains(&format!("\"{field}\" must be")) && err.contains(&range),
+                    "{input}: {err}"
+                );
+            }
+            let input = format!(r#"{{"command":"x","{field}":{max}}}"#);
+            json(&input).unwrap_or_else(|e| panic!("{input}: {e}"));
+            let input = format!(r#"{{"command":"x","{field}":null}}"#);
+            json(&input).unwrap_or_else(|e| panic!("{input}: {e}"));
+        }
+        let long = format!(r#"{{"command":"x","timeout_secs":"{}"}}"#, "9".repeat(500));
+        let err = json(&long).unwrap_err().to_string();
+        assert!(err.len() < 300, "the value is shortened: {err}");
+    }
+
+    #[test]
+    fn specs_built_in_code_are_bounded_too() {
+        let spec = JobSpec {
+            command: "x".into(),
+            timeout_secs: NonZeroU64::new(MAX_TIMEOUT_SECS + 1),
+            ..JobSpec::default()
+        };
+        let err = Job::from_spec(spec).unwrap_err().to_string();
+        assert!(err.contains("\"timeout_secs\" must be"), "{err}");
+        let spec = JobSpec {
+            command: "x".into(),
+            attempt: NonZeroU32::new(MAX_ATTEMPTS + 1),
+            ..JobSpec::default()
+        };
+        let err = Job::from_spec(spec).unwrap_err().to_string();
+        assert!(err.contains("\"attempt\" must be"), "{err}");
     }
 
     #[test]

@@ -9,6 +9,7 @@ use std::os::fd::AsFd;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::ExitStatus;
+use std::thread;
 use std::time::{Duration, Instant};
 
 use nix::errno::Errno;
@@ -49,7 +50,7 @@ pub struct Run {
 
 /// A started job process and the (non-blocking) read end of its output
 /// pipe.
-pub type Spawned = (Child, File);
+pub type Spawned = (JobProcess, File);
 
 /// Why the worker signalled the job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -75,8 +76,10 @@ struct Kill {
     reason: Option<KillReason>,
     /// The last signal sent.
     signal: Option<Signal>,
-    /// When the job times out, or (terminating) gets KILL.
-    deadline: Instant,
+    /// When the job times out, or (terminating) gets KILL; `None` if that
+    /// moment is beyond what the clock can represent (never, in effect:
+    /// timeouts and graces are bounded far below it).
+    deadline: Option<Instant>,
 }
 
 impl Kill {
@@ -84,7 +87,12 @@ impl Kill {
         self.reason = Some(why);
         self.send(Signal::SIGTERM);
         self.phase = Phase::Terminating;
-        self.deadline = Instant::now() + self.grace;
+        self.deadline = Instant::now().checked_add(self.grace);
+    }
+
+    /// Whether the current deadline has passed.
+    fn due(&self) -> bool {
+        self.deadline.is_some_and(|d| Instant::now() >= d)
     }
 
     fn finish(&mut self) {
@@ -96,6 +104,53 @@ impl Kill {
         self.signal = Some(sig);
         // ESRCH: the group is already gone.
         let _ = killpg(self.pgid, sig);
+    }
+}
+
+/// A started job process, stopped and reaped if the slot unwinds (a
+/// panic) from the moment it is started until it is waited for, so that no
+/// process outlives the run it belonged to. Only a panic triggers that:
+/// every other way out keeps its own behaviour.
+pub struct JobProcess {
+    child: Child,
+    /// The process has been waited for: its pid (and group id) may belong
+    /// to someone else now, so it must not be signalled any more.
+    reaped: bool,
+}
+
+/// How long an unwinding slot waits for a killed job to end.
+const REAP_ON_PANIC_WAIT_MS: u16 = 10_000;
+
+impl JobProcess {
+    fn new(child: Child) -> Self {
+        JobProcess {
+            child,
+            reaped: false,
+        }
+    }
+
+    fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
+        let r = self.child.try_wait();
+        // An error means the process cannot be followed any more: treat
+        // it as gone rather than signal a pid that may have been reused.
+        if !matches!(r, Ok(None)) {
+            self.reaped = true;
+        }
+        r
+    }
+}
+
+impl Drop for JobProcess {
+    fn drop(&mut self) {
+        if !thread::panicking() || self.reaped {
+            return;
+        }
+        // The group id is the job's pid, which cannot be reused before the
+        // process is reaped, so this reaches only the job's own processes.
+        let _ = killpg(self.child.pid(), Signal::SIGKILL);
+        let mut fds = [PollFd::new(self.child.exit_fd(), PollFlags::POLLIN)];
+        let _ = poll(&mut fds, PollTimeout::from(REAP_ON_PANIC_WAIT_MS));
+        let _ = self.child.try_wait();
     }
 }
 
@@ -175,7 +230,7 @@ pub fn execute(
         broken: None,
     };
 
-    let (child, reader) = match spawned {
+    let (mut child, reader) = match spawned {
         Ok(x) => x,
         Err(e) => {
             let msg = format!("could not start the job: {e}");
@@ -189,26 +244,27 @@ pub fn execute(
     // holds the buffer, so a job costs no allocation for it.
     let mut buf = [0u8; 16 * 1024];
     let mut kill = Kill {
-        pgid: child.pid(),
+        pgid: child.child.pid(),
         grace: run.kill_grace,
         phase: Phase::Running,
         reason: None,
         signal: None,
-        deadline: t0 + run.timeout,
+        deadline: t0.checked_add(run.timeout),
     };
     if interrupted {
         kill.begin(KillReason::Interrupt);
     }
 
     let status: io::Result<ExitStatus> = loop {
-        let timeout = if kill.phase == Phase::Killed {
-            PollTimeout::NONE
-        } else {
-            poll_timeout(kill.deadline.saturating_duration_since(Instant::now()))
+        let timeout = match kill.deadline {
+            Some(deadline) if kill.phase != Phase::Killed => {
+                poll_timeout(deadline.saturating_duration_since(Instant::now()))
+            }
+            _ => PollTimeout::NONE,
         };
         let (exited, interrupt_set, output) = {
             let mut fds = [
-                PollFd::new(child.exit_fd(), PollFlags::POLLIN),
+                PollFd::new(child.child.exit_fd(), PollFlags::POLLIN),
                 PollFd::new(interrupt.as_fd(), PollFlags::POLLIN),
                 PollFd::new(
                     reader.as_ref().map_or(interrupt.as_fd(), |r| r.as_fd()),
@@ -255,7 +311,7 @@ pub fn execute(
                 kill.begin(KillReason::Interrupt);
             }
         }
-        if kill.phase != Phase::Killed && Instant::now() >= kill.deadline {
+        if kill.phase != Phase::Killed && kill.due() {
             if kill.phase == Phase::Running {
                 kill.begin(KillReason::Timeout);
             } else {
@@ -344,7 +400,7 @@ pub fn spawn(run: &Run, spawner: &Spawner) -> std::io::Result<Spawned> {
         JobBody::Script => ([run.running_path.as_os_str(), OsStr::new("")], 1),
     };
     let attempt = run.job.attempt.to_string();
-    spawner.spawn(&Spec {
+    let spawned = spawner.spawn(&Spec {
         shell: &run.shell,
         args,
         argc,
@@ -354,5 +410,95 @@ pub fn spawn(run: &Run, spawner: &Spawner) -> std::io::Result<Spawned> {
             ("AI_CMD_EXECUTOR_ATTEMPT", &attempt),
         ],
         cwd: run.job.cwd.as_deref(),
-    })
+    });
+    spawned.map(|(child, output)| (JobProcess::new(child), output))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::panic::{AssertUnwindSafe, catch_unwind};
+    use std::path::Path;
+
+    use nix::sys::signal::kill;
+    use nix::unistd::Pid;
+
+    use super::super::spawn::{Spawner, Spec};
+    use super::*;
+
+    /// Starts `sh -c <command>` as the worker starts a job.
+    fn start(command: &str) -> Child {
+        let env = BTreeMap::new();
+        let (child, _output) = Spawner::new()
+            .spawn(&Spec {
+                shell: Path::new("/bin/sh"),
+                args: [OsStr::new("-c"), OsStr::new(command)],
+                argc: 2,
+                env: &env,
+                extra_env: [
+                    ("AI_CMD_EXECUTOR_JOB_ID", "t"),
+                    ("AI_CMD_EXECUTOR_ATTEMPT", "1"),
+                ],
+                cwd: None,
+            })
+            .expect("starting the job");
+        child
+    }
+
+    /// Waits (with a deadline) until `pid` is gone or a zombie.
+    fn wait_dead(pid: Pid) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let state = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+                .ok()
+                .and_then(|s| s.rsplit(')').next().map(|r| r.trim_start().to_owned()));
+            match state {
+                None => return,
+                Some(s) if s.starts_with('Z') => return,
+                Some(_) if Instant::now() > deadline => panic!("{pid} still runs"),
+                Some(_) => thread::sleep(Duration::from_millis(10)),
+            }
+        }
+    }
+
+    #[test]
+    fn a_panic_while_a_job_runs_kills_and_reaps_its_process_group() {
+        let dir = tempfile::tempdir().unwrap();
+        let marker = dir.path().join("grandchild");
+        let child = start(&format!(
+            "sleep 60 & echo $! > {}.tmp && mv {0}.tmp {0}; wait",
+            marker.display()
+        ));
+        let leader = child.pid();
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let grandchild = loop {
+            if let Some(pid) = std::fs::read_to_string(&marker)
+                .ok()
+                .and_then(|s| s.trim().parse().ok())
+            {
+                break Pid::from_raw(pid);
+            }
+            assert!(Instant::now() < deadline, "the job never started its child");
+            thread::sleep(Duration::from_millis(5));
+        };
+        let caught = catch_unwind(AssertUnwindSafe(|| {
+            let _process = JobProcess::new(child);
+            panic!("a bug while the job runs");
+        }));
+        assert!(caught.is_err());
+        // The job's own process was killed and reaped (not even a zombie
+        // is left), and so was the rest of its group.
+        assert_eq!(kill(leader, None), Err(Errno::ESRCH));
+        wait_dead(grandchild);
+    }
+
+    #[test]
+    fn without_a_panic_the_reaper_leaves_the_job_alone() {
+        let child = start("sleep 60");
+        let pid = child.pid();
+        drop(JobProcess::new(child));
+        assert_eq!(kill(pid, None), Ok(()), "the job still runs");
+        killpg(pid, Signal::SIGKILL).unwrap();
+        nix::sys::wait::waitpid(pid, None).unwrap();
+    }
 }

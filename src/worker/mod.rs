@@ -692,7 +692,7 @@ impl Worker {
         }
         for job in self.shared.lock().active() {
             let ran = job.started.elapsed();
-            if ran > job.limit + OVERDUE_MARGIN {
+            if ran > job.limit.saturating_add(OVERDUE_MARGIN) {
                 return Err(format!(
                     "job {} has run {} although it should have been killed after {}",
                     job.id,

@@ -11,10 +11,22 @@
 //! sends `STATUS=` or is stopping), or when a job starts or ends while no
 //! `STATUS=` refresh is due; a busy worker's loop wakes at most once a
 //! second.
+//!
+//! One job never stops the worker: a panic while a slot claims or runs a
+//! job is caught ([`contain`]). The job's process group is killed and
+//! reaped (see `exec`), the job gets a `failed` result with the panic
+//! message in `error`, its file leaves `pending/` or `running/` as any
+//! other job's does, and the slot takes the next job. Recording a result
+//! is not covered: it is the recorder's code too, and a panic there still
+//! stops the worker ([`ToLoop::Panicked`]).
 
+use std::any::Any;
+use std::collections::BTreeMap;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::{OsStr, OsString};
+use std::fs::TryLockError;
 use std::io;
+use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -30,7 +42,11 @@ use super::settle::Settled;
 use super::{Ran, archive_nameless};
 use crate::logging::message_id;
 use crate::spool::id::parse_job_file_name;
-use crate::spool::{JobId, JobKind, JobResult, Spool, SpoolError, Status, Timestamp, log_started};
+use crate::spool::job::{Job, JobBody, OnInterrupt};
+use crate::spool::{
+    JobId, JobKind, JobResult, Spool, SpoolError, Status, Timestamp, log_started, move_into,
+    open_job_file,
+};
 
 /// What the slots and the recorder tell the event loop.
 pub(super) enum ToLoop {
@@ -170,6 +186,21 @@ pub(super) struct Shared {
     work: Condvar,
     to_loop: UnboundedSender<ToLoop>,
     spool: Spool,
+}
+
+/// How far a slot got with a job: what is left to settle if a panic cuts
+/// the work short.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Stage {
+    /// Being claimed: the job file is in `pending/`, or already renamed
+    /// into `running/`.
+    Claiming,
+    /// Claimed: the job is this slot's to settle (its file is in
+    /// `running/`, or was rejected or vanished).
+    Claimed,
+    /// Nothing of the job is left to this slot (another worker has it, it
+    /// waits for a retry, or it was dropped).
+    Released,
 }
 
 /// What a slot took from the queue.
@@ -370,7 +401,13 @@ impl Shared {
             held = true;
             match task {
                 Task::Nameless { name, reason } => {
-                    archive_nameless(&self.spool, &self.spool.pending().join(name), &reason);
+                    let path = self.spool.pending().join(name);
+                    if let Err(panic) = contain(|| archive_nameless(&self.spool, &path, &reason)) {
+                        error!(
+                            "a job slot panicked while archiving {}: {panic}; the slot goes on",
+                            path.display()
+                        );
+                    }
                 }
                 Task::Claim {
                     name,
@@ -380,10 +417,40 @@ impl Shared {
                     ctx,
                     max_attempts,
                 } => {
-                    let claimed = claim::claim(&ctx, name, id, kind, since);
-                    self.on_claimed(index, interrupt, recorder, claimed, max_attempts);
+                    let file = JobFile {
+                        ctx: &ctx,
+                        name: &name,
+                        kind,
+                        max_attempts,
+                    };
+                    let claim_id = id.clone();
+                    self.handle(index, recorder, id, &file, |stage| {
+                        let claimed = claim::claim(&ctx, name.clone(), claim_id, kind, since);
+                        self.on_claimed(index, interrupt, claimed, stage)
+                    });
                 }
             }
+        }
+    }
+
+    /// Handles the job `id` in `file`: `work` claims and runs it, keeping
+    /// `stage` up to date, and what it returns is handed on. A panic in
+    /// `work` is contained: see [`Shared::after_panic`].
+    fn handle(
+        &self,
+        index: usize,
+        recorder: &RecordSender,
+        id: JobId,
+        file: &JobFile<'_>,
+        work: impl FnOnce(&mut Stage) -> Option<(JobId, Record)>,
+    ) {
+        let mut stage = Stage::Claiming;
+        match contain(|| work(&mut stage)) {
+            Ok(Some((id, record))) => {
+                self.hand_on(index, recorder, id, record, file.max_attempts);
+            }
+            Ok(None) => {}
+            Err(panic) => self.after_panic(index, recorder, id, file, stage, &panic),
         }
     }
 
@@ -441,14 +508,20 @@ impl Shared {
         }
     }
 
+    /// Runs a claimed job, or does what the claim calls for, and returns
+    /// the record to hand on, if any. `stage` follows the way (see
+    /// [`Shared::after_panic`]).
     fn on_claimed(
         &self,
         index: usize,
         interrupt: &EventFd,
-        recorder: &RecordSender,
         claimed: Claim,
-        max_attempts: u32,
-    ) {
+        stage: &mut Stage,
+    ) -> Option<(JobId, Record)> {
+        *stage = match &claimed {
+            Claim::Started(_) | Claim::Rejected { .. } | Claim::Vanished { .. } => Stage::Claimed,
+            Claim::Retry { .. } | Claim::Dropped { .. } => Stage::Released,
+        };
         match claimed {
             Claim::Started(started) => {
                 let claim::Started {
@@ -464,7 +537,7 @@ impl Shared {
                 st.slots[index].job = Some(ActiveJob {
                     id: id.clone(),
                     started: began,
-                    limit: run.timeout + run.kill_grace,
+                    limit: run.timeout.saturating_add(run.kill_grace),
                 });
                 let interrupted = st.interrupted_all;
                 let kick = std::mem::take(&mut st.status_waits);
@@ -476,29 +549,40 @@ impl Shared {
                     // It started just as the stop grace ran out.
                     info!(cmd_id = %id, "interrupting job: the stop grace has passed");
                 }
-                let result = exec::execute(run, spawned, interrupt, interrupted);
+                let started_at = run.started_at;
+                let log_rel = run.log_rel.clone();
+                let result = contain(|| exec::execute(run, spawned, interrupt, interrupted))
+                    .unwrap_or_else(|panic| {
+                        error!(
+                            cmd_id = %id,
+                            "a job slot panicked while running this job: {panic}; its processes were killed, it is recorded failed, and the slot goes on"
+                        );
+                        let mut r = panicked_result(&id, job.attempt, &panic);
+                        r.started_at = started_at;
+                        r.duration_ms =
+                            u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX);
+                        r.log = Some(log_rel);
+                        r
+                    });
                 let ran = Box::new(Ran {
                     job,
                     running_path,
                     _lock: lock,
                     result,
                 });
-                self.hand_on(index, recorder, id, Record::Run(ran), max_attempts);
+                Some((id, Record::Run(ran)))
             }
-            Claim::Rejected { id, reason } => {
-                self.reject(index, recorder, id, reason, max_attempts);
-            }
+            Claim::Rejected { id, reason } => Some(rejection(id, reason)),
             Claim::Vanished { id, name, since } => {
                 if self.claimed_elsewhere(&id, &name, since) {
+                    *stage = Stage::Released;
                     self.release(&id);
+                    None
                 } else {
-                    self.reject(
-                        index,
-                        recorder,
+                    Some(rejection(
                         id,
                         "the job file vanished from pending/ before it could be read (withdrawn, or replaced while being read)".into(),
-                        max_attempts,
-                    );
+                    ))
                 }
             }
             Claim::Retry { id, name, since } => {
@@ -509,8 +593,50 @@ impl Shared {
                 st.release(&id);
                 drop(st);
                 self.send(ToLoop::Paused);
+                None
             }
-            Claim::Dropped { id } => self.release(&id),
+            Claim::Dropped { id } => {
+                self.release(&id);
+                None
+            }
+        }
+    }
+
+    /// A panic cut short the handling of the job `id` in `file` at
+    /// `stage`; `panic` is its message. The job gets a `failed` result with
+    /// the message, its file is settled as a finished or rejected job's is
+    /// (see [`JobFile::salvage`]), and the slot's bookkeeping is set
+    /// straight, so the slot can go on.
+    fn after_panic(
+        &self,
+        index: usize,
+        recorder: &RecordSender,
+        id: JobId,
+        file: &JobFile<'_>,
+        stage: Stage,
+        panic: &str,
+    ) {
+        error!(
+            cmd_id = %id,
+            "a job slot panicked while handling this job: {panic}; settling the job, and the slot goes on"
+        );
+        let record = match contain(|| file.salvage(&id, stage, panic)) {
+            Ok(record) => record,
+            Err(again) => {
+                error!(
+                    cmd_id = %id,
+                    "settling the job after the panic panicked too: {again}; its file is left where it is"
+                );
+                None
+            }
+        };
+        match record {
+            Some(record) => self.hand_on(index, recorder, id, record, file.max_attempts),
+            None => {
+                debug!(cmd_id = %id, "nothing of the job was left to this slot to settle");
+                self.lock().slots[index].job = None;
+                self.release(&id);
+            }
         }
     }
 
@@ -553,40 +679,6 @@ impl Shared {
         }
     }
 
-    /// Bad input: a `rejected` result with the reason.
-    fn reject(
-        &self,
-        index: usize,
-        recorder: &RecordSender,
-        id: JobId,
-        reason: String,
-        max_attempts: u32,
-    ) {
-        warn!(
-            message_id = message_id::JOB_REJECTED,
-            cmd_id = %id,
-            cmd_status = "rejected",
-            exit_code = "-",
-            duration_ms = 0,
-            "job rejected: {reason}"
-        );
-        let now = Timestamp::now();
-        let result = JobResult {
-            id: id.to_string(),
-            status: Status::Rejected,
-            exit_code: None,
-            signal: None,
-            started_at: now,
-            finished_at: now,
-            duration_ms: 0,
-            log: None,
-            output_truncated: false,
-            error: Some(reason),
-            attempt: 1,
-        };
-        self.hand_on(index, recorder, id, Record::Rejection(result), max_attempts);
-    }
-
     /// The file was announced (at `since`) but is gone: was it claimed by
     /// another worker? That shows as the file in `running/`, or as a log of
     /// this id begun about when the file arrived (a worker creates the log
@@ -596,7 +688,12 @@ impl Shared {
         if self.spool.running().join(name).exists() {
             return true;
         }
-        let window = Timestamp(since.0 - Duration::from_secs(2));
+        let window = Timestamp(
+            since
+                .0
+                .checked_sub(Duration::from_secs(2))
+                .unwrap_or(since.0),
+        );
         let elsewhere = self
             .spool
             .latest_log(id)
@@ -611,6 +708,140 @@ impl Shared {
     }
 }
 
+/// Bad input: a `rejected` result with the reason.
+fn rejection(id: JobId, reason: String) -> (JobId, Record) {
+    warn!(
+        message_id = message_id::JOB_REJECTED,
+        cmd_id = %id,
+        cmd_status = "rejected",
+        exit_code = "-",
+        duration_ms = 0,
+        "job rejected: {reason}"
+    );
+    let now = Timestamp::now();
+    let result = JobResult {
+        id: id.to_string(),
+        status: Status::Rejected,
+        exit_code: None,
+        signal: None,
+        started_at: now,
+        finished_at: now,
+        duration_ms: 0,
+        log: None,
+        output_truncated: false,
+        error: Some(reason),
+        attempt: 1,
+    };
+    (id, Record::Rejection(result))
+}
+
+/// Runs `f`; a panic in it comes back as its message instead of unwinding
+/// further, so one job cannot take its slot, and the worker, down with it.
+/// What `f` had borrowed may be half-updated after a panic: the caller
+/// settles it (see [`Shared::after_panic`]).
+fn contain<T>(f: impl FnOnce() -> T) -> Result<T, String> {
+    catch_unwind(AssertUnwindSafe(f)).map_err(|payload| panic_message(payload.as_ref()))
+}
+
+/// The text a panic was raised with.
+fn panic_message(payload: &(dyn Any + Send)) -> String {
+    if let Some(s) = payload.downcast_ref::<&str>() {
+        (*s).to_owned()
+    } else if let Some(s) = payload.downcast_ref::<String>() {
+        s.clone()
+    } else {
+        "a panic without a message".to_owned()
+    }
+}
+
+/// The `failed` result of a job whose handling panicked.
+fn panicked_result(id: &JobId, attempt: u32, panic: &str) -> JobResult {
+    let now = Timestamp::now();
+    JobResult {
+        id: id.to_string(),
+        status: Status::Failed,
+        exit_code: None,
+        signal: None,
+        started_at: now,
+        finished_at: now,
+        duration_ms: 0,
+        log: None,
+        output_truncated: false,
+        error: Some(format!(
+            "the worker failed while handling this job (a bug in ai-cmd-executor; please report it): panic: {panic}"
+        )),
+        attempt,
+    }
+}
+
+/// The job file a slot works on, and the rules it is settled by.
+struct JobFile<'a> {
+    ctx: &'a ClaimCtx,
+    /// Its name in `pending/` (and `running/`).
+    name: &'a OsStr,
+    kind: JobKind,
+    max_attempts: u32,
+}
+
+impl JobFile<'_> {
+    /// What to hand on for the job after a panic at `stage`: a `failed`
+    /// result with the panic message, with its job file, wherever the
+    /// slot had got to, settled as a finished or rejected job's is. `None`
+    /// when there is nothing of the job left to this slot.
+    ///
+    /// Whatever the slot held (the job file's lock, the process) was let go
+    /// while the panic unwound. A job file in `running/` that nobody holds
+    /// is this slot's (a live worker holds its own until the file has left
+    /// `running/`), so it is recorded as a finished run. Otherwise a job
+    /// still being claimed is moved from `pending/` to `archive/rejected/`
+    /// (left there, it would be claimed, and panic, again); a claimed job
+    /// whose file is gone gets the result alone.
+    fn salvage(&self, id: &JobId, stage: Stage, panic: &str) -> Option<Record> {
+        if stage == Stage::Released {
+            return None;
+        }
+        let running = self.ctx.spool.running().join(self.name);
+        if let Ok(mut file) = open_job_file(&running)
+            && !matches!(file.try_lock(), Err(TryLockError::WouldBlock))
+        {
+            let job = claim::read_bounded(&mut file, self.ctx.max_job_bytes)
+                .ok()
+                .and_then(|b| Job::parse(self.kind, &b).ok())
+                .unwrap_or_else(|| Job {
+                    body: JobBody::Script,
+                    timeout_secs: None,
+                    env: BTreeMap::new(),
+                    cwd: None,
+                    on_interrupt: OnInterrupt::Fail,
+                    attempt: 1,
+                });
+            let result = panicked_result(id, job.attempt, panic);
+            return Some(Record::Run(Box::new(Ran {
+                job,
+                running_path: running,
+                _lock: file,
+                result,
+            })));
+        }
+        let result = panicked_result(id, 1, panic);
+        if stage == Stage::Claiming {
+            let pending = self.ctx.spool.pending().join(self.name);
+            match move_into(&pending, &self.ctx.spool.archive_rejected()) {
+                Ok(dest) => {
+                    debug!(cmd_id = %id, "job file kept as {}", self.ctx.spool.relative(&dest));
+                }
+                // Gone, or another worker's now.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => return None,
+                Err(e) => {
+                    error!(cmd_id = %id, "cannot move the job file out of pending/: {e}");
+                    return None;
+                }
+            }
+        }
+        Some(Record::Rejection(result))
+    }
+}
+
 /// Tells the loop when the thread it guards unwinds.
 pub(super) struct PanicAlarm<'a> {
     pub shared: &'a Shared,
@@ -622,5 +853,211 @@ impl Drop for PanicAlarm<'_> {
         if thread::panicking() {
             self.shared.send(ToLoop::Panicked(self.what));
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::fs;
+
+    use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
+
+    use super::super::record::Recorder;
+    use super::*;
+    use crate::config::Config;
+
+    #[test]
+    fn contain_turns_a_panic_into_its_message() {
+        assert_eq!(contain(|| 7), Ok(7));
+        assert_eq!(
+            contain(|| -> u8 { panic!("static text") }),
+            Err("static text".to_owned())
+        );
+        let n = 3;
+        assert_eq!(
+            contain(|| -> u8 { panic!("formatted {n}") }),
+            Err("formatted 3".to_owned())
+        );
+        let other = contain(|| std::panic::panic_any(42u8)).unwrap_err();
+        assert!(other.contains("without a message"), "{other}");
+        // The panic that once stopped the worker: a deadline past the end
+        // of the clock.
+        let overflow = contain(|| Instant::now() + Duration::from_secs(u64::MAX)).unwrap_err();
+        assert!(overflow.contains("overflow"), "{overflow}");
+    }
+
+    /// The slots' shared state and a recorder on a fresh spool, with one
+    /// slot that no thread serves: the test drives it.
+    struct Rig {
+        _dir: tempfile::TempDir,
+        spool: Spool,
+        shared: Arc<Shared>,
+        recorder: Recorder,
+        sender: Option<RecordSender>,
+        ctx: Arc<ClaimCtx>,
+        _inbox: UnboundedReceiver<ToLoop>,
+    }
+
+    impl Rig {
+        fn new() -> Rig {
+            let dir = tempfile::tempdir().unwrap();
+            let spool = Spool::new(dir.path().join("spool"));
+            spool.ensure_layout().unwrap();
+            let (to_loop, inbox) = unbounded_channel();
+            let config = Config::default();
+            let shared = Arc::new(Shared::new(
+                spool.clone(),
+                ClaimCtx::new(spool.clone(), &config),
+                1,
+                3,
+                to_loop,
+            ));
+            shared.lock().slots.push(Slot {
+                job: None,
+                interrupt: Arc::new(EventFd::new().unwrap()),
+            });
+            let recorder = Recorder::start(spool.clone(), Arc::clone(&shared)).unwrap();
+            let sender = recorder.sender();
+            let ctx = Arc::clone(&shared.lock().ctx);
+            Rig {
+                _dir: dir,
+                spool,
+                shared,
+                recorder,
+                sender,
+                ctx,
+                _inbox: inbox,
+            }
+        }
+
+        /// Queues `pending/<id>.json`, takes it as a slot's `take` would,
+        /// and hands it to [`Shared::handle`] with `work`.
+        fn run(&self, id: &str, work: impl FnOnce(&Spool, &mut Stage) -> Option<(JobId, Record)>) {
+            let name = OsString::from(format!("{id}.json"));
+            fs::write(self.spool.pending().join(&name), r#"{"command":"true"}"#).unwrap();
+            let id = JobId::new(id).unwrap();
+            {
+                let mut st = self.shared.lock();
+                st.busy.insert(id.clone());
+                st.working += 1;
+            }
+            let file = JobFile {
+                ctx: &self.ctx,
+                name: &name,
+                kind: JobKind::Json,
+                max_attempts: 3,
+            };
+            let sender = self.sender.as_ref().unwrap();
+            self.shared
+                .handle(0, sender, id, &file, |stage| work(&self.spool, stage));
+            // As the slot's next `take` does.
+            self.shared.lock().working -= 1;
+        }
+
+        /// Waits (with a deadline) until every result handed on is written.
+        fn settle(&self) {
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while !self.shared.lock().quiet() {
+                assert!(Instant::now() < deadline, "results still unwritten");
+                thread::sleep(Duration::from_millis(5));
+            }
+        }
+
+        fn result(&self, id: &str) -> Option<JobResult> {
+            self.spool.read_result(&JobId::new(id).unwrap()).unwrap()
+        }
+
+        fn names(&self, dir: &std::path::Path) -> Vec<String> {
+            fs::read_dir(dir)
+                .map(|rd| {
+                    rd.map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+                        .collect()
+                })
+                .unwrap_or_default()
+        }
+
+        /// The slot is free, the id released, nothing left in the spool's
+        /// queues.
+        fn assert_clean(&self) {
+            let st = self.shared.lock();
+            assert!(st.busy.is_empty(), "ids still busy");
+            assert!(st.slots[0].job.is_none(), "the slot still has a job");
+            drop(st);
+            assert!(self.names(&self.spool.pending()).is_empty());
+            assert!(self.names(&self.spool.running()).is_empty());
+        }
+    }
+
+    impl Drop for Rig {
+        fn drop(&mut self) {
+            self.sender = None;
+            self.recorder.shutdown();
+        }
+    }
+
+    fn assert_failed_by_panic(r: Option<JobResult>, message: &str) {
+        let r = r.expect("a result");
+        assert_eq!(r.status, Status::Failed, "{r:?}");
+        let error = r.error.unwrap_or_default();
+        assert!(error.contains(message), "{error}");
+    }
+
+    #[test]
+    fn a_panic_while_claiming_fails_the_job_and_archives_its_file() {
+        let rig = Rig::new();
+        rig.run("early", |_, _| panic!("boom before the rename"));
+        rig.settle();
+        assert_failed_by_panic(rig.result("early"), "boom before the rename");
+        assert!(
+            rig.names(&rig.spool.archive_rejected())
+                .iter()
+                .any(|n| n.starts_with("early.json.")),
+            "the job file is kept in archive/rejected/"
+        );
+        rig.assert_clean();
+    }
+
+    #[test]
+    fn a_panic_after_the_claim_settles_the_file_in_running() {
+        let rig = Rig::new();
+        rig.run("late", |spool, stage| {
+            fs::rename(
+                spool.pending().join("late.json"),
+                spool.running().join("late.json"),
+            )
+            .unwrap();
+            *stage = Stage::Claimed;
+            rig.shared.lock().slots[0].job = Some(ActiveJob {
+                id: JobId::new("late").unwrap(),
+                started: Instant::now(),
+                limit: Duration::from_secs(1),
+            });
+            panic!("boom while running")
+        });
+        rig.settle();
+        assert_failed_by_panic(rig.result("late"), "boom while running");
+        rig.assert_clean();
+        // A second job on the same slot runs as usual.
+        rig.run("next", |_, _| None);
+        rig.settle();
+        assert!(rig.result("next").is_none());
+        assert_eq!(
+            rig.names(&rig.spool.pending()),
+            vec!["next.json".to_owned()],
+            "work that hands nothing on leaves the file alone"
+        );
+    }
+
+    #[test]
+    fn a_panic_after_the_job_was_released_records_nothing() {
+        let rig = Rig::new();
+        rig.run("elsewhere", |spool, stage| {
+            *stage = Stage::Released;
+            fs::remove_file(spool.pending().join("elsewhere.json")).unwrap();
+            panic!("boom after release")
+        });
+        rig.settle();
+        assert!(rig.result("elsewhere").is_none());
+        rig.assert_clean();
     }
 }
