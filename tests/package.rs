@@ -280,6 +280,11 @@ fn root_follows_no_link_that_a_job_or_member_planted() {
     sb.ok("mkdir -m 0755 /srv/victim && echo secret > /srv/victim/secret && chmod 0600 /srv/victim/secret \
            && touch -d '400 days ago' /srv/victim/secret /srv/victim");
     let before = fingerprint(&sb);
+    // 0. On a healthy install the hardened health and cleanup units do
+    //    their work and succeed.
+    sb.ok("systemctl start ai-cmd-executor-health.service ai-cmd-executor-cleanup.service");
+    let said = sb.ok("journalctl --no-pager -o cat -u ai-cmd-executor-health");
+    assert!(said.contains("overall: ok"), "{said}");
     let agent = |cmd: &str| {
         sb.ok(&format!(
             "runuser -u agent -- ai-cmd-executor submit --wait --wait-timeout 60 -- '{cmd}'"
@@ -349,20 +354,30 @@ fn root_follows_no_link_that_a_job_or_member_planted() {
     sb.ok(&format!(
         "cd {SPOOL} && rm archive && mv archive.old archive"
     ));
-    agent(&format!(
-        "cd {SPOOL} && mv pending pending.old && ln -s /srv/victim pending"
+    // pending/ as a link: planted with the worker stopped, which would
+    // otherwise re-create pending/ between the `mv` and the `ln`. The
+    // health fix starts it again; it refuses to serve a linked pending/.
+    sb.ok(&format!(
+        "systemctl stop {SERVICE} && runuser -u ai-cmd -- sh -c 'cd {SPOOL} && mv pending pending.old && ln -s /srv/victim pending'"
     ));
     sb.sh("systemctl start ai-cmd-executor-health.service");
     sb.sh("ai-cmd-executor cleanup");
     assert_eq!(fingerprint(&sb), before, "cleanup followed a link");
+    let said = sb.ok(&format!("journalctl --no-pager -o cat -u {SERVICE} -n 30"));
+    assert!(said.contains("pending is a symbolic link"), "{said}");
     sb.ok(&format!(
-        "cd {SPOOL} && rm pending && mv pending.old pending"
+        "cd {SPOOL} && rm pending && mv pending.old pending && systemctl reset-failed {SERVICE} && systemctl restart {SERVICE}"
     ));
     let out = sb.sh("ai-cmd-executor cleanup 2>&1");
     let said = String::from_utf8_lossy(&out.stdout).into_owned();
     assert!(said.contains("refused logs/01"), "{said}");
     assert!(said.contains("refused logs/00/x@"), "{said}");
     assert_eq!(fingerprint(&sb), before, "cleanup followed a link");
+
+    // The links gone, `repair` (whose probe job is submitted and read as
+    //    ai-cmd) finds all well end to end.
+    let out = sb.ok("ai-cmd-executor repair");
+    assert!(out.contains("a probe job ran end to end"), "{out}");
 
     // 4. Every shipped service unit's exposure, reported.
     for unit in [
