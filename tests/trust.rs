@@ -384,3 +384,67 @@ fn a_member_cannot_read_remove_or_replace_another_members_queued_job() {
     assert_eq!(r["status"], "succeeded", "{r}");
     assert_eq!(spool.log_of(&r), "ran with hunter2\n");
 }
+
+#[test]
+fn a_directory_the_worker_cannot_move_is_rejected_once_and_frees_its_id() {
+    if !as_root("a_directory_the_worker_cannot_move_is_rejected_once_and_frees_its_id") {
+        return;
+    }
+    let spool = nobody_spool();
+    let root = spool.root();
+    let root = root.display();
+    let w = spool.start_as("rescan_interval = \"1s\"\n", NOBODY, NOBODY);
+    let alice = 60_001;
+    // A member's non-empty directory under a job's name: the worker, though
+    // it owns pending/, cannot move it to another directory (that needs
+    // write access to the directory itself).
+    let out = as_member(
+        alice,
+        &format!(
+            "mkdir -p {root}/tmp/odd/inner && touch {root}/tmp/odd/inner/f && mv {root}/tmp/odd {root}/pending/odd.json"
+        ),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    let r = spool.wait_result("odd");
+    assert_eq!(r["status"], "rejected", "{r}");
+    let error = r["error"].as_str().unwrap();
+    assert!(
+        error.contains("a directory") && error.contains("renamed to pending/.odd.json.unmovable-"),
+        "{error}"
+    );
+    // Its id is free again.
+    let out = as_member(
+        alice,
+        &format!(
+            "{} --spool {root} submit --id odd --wait --wait-timeout 30 -- 'echo again'",
+            common::BIN
+        ),
+    );
+    assert!(out.status.success(), "{}", text(&out));
+    // Reported once: later rescans pass over it.
+    let rescans = |log: &str| log.matches("rescanned pending/").count();
+    let at = rescans(&w.log());
+    wait_for("three more rescans", DEADLINE, || {
+        (rescans(&w.log()) >= at + 3).then_some(())
+    });
+    assert_eq!(w.log().matches("cannot be moved").count(), 1, "{}", w.log());
+    drop(w);
+
+    // diagnose names it.
+    let out = spool.cli(&["diagnose", "--json"]);
+    let report: serde_json::Value =
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| panic!("{e}: {}", text(&out)));
+    let stuck = report["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "spool.stuck")
+        .unwrap()
+        .clone();
+    assert_eq!(stuck["level"], "warning", "{stuck}");
+    let summary = stuck["summary"].as_str().unwrap();
+    assert!(
+        summary.contains(".odd.json.unmovable-") && summary.contains("a directory of uid 60001"),
+        "{summary}"
+    );
+}

@@ -57,6 +57,7 @@ pub async fn run_checks(ctx: &Ctx, scope: Scope) -> Vec<Finding> {
         // the checks below still follow no link and say what they found.
         let _as_owner = crate::privilege::lower(ctx.spool.root()).ok().flatten();
         out.push(check_stale(ctx));
+        out.push(check_stuck(ctx));
         out.push(check_orphans(ctx));
     }
     out.push(check_notifier(ctx));
@@ -551,6 +552,68 @@ fn check_stale(ctx: &Ctx) -> Finding {
         .detail(json!({"stale": v.len(), "files": v}))
         .fix(Fix::ArchiveStale),
         Err(e) => unknown("spool.stale", &format!("listing pending/: {e}")),
+    }
+}
+
+/// How long an odd item may sit in `pending/` before it counts as stuck:
+/// the worker takes or moves anything it can within moments.
+const STUCK_AFTER: Duration = Duration::from_secs(60);
+
+/// Items in `pending/` that are not job files the worker can take (a
+/// directory, a FIFO, a link, a hidden or badly named file) and have been
+/// there longer than [`STUCK_AFTER`]; and at once what the worker could
+/// not move out, reported, and renamed aside to `.<name>.unmovable-<stamp>`
+/// (which frees its id).
+pub fn stuck_in_pending(ctx: &Ctx) -> Result<Vec<(String, String)>, SafeError> {
+    let pending = SafeDir::open(ctx.spool.root())?.dir("pending")?;
+    let now = SystemTime::now();
+    Ok(pending
+        .entries()?
+        .into_iter()
+        .filter(|e| {
+            let odd = !e.meta.is_file() || parse_job_file_name(&e.name).is_err();
+            let aside = e.name.to_string_lossy().contains(".unmovable-");
+            odd && (aside || now.duration_since(e.meta.ctime).unwrap_or_default() > STUCK_AFTER)
+        })
+        .map(|e| {
+            let owner = User::from_uid(nix::unistd::Uid::from_raw(e.meta.uid))
+                .ok()
+                .flatten()
+                .map_or_else(|| format!("uid {}", e.meta.uid), |u| u.name);
+            (
+                e.name.to_string_lossy().into_owned(),
+                format!("{} of {owner}", e.meta.kind()),
+            )
+        })
+        .collect())
+}
+
+fn check_stuck(ctx: &Ctx) -> Finding {
+    match stuck_in_pending(ctx) {
+        Ok(v) if v.is_empty() => {
+            Finding::new("spool.stuck", Level::Ok, "nothing stuck in pending/")
+                .detail(json!({"stuck": 0}))
+        }
+        Ok(v) => {
+            let shown: Vec<String> = v
+                .iter()
+                .take(5)
+                .map(|(name, what)| format!("pending/{name} ({what})"))
+                .collect();
+            Finding::new(
+                "spool.stuck",
+                Level::Warning,
+                format!(
+                    "{} item(s) in pending/ are no job the worker can take or move out: {}{}; \
+                     their ids got a rejected result; remove them (as their owner or root: rm -r)",
+                    v.len(),
+                    shown.join(", "),
+                    if v.len() > shown.len() { ", ..." } else { "" }
+                ),
+            )
+            .detail(json!({"stuck": v.len(), "items": v}))
+        }
+        Err(e) => unknown("spool.stuck", &format!("listing pending/: {e}")),
     }
 }
 

@@ -69,7 +69,13 @@ pub(super) enum Claim {
     /// Claimed, and its process started.
     Started(Box<Started>),
     /// Bad input, moved to `archive/rejected/`; it needs a `rejected` result.
-    Rejected { id: JobId, reason: String },
+    /// Where it could not be moved out of `pending/` (a member's directory,
+    /// say), `stuck` is where it was left, for the rescans to pass over.
+    Rejected {
+        id: JobId,
+        reason: String,
+        stuck: Option<PathBuf>,
+    },
     /// Gone from `pending/` before it could be read (queued at `since`).
     Vanished {
         id: JobId,
@@ -244,17 +250,54 @@ fn reject_type(ctx: &ClaimCtx, id: JobId, path: &Path, what: &str) -> Claim {
 
 /// Rejects bad input: moves the file to `archive/rejected/`; the caller
 /// records a `rejected` result.
+///
+/// What cannot be moved there (a member's non-empty directory: moving a
+/// directory to another parent needs write access to it) is renamed aside
+/// within `pending/`, to `.<name>.unmovable-<stamp>`, which frees its id;
+/// the rescans pass over it and `diagnose` lists it. Either way the id gets
+/// its one `rejected` result.
 fn reject(ctx: &ClaimCtx, id: JobId, path: &Path, reason: String) -> Claim {
-    match move_into(path, &ctx.spool.archive_rejected()) {
+    let e = match move_into(path, &ctx.spool.archive_rejected()) {
         Ok(dest) => {
             debug!(cmd_id = %id, "rejected job file kept as {}", ctx.spool.relative(&dest));
-            Claim::Rejected { id, reason }
+            return Claim::Rejected {
+                id,
+                reason,
+                stuck: None,
+            };
         }
-        Err(e) if e.kind() == io::ErrorKind::NotFound => Claim::Dropped { id },
-        Err(e) => {
-            error!(cmd_id = %id, "job rejected ({reason}) but cannot be moved out of pending/: {e}");
-            Claim::Dropped { id }
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Claim::Dropped { id },
+        Err(e) => e,
+    };
+    let name = path.file_name().unwrap_or_default().to_string_lossy();
+    let aside = ctx.spool.pending().join(format!(
+        ".{name}.unmovable-{}",
+        Timestamp::now().file_stamp()
+    ));
+    let (left, reason) = match rename_noreplace(path, &aside) {
+        Ok(true) => {
+            let shown = ctx.spool.relative(&aside);
+            (
+                aside,
+                format!(
+                    "{reason}; it cannot be moved to archive/rejected/ ({e}), so it was renamed to {shown}, \
+                     where `ai-cmd-executor diagnose` lists it for removal"
+                ),
+            )
         }
+        Ok(false) | Err(_) => (
+            path.to_owned(),
+            format!(
+                "{reason}; it cannot be moved out of pending/ ({e}) and is left there, \
+                 where `ai-cmd-executor diagnose` lists it for removal"
+            ),
+        ),
+    };
+    // Logged once, with the rejection.
+    Claim::Rejected {
+        id,
+        reason,
+        stuck: Some(left),
     }
 }
 

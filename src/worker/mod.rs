@@ -405,7 +405,17 @@ impl Worker {
                 Err(_) => return,
             }
         }
+        let ino = fs::symlink_metadata(self.spool.pending().join(&name)).map(|m| m.ino());
         let mut st = self.shared.lock();
+        if let Some(stuck) = st.stuck.get(&name) {
+            if ino.as_ref().is_ok_and(|i| i == stuck) {
+                // The same item that was reported (the event of the
+                // worker's own rename aside, say): passed over.
+                return;
+            }
+            // Something new under the name: it is looked at again.
+            st.stuck.remove(&name);
+        }
         if st.enqueue(name) {
             self.shared.wake(&st, 1);
         }
@@ -428,9 +438,14 @@ impl Worker {
             let st = self.shared.lock();
             names
                 .into_iter()
-                .filter(|e| !st.queued.contains_key(&e.file_name()))
+                .filter(|e| {
+                    let name = e.file_name();
+                    !st.queued.contains_key(&name)
+                        && st.stuck.get(&name) != Some(&std::os::unix::fs::DirEntryExt::ino(e))
+                })
                 .collect()
         };
+        debug!("rescanned pending/: {} new name(s)", new.len());
         let mut found: Vec<(Timestamp, OsString)> = new
             .into_iter()
             .map(|e| {
@@ -814,7 +829,8 @@ impl Worker {
 
 /// A file whose name gives no id: it cannot have a result, so it is only
 /// moved aside, with the reason in the log.
-fn archive_nameless(spool: &Spool, path: &Path, reason: &str) {
+/// Returns false if it could not be moved (and says so).
+fn archive_nameless(spool: &Spool, path: &Path, reason: &str) -> bool {
     match move_into(path, &spool.archive_rejected()) {
         Ok(dest) => warn!(
             "{} is not a job file ({reason}); moved to {}",
@@ -822,11 +838,16 @@ fn archive_nameless(spool: &Spool, path: &Path, reason: &str) {
             spool.relative(&dest)
         ),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-        Err(e) => error!(
-            "{} is not a job file ({reason}) and cannot be moved: {e}",
-            path.display()
-        ),
+        Err(e) => {
+            error!(
+                "{} is not a job file ({reason}) and cannot be moved: {e}; \
+                 left where it is, where `ai-cmd-executor diagnose` lists it for removal",
+                path.display()
+            );
+            return false;
+        }
     }
+    true
 }
 
 /// One log line per recorded result, with the fields an operator filters on.

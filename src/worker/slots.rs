@@ -94,6 +94,9 @@ pub(super) struct State {
     /// Names in `queue` or `deferred`, with when they were queued, so no
     /// name is queued twice.
     pub queued: HashMap<OsString, Timestamp>,
+    /// Names in `pending/` that could not be moved out, with their inode:
+    /// reported once, then passed over by the rescans while unchanged.
+    pub stuck: HashMap<OsString, u64>,
     /// Names whose id is busy; they go back to the queue when it is free.
     pub deferred: Vec<(JobId, OsString)>,
     /// Ids with a run in progress or a result being written.
@@ -229,6 +232,7 @@ impl Shared {
             state: Mutex::new(State {
                 queue: VecDeque::new(),
                 queued: HashMap::new(),
+                stuck: HashMap::new(),
                 deferred: Vec::new(),
                 busy: HashSet::new(),
                 slots: Vec::new(),
@@ -390,6 +394,15 @@ impl Shared {
         }
     }
 
+    /// `path` in `pending/` could not be moved out and was reported: the
+    /// rescans pass over it while it is the same file (by inode).
+    fn mark_stuck(&self, path: &std::path::Path) {
+        use std::os::unix::fs::MetadataExt;
+        if let (Some(name), Ok(meta)) = (path.file_name(), std::fs::symlink_metadata(path)) {
+            self.lock().stuck.insert(name.to_owned(), meta.ino());
+        }
+    }
+
     /// A slot thread: takes work until the worker shuts down.
     fn serve_slot(&self, index: usize, interrupt: &EventFd, recorder: &RecordSender) {
         let _alarm = PanicAlarm {
@@ -402,11 +415,14 @@ impl Shared {
             match task {
                 Task::Nameless { name, reason } => {
                     let path = self.spool.pending().join(name);
-                    if let Err(panic) = contain(|| archive_nameless(&self.spool, &path, &reason)) {
-                        error!(
+                    match contain(|| archive_nameless(&self.spool, &path, &reason)) {
+                        Ok(true) => {}
+                        // Reported once: the rescans pass over it.
+                        Ok(false) => self.mark_stuck(&path),
+                        Err(panic) => error!(
                             "a job slot panicked while archiving {}: {panic}; the slot goes on",
                             path.display()
-                        );
+                        ),
                     }
                 }
                 Task::Claim {
@@ -572,7 +588,12 @@ impl Shared {
                 });
                 Some((id, Record::Run(ran)))
             }
-            Claim::Rejected { id, reason } => Some(rejection(id, reason)),
+            Claim::Rejected { id, reason, stuck } => {
+                if let Some(path) = stuck {
+                    self.mark_stuck(&path);
+                }
+                Some(rejection(id, reason))
+            }
             Claim::Vanished { id, name, since } => {
                 if self.claimed_elsewhere(&id, &name, since) {
                     *stage = Stage::Released;
