@@ -183,3 +183,50 @@ fn a_flood_of_garbage_does_not_stop_good_jobs() {
     });
     assert!(spool.names("pending").is_empty());
 }
+
+/// A job written straight into `pending/` and still open is not bad input:
+/// neither the periodic rescan nor the first scan of a starting worker
+/// rejects it half-written; it runs once its writer closes it.
+#[test]
+fn a_direct_drop_still_being_written_waits_for_its_writer() {
+    use std::io::Write;
+    let spool = Spool::new();
+    let config = "rescan_interval = \"1s\"\n";
+    let rescans = |log: &str| log.matches("rescanned pending/").count();
+
+    // Written while the worker runs: its creation is seen.
+    let w = spool.start(config);
+    let mut half = fs::File::create(spool.path("pending/live.json")).unwrap();
+    half.write_all(b"{\"command\": \"echo li").unwrap();
+    let at = rescans(&w.log());
+    wait_for("two rescans", DEADLINE, || {
+        (rescans(&w.log()) >= at + 2).then_some(())
+    });
+    assert!(spool.result("live").is_none(), "rejected half-written");
+    half.write_all(b"ve\"}").unwrap();
+    drop(half);
+    let r = spool.wait_result("live");
+    assert_eq!(r["status"], "succeeded", "{r}");
+    assert_eq!(spool.log_of(&r), "live\n");
+    drop(w);
+
+    // Being written when the worker starts: the first scan finds it.
+    let mut half = fs::File::create(spool.path("pending/early.json")).unwrap();
+    half.write_all(b"{\"command\": \"echo ea").unwrap();
+    half.flush().unwrap();
+    let w = spool.start(config);
+    let at = rescans(&w.log());
+    wait_for("a rescan", DEADLINE, || {
+        (rescans(&w.log()) > at).then_some(())
+    });
+    assert!(spool.result("early").is_none(), "rejected half-written");
+    half.write_all(b"rly\"}").unwrap();
+    drop(half);
+    let r = spool.wait_result("early");
+    assert_eq!(r["status"], "succeeded", "{r}");
+
+    // Bad input that its writer closed is still rejected at once.
+    fs::write(spool.path("pending/truncated.json"), "{\"command\": ").unwrap();
+    assert_rejected(&spool, "truncated", "invalid job JSON");
+    drop(w);
+}

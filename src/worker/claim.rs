@@ -91,15 +91,24 @@ pub(super) enum Claim {
     },
     /// Nothing to do: another worker has it, or the worker is stopping.
     Dropped { id: JobId },
+    /// Found by a rescan, not by an event, and not a valid job yet while its
+    /// writer may still have it open (changed within [`SETTLE`]): left in
+    /// `pending/` until the writer closes it (`IN_CLOSE_WRITE` queues it
+    /// again), or a later rescan finds it unchanged.
+    NotYet { id: JobId },
 }
 
 /// Claims `pending/<name>` and starts it.
+///
+/// `complete`: the file was queued by an event that says it is whole (its
+/// writer closed it, or it was renamed in), not found by a rescan.
 pub(super) fn claim(
     ctx: &ClaimCtx,
     name: OsString,
     id: JobId,
     kind: JobKind,
     since: Timestamp,
+    complete: bool,
 ) -> Claim {
     let path = ctx.spool.pending().join(&name);
     // Opened without following a symlink and without blocking on a FIFO;
@@ -165,6 +174,10 @@ pub(super) fn claim(
     };
     let job = match Job::parse(kind, &bytes) {
         Ok(j) => j,
+        Err(_) if !complete && changed_within(&meta, SETTLE) => {
+            debug!(cmd_id = %id, "{} does not parse yet and was just written; waiting for its writer", path.display());
+            return Claim::NotYet { id };
+        }
         Err(e) => return reject(ctx, id, &path, e.to_string()),
     };
     let refused = ctx.submitters.refuse(&meta);
@@ -246,6 +259,19 @@ fn reject_type(ctx: &ClaimCtx, id: JobId, path: &Path, what: &str) -> Claim {
         path,
         format!("the job file is {what}; only regular files are accepted"),
     )
+}
+
+/// How recently a file a rescan found must have changed for a parse
+/// failure to mean "still being written" rather than bad input. Only files
+/// whose creation the worker did not see (written while it was starting)
+/// depend on it: for the others, inotify says when the writer closed them.
+pub(super) const SETTLE: Duration = Duration::from_secs(5);
+
+fn changed_within(meta: &fs::Metadata, age: Duration) -> bool {
+    meta.modified()
+        .ok()
+        .and_then(|t| t.elapsed().ok())
+        .is_none_or(|e| e < age)
 }
 
 /// Rejects bad input: moves the file to `archive/rejected/`; the caller

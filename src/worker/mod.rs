@@ -285,6 +285,8 @@ impl Worker {
                     Some(Ok(ev)) => {
                         if ev.mask.contains(EventMask::Q_OVERFLOW) {
                             warn!("inotify queue overflowed; rescanning pending/");
+                            // Closes may have been lost with the rest.
+                            self.shared.lock().writing.clear();
                             self.rescan();
                         } else if ev.mask.intersects(EventMask::IGNORED | EventMask::DELETE_SELF | EventMask::MOVE_SELF) {
                             watched = false;
@@ -400,13 +402,20 @@ impl Worker {
             // made into pending/) is handled now.
             let path = self.spool.pending().join(&name);
             match fs::symlink_metadata(&path) {
-                Ok(m) if m.is_file() && m.nlink() < 2 => return,
+                Ok(m) if m.is_file() && m.nlink() < 2 => {
+                    // Open for writing until its close: rescans leave it.
+                    self.shared.lock().writing.insert(name);
+                    return;
+                }
                 Ok(_) => {}
                 Err(_) => return,
             }
         }
         let ino = fs::symlink_metadata(self.spool.pending().join(&name)).map(|m| m.ino());
         let mut st = self.shared.lock();
+        // Closed by its writer, or renamed in whole.
+        st.writing.remove(&name);
+        st.unsure.remove(&name);
         if let Some(stuck) = st.stuck.get(&name) {
             if ino.as_ref().is_ok_and(|i| i == stuck) {
                 // The same item that was reported (the event of the
@@ -441,6 +450,7 @@ impl Worker {
                 .filter(|e| {
                     let name = e.file_name();
                     !st.queued.contains_key(&name)
+                        && !st.writing.contains(&name)
                         && st.stuck.get(&name) != Some(&std::os::unix::fs::DirEntryExt::ino(e))
                 })
                 .collect()
@@ -460,7 +470,8 @@ impl Worker {
         let mut st = self.shared.lock();
         let mut added = 0;
         for (_, name) in found {
-            if st.enqueue(name) {
+            if st.enqueue(name.clone()) {
+                st.unsure.insert(name);
                 added += 1;
             }
         }

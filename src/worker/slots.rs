@@ -97,6 +97,12 @@ pub(super) struct State {
     /// Names in `pending/` that could not be moved out, with their inode:
     /// reported once, then passed over by the rescans while unchanged.
     pub stuck: HashMap<OsString, u64>,
+    /// Names created in `pending/` whose writer has not closed them yet
+    /// (`IN_CREATE` seen, `IN_CLOSE_WRITE` not): the rescans pass over them.
+    pub writing: HashSet<OsString>,
+    /// Names queued by a rescan rather than by an event that says the file
+    /// is whole: a parse failure of a file just written waits for its writer.
+    pub unsure: HashSet<OsString>,
     /// Names whose id is busy; they go back to the queue when it is free.
     pub deferred: Vec<(JobId, OsString)>,
     /// Ids with a run in progress or a result being written.
@@ -217,6 +223,8 @@ enum Task {
         since: Timestamp,
         ctx: Arc<ClaimCtx>,
         max_attempts: u32,
+        /// Queued by an event that says the file is whole.
+        complete: bool,
     },
 }
 
@@ -233,6 +241,8 @@ impl Shared {
                 queue: VecDeque::new(),
                 queued: HashMap::new(),
                 stuck: HashMap::new(),
+                writing: HashSet::new(),
+                unsure: HashSet::new(),
                 deferred: Vec::new(),
                 busy: HashSet::new(),
                 slots: Vec::new(),
@@ -432,6 +442,7 @@ impl Shared {
                     since,
                     ctx,
                     max_attempts,
+                    complete,
                 } => {
                     let file = JobFile {
                         ctx: &ctx,
@@ -441,7 +452,8 @@ impl Shared {
                     };
                     let claim_id = id.clone();
                     self.handle(index, recorder, id, &file, |stage| {
-                        let claimed = claim::claim(&ctx, name.clone(), claim_id, kind, since);
+                        let claimed =
+                            claim::claim(&ctx, name.clone(), claim_id, kind, since, complete);
                         self.on_claimed(index, interrupt, claimed, stage)
                     });
                 }
@@ -503,6 +515,7 @@ impl Shared {
                     Ok((id, kind)) => {
                         st.busy.insert(id.clone());
                         st.working += 1;
+                        let complete = !st.unsure.remove(&name);
                         return Some(Task::Claim {
                             name,
                             id,
@@ -510,6 +523,7 @@ impl Shared {
                             since,
                             ctx: Arc::clone(&st.ctx),
                             max_attempts: st.max_attempts,
+                            complete,
                         });
                     }
                 }
@@ -536,7 +550,7 @@ impl Shared {
     ) -> Option<(JobId, Record)> {
         *stage = match &claimed {
             Claim::Started(_) | Claim::Rejected { .. } | Claim::Vanished { .. } => Stage::Claimed,
-            Claim::Retry { .. } | Claim::Dropped { .. } => Stage::Released,
+            Claim::Retry { .. } | Claim::Dropped { .. } | Claim::NotYet { .. } => Stage::Released,
         };
         match claimed {
             Claim::Started(started) => {
@@ -616,7 +630,7 @@ impl Shared {
                 self.send(ToLoop::Paused);
                 None
             }
-            Claim::Dropped { id } => {
+            Claim::Dropped { id } | Claim::NotYet { id } => {
                 self.release(&id);
                 None
             }
