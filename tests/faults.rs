@@ -341,3 +341,130 @@ fn unreadable_pending_and_foreign_submitters() {
     spool.submit("own", "echo fine");
     assert_eq!(spool.wait_result("own")["status"], "succeeded");
 }
+
+/// A small tmpfs as the spool root, for the disk-full tests (root only).
+fn tiny_spool(test: &str) -> Option<(Spool, Mounted)> {
+    if !nix::unistd::geteuid().is_root() {
+        assert!(!common::sandbox::required(), "{test} needs root in CI");
+        let _ = writeln!(
+            std::io::stderr(),
+            "NOTICE: {test} SKIPPED: not root (mounts a small tmpfs)"
+        );
+        return None;
+    }
+    let spool = Spool::new();
+    let root = spool.root();
+    fs::create_dir_all(&root).unwrap();
+    let status = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
+        .arg(&root)
+        .status()
+        .unwrap();
+    assert!(status.success(), "mounting a tmpfs");
+    let mounted = Mounted(root);
+    Some((spool, mounted))
+}
+
+/// Fills the file system of `path` with the file `path`.
+fn fill(path: &std::path::Path) {
+    let mut f = fs::File::create(path).unwrap();
+    let chunk = vec![0u8; 64 * 1024];
+    while f.write_all(&chunk).is_ok() {}
+    let _ = f.sync_all();
+    // The last bytes: what a smaller write still finds.
+    let small = [0u8; 512];
+    while f.write_all(&small).is_ok() {}
+    let _ = f.sync_all();
+}
+
+/// A job that ran to the end while the disk was full is never recorded
+/// `interrupted`, whether its worker stops (SIGTERM) or is killed before
+/// space returns: its result is kept in the room reserved for it and
+/// written by the next start, before recovery, or when space returns.
+#[test]
+fn results_held_with_the_disk_full_survive_a_stop_and_a_kill() {
+    let Some((spool, _mounted)) = tiny_spool("disk-full-across-a-stop") else {
+        return;
+    };
+    let config = "stop_grace = \"1s\"\nkill_grace = \"1s\"\n";
+    let filler = spool.root().join("filler");
+    for (round, how) in [("stop", "SIGTERM"), ("kill", "SIGKILL")] {
+        let id = format!("ran-{round}");
+        let mut w = spool.start(config);
+        w.signal(nix::sys::signal::Signal::SIGSTOP);
+        spool.submit(&id, "exit 0");
+        fill(&filler);
+        w.signal(nix::sys::signal::Signal::SIGCONT);
+        w.wait_log("recording the result failed");
+        assert!(spool.result(&id).is_none());
+        if how == "SIGTERM" {
+            w.signal(nix::sys::signal::Signal::SIGTERM);
+            let status = w.wait_exit();
+            assert!(status.success(), "{round}: {status:?}\n{}", w.log());
+            // Kept in the reserve; or written, if a retry during the stop
+            // or the stop's last try found room (a full tmpfs gives back a
+            // page now and then).
+            let log = w.log();
+            assert!(
+                log.contains("kept in completed/.held-results")
+                    || log.contains("written before stopping")
+                    || spool.result(&id).is_some(),
+                "{log}"
+            );
+        } else {
+            w.kill9();
+        }
+        drop(w);
+
+        // The next start, with the disk still full: the job is not taken
+        // for interrupted, and its file in running/ waits for the result.
+        fill(&filler);
+        let mut w = spool.start(config);
+        if spool.result(&id).is_none() {
+            w.wait_log("recording the result failed");
+            assert!(
+                spool.result(&id).is_none(),
+                "{round}: {:?}",
+                spool.result(&id)
+            );
+            assert_eq!(spool.names("running"), [format!("{id}.json")], "{round}");
+        }
+
+        // Space returns: the job's own result, and running/ settled, with
+        // no restart.
+        fs::remove_file(&filler).unwrap();
+        let r = spool.wait_result(&id);
+        assert_eq!(r["status"], "succeeded", "{round}: {r}");
+        assert_eq!(r["exit_code"], 0, "{round}: {r}");
+        wait_for("running/ to be settled", common::DEADLINE, || {
+            spool.names("running").is_empty().then_some(())
+        });
+        spool.submit(&format!("after-{round}"), "true");
+        assert_eq!(
+            spool.wait_result(&format!("after-{round}"))["status"],
+            "succeeded"
+        );
+        drop(w);
+    }
+
+    // Space back before the next start: the kept result goes in before
+    // recovery looks at running/.
+    let mut w = spool.start(config);
+    w.signal(nix::sys::signal::Signal::SIGSTOP);
+    spool.submit("ran-restart", "exit 0");
+    fill(&filler);
+    w.signal(nix::sys::signal::Signal::SIGCONT);
+    w.wait_log("recording the result failed");
+    w.kill9();
+    drop(w);
+    fs::remove_file(&filler).unwrap();
+    let w = spool.start(config);
+    let r = spool.wait_result("ran-restart");
+    assert_eq!(r["status"], "succeeded", "{r}");
+    assert!(
+        w.log().contains("wrote the result the last worker kept"),
+        "{}",
+        w.log()
+    );
+    assert!(spool.names("running").is_empty());
+}

@@ -68,7 +68,7 @@ fn assert_installed_and_working(sb: &Sandbox, bin: &str, tag: &str) {
     }
     assert_eq!(
         sb.ok(&format!("stat -c '%U:%G %a' {SPOOL}/pending")),
-        "ai-cmd:ai-cmd 2770"
+        "ai-cmd:ai-cmd 3770"
     );
     sb.ok("usermod -a -G ai-cmd agent");
     let out = sb.ok(&format!(

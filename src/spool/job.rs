@@ -210,6 +210,20 @@ pub enum JobError {
 }
 
 impl Job {
+    /// What stands for a job whose file can no longer be read (its result
+    /// must still be recorded): a script with no settings, a first run
+    /// that is not retried.
+    pub fn placeholder() -> Job {
+        Job {
+            body: JobBody::Script,
+            timeout_secs: None,
+            env: BTreeMap::new(),
+            cwd: None,
+            on_interrupt: OnInterrupt::Fail,
+            attempt: 1,
+        }
+    }
+
     /// Parses the bytes of a job file of the given kind.
     pub fn parse(kind: JobKind, bytes: &[u8]) -> Result<Job, JobError> {
         if bytes.is_empty() {

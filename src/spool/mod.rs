@@ -8,6 +8,7 @@
 pub mod acl;
 pub mod id;
 pub mod job;
+pub mod reserve;
 pub mod result;
 pub mod safe;
 

@@ -36,6 +36,7 @@ use crate::spool::id::parse_job_file_name;
 use crate::spool::job::Job;
 use crate::spool::{
     JobId, JobResult, Spool, SpoolError, Status, Timestamp, log_started, move_into, open_job_file,
+    reserve,
 };
 use crate::systemd::notify::Notifier;
 
@@ -155,6 +156,9 @@ struct Worker {
     stop_at: Option<tokio::time::Instant>,
     /// Results that could not be written yet, retried at `retry_at`.
     unrecorded: Vec<(JobId, Record)>,
+    /// Ids whose result a previous worker held (the disk was full) and that
+    /// could not be written yet: recovery leaves their job files alone.
+    held_ids: std::collections::HashSet<JobId>,
     retry_at: Option<tokio::time::Instant>,
     retry_delay: Duration,
     /// The shared count of settled results when the last retry was
@@ -186,6 +190,7 @@ impl Worker {
             slot_threads: Vec::new(),
             stop_at: None,
             unrecorded: Vec::new(),
+            held_ids: std::collections::HashSet::new(),
             retry_at: None,
             retry_delay: RETRY_FIRST,
             settled_seen: 0,
@@ -234,7 +239,13 @@ impl Worker {
             .into_event_stream(vec![0u8; 64 * 1024])
             .map_err(setup("starting inotify"))?;
         let mut watched = self.watch_pending(&events);
+        // Results the last worker could not write go in first, so that
+        // recovery does not take their jobs for interrupted.
+        self.deliver_held();
         self.recover();
+        if let Err(e) = reserve::ensure(&self.spool) {
+            warn!("{e}; results held at a stop with the disk full could be lost");
+        }
         self.rescan();
         self.shared.lock().reports_status = self.notifier.enabled();
         self.ensure_slots()?;
@@ -269,12 +280,7 @@ impl Worker {
                 st.stopping && st.quiet() && (self.unrecorded.is_empty() || st.interrupted_all)
             };
             if stopped {
-                if !self.unrecorded.is_empty() {
-                    error!(
-                        "{} result(s) could not be written before stopping; their jobs will be recorded interrupted at the next start",
-                        self.unrecorded.len()
-                    );
-                }
+                self.keep_held();
                 break;
             }
             let stop_at = self.stop_at.filter(|_| !self.shared.lock().interrupted_all);
@@ -481,10 +487,110 @@ impl Worker {
         }
     }
 
+    /// Stopping with results not written (the disk was full): one last try
+    /// now, in case space has returned; what still fails is stored in the
+    /// reserve (`completed/.held-results`), which the next start delivers.
+    fn keep_held(&mut self) {
+        if self.unrecorded.is_empty() {
+            return;
+        }
+        let max_attempts = self.config.max_attempts.get();
+        let mut kept = Vec::new();
+        for (id, record) in std::mem::take(&mut self.unrecorded) {
+            match record::record_now(&self.spool, id, record, max_attempts) {
+                record::Recorded::Settled { .. } => {}
+                record::Recorded::Failed { id, record, .. } => kept.push((id, record)),
+            }
+        }
+        if kept.is_empty() {
+            info!("the results held while the disk was full were written before stopping");
+            return;
+        }
+        let results = held_results(&kept);
+        match reserve::store(&self.spool, &results) {
+            Ok(n) if n == results.len() => warn!(
+                "{n} result(s) could not be written before stopping (the disk is full); \
+                 kept in completed/{}, the next start writes them",
+                reserve::RESERVE_NAME
+            ),
+            Ok(n) => error!(
+                "{} result(s) could not be written before stopping; {n} kept in completed/{}, \
+                 the others' jobs will be recorded interrupted at the next start",
+                results.len(),
+                reserve::RESERVE_NAME
+            ),
+            Err(e) => error!(
+                "{} result(s) could not be written before stopping, nor kept: {e}; \
+                 their jobs will be recorded interrupted at the next start",
+                results.len()
+            ),
+        }
+    }
+
+    /// At start: writes the results the last worker kept in the reserve,
+    /// unless a newer result of the id is in place. What cannot be written
+    /// yet is held and retried like any result, and its job file in
+    /// `running/` waits for it rather than being recovered as interrupted.
+    fn deliver_held(&mut self) {
+        let held = match reserve::take(&self.spool) {
+            Ok(h) => h,
+            Err(e) => {
+                error!("{e}; results kept by the last worker may be lost");
+                return;
+            }
+        };
+        if held.is_empty() {
+            return;
+        }
+        let max_attempts = self.config.max_attempts.get();
+        let mut waiting = Vec::new();
+        let mut failed = Vec::new();
+        for r in held {
+            let Ok(id) = JobId::new(&r.id) else { continue };
+            let newer = self
+                .spool
+                .read_result(&id)
+                .ok()
+                .flatten()
+                .is_some_and(|old| old.finished_at >= r.finished_at);
+            if newer {
+                continue;
+            }
+            match record::record_now(
+                &self.spool,
+                id.clone(),
+                Record::Held(r.clone()),
+                max_attempts,
+            ) {
+                record::Recorded::Settled { .. } => {
+                    info!(cmd_id = %id, "wrote the result the last worker kept while the disk was full");
+                    log_result(&r);
+                }
+                record::Recorded::Failed { id, record, error } => {
+                    waiting.push(r);
+                    self.held_ids.insert(id.clone());
+                    failed.push((id, record, error));
+                }
+            }
+        }
+        // What is written leaves the reserve; what waits stays in it.
+        if let Err(e) = reserve::store(&self.spool, &waiting) {
+            warn!("{e}");
+        }
+        for (id, record, error) in failed {
+            self.on_failed(id, record, &error);
+        }
+    }
+
     /// Recording failed (a full disk, say): hold the result, claim nothing
     /// new, and retry with a growing pause.
     fn on_failed(&mut self, id: JobId, record: Record, error: &SpoolError) {
         self.unrecorded.push((id.clone(), record));
+        // Kept on disk too, in the room reserved for it, so that not even
+        // a kill loses what the jobs did.
+        if let Err(e) = reserve::store(&self.spool, &held_results(&self.unrecorded)) {
+            warn!("{e}; the held results are in memory only");
+        }
         self.shared.lock().paused = true;
         self.schedule_retry();
         let wait = self
@@ -768,11 +874,27 @@ impl Worker {
                 debug!(cmd_id = %id, "running/{} belongs to a live worker", id);
                 continue;
             }
+            if self.held_ids.contains(&id) {
+                debug!(cmd_id = %id, "running/{id} waits for the result the last worker kept");
+                continue;
+            }
             let job = claim::read_bounded(&mut file, u64::MAX)
                 .ok()
                 .and_then(|b| Job::parse(kind, &b).ok());
-            if let Err(e) = self.recover_one(&id, &path, job.as_ref()) {
-                error!(cmd_id = %id, "recovering {}: {e}", path.display());
+            match self.recover_one(&id, &path, job.as_ref()) {
+                Ok(()) => {}
+                Err((e, None)) => error!(cmd_id = %id, "recovering {}: {e}", path.display()),
+                Err((e, Some(result))) => {
+                    // Most likely a full disk: held and retried like any
+                    // result, so the job file is settled when space returns.
+                    let ran = Ran {
+                        job: job.unwrap_or_else(Job::placeholder),
+                        running_path: path.clone(),
+                        _lock: file,
+                        result: *result,
+                    };
+                    self.on_failed(id, Record::Run(Box::new(ran)), &e);
+                }
             }
         }
     }
@@ -782,8 +904,8 @@ impl Worker {
         id: &JobId,
         path: &Path,
         job: Option<&Job>,
-    ) -> Result<(), SpoolError> {
-        let latest = self.spool.latest_log(id)?;
+    ) -> Result<(), (SpoolError, Option<Box<JobResult>>)> {
+        let latest = self.spool.latest_log(id).map_err(|e| (e, None))?;
         let latest_rel = latest.as_deref().map(|p| self.spool.relative(p));
         let previous = self.spool.read_result(id).ok().flatten();
         if latest_rel.is_some()
@@ -792,7 +914,7 @@ impl Worker {
             // The result of this run was written; only the clean-up was lost.
             return match fs::remove_file(path) {
                 Err(e) if e.kind() != io::ErrorKind::NotFound => {
-                    Err(SpoolError::io("removing", path, e))
+                    Err((SpoolError::io("removing", path, e), None))
                 }
                 _ => Ok(()),
             };
@@ -819,13 +941,14 @@ impl Worker {
             ),
             attempt: job.map_or(1, |j| j.attempt),
         };
-        match settle(
+        let settled = settle(
             &self.spool,
             path,
             job,
             &result,
             self.config.max_attempts.get(),
-        )? {
+        );
+        match settled.map_err(|e| (e, Some(Box::new(result.clone()))))? {
             Settled::Requeued { attempt } => {
                 info!(cmd_id = %id, attempt, "job interrupted by the previous worker re-queued");
             }
@@ -836,6 +959,21 @@ impl Worker {
         }
         Ok(())
     }
+}
+
+/// The results among held records that the reserve keeps. An interrupted
+/// run is not among them: the next start recovers it (and re-queues it if
+/// it asked) anyway.
+fn held_results(held: &[(JobId, Record)]) -> Vec<JobResult> {
+    held.iter()
+        .filter_map(|(_, r)| match r {
+            Record::Run(ran) if ran.result.status != Status::Interrupted => {
+                Some(ran.result.clone())
+            }
+            Record::Run(_) => None,
+            Record::Rejection(r) | Record::Held(r) => Some(r.clone()),
+        })
+        .collect()
 }
 
 /// A file whose name gives no id: it cannot have a result, so it is only

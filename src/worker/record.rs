@@ -24,6 +24,10 @@ pub(super) enum Record {
     Run(Box<Ran>),
     /// The rejection of bad input.
     Rejection(JobResult),
+    /// A result a previous worker could not write (the disk was full) and
+    /// kept in `completed/.held-results`; its job file, if still in
+    /// `running/`, goes once the result is in place.
+    Held(JobResult),
 }
 
 /// What became of one record.
@@ -148,6 +152,21 @@ pub(super) fn record_now(spool: &Spool, id: JobId, record: Record, max_attempts:
     conclude(spool, order, prepared)
 }
 
+/// The job file of a held result's run, left in `running/` by the worker
+/// that could not write the result, is removed now that the result is in
+/// place (unless a live worker holds it: a new run of the id).
+fn remove_left_job_file(spool: &Spool, r: &JobResult) {
+    let Ok(id) = crate::spool::JobId::new(&r.id) else {
+        return;
+    };
+    if let Some((crate::spool::QueueState::Running, path)) = spool.find_queued(&id)
+        && let Ok(f) = crate::spool::open_job_file(&path)
+        && f.try_lock().is_ok()
+    {
+        let _ = std::fs::remove_file(&path);
+    }
+}
+
 /// Re-queues the order's job, or stages its result.
 fn prepare(spool: &Spool, order: &Order) -> Result<Prepared, SpoolError> {
     match &order.record {
@@ -158,7 +177,7 @@ fn prepare(spool: &Spool, order: &Order) -> Result<Prepared, SpoolError> {
             &ran.result,
             order.max_attempts,
         ),
-        Record::Rejection(r) => spool.stage_result(r).map(Prepared::Staged),
+        Record::Rejection(r) | Record::Held(r) => spool.stage_result(r).map(Prepared::Staged),
     }
 }
 
@@ -172,6 +191,10 @@ fn conclude(spool: &Spool, order: Order, prepared: Result<Prepared, SpoolError>)
             Record::Rejection(_) => staged
                 .commit()
                 .map(|()| Settled::Recorded(Status::Rejected)),
+            Record::Held(r) => staged.commit().map(|()| {
+                remove_left_job_file(spool, r);
+                Settled::Recorded(r.status)
+            }),
         },
     });
     match outcome {

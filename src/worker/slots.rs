@@ -21,7 +21,6 @@
 //! stops the worker ([`ToLoop::Panicked`]).
 
 use std::any::Any;
-use std::collections::BTreeMap;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::{OsStr, OsString};
 use std::fs::TryLockError;
@@ -42,7 +41,7 @@ use super::settle::Settled;
 use super::{Ran, archive_nameless};
 use crate::logging::message_id;
 use crate::spool::id::parse_job_file_name;
-use crate::spool::job::{Job, JobBody, OnInterrupt};
+use crate::spool::job::Job;
 use crate::spool::{
     JobId, JobKind, JobResult, Spool, SpoolError, Status, Timestamp, log_started, move_into,
     open_job_file,
@@ -842,14 +841,7 @@ impl JobFile<'_> {
             let job = claim::read_bounded(&mut file, self.ctx.max_job_bytes)
                 .ok()
                 .and_then(|b| Job::parse(self.kind, &b).ok())
-                .unwrap_or_else(|| Job {
-                    body: JobBody::Script,
-                    timeout_secs: None,
-                    env: BTreeMap::new(),
-                    cwd: None,
-                    on_interrupt: OnInterrupt::Fail,
-                    attempt: 1,
-                });
+                .unwrap_or_else(Job::placeholder);
             let result = panicked_result(id, job.attempt, panic);
             return Some(Record::Run(Box::new(Ran {
                 job,
