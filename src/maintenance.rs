@@ -326,6 +326,15 @@ pub fn prune_archives(spool: &Spool, days: u32, dry_run: bool) -> anyhow::Result
                 }
                 continue;
             }
+            if e.meta.is_symlink() {
+                // Nothing here is ever a link: whoever made it is told,
+                // old or new.
+                done.push(format!(
+                    "refused {}: it is a symbolic link, left where it is",
+                    shown.display()
+                ));
+                continue;
+            }
             if !older_than(e.meta.mtime, age) {
                 continue;
             }

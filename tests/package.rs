@@ -374,6 +374,34 @@ fn root_follows_no_link_that_a_job_or_member_planted() {
     assert!(said.contains("refused logs/00/x@"), "{said}");
     assert_eq!(fingerprint(&sb), before, "cleanup followed a link");
 
+    // Each directory of the spool in turn a link to the victim, planted
+    // with the worker stopped: the health timer's service, `install` and
+    // `cleanup` as root leave it alone and name it.
+    sb.ok(&format!("systemctl stop {SERVICE}"));
+    for name in ["tmp", "pending", "running", "completed", "logs", "archive"] {
+        sb.ok(&format!(
+            "runuser -u ai-cmd -- sh -c 'cd {SPOOL} && mv {name} {name}.real && ln -s /srv/victim {name}'"
+        ));
+        sb.sh("systemctl start ai-cmd-executor-health.service");
+        let install = sb.sh("ai-cmd-executor install --no-start 2>&1");
+        let install = String::from_utf8_lossy(&install.stdout).into_owned();
+        assert!(
+            install.contains(&format!("{name} is a symbolic link to /srv/victim")),
+            "{name}: {install}"
+        );
+        sb.sh("ai-cmd-executor cleanup");
+        sb.sh(&format!("systemctl stop {SERVICE}"));
+        assert_eq!(
+            fingerprint(&sb),
+            before,
+            "{name}: a root tool followed the link"
+        );
+        sb.ok(&format!("cd {SPOOL} && rm {name} && mv {name}.real {name}"));
+    }
+    sb.ok(&format!(
+        "systemctl reset-failed {SERVICE}; systemctl start {SERVICE}"
+    ));
+
     // The links gone, `repair` (whose probe job is submitted and read as
     //    ai-cmd) finds all well end to end.
     let out = sb.ok("ai-cmd-executor repair");

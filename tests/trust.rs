@@ -448,3 +448,85 @@ fn a_directory_the_worker_cannot_move_is_rejected_once_and_frees_its_id() {
         "{summary}"
     );
 }
+
+/// Each directory of the spool, and each directory root's tools create in
+/// it, replaced by a link to a root-owned directory holding an old secret:
+/// `cleanup`, `health` and `diagnose`, run as root with work to do (a stale
+/// job, an old log, an old archive), leave the target exactly as it was.
+#[test]
+fn no_root_tool_follows_a_link_in_place_of_any_spool_directory() {
+    if !as_root("no_root_tool_follows_a_link_in_place_of_any_spool_directory") {
+        return;
+    }
+    for name in [
+        "tmp",
+        "pending",
+        "running",
+        "completed",
+        "logs",
+        "logs/00",
+        "archive",
+        "archive/stale",
+        "archive/logs",
+        "archive/rejected",
+    ] {
+        let spool = nobody_spool();
+        let victim = Victim::new(&spool);
+        let cfg = spool.config(
+            "stale_pending_after = \"1ms\"\nlog_retention_days = 1\narchive_retention_days = 1\n",
+        );
+        let cfg = cfg.to_str().unwrap();
+        // Work for every step: a stale job, an old log, an old archive.
+        for dir in [
+            "archive/stale",
+            "archive/logs",
+            "archive/rejected",
+            "logs/00",
+        ] {
+            fs::create_dir_all(spool.path(dir)).unwrap();
+        }
+        fs::write(spool.path("pending/stale.json"), "{\"command\":\"true\"}").unwrap();
+        fs::write(spool.path("logs/00/x@20200101T000000.000000Z.log"), "old\n").unwrap();
+        let old = spool.path("archive/rejected/old");
+        fs::write(&old, "old").unwrap();
+        fs::File::options()
+            .write(true)
+            .open(&old)
+            .unwrap()
+            .set_times(
+                fs::FileTimes::new()
+                    .set_modified(SystemTime::now() - Duration::from_secs(400 * 86_400)),
+            )
+            .unwrap();
+        chown_tree(&spool.root(), NOBODY);
+        plant_dir_link(&spool, name, &victim.dir);
+
+        for args in [
+            vec!["--config", cfg, "cleanup"],
+            vec!["--config", cfg, "health", "--format", "json"],
+            vec!["--config", cfg, "diagnose", "--json"],
+        ] {
+            let out = spool.cli(&args);
+            victim.assert_untouched();
+            let said = text(&out);
+            assert!(
+                !said.contains("panicked"),
+                "{name}: {args:?} panicked: {said}"
+            );
+        }
+        let out = spool.cli(&["--config", cfg, "cleanup"]);
+        assert!(
+            text(&out).contains("symbolic link") || name == "tmp" || name == "running",
+            "{name}: cleanup names the link: {}",
+            text(&out)
+        );
+        let out = spool.cli(&["--config", cfg, "diagnose", "--json"]);
+        if !name.contains('/') {
+            assert!(
+                text(&out).contains(&format!("{name} is a symbolic link")),
+                "{name}: diagnose names the link: {}",
+                text(&out)
+            );
+        }
+    }
+}
