@@ -291,6 +291,40 @@ fn root_follows_no_link_that_a_job_or_member_planted() {
         ))
     };
 
+    // Members: a queued job (with a secret in its environment) is its
+    // submitter's alone; a job queued through the Python client runs too.
+    sb.ok("useradd --create-home --groups ai-cmd --shell /bin/bash agent2");
+    sb.ok(&format!("systemctl stop {SERVICE}"));
+    sb.ok("runuser -u agent -- ai-cmd-executor submit --id secret-job --env TOKEN=hunter2 -- 'echo $TOKEN'");
+    sb.ok("runuser -u agent -- python3 -c \"import sys; sys.path.insert(0, '/usr/share/ai-cmd-executor'); \
+           import ai_cmd_executor as a; a.create_bash_command('echo from python', 'py-job', spool='/var/lib/ai-cmd-executor')\"");
+    let job = format!("{SPOOL}/pending/secret-job.json");
+    for attack in [
+        format!("cat {job}"),
+        format!("rm -f {job} && test ! -e {job}"),
+        format!("mv {job} {SPOOL}/tmp/mine.json"),
+        format!("cp /etc/hostname {SPOOL}/tmp/x.json && mv -f {SPOOL}/tmp/x.json {job}"),
+    ] {
+        // The same command works for the job's owner (here only cat is
+        // tried, as it leaves the job in place): refusals are the
+        // permissions', not the shell's.
+        let out = sb.sh(&format!("runuser -u agent2 -- sh -c '{attack}'"));
+        assert!(!out.status.success(), "agent2: `{attack}` worked");
+        assert!(
+            !String::from_utf8_lossy(&out.stdout).contains("hunter2"),
+            "{attack}"
+        );
+    }
+    let own = sb.ok(&format!("runuser -u agent -- sh -c 'cat {job}'"));
+    assert!(own.contains("hunter2"), "the submitter reads it: {own}");
+    sb.ok(&format!("systemctl start {SERVICE}"));
+    let log = sb.ok(
+        "runuser -u agent -- ai-cmd-executor wait secret-job --timeout 60 >/dev/null; runuser -u agent -- ai-cmd-executor log secret-job",
+    );
+    assert_eq!(log, "hunter2");
+    let py = sb.ok("runuser -u agent -- ai-cmd-executor wait py-job --timeout 60");
+    assert!(py.contains("succeeded"), "{py}");
+
     // 1. The reported escalation: a member's job makes tmp/ a link to /etc;
     //    the health timer's service runs `health --fix` as root.
     let out = agent(&format!("cd {SPOOL} && mv tmp tmp.old && ln -s /etc tmp"));
