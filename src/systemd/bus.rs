@@ -31,19 +31,54 @@ pub enum BusError {
         /// How long we waited.
         waited: Duration,
     },
+    /// systemd (or polkit) refused: the caller may not do this.
+    #[error("{what} needs root (or a polkit rule that allows it): {source}")]
+    Denied {
+        /// What was asked.
+        what: String,
+        /// The D-Bus error.
+        #[source]
+        source: zbus::Error,
+    },
     /// A job finished with a result other than `done`.
-    #[error("{what}: the job ended with result {result:?}")]
+    #[error("{what}: the job ended with result {result:?}; {unit} is {state}")]
     JobFailed {
         /// What was asked.
         what: String,
-        /// systemd's job result (`failed`, `timeout`, `dependency`, ...).
+        /// systemd's job result (`failed`, `timeout`, `canceled`,
+        /// `dependency`, ...).
         result: String,
+        /// The unit.
+        unit: String,
+        /// The unit's state once the job was gone, for people:
+        /// `failed/failed (result exit-code)`.
+        state: String,
     },
+}
+
+/// Whether a D-Bus error says the caller is not allowed (by the bus
+/// policy, systemd, or polkit without an agent to ask).
+fn is_denied(e: &zbus::Error) -> bool {
+    use zbus::fdo::Error as Fdo;
+    match e {
+        zbus::Error::FDO(f) => matches!(
+            **f,
+            Fdo::AccessDenied(_) | Fdo::AuthFailed(_) | Fdo::InteractiveAuthorizationRequired(_)
+        ),
+        zbus::Error::MethodError(name, _, _) => name.as_str().ends_with(".AccessDenied"),
+        _ => false,
+    }
 }
 
 fn call(what: impl Into<String>) -> impl FnOnce(zbus::Error) -> BusError {
     let what = what.into();
-    move |source| BusError::Call { what, source }
+    move |source| {
+        if is_denied(&source) {
+            BusError::Denied { what, source }
+        } else {
+            BusError::Call { what, source }
+        }
+    }
 }
 
 /// What systemd says about a unit.
@@ -103,19 +138,112 @@ pub struct Systemd {
     manager: ManagerProxy<'static>,
 }
 
-/// Runs a future on a single-threaded runtime: the CLI's operator
-/// commands and the installer talk to D-Bus asynchronously.
+/// Runs a future on the process's one single-threaded runtime: the CLI's
+/// operator commands and the installer talk to D-Bus asynchronously.
+///
+/// A [`Systemd`] connection belongs to the runtime it was made on (its
+/// reader task and socket live there), so the runtime is built once and
+/// kept for the life of the process: a connection made in one call stays
+/// usable in the next. Still, a command should do all of its bus work in
+/// one call. Must not be called from inside a runtime.
 pub fn block_on<T>(f: impl std::future::Future<Output = anyhow::Result<T>>) -> anyhow::Result<T> {
     use anyhow::Context as _;
-    tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the async runtime")?
-        .block_on(f)
+    static RUNTIME: std::sync::OnceLock<std::io::Result<tokio::runtime::Runtime>> =
+        std::sync::OnceLock::new();
+    let rt = RUNTIME
+        .get_or_init(|| {
+            tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+        })
+        .as_ref()
+        .map_err(|e| std::io::Error::new(e.kind(), e.to_string()))
+        .context("starting the async runtime")?;
+    rt.block_on(f)
 }
 
-/// How long to wait for a start or stop job.
+/// How long to wait for a start or stop job at least; longer when the
+/// unit's own start and stop timeouts add up to more.
 pub const JOB_TIMEOUT: Duration = Duration::from_secs(120);
+
+/// How long to wait for a job at most, whatever the unit's timeouts say
+/// (they may be `infinity`).
+const JOB_TIMEOUT_MAX: Duration = Duration::from_secs(30 * 60);
+
+/// A change of a unit's state, queued as a systemd job.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnitAction {
+    /// `StartUnit`.
+    Start,
+    /// `StopUnit`.
+    Stop,
+    /// `RestartUnit`.
+    Restart,
+}
+
+impl UnitAction {
+    /// The verb, for messages: `starting`, `stopping`, `restarting`.
+    pub fn verb(self) -> &'static str {
+        match self {
+            UnitAction::Start => "starting",
+            UnitAction::Stop => "stopping",
+            UnitAction::Restart => "restarting",
+        }
+    }
+}
+
+/// How a unit job ended, and the unit after it.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct JobOutcome {
+    /// systemd's job result from `JobRemoved`: `done`, `canceled`,
+    /// `timeout`, `failed`, `dependency`, `skipped`, ...
+    pub result: String,
+    /// What systemd says about the unit once the job was gone (the
+    /// service fields are zero for other kinds of unit).
+    pub state: ServiceInfo,
+}
+
+impl JobOutcome {
+    /// Whether the job did what was asked.
+    pub fn done(&self) -> bool {
+        self.result == "done"
+    }
+}
+
+impl ServiceInfo {
+    /// The state for people: `active/running`, then the service's result
+    /// when it is not `success`: `failed/failed (result exit-code)`.
+    pub fn describe(&self) -> String {
+        let mut s = format!("{}/{}", self.unit.active_state, self.unit.sub_state);
+        if !self.result.is_empty() && self.result != "success" {
+            s.push_str(&format!(" (result {})", self.result));
+        }
+        s
+    }
+}
+
+/// A systemd time span in microseconds; `None` for `infinity`.
+fn usec(v: u64) -> Option<Duration> {
+    (v != u64::MAX).then(|| Duration::from_micros(v))
+}
+
+/// How long a job on a service may take, from its `TimeoutStartUSec` and
+/// `TimeoutStopUSec`: each phase of the job (a stop may take two, the TERM
+/// phase then the KILL phase) and a margin; at least [`JOB_TIMEOUT`], at
+/// most [`JOB_TIMEOUT_MAX`] (also when a timeout is `infinity`).
+fn job_deadline(action: UnitAction, start_usec: u64, stop_usec: u64) -> Duration {
+    let (start, stop) = (usec(start_usec), usec(stop_usec));
+    let phases = match action {
+        UnitAction::Start => vec![start],
+        UnitAction::Stop => vec![stop, stop],
+        UnitAction::Restart => vec![stop, stop, start],
+    };
+    phases
+        .into_iter()
+        .try_fold(Duration::from_secs(30), |sum, p| Some(sum + p?))
+        .unwrap_or(JOB_TIMEOUT_MAX)
+        .clamp(JOB_TIMEOUT, JOB_TIMEOUT_MAX)
+}
 
 impl Systemd {
     /// Connects to the system bus.
@@ -162,28 +290,22 @@ impl Systemd {
             .map_err(call(format!("disabling {}", units.join(" "))))
     }
 
-    /// Starts a unit and waits for the job's result.
-    pub async fn start(&self, unit: &str) -> Result<(), BusError> {
-        self.job(unit, "starting", |m, u| {
-            Box::pin(m.start_unit(u, "replace".into()))
-        })
-        .await
+    /// Starts a unit and waits for the job's result: `done` or
+    /// [`BusError::JobFailed`].
+    pub async fn start(&self, unit: &str) -> Result<JobOutcome, BusError> {
+        self.change_done(unit, UnitAction::Start).await
     }
 
-    /// Stops a unit and waits for the job's result.
-    pub async fn stop(&self, unit: &str) -> Result<(), BusError> {
-        self.job(unit, "stopping", |m, u| {
-            Box::pin(m.stop_unit(u, "replace".into()))
-        })
-        .await
+    /// Stops a unit and waits for the job's result: `done` or
+    /// [`BusError::JobFailed`].
+    pub async fn stop(&self, unit: &str) -> Result<JobOutcome, BusError> {
+        self.change_done(unit, UnitAction::Stop).await
     }
 
-    /// Restarts a unit and waits for the job's result.
-    pub async fn restart(&self, unit: &str) -> Result<(), BusError> {
-        self.job(unit, "restarting", |m, u| {
-            Box::pin(m.restart_unit(u, "replace".into()))
-        })
-        .await
+    /// Restarts a unit and waits for the job's result: `done` or
+    /// [`BusError::JobFailed`].
+    pub async fn restart(&self, unit: &str) -> Result<JobOutcome, BusError> {
+        self.change_done(unit, UnitAction::Restart).await
     }
 
     /// `ResetFailedUnit`: clears a failed state and the start-rate counter.
@@ -194,18 +316,27 @@ impl Systemd {
             .map_err(call(format!("resetting {unit}")))
     }
 
-    async fn job<'a>(
-        &'a self,
-        unit: &str,
-        verb: &str,
-        request: impl FnOnce(
-            &'a ManagerProxy<'static>,
-            String,
-        ) -> std::pin::Pin<
-            Box<dyn std::future::Future<Output = zbus::Result<zbus::OwnedObjectPath>> + Send + 'a>,
-        >,
-    ) -> Result<(), BusError> {
-        let what = format!("{verb} {unit}");
+    async fn change_done(&self, unit: &str, action: UnitAction) -> Result<JobOutcome, BusError> {
+        let outcome = self.change(unit, action).await?;
+        if outcome.done() {
+            return Ok(outcome);
+        }
+        Err(BusError::JobFailed {
+            what: format!("{} {unit}", action.verb()),
+            result: outcome.result,
+            unit: unit.to_owned(),
+            state: outcome.state.describe(),
+        })
+    }
+
+    /// Queues a start, stop or restart job (mode `replace`, as `systemctl`
+    /// does) and waits for systemd to remove it (`JobRemoved`): returns the
+    /// job's result, whatever it is, and the unit's state after it. Errors
+    /// are for a refused request ([`BusError::Denied`]), a bus failure, or
+    /// no result in time.
+    pub async fn change(&self, unit: &str, action: UnitAction) -> Result<JobOutcome, BusError> {
+        let what = format!("{} {unit}", action.verb());
+        let waited = self.job_deadline(unit, action).await;
         // Listen before asking, so the JobRemoved signal for our job cannot
         // slip past.
         let mut removed = self
@@ -213,9 +344,13 @@ impl Systemd {
             .receive_job_removed()
             .await
             .map_err(call("listening for job results"))?;
-        let job = request(&self.manager, unit.to_owned())
-            .await
-            .map_err(call(what.clone()))?;
+        let (name, mode) = (unit.to_owned(), "replace".to_owned());
+        let job = match action {
+            UnitAction::Start => self.manager.start_unit(name, mode).await,
+            UnitAction::Stop => self.manager.stop_unit(name, mode).await,
+            UnitAction::Restart => self.manager.restart_unit(name, mode).await,
+        }
+        .map_err(call(what.clone()))?;
         let wait = async {
             while let Some(signal) = removed.next().await {
                 let Ok(args) = signal.args() else { continue };
@@ -225,17 +360,34 @@ impl Systemd {
             }
             None
         };
-        match tokio::time::timeout(JOB_TIMEOUT, wait).await {
-            Ok(Some(result)) if result == "done" => Ok(()),
-            Ok(Some(result)) => Err(BusError::JobFailed { what, result }),
-            Ok(None) => Err(BusError::Call {
-                what,
-                source: zbus::Error::Failure("the signal stream ended".into()),
-            }),
-            Err(_) => Err(BusError::Timeout {
-                what,
-                waited: JOB_TIMEOUT,
-            }),
+        let result = match tokio::time::timeout(waited, wait).await {
+            Ok(Some(result)) => result,
+            Ok(None) => {
+                return Err(BusError::Call {
+                    what,
+                    source: zbus::Error::Failure("the signal stream ended".into()),
+                });
+            }
+            Err(_) => return Err(BusError::Timeout { what, waited }),
+        };
+        Ok(JobOutcome {
+            result,
+            state: self.service_info(unit).await?,
+        })
+    }
+
+    /// How long a job on `unit` may take (see [`job_deadline`]).
+    async fn job_deadline(&self, unit: &str, action: UnitAction) -> Duration {
+        let Ok(path) = self.unit_path(unit).await else {
+            return JOB_TIMEOUT;
+        };
+        let Ok(s) = ServiceProxy::builder(&self.conn).path(path).build().await else {
+            return JOB_TIMEOUT;
+        };
+        match (s.timeout_start_u_sec().await, s.timeout_stop_u_sec().await) {
+            (Ok(start), Ok(stop)) => job_deadline(action, start, stop),
+            // Not a service (a timer, a target): its jobs are quick.
+            _ => JOB_TIMEOUT,
         }
     }
 
@@ -322,5 +474,83 @@ impl Systemd {
             next_elapse_realtime: t.next_elapse_u_sec_realtime().await.unwrap_or_default(),
             next_elapse_monotonic: t.next_elapse_u_sec_monotonic().await.unwrap_or_default(),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What issue 17 hit: a bus connection made in one call, used in the
+    /// next, failed with "a Tokio 1.x context was found, but it is being
+    /// shutdown". Sockets stand in for the connection here.
+    #[test]
+    fn what_one_call_makes_still_works_in_the_next() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut a, mut b) = block_on(async { Ok(tokio::net::UnixStream::pair()?) }).unwrap();
+        let got = block_on(async {
+            a.write_all(b"ping").await?;
+            let mut buf = [0; 4];
+            b.read_exact(&mut buf).await?;
+            Ok(buf)
+        })
+        .unwrap();
+        assert_eq!(&got, b"ping");
+    }
+
+    #[test]
+    fn a_job_may_take_what_the_units_timeouts_allow() {
+        let s = |n: u64| n * 1_000_000;
+        // The shipped unit: TimeoutStartSec=90s, TimeoutStopSec=40s.
+        assert_eq!(
+            job_deadline(UnitAction::Start, s(90), s(40)),
+            Duration::from_secs(120)
+        );
+        assert_eq!(
+            job_deadline(UnitAction::Stop, s(90), s(40)),
+            Duration::from_secs(120),
+            "never less than JOB_TIMEOUT"
+        );
+        assert_eq!(
+            job_deadline(UnitAction::Restart, s(90), s(40)),
+            Duration::from_secs(40 + 40 + 90 + 30)
+        );
+        assert_eq!(
+            job_deadline(UnitAction::Stop, s(90), u64::MAX),
+            JOB_TIMEOUT_MAX,
+            "infinity is bounded"
+        );
+        assert_eq!(
+            job_deadline(UnitAction::Start, s(10 * 3600), s(1)),
+            JOB_TIMEOUT_MAX
+        );
+    }
+
+    #[test]
+    fn refusals_are_told_apart_from_other_failures() {
+        let denied = zbus::Error::FDO(Box::new(
+            zbus::fdo::Error::InteractiveAuthorizationRequired("ask".into()),
+        ));
+        let e = call("stopping x.service")(denied);
+        assert!(matches!(e, BusError::Denied { .. }), "{e:?}");
+        let text = crate::error::chain(&e);
+        assert!(text.starts_with("stopping x.service needs root"), "{text}");
+        let denied = zbus::Error::FDO(Box::new(zbus::fdo::Error::AccessDenied("no".into())));
+        assert!(matches!(call("x")(denied), BusError::Denied { .. }));
+        let other = zbus::Error::FDO(Box::new(zbus::fdo::Error::Failed("boom".into())));
+        assert!(matches!(call("x")(other), BusError::Call { .. }));
+    }
+
+    #[test]
+    fn a_state_for_people_names_a_result_other_than_success() {
+        let mut info = ServiceInfo::default();
+        info.unit.active_state = "active".into();
+        info.unit.sub_state = "running".into();
+        info.result = "success".into();
+        assert_eq!(info.describe(), "active/running");
+        info.unit.active_state = "failed".into();
+        info.unit.sub_state = "failed".into();
+        info.result = "exit-code".into();
+        assert_eq!(info.describe(), "failed/failed (result exit-code)");
     }
 }

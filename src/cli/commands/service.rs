@@ -9,9 +9,10 @@ use serde_json::json;
 use super::Context;
 use crate::cli::{CleanupArgs, NotifyArgs, StatusArgs};
 use crate::client::Client;
-use crate::health::{Supervision, checks_service_user};
+use crate::health::{Ctx, Supervision, checks_service_user};
 use crate::install::ensure;
 use crate::notifier::{Event, Notifier};
+use crate::systemd::bus::UnitAction;
 use crate::systemd::units::SERVICE;
 
 /// Which way the service is started and stopped.
@@ -25,34 +26,112 @@ pub enum Action {
     Restart,
 }
 
-/// `start`/`stop`/`restart`: over D-Bus under systemd (waiting for the
-/// job), through the worker lock in cron mode.
-pub fn control(ctx: &Context, action: Action) -> anyhow::Result<ExitCode> {
-    let c = super::block_on(async { Ok(super::health::context(ctx, false).await) })?;
-    match c.supervision {
-        Supervision::Systemd => super::block_on(async {
-            let bus = c.bus().map_err(anyhow::Error::msg)?;
-            match action {
-                Action::Start => bus.start(SERVICE).await?,
-                Action::Stop => bus.stop(SERVICE).await?,
-                Action::Restart => bus.restart(SERVICE).await?,
-            }
-            println!("{SERVICE}: {}", bus.unit_state(SERVICE).await?.active_state);
-            Ok(ExitCode::SUCCESS)
-        }),
-        Supervision::Cron => {
-            let spool = c.spool.root();
-            if matches!(action, Action::Stop | Action::Restart) {
-                match ensure::stop_worker(spool)? {
-                    Some(pid) => println!("stopped worker pid {pid}"),
-                    None => println!("no worker was running"),
-                }
-            }
-            if matches!(action, Action::Start | Action::Restart) {
-                start_as_service_user(spool)?;
-            }
-            Ok(ExitCode::SUCCESS)
+impl From<Action> for UnitAction {
+    fn from(a: Action) -> UnitAction {
+        match a {
+            Action::Start => UnitAction::Start,
+            Action::Stop => UnitAction::Stop,
+            Action::Restart => UnitAction::Restart,
         }
+    }
+}
+
+/// `start`/`stop`/`restart`: over D-Bus under systemd (waiting for the
+/// job's result), through the worker lock in cron mode. Exit 0 once the
+/// service is in the state asked for; an error that says why otherwise.
+pub fn control(ctx: &Context, action: Action) -> anyhow::Result<ExitCode> {
+    // One runtime for the whole command: the bus connection made while
+    // building the context is used for the job and its result.
+    super::block_on(async {
+        let c = super::health::context(ctx, false).await;
+        match c.supervision {
+            Supervision::Systemd => control_systemd(&c, action).await,
+            // Blocking file and process work; nothing else runs on this
+            // runtime meanwhile.
+            Supervision::Cron => control_cron(&c, action),
+        }
+    })
+}
+
+/// The unit job over D-Bus, its result, and the state it left.
+async fn control_systemd(c: &Ctx, action: Action) -> anyhow::Result<ExitCode> {
+    let bus = c.bus().map_err(anyhow::Error::msg)?;
+    let before = bus
+        .service_info(SERVICE)
+        .await
+        .context("reading the service's state")?;
+    anyhow::ensure!(
+        before.unit.load_state == "loaded",
+        "{SERVICE} is {}: install it first (`ai-cmd-executor install`, or the package)",
+        before.unit.load_state
+    );
+    let outcome = bus.change(SERVICE, action.into()).await?;
+    let after = &outcome.state;
+    let reached = match action {
+        Action::Start | Action::Restart => after.unit.active_state == "active",
+        Action::Stop => matches!(after.unit.active_state.as_str(), "inactive" | "failed"),
+    };
+    if !outcome.done() || !reached {
+        let verb = UnitAction::from(action).verb();
+        anyhow::bail!(
+            "{verb} {SERVICE} failed: the job ended {:?}, and the service is {}; see `journalctl -u {SERVICE}`",
+            outcome.result,
+            after.describe()
+        );
+    }
+    let state = after.describe();
+    let line = match action {
+        Action::Stop if before.main_pid != 0 => {
+            format!("stopped ({state}); pid {} is gone", before.main_pid)
+        }
+        Action::Stop => format!("stopped ({state}); it was not running"),
+        Action::Start if before.unit.active_state == "active" => {
+            format!("already running ({state}), pid {}", after.main_pid)
+        }
+        Action::Start => format!("started ({state}), pid {}", after.main_pid),
+        Action::Restart if before.main_pid != 0 => format!(
+            "restarted ({state}), pid {} replaced by pid {}",
+            before.main_pid, after.main_pid
+        ),
+        Action::Restart => format!("restarted ({state}), pid {}", after.main_pid),
+    };
+    println!("{SERVICE}: {line}");
+    Ok(ExitCode::SUCCESS)
+}
+
+/// The cron-mode worker: signalled through its lock, started as the
+/// service user.
+fn control_cron(c: &Ctx, action: Action) -> anyhow::Result<ExitCode> {
+    let spool = c.spool.root();
+    if matches!(action, Action::Stop | Action::Restart) {
+        if let Some(pid) = ensure::running_worker(spool)? {
+            may_signal(pid, action)?;
+        }
+        match ensure::stop_worker(spool)? {
+            Some(pid) => println!("stopped worker pid {pid}"),
+            None => println!("no worker was running"),
+        }
+    }
+    if matches!(action, Action::Start | Action::Restart) {
+        start_as_service_user(spool)?;
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Refuses, before anything is done, to stop a worker this user may not
+/// signal (a worker that runs as the service user, asked by a member).
+fn may_signal(pid: i32, action: Action) -> anyhow::Result<()> {
+    use nix::errno::Errno;
+    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None) {
+        Ok(()) | Err(Errno::ESRCH) => Ok(()),
+        Err(Errno::EPERM) => anyhow::bail!(
+            "{} the worker (pid {pid}) needs root, or the user it runs as",
+            match action {
+                Action::Restart => "restarting",
+                _ => "stopping",
+            }
+        ),
+        Err(e) => Err(e).with_context(|| format!("checking worker pid {pid}")),
     }
 }
 
