@@ -9,7 +9,9 @@ use clap::Parser;
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let level = match cli.command {
-        Command::Run(_) | Command::Install(_) | Command::Uninstall(_) | Command::Repair => "info",
+        Command::Run(_) | Command::Install(_) | Command::Uninstall(_) | Command::Repair(_) => {
+            "info"
+        }
         _ => "warn",
     };
     ai_cmd_executor::logging::init(level, cli.log_target);

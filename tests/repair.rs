@@ -102,14 +102,20 @@ fn failing(sb: &Sandbox) -> Vec<String> {
         .collect()
 }
 
-/// Diagnose names `check`; repair mends it; health exits 0.
+/// Diagnose names `check`; `repair` mends it; health exits 0.
 fn diagnose_repair_health(sb: &Sandbox, what: &str, check: &str) {
+    diagnose_repair_with(sb, what, check, "repair");
+}
+
+/// Diagnose names `check`; `repair` (the command given) mends it; health
+/// exits 0.
+fn diagnose_repair_with(sb: &Sandbox, what: &str, check: &str, repair: &str) {
     let bad = failing(sb);
     assert!(
         bad.iter().any(|c| c == check),
         "{what}: diagnose should name {check}, named {bad:?}"
     );
-    let out = sb.sh(&format!("{AICE} repair"));
+    let out = sb.sh(&format!("{AICE} {repair}"));
     let text = String::from_utf8_lossy(&out.stdout);
     if !out.status.success() {
         let journal = sb.sh(&format!("journalctl --no-pager -n 30 -u {SERVICE}"));
@@ -139,8 +145,16 @@ fn each_breakage_is_diagnosed_and_repaired() {
         return;
     };
 
-    sb.ok(&format!("systemctl stop {SERVICE}"));
-    diagnose_repair_health(&sb, "service stopped", "service.active");
+    // A stop nobody asked of the service (an administrator's `stop` is
+    // left alone: tests/maintenance.rs): the worker signalled from outside.
+    sb.ok(&format!("kill -TERM $(systemctl show -p MainPID --value {SERVICE})"));
+    sb.wait_until(
+        "the signalled worker to stop",
+        DEADLINE,
+        &format!("systemctl show -p ActiveState --value {SERVICE}"),
+        |s| s == "inactive",
+    );
+    diagnose_repair_health(&sb, "worker signalled", "service.active");
 
     sb.ok(&format!("rm -rf {SPOOL}/completed"));
     diagnose_repair_health(&sb, "spool directory removed", "spool.layout");
@@ -148,8 +162,10 @@ fn each_breakage_is_diagnosed_and_repaired() {
     sb.ok(&format!("chown root:root {SPOOL} && chmod 700 {SPOOL}"));
     diagnose_repair_health(&sb, "spool re-owned to root, mode 700", "spool.layout");
 
+    // A disabled timer is enabled when asked (plain `repair` leaves it:
+    // tests/maintenance.rs).
     sb.ok("systemctl disable --now ai-cmd-executor-health.timer");
-    diagnose_repair_health(&sb, "health timer disabled", "timers");
+    diagnose_repair_with(&sb, "health timer disabled", "timers", "repair --enable");
 
     sb.ok(&format!(
         "sed -i 's/^WatchdogSec=30s$/WatchdogSec=0/' /etc/systemd/system/{SERVICE} && systemctl daemon-reload && systemctl restart {SERVICE}"
@@ -207,9 +223,16 @@ fn stale_pending_files_are_archived_and_old_logs_packed() {
     let Some(sb) = installed("stale", "stale_pending_after = \"1s\"\n", &url) else {
         return;
     };
-    // The worker is down while five jobs wait in pending/ past
-    // stale_pending_after.
-    sb.ok(&format!("systemctl stop {SERVICE}"));
+    // The worker is down (signalled from outside systemd: not an
+    // administrator's stop, which repair would leave) while five jobs wait
+    // in pending/ past stale_pending_after.
+    sb.ok(&format!("kill -TERM $(systemctl show -p MainPID --value {SERVICE})"));
+    sb.wait_until(
+        "the signalled worker to stop",
+        DEADLINE,
+        &format!("systemctl show -p ActiveState --value {SERVICE}"),
+        |s| s == "inactive",
+    );
     for i in 0..5 {
         sb.ok(&format!("{AICE} submit --id waiting-{i} -- true"));
     }

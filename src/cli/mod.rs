@@ -75,7 +75,7 @@ pub enum Command {
     /// Run every check and show the findings (and fixes).
     Diagnose(DiagnoseArgs),
     /// Diagnose, fix, check the watchdog and persistence, verify with a probe job.
-    Repair,
+    Repair(RepairArgs),
     /// One screen: service, queue, last job, worker, spool.
     Status(StatusArgs),
     /// Start the service (over D-Bus) or the cron-mode worker.
@@ -131,6 +131,19 @@ pub struct DiagnoseArgs {
     /// Also send a test notification to check the webhook is reachable.
     #[arg(long)]
     pub probe: bool,
+}
+
+/// `repair` options.
+#[derive(Debug, Args)]
+pub struct RepairArgs {
+    /// Also enable the service and the health and cleanup timers where an
+    /// administrator disabled them, and start the timers.
+    ///
+    /// Without it, repair says what is disabled and leaves it so. Either
+    /// way, a service stopped with `ai-cmd-executor stop` or `systemctl
+    /// stop` stays stopped until `ai-cmd-executor start`.
+    #[arg(long)]
+    pub enable: bool,
 }
 
 /// `status` options.
@@ -312,7 +325,7 @@ impl Cli {
             Command::GenerateAssets { dir } => commands::generate::run(&dir),
             Command::Health(a) => commands::health::health(&ctx, a),
             Command::Diagnose(a) => commands::health::diagnose(&ctx, a),
-            Command::Repair => commands::health::repair(&ctx),
+            Command::Repair(a) => commands::health::repair(&ctx, a),
             Command::Status(a) => commands::service::status(&ctx, a),
             Command::Start => commands::service::control(&ctx, commands::service::Action::Start),
             Command::Stop => commands::service::control(&ctx, commands::service::Action::Stop),

@@ -11,6 +11,7 @@ use serde_json::json;
 
 use super::{Ctx, Finding, Fix, Level, Scope, Supervision};
 use crate::client::{Client, Submission};
+use crate::install::ensure::StopMark;
 use crate::install::{CRON_FILE, LOCAL_BINARY, ensure};
 use crate::logging::message_id;
 use crate::spool::acl;
@@ -39,9 +40,18 @@ pub async fn run_checks(ctx: &Ctx, scope: Scope) -> Vec<Finding> {
         },
         Supervision::Cron => Err("cron mode".into()),
     };
+    let down = match (ctx.supervision, &service) {
+        (Supervision::Systemd, Ok(s)) => service_down(ctx, s, booted_at(ctx).await),
+        (Supervision::Systemd, Err(_)) => None,
+        (Supervision::Cron, _) => cron_down(ctx),
+    };
+    let held = match &down {
+        Some(Down::Held(h)) => Some(h),
+        _ => None,
+    };
     match ctx.supervision {
         Supervision::Systemd => {
-            out.extend(check_service(&service));
+            out.extend(check_service(&service, down.as_ref()));
             out.push(check_watchdog(&service));
             out.push(check_units_drift(&service));
             out.push(check_timers(ctx).await);
@@ -58,15 +68,249 @@ pub async fn run_checks(ctx: &Ctx, scope: Scope) -> Vec<Finding> {
         let _as_owner = crate::privilege::lower(ctx.spool.root()).ok().flatten();
         out.push(check_stale(ctx));
         out.push(check_stuck(ctx));
-        out.push(check_orphans(ctx));
+        out.push(check_orphans(ctx, held));
     }
     out.push(check_notifier(ctx));
     if scope == Scope::Full {
-        out.push(check_process(ctx, &service));
+        out.push(check_process(ctx, &service, held));
         out.push(check_journal());
-        out.push(check_probe(ctx, &service).await);
+        out.push(check_probe(ctx, &service, held).await);
     }
     out
+}
+
+/// Why the worker is down on purpose. The health timer and `repair` leave
+/// it so: only `ai-cmd-executor start` (or `repair --enable`, for a
+/// disabled service) changes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Hold {
+    /// Stopped by an administrator (`ai-cmd-executor stop`, `systemctl
+    /// stop`), since then when known.
+    Stopped(Option<Timestamp>),
+    /// The service is disabled and was not started since boot.
+    Disabled,
+}
+
+impl Hold {
+    /// What it is, for people: `stopped by an administrator since T`.
+    pub fn describe(&self) -> String {
+        match self {
+            Hold::Stopped(Some(t)) => format!(
+                "stopped by an administrator since {}",
+                humantime::format_rfc3339_seconds(t.0)
+            ),
+            Hold::Stopped(None) => "stopped by an administrator".into(),
+            Hold::Disabled => "disabled, and not started since boot".into(),
+        }
+    }
+
+    /// What resumes it, for people.
+    pub fn resume(&self) -> &'static str {
+        match self {
+            Hold::Stopped(_) => "`ai-cmd-executor start` resumes it",
+            Hold::Disabled => {
+                "`ai-cmd-executor start` starts it, and `ai-cmd-executor repair --enable` enables it at boot"
+            }
+        }
+    }
+}
+
+/// Why a service that ended cleanly (or a cron-mode worker) is not running.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Down {
+    /// On purpose: left so.
+    Held(Hold),
+    /// The worker stopped on a SIGTERM or SIGINT that did not come through
+    /// systemd (a job or a user signalled it): not a stop anyone asked of
+    /// the service, so it is started again. At this time, when known.
+    Signalled(Option<Timestamp>),
+}
+
+/// What the journal says about how the service's last run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Ending {
+    /// When systemd last ran a stop job for the unit (`systemctl stop`,
+    /// `ai-cmd-executor stop`, a shutdown), if it did.
+    pub stop_job: Option<Timestamp>,
+    /// The worker logged that a signal made it stop.
+    pub worker_signalled: bool,
+}
+
+/// A systemd wall-clock time (microseconds since the epoch; 0: none).
+fn realtime(usec: u64) -> Option<Timestamp> {
+    (usec != 0).then(|| Timestamp(SystemTime::UNIX_EPOCH + Duration::from_micros(usec)))
+}
+
+/// Whether a service that is not running was stopped on purpose: the
+/// decision, from what systemd says (`s`), the stop marker `stop` leaves
+/// (`mark`), and the journal since the last start, or since boot when
+/// systemd no longer knows the last start (`ending`, `None` when it could
+/// not be read). `None` when the service is not inactive after a clean end
+/// (running, failed, not installed), or is enabled and was not started or
+/// stopped since boot: then nothing is held and the usual fixes apply.
+///
+/// A clean stop (`inactive`, result `success`) is what `systemctl stop`
+/// and `ai-cmd-executor stop` leave; a crash, a watchdog kill or a failed
+/// start leave `failed`. One other way there looks the same on the bus: a
+/// SIGTERM sent to the worker by someone else (jobs run as the worker's
+/// user). The journal tells them apart: systemd records its stop job, and
+/// the worker records the signal. When the journal says nothing either way
+/// (not readable by this user, or rotated), the stop is taken as meant.
+///
+/// systemd unloads an inactive unit that nothing refers to (a disabled
+/// one), and with it the times of its last start and stop: then a stop
+/// marker or a stop job since boot still says it was stopped, and a
+/// disabled unit is held anyway.
+pub fn classify_down(
+    s: &ServiceInfo,
+    mark: Option<StopMark>,
+    ending: Option<Ending>,
+) -> Option<Down> {
+    if !ended_cleanly(s) {
+        return None;
+    }
+    let stop_job = ending.and_then(|e| e.stop_job);
+    let Some(started) = realtime(s.active_enter_timestamp) else {
+        let since = stop_job.into_iter().chain(mark.map(|m| m.since)).max();
+        return match since {
+            Some(t) => Some(Down::Held(Hold::Stopped(Some(t)))),
+            None => (s.unit.unit_file_state == "disabled").then_some(Down::Held(Hold::Disabled)),
+        };
+    };
+    let stopped = realtime(s.inactive_enter_timestamp);
+    // `ai-cmd-executor stop` since the last start (an older mark is stale:
+    // `systemctl start` does not remove it).
+    if let Some(m) = mark
+        && m.since >= started
+    {
+        return Some(Down::Held(Hold::Stopped(stopped.or(Some(m.since)))));
+    }
+    match ending {
+        Some(e) if e.worker_signalled && stop_job.is_none() => Some(Down::Signalled(stopped)),
+        _ => Some(Down::Held(Hold::Stopped(stopped))),
+    }
+}
+
+/// Loaded, and inactive after a clean end (or no run at all).
+fn ended_cleanly(s: &ServiceInfo) -> bool {
+    s.unit.load_state == "loaded" && s.unit.active_state == "inactive" && s.result == "success"
+}
+
+/// The service's [`Down`], reading the stop marker and the journal.
+/// `booted`: when this boot began.
+fn service_down(ctx: &Ctx, s: &ServiceInfo, booted: Option<Timestamp>) -> Option<Down> {
+    // Cheap first: most of the time the service runs.
+    if !ended_cleanly(s) {
+        return None;
+    }
+    // A mark from before this boot is stale, as is one from before the
+    // last start (see `classify_down`).
+    let mark = ensure::stop_mark(ctx.spool.root())
+        .ok()
+        .flatten()
+        .filter(|m| booted.is_none_or(|b| m.since >= b));
+    let since = realtime(s.active_enter_timestamp).or(booted);
+    classify_down(s, mark, since.and_then(journal_ending))
+}
+
+/// When this boot began: when systemd started (inside a container too,
+/// where the kernel's boot is older), else when the kernel booted.
+async fn booted_at(ctx: &Ctx) -> Option<Timestamp> {
+    if let Ok(bus) = ctx.bus()
+        && let Ok(usec) = bus.booted_at().await
+        && let Some(t) = realtime(usec)
+    {
+        return Some(t);
+    }
+    use nix::time::{ClockId, clock_gettime};
+    let up = clock_gettime(ClockId::CLOCK_BOOTTIME).ok()?;
+    let up = Duration::new(up.tv_sec().try_into().ok()?, up.tv_nsec().try_into().ok()?);
+    SystemTime::now().checked_sub(up).map(Timestamp)
+}
+
+/// A cron-mode worker held by the stop marker: none runs, and the marker
+/// is there.
+fn cron_down(ctx: &Ctx) -> Option<Down> {
+    if ensure::running_worker(ctx.spool.root())
+        .ok()
+        .flatten()
+        .is_some()
+    {
+        return None;
+    }
+    let mark = ensure::stop_mark(ctx.spool.root()).ok().flatten()?;
+    Some(Down::Held(Hold::Stopped(Some(mark.since))))
+}
+
+/// What the worker is held by, if it is: read afresh (the fixes use it
+/// just before they would start the service).
+pub async fn current_hold(ctx: &Ctx) -> Option<Hold> {
+    let down = match ctx.supervision {
+        Supervision::Systemd => {
+            let s = ctx.bus().ok()?.service_info(SERVICE).await.ok()?;
+            service_down(ctx, &s, booted_at(ctx).await)
+        }
+        Supervision::Cron => cron_down(ctx),
+    };
+    match down {
+        Some(Down::Held(h)) => Some(h),
+        _ => None,
+    }
+}
+
+/// What the journal says about how the run that started at `since` (the
+/// last start, or the boot when systemd no longer knows the last start)
+/// ended: entries that systemd and the worker write, matched on a field a
+/// job cannot forge where it matters (`_PID=1` for systemd's stop job).
+/// `None` when journalctl cannot be run.
+///
+/// By time, not `--boot`: a sandboxed caller (the health unit's
+/// `ProtectKernelTunables=`) may see another boot id than the journal's
+/// writers inside a container.
+fn journal_ending(since: Timestamp) -> Option<Ending> {
+    let since_usec = since
+        .0
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_micros() as u64;
+    let times = |matches: &[String]| -> Option<Vec<u64>> {
+        let out = Command::new("journalctl")
+            .args([
+                "--no-pager",
+                "-q",
+                "-o",
+                "json",
+                "--output-fields=__REALTIME_TIMESTAMP",
+            ])
+            .arg(format!("--since=@{}", since_usec / 1_000_000))
+            .args(matches)
+            .output()
+            .ok()?;
+        if !out.status.success() {
+            return None;
+        }
+        Some(
+            String::from_utf8_lossy(&out.stdout)
+                .lines()
+                .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+                .filter_map(|v| v["__REALTIME_TIMESTAMP"].as_str()?.parse::<u64>().ok())
+                .filter(|t| *t >= since_usec)
+                .collect(),
+        )
+    };
+    let stop_job = times(&[
+        "_PID=1".into(),
+        format!("UNIT={SERVICE}"),
+        "JOB_TYPE=stop".into(),
+    ])?;
+    let worker = times(&[
+        format!("_SYSTEMD_UNIT={SERVICE}"),
+        format!("MESSAGE_ID={}", message_id::WORKER_STOPPING),
+    ])?;
+    Some(Ending {
+        stop_job: stop_job.into_iter().max().and_then(realtime),
+        worker_signalled: !worker.is_empty(),
+    })
 }
 
 /// The service user: the unit's `User=`, else the cron file's, else the default.
@@ -101,15 +345,24 @@ fn unknown(id: &'static str, why: &str) -> Finding {
     Finding::new(id, Level::Unknown, format!("cannot check: {why}"))
 }
 
-fn check_service(service: &Result<ServiceInfo, String>) -> Vec<Finding> {
+fn check_service(service: &Result<ServiceInfo, String>, down: Option<&Down>) -> Vec<Finding> {
     let s = match service {
         Ok(s) => s,
         Err(e) => return vec![unknown("service.active", e), unknown("service.enabled", e)],
+    };
+    let held = match down {
+        Some(Down::Held(h)) => Some(h),
+        _ => None,
+    };
+    let stopped_since = match held {
+        Some(Hold::Stopped(Some(t))) => Some(*t),
+        _ => None,
     };
     let detail = json!({
         "load_state": s.unit.load_state, "active_state": s.unit.active_state, "sub_state": s.unit.sub_state,
         "result": s.result, "n_restarts": s.n_restarts, "main_pid": s.main_pid,
         "unit_file_state": s.unit.unit_file_state, "fragment_path": s.fragment_path,
+        "held": held.map(Hold::describe), "stopped_since": stopped_since,
     });
     let active = if s.unit.load_state != "loaded" {
         Finding::new(
@@ -162,6 +415,25 @@ fn check_service(service: &Result<ServiceInfo, String>) -> Vec<Finding> {
             Level::Warning,
             format!("{SERVICE} is {}", s.unit.active_state),
         )
+    } else if let Some(h) = held {
+        // No fix: neither the timer nor `repair` undoes an administrator's stop.
+        Finding::new(
+            "service.active",
+            Level::Warning,
+            format!("{SERVICE} was {}; {}", h.describe(), h.resume()),
+        )
+    } else if let Some(Down::Signalled(at)) = down {
+        Finding::new(
+            "service.active",
+            Level::Critical,
+            format!(
+                "{SERVICE} stopped{} on a signal that did not come through systemd \
+                 (a job or a user signalled the worker); `ai-cmd-executor stop` is how to keep it stopped",
+                at.map(|t| format!(" at {}", humantime::format_rfc3339_seconds(t.0)))
+                    .unwrap_or_default()
+            ),
+        )
+        .fix(Fix::StartService)
     } else {
         Finding::new(
             "service.active",
@@ -184,8 +456,12 @@ fn check_service(service: &Result<ServiceInfo, String>) -> Vec<Finding> {
         other => Finding::new(
             "service.enabled",
             Level::Warning,
-            format!("{SERVICE} does not start at boot ({other})"),
+            format!(
+                "{SERVICE} is {other}: it does not start at boot; `ai-cmd-executor repair --enable` \
+                 (or `systemctl enable {SERVICE}`) enables it"
+            ),
         )
+        // Applied only when asked: `repair --enable`.
         .fix(Fix::EnableUnits {
             units: vec![SERVICE.into()],
         }),
@@ -344,12 +620,19 @@ async fn check_timers(ctx: &Ctx) -> Finding {
                 detail.insert(t.into(), serde_json::to_value(&info).unwrap_or_default());
                 if info.unit.load_state != "loaded" {
                     problems.push(format!("{t} is not installed"));
-                } else if info.unit.unit_file_state != "enabled"
-                    || info.unit.active_state != "active"
-                {
+                } else if info.unit.unit_file_state != "enabled" {
                     problems.push(format!(
                         "{t} is {} and {}",
                         info.unit.unit_file_state, info.unit.active_state
+                    ));
+                    fix_units.push(t.to_owned());
+                } else if info.unit.active_state != "active" {
+                    problems.push(format!(
+                        "{t} is enabled but {}",
+                        match info.unit.active_state.as_str() {
+                            "inactive" => "stopped",
+                            other => other,
+                        }
                     ));
                     fix_units.push(t.to_owned());
                 } else if info.next_elapse_realtime == 0 && info.next_elapse_monotonic == 0 {
@@ -368,34 +651,75 @@ async fn check_timers(ctx: &Ctx) -> Finding {
         )
         .detail(detail)
     } else {
-        let f = Finding::new("timers", Level::Warning, problems.join("; ")).detail(detail);
         if fix_units.is_empty() {
-            f
-        } else {
-            f.fix(Fix::EnableUnits { units: fix_units })
+            return Finding::new("timers", Level::Warning, problems.join("; ")).detail(detail);
         }
+        // A disabled or stopped timer is an administrator's choice until
+        // shown otherwise: enabled only when asked.
+        let text = format!(
+            "{}; `ai-cmd-executor repair --enable` (or `systemctl enable --now {}`) enables and starts {}",
+            problems.join("; "),
+            fix_units.join(" "),
+            if fix_units.len() == 1 { "it" } else { "them" }
+        );
+        Finding::new("timers", Level::Warning, text)
+            .detail(detail)
+            .fix(Fix::EnableUnits { units: fix_units })
     }
 }
 
 fn check_cron(ctx: &Ctx) -> Finding {
     let file = Path::new(CRON_FILE).exists();
     let worker = ensure::running_worker(ctx.spool.root()).ok().flatten();
-    let detail = json!({"cron_file": file, "worker_pid": worker});
-    match (file, worker) {
-        (true, Some(pid)) => Finding::new(
+    let mark = ensure::stop_mark(ctx.spool.root());
+    let stopped = mark.as_ref().ok().copied().flatten().map(|m| m.since);
+    let detail = json!({"cron_file": file, "worker_pid": worker, "stopped_since": stopped});
+    let marker = ctx.spool.root().join(ensure::STOPPED_MARKER);
+    if let Err(e) = &mark {
+        return unknown(
+            "cron.fallback",
+            &format!(
+                "reading the stop marker {} (cron's ensure-running starts no worker while it cannot): {}",
+                marker.display(),
+                crate::error::chain(e.as_ref())
+            ),
+        )
+        .detail(detail);
+    }
+    let held = Hold::Stopped(stopped);
+    match (file, worker, stopped) {
+        (true, Some(pid), None) => Finding::new(
             "cron.fallback",
             Level::Ok,
             format!("cron fallback installed; worker pid {pid} running"),
         )
         .detail(detail),
-        (true, None) => Finding::new(
+        (true, Some(pid), Some(_)) => Finding::new(
+            "cron.fallback",
+            Level::Warning,
+            format!(
+                "worker pid {pid} runs, but {} says it was {}: cron will not restart it after a crash; \
+                 `ai-cmd-executor start` removes the marker",
+                marker.display(),
+                held.describe()
+            ),
+        )
+        .detail(detail),
+        // No fix: neither the timer nor `repair` undoes an administrator's stop.
+        (true, None, Some(_)) => Finding::new(
+            "cron.fallback",
+            Level::Warning,
+            format!("the worker was {}; {}", held.describe(), held.resume()),
+        )
+        .detail(detail),
+        (true, None, None) => Finding::new(
             "cron.fallback",
             Level::Critical,
             "no worker holds the spool lock (cron will start one within 5 minutes)",
         )
         .detail(detail)
         .fix(Fix::RestoreCronFallback),
-        (false, _) => Finding::new(
+        (false, _, _) => Finding::new(
             "cron.fallback",
             Level::Critical,
             format!("{CRON_FILE} is missing: nothing restarts the worker after a crash or reboot"),
@@ -640,7 +964,7 @@ pub fn orphans(ctx: &Ctx) -> Result<Vec<PathBuf>, SafeError> {
     Ok(out)
 }
 
-fn check_orphans(ctx: &Ctx) -> Finding {
+fn check_orphans(ctx: &Ctx, held: Option<&Hold>) -> Finding {
     match orphans(ctx) {
         Ok(v) if v.is_empty() => Finding::new(
             "spool.orphans",
@@ -655,9 +979,20 @@ fn check_orphans(ctx: &Ctx) -> Finding {
                 format!("{} file(s) in running/ have no live worker; a worker start records them interrupted", v.len()),
             )
             .detail(json!({"orphans": v.len(), "files": v}));
-            match ctx.supervision {
-                Supervision::Systemd => f.fix(Fix::RestartService),
-                Supervision::Cron => f.fix(Fix::RestoreCronFallback),
+            match (ctx.supervision, held) {
+                // Recovering them means starting a worker: not against an
+                // administrator's stop.
+                (_, Some(h)) => Finding {
+                    summary: format!(
+                        "{}; the worker was {}: {}",
+                        f.summary,
+                        h.describe(),
+                        h.resume()
+                    ),
+                    ..f
+                },
+                (Supervision::Systemd, None) => f.fix(Fix::RestartService),
+                (Supervision::Cron, None) => f.fix(Fix::RestoreCronFallback),
             }
         }
         Err(e) => unknown("spool.orphans", &format!("listing running/: {e}")),
@@ -706,7 +1041,7 @@ fn check_notifier(ctx: &Ctx) -> Finding {
     }
 }
 
-fn check_process(ctx: &Ctx, service: &Result<ServiceInfo, String>) -> Finding {
+fn check_process(ctx: &Ctx, service: &Result<ServiceInfo, String>, held: Option<&Hold>) -> Finding {
     let pid = match (ctx.supervision, service) {
         (Supervision::Systemd, Ok(s)) => s.main_pid,
         (Supervision::Systemd, Err(e)) => return unknown("service.process", e),
@@ -716,11 +1051,19 @@ fn check_process(ctx: &Ctx, service: &Result<ServiceInfo, String>) -> Finding {
             .unwrap_or(0) as u32,
     };
     if pid == 0 {
-        return Finding::new(
-            "service.process",
-            Level::Critical,
-            "no worker process is running",
-        );
+        return match held {
+            // Said once, by the service's (or cron's) own check.
+            Some(h) => Finding::new(
+                "service.process",
+                Level::Ok,
+                format!("no worker process: it was {}", h.describe()),
+            ),
+            None => Finding::new(
+                "service.process",
+                Level::Critical,
+                "no worker process is running",
+            ),
+        };
     }
     let mut sys = sysinfo::System::new();
     sys.refresh_processes(sysinfo::ProcessesToUpdate::All, true);
@@ -834,7 +1177,11 @@ fn check_journal() -> Finding {
     }
 }
 
-async fn check_probe(ctx: &Ctx, service: &Result<ServiceInfo, String>) -> Finding {
+async fn check_probe(
+    ctx: &Ctx,
+    service: &Result<ServiceInfo, String>,
+    held: Option<&Hold>,
+) -> Finding {
     let live = match ctx.supervision {
         Supervision::Systemd => service
             .as_ref()
@@ -845,11 +1192,18 @@ async fn check_probe(ctx: &Ctx, service: &Result<ServiceInfo, String>) -> Findin
             .is_some(),
     };
     if !live {
-        return Finding::new(
-            "probe.end_to_end",
-            Level::Critical,
-            "no worker is running, so no probe job was submitted",
-        );
+        return match held {
+            Some(h) => Finding::new(
+                "probe.end_to_end",
+                Level::Ok,
+                format!("no probe job: the worker was {}", h.describe()),
+            ),
+            None => Finding::new(
+                "probe.end_to_end",
+                Level::Critical,
+                "no worker is running, so no probe job was submitted",
+            ),
+        };
     }
     // Submitting and reading back is spool work any member could do: as
     // root, it is done as the spool's owner (see `crate::privilege`).
@@ -931,5 +1285,205 @@ async fn check_probe(ctx: &Ctx, service: &Result<ServiceInfo, String>) -> Findin
             Level::Critical,
             format!("the probe job did not finish: {}", crate::error::chain(&e)),
         ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STARTED: u64 = 1_796_000_000_000_000;
+    const STOPPED: u64 = 1_796_000_600_000_000;
+
+    fn at(usec: u64) -> Timestamp {
+        realtime(usec).unwrap()
+    }
+
+    /// A service as systemd shows it after a clean stop.
+    fn stopped_cleanly() -> ServiceInfo {
+        let mut s = ServiceInfo::default();
+        s.unit.load_state = "loaded".into();
+        s.unit.active_state = "inactive".into();
+        s.unit.sub_state = "dead".into();
+        s.unit.unit_file_state = "enabled".into();
+        s.result = "success".into();
+        s.active_enter_timestamp = STARTED;
+        s.inactive_enter_timestamp = STOPPED;
+        s
+    }
+
+    fn held_since(usec: u64) -> Option<Down> {
+        Some(Down::Held(Hold::Stopped(Some(at(usec)))))
+    }
+
+    #[test]
+    fn a_clean_stop_is_held_and_a_crash_is_not() {
+        let s = stopped_cleanly();
+        assert_eq!(classify_down(&s, None, None), held_since(STOPPED));
+        let stop_job = Ending {
+            stop_job: Some(at(STOPPED)),
+            worker_signalled: true,
+        };
+        assert_eq!(classify_down(&s, None, Some(stop_job)), held_since(STOPPED));
+        assert_eq!(
+            classify_down(&s, None, Some(Ending::default())),
+            held_since(STOPPED),
+            "nothing in the journal either way: the stop is taken as meant"
+        );
+        for (active, result) in [
+            ("failed", "signal"),
+            ("failed", "watchdog"),
+            ("failed", "start-limit-hit"),
+            ("active", "success"),
+            ("activating", "success"),
+            ("inactive", "exit-code"),
+        ] {
+            let mut f = stopped_cleanly();
+            f.unit.active_state = active.into();
+            f.result = result.into();
+            assert_eq!(classify_down(&f, None, None), None, "{active} {result}");
+        }
+        let mut gone = stopped_cleanly();
+        gone.unit.load_state = "not-found".into();
+        assert_eq!(classify_down(&gone, None, None), None);
+    }
+
+    #[test]
+    fn a_signal_from_outside_systemd_is_not_an_administrators_stop() {
+        let s = stopped_cleanly();
+        let signalled = Ending {
+            stop_job: None,
+            worker_signalled: true,
+        };
+        assert_eq!(
+            classify_down(&s, None, Some(signalled)),
+            Some(Down::Signalled(Some(at(STOPPED))))
+        );
+        // `ai-cmd-executor stop` afterwards: its mark makes it meant.
+        let mark = StopMark {
+            since: at(STOPPED + 60_000_000),
+        };
+        assert_eq!(
+            classify_down(&s, Some(mark), Some(signalled)),
+            held_since(STOPPED)
+        );
+        // A mark from before the last start is stale.
+        let stale = StopMark {
+            since: at(STARTED - 1),
+        };
+        assert_eq!(
+            classify_down(&s, Some(stale), Some(signalled)),
+            Some(Down::Signalled(Some(at(STOPPED))))
+        );
+    }
+
+    #[test]
+    fn a_service_not_started_since_boot_is_held_only_when_disabled() {
+        let mut s = stopped_cleanly();
+        s.active_enter_timestamp = 0;
+        s.inactive_enter_timestamp = 0;
+        assert_eq!(classify_down(&s, None, None), None, "enabled: start it");
+        s.unit.unit_file_state = "disabled".into();
+        assert_eq!(
+            classify_down(&s, None, None),
+            Some(Down::Held(Hold::Disabled))
+        );
+        let mark = StopMark { since: at(STARTED) };
+        s.unit.unit_file_state = "enabled".into();
+        assert_eq!(classify_down(&s, Some(mark), None), held_since(STARTED));
+    }
+
+    #[test]
+    fn a_stop_is_remembered_when_systemd_forgot_the_unit() {
+        // Disabled and stopped: systemd unloads it, and its times go.
+        let mut s = stopped_cleanly();
+        s.active_enter_timestamp = 0;
+        s.inactive_enter_timestamp = 0;
+        s.unit.unit_file_state = "disabled".into();
+        let ending = Ending {
+            stop_job: Some(at(STOPPED)),
+            worker_signalled: true,
+        };
+        assert_eq!(classify_down(&s, None, Some(ending)), held_since(STOPPED));
+        // Enabled again (`repair --enable`): still the stop of an administrator.
+        s.unit.unit_file_state = "enabled".into();
+        assert_eq!(classify_down(&s, None, Some(ending)), held_since(STOPPED));
+        let mark = StopMark {
+            since: at(STOPPED + 1),
+        };
+        assert_eq!(
+            classify_down(&s, Some(mark), Some(ending)),
+            held_since(STOPPED + 1),
+            "the later of the two"
+        );
+        assert_eq!(
+            classify_down(&s, None, Some(Ending::default())),
+            None,
+            "enabled, never started since boot: start it"
+        );
+    }
+
+    #[test]
+    fn a_held_service_is_a_warning_with_no_fix() {
+        let s = stopped_cleanly();
+        let down = classify_down(&s, None, None);
+        let f = check_service(&Ok(s.clone()), down.as_ref());
+        let active = &f[0];
+        assert_eq!(active.id, "service.active");
+        assert_eq!(active.level, Level::Warning);
+        assert_eq!(active.fix, None);
+        let since = humantime::format_rfc3339_seconds(at(STOPPED).0).to_string();
+        assert!(since.ends_with('Z'), "{since}");
+        assert_eq!(
+            active.summary,
+            format!(
+                "{SERVICE} was stopped by an administrator since {since}; `ai-cmd-executor start` resumes it"
+            )
+        );
+        assert_eq!(f[1].level, Level::Ok, "enabled: {}", f[1].summary);
+
+        let mut disabled = s.clone();
+        disabled.active_enter_timestamp = 0;
+        disabled.inactive_enter_timestamp = 0;
+        disabled.unit.unit_file_state = "disabled".into();
+        let down = classify_down(&disabled, None, None);
+        let f = check_service(&Ok(disabled), down.as_ref());
+        assert_eq!(f[0].level, Level::Warning);
+        assert_eq!(f[0].fix, None);
+        assert!(f[0].summary.contains("disabled"), "{}", f[0].summary);
+        assert_eq!(f[1].level, Level::Warning);
+        assert!(f[1].summary.contains("repair --enable"), "{}", f[1].summary);
+        assert_eq!(
+            f[1].fix,
+            Some(Fix::EnableUnits {
+                units: vec![SERVICE.into()]
+            })
+        );
+    }
+
+    #[test]
+    fn what_is_not_held_is_still_fixed() {
+        let s = stopped_cleanly();
+        let signalled = Some(Down::Signalled(Some(at(STOPPED))));
+        let f = check_service(&Ok(s.clone()), signalled.as_ref());
+        assert_eq!(f[0].level, Level::Critical);
+        assert_eq!(f[0].fix, Some(Fix::StartService));
+
+        let mut crashed = s.clone();
+        crashed.unit.active_state = "failed".into();
+        crashed.result = "signal".into();
+        let f = check_service(&Ok(crashed.clone()), None);
+        assert_eq!(f[0].level, Level::Critical);
+        assert_eq!(f[0].fix, Some(Fix::ResetFailedAndStart));
+
+        let mut never = s;
+        never.active_enter_timestamp = 0;
+        never.inactive_enter_timestamp = 0;
+        let f = check_service(
+            &Ok(never.clone()),
+            classify_down(&never, None, None).as_ref(),
+        );
+        assert_eq!(f[0].level, Level::Critical);
+        assert_eq!(f[0].fix, Some(Fix::StartService));
     }
 }

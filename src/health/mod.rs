@@ -76,7 +76,8 @@ pub enum Fix {
     ResetFailedAndStart,
     /// Restart the service (its start-up recovers `running/`).
     RestartService,
-    /// Enable (and start) these units.
+    /// Enable (and start) these units. Only `repair --enable` applies it:
+    /// a disabled unit is an administrator's choice.
     EnableUnits {
         /// The units.
         units: Vec<String>,
@@ -102,7 +103,10 @@ impl Fix {
             Fix::StartService => "start the service".into(),
             Fix::ResetFailedAndStart => "reset the failed state and start the service".into(),
             Fix::RestartService => "restart the service (recovers running/)".into(),
-            Fix::EnableUnits { units } => format!("enable and start {}", units.join(" ")),
+            Fix::EnableUnits { units } => format!(
+                "enable and start {} (only `repair --enable` does this)",
+                units.join(" ")
+            ),
             Fix::ReinstallUnits { files } => format!(
                 "re-install {} and restart",
                 files

@@ -7,7 +7,7 @@ use std::os::unix::process::CommandExt;
 
 use anyhow::Context;
 
-use super::checks::service_user;
+use super::checks::{Hold, current_hold, service_user};
 use super::{Ctx, Finding, Fix, Level, Scope, Supervision, run_checks, worst};
 use crate::install::{self, Report, ensure};
 use crate::notifier::{Event, Notifier};
@@ -30,12 +30,23 @@ fn rank(f: &Fix) -> u8 {
     }
 }
 
+/// What the fixes may do beyond what the health timer does.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct RepairOptions {
+    /// Enable (and start) the units that are disabled, and start the
+    /// timers that are stopped (`repair --enable`). Without it they are
+    /// reported and left: an administrator's `disable` stands.
+    pub enable: bool,
+}
+
 /// The fixes of the findings that are not OK, in order, without repeats.
-pub fn planned(findings: &[Finding]) -> Vec<Fix> {
+/// Enabling units is among them only when `opts` allow it.
+pub fn planned(findings: &[Finding], opts: RepairOptions) -> Vec<Fix> {
     let mut fixes: Vec<Fix> = findings
         .iter()
         .filter(|f| f.level != Level::Ok)
         .filter_map(|f| f.fix.clone())
+        .filter(|f| opts.enable || !matches!(f, Fix::EnableUnits { .. }))
         .collect();
     fixes.sort_by_key(rank);
     fixes.dedup();
@@ -82,10 +93,28 @@ pub async fn apply(ctx: &Ctx, fix: &Fix) -> anyhow::Result<String> {
             let names: Vec<&str> = units.iter().map(String::as_str).collect();
             bus.enable(&names).await?;
             bus.reload().await?;
+            // Enabling is about boot; a service an administrator stopped
+            // stays stopped until `start`.
+            let held = if names.contains(&SERVICE) {
+                current_hold(ctx).await
+            } else {
+                None
+            };
             for u in &names {
+                if *u == SERVICE && held.is_some() {
+                    continue;
+                }
                 bus.start(u).await?;
             }
-            Ok(format!("enabled and started {}", names.join(" ")))
+            Ok(match held {
+                Some(h) => format!(
+                    "enabled {}, and started all but {SERVICE}: it was {}; {}",
+                    names.join(" "),
+                    h.describe(),
+                    h.resume()
+                ),
+                None => format!("enabled and started {}", names.join(" ")),
+            })
         }
         Fix::ReinstallUnits { files } => {
             let mut report = Report::new(false);
@@ -94,16 +123,20 @@ pub async fn apply(ctx: &Ctx, fix: &Fix) -> anyhow::Result<String> {
             }
             let bus = ctx.bus().map_err(anyhow::Error::msg)?;
             bus.reload().await?;
+            let written = files
+                .iter()
+                .map(|(p, _)| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(" ");
+            if let Some(h) = current_hold(ctx).await {
+                return Ok(format!(
+                    "re-installed {written}; left {SERVICE} stopped: it was {}",
+                    h.describe()
+                ));
+            }
             bus.reset_failed(SERVICE).await.ok();
             bus.restart(SERVICE).await?;
-            Ok(format!(
-                "re-installed {} and restarted {SERVICE}",
-                files
-                    .iter()
-                    .map(|(p, _)| p.display().to_string())
-                    .collect::<Vec<_>>()
-                    .join(" ")
-            ))
+            Ok(format!("re-installed {written} and restarted {SERVICE}"))
         }
         Fix::RepairSpool => {
             let service = match ctx.bus() {
@@ -138,6 +171,8 @@ pub async fn apply(ctx: &Ctx, fix: &Fix) -> anyhow::Result<String> {
     }
 }
 
+/// Writes the cron file and starts a worker, unless an administrator
+/// stopped it (the stop marker): then only the file is written.
 fn restore_cron(ctx: &Ctx) -> anyhow::Result<String> {
     let user = service_user(&Err(String::new()));
     let binary = [
@@ -161,6 +196,14 @@ fn restore_cron(ctx: &Ctx) -> anyhow::Result<String> {
     )?;
     let pid = match ensure::running_worker(ctx.spool.root())? {
         Some(pid) => pid,
+        None if let Some(mark) = ensure::stop_mark(ctx.spool.root())? => {
+            let h = Hold::Stopped(Some(mark.since));
+            return Ok(format!(
+                "cron fallback in place; no worker started: it was {}; {}",
+                h.describe(),
+                h.resume()
+            ));
+        }
         None => {
             let u = nix::unistd::User::from_name(&user)?
                 .with_context(|| format!("user {user} does not exist"))?;
@@ -204,7 +247,8 @@ pub async fn check_and_fix(ctx: &Ctx, scope: Scope, fix: bool) -> (Vec<Finding>,
     if !fix {
         return (findings, Vec::new());
     }
-    let fixes = planned(&findings);
+    // The timer's `health --fix` (and `diagnose --fix`) never enable units.
+    let fixes = planned(&findings, RepairOptions::default());
     if fixes.is_empty() {
         return (findings, Vec::new());
     }
@@ -253,8 +297,9 @@ async fn settle(bus: &crate::systemd::bus::Systemd) -> String {
 }
 
 /// `repair`: the full sequence. Prints each step; returns whether all is
-/// well at the end.
-pub async fn repair(ctx: &Ctx) -> bool {
+/// well at the end (warnings are told, and are not failures: a service an
+/// administrator stopped or disabled is left so, and said to be).
+pub async fn repair(ctx: &Ctx, opts: RepairOptions) -> bool {
     let mut steps: Vec<String> = Vec::new();
     // Each step is printed and sent to the notifier as it happens; after
     // one failed send the rest are skipped, so a dead webhook costs a
@@ -297,7 +342,7 @@ pub async fn repair(ctx: &Ctx) -> bool {
     }
 
     // 2. Apply every available fix.
-    let fixes = planned(&findings);
+    let fixes = planned(&findings, opts);
     if fixes.is_empty() {
         step(2, "fix: nothing to fix".into(), &mut steps);
     }
@@ -317,12 +362,41 @@ pub async fn repair(ctx: &Ctx) -> bool {
     }
 
     // A service restarting (by a fix, or by systemd after a watchdog
-    // timeout) is given time to settle; one that ends up down is started.
+    // timeout) is given time to settle; one that ends up down is started,
+    // unless an administrator stopped it.
+    if ctx.supervision == Supervision::Cron
+        && let Some(h) = current_hold(ctx).await
+    {
+        step(
+            2,
+            format!(
+                "fix: left the worker stopped: it was {}; {}",
+                h.describe(),
+                h.resume()
+            ),
+            &mut steps,
+        );
+    }
     if ctx.supervision == Supervision::Systemd
         && let Ok(bus) = ctx.bus()
     {
         let state = settle(bus).await;
-        if state != "active" {
+        let held = if state == "active" {
+            None
+        } else {
+            current_hold(ctx).await
+        };
+        if let Some(h) = held {
+            step(
+                2,
+                format!(
+                    "fix: left {SERVICE} {state}: it was {}; {}",
+                    h.describe(),
+                    h.resume()
+                ),
+                &mut steps,
+            );
+        } else if state != "active" {
             match apply(ctx, &Fix::ResetFailedAndStart).await {
                 Ok(what) => step(
                     2,
@@ -346,12 +420,29 @@ pub async fn repair(ctx: &Ctx) -> bool {
     match ctx.supervision {
         Supervision::Systemd => match ctx.bus() {
             Ok(bus) => {
+                let held = current_hold(ctx).await;
                 match bus.service_info(SERVICE).await {
                     Ok(s) if s.watchdog_usec > 0 && s.unit.active_state == "active" => step(
                         3,
                         format!(
                             "watchdog: {SERVICE} is active with WatchdogSec={}s",
                             s.watchdog_usec / 1_000_000
+                        ),
+                        &mut steps,
+                    ),
+                    // systemd shows no watchdog (infinity) for a service
+                    // that has not run since it was loaded: the unit file
+                    // (`service.units`) says what it will be.
+                    Ok(s) if held.is_some() => step(
+                        3,
+                        format!(
+                            "watchdog: {SERVICE} is {}, so nothing runs under it ({})",
+                            s.unit.active_state,
+                            match s.watchdog_usec {
+                                0 => "WatchdogSec= is NOT set".to_owned(),
+                                u64::MAX => "its WatchdogSec= is read when it starts".to_owned(),
+                                us => format!("WatchdogSec={}s", us / 1_000_000),
+                            }
                         ),
                         &mut steps,
                     ),
@@ -390,6 +481,17 @@ pub async fn repair(ctx: &Ctx) -> bool {
                         "persistence: the service and both timers are enabled".into(),
                         &mut steps,
                     );
+                } else if !opts.enable {
+                    // An administrator's `disable` stands unless asked.
+                    step(
+                        4,
+                        format!(
+                            "persistence: left disabled: {}; `ai-cmd-executor repair --enable` enables {}",
+                            not_enabled.join(" "),
+                            if not_enabled.len() == 1 { "it" } else { "them" }
+                        ),
+                        &mut steps,
+                    );
                 } else {
                     let fix = Fix::EnableUnits { units: not_enabled };
                     match apply(ctx, &fix).await {
@@ -408,7 +510,7 @@ pub async fn repair(ctx: &Ctx) -> bool {
             }
         },
         Supervision::Cron => {
-            step(3, "watchdog: not available without systemd; cron's ensure-running restarts a dead worker".into(), &mut steps);
+            step(3, "watchdog: not available without systemd; cron's ensure-running restarts a dead worker (not one an administrator stopped)".into(), &mut steps);
             if Path::new(install::CRON_FILE).exists() {
                 step(
                     4,
@@ -447,8 +549,14 @@ pub async fn repair(ctx: &Ctx) -> bool {
         .filter(|f| matches!(f.level, Level::Critical | Level::Unknown))
         .collect();
     let ok = still.is_empty();
-    if ok {
+    let warned: Vec<&Finding> = after.iter().filter(|f| f.level == Level::Warning).collect();
+    if ok && warned.is_empty() {
         println!("repair: all is well ({})", worst(&after));
+    } else if ok {
+        println!("repair: nothing is broken; left as they are:");
+        for f in &warned {
+            println!("      {} {}: {}", f.level, f.id, f.summary);
+        }
     } else {
         println!("repair: still wrong:");
         for f in &still {
@@ -478,4 +586,33 @@ pub async fn repair(ctx: &Ctx) -> bool {
         );
     }
     ok
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn finding(id: &'static str, fix: Fix) -> Finding {
+        Finding::new(id, Level::Warning, "x").fix(fix)
+    }
+
+    #[test]
+    fn units_are_enabled_only_when_asked() {
+        let enable = Fix::EnableUnits {
+            units: vec![HEALTH_TIMER.into()],
+        };
+        let findings = [
+            finding("timers", enable.clone()),
+            finding("spool.layout", Fix::RepairSpool),
+        ];
+        assert_eq!(
+            planned(&findings, RepairOptions::default()),
+            vec![Fix::RepairSpool],
+            "the timer and a plain `repair` leave a disabled unit"
+        );
+        assert_eq!(
+            planned(&findings, RepairOptions { enable: true }),
+            vec![Fix::RepairSpool, enable]
+        );
+    }
 }

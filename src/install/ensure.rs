@@ -2,6 +2,10 @@
 //! `ps | grep`, decides whether a worker runs: the worker holds an
 //! exclusive lock on `<spool>/.worker.lock` for its whole life (and writes
 //! its pid there), so "the lock is held" means "a worker is alive".
+//!
+//! An administrator's `stop` leaves `<spool>/.stopped` (the time, RFC 3339),
+//! and `ensure-running` starts no worker while it is there: cron's call every
+//! five minutes respects the stop; `start` removes it.
 
 use std::fs::{File, OpenOptions, TryLockError};
 use std::io::{Read, Seek, Write};
@@ -14,6 +18,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, bail};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
+
+use crate::spool::Timestamp;
+use crate::spool::safe::SafeDir;
 
 const NOFOLLOW: i32 = nix::fcntl::OFlag::O_NOFOLLOW.bits();
 
@@ -148,20 +155,22 @@ fn holder_in(locks: &str, major: u64, minor: u64, ino: u64) -> Option<i32> {
     }
 }
 
-/// What `ensure-running` found or did.
+/// The name of the stop marker in the spool root.
+pub const STOPPED_MARKER: &str = ".stopped";
+
+/// The most the stop marker is read of: one line with a time.
+const MARKER_MAX: u64 = 256;
+
+/// An administrator's `stop`, as the stop marker records it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Ensured {
-    /// A worker was already running (its pid).
-    AlreadyRunning(i32),
-    /// A worker was started (its pid).
-    Started(i32),
+pub struct StopMark {
+    /// When the worker was stopped (the first `stop`, if there were more).
+    pub since: Timestamp,
 }
 
-/// Starts a detached worker on `spool` unless one holds the lock. Safe to
-/// call many times at once: calls are serialized by a second lock, and the
-/// worker lock itself admits one worker only.
-pub fn ensure_running(spool: &Path, config: Option<&Path>) -> anyhow::Result<Ensured> {
-    crate::spool::Spool::new(spool).ensure_layout()?;
+/// Takes the lock that serializes `ensure-running` calls (and the stop
+/// marker's creation against them); held until the file is dropped.
+fn serial_lock(spool: &Path) -> anyhow::Result<File> {
     let serial_path = spool.join(".ensure-running.lock");
     let serial = OpenOptions::new()
         .write(true)
@@ -174,9 +183,117 @@ pub fn ensure_running(spool: &Path, config: Option<&Path>) -> anyhow::Result<Ens
     serial
         .lock()
         .with_context(|| format!("locking {}", serial_path.display()))?;
+    Ok(serial)
+}
+
+/// Records an administrator's stop in `<spool>/.stopped`, unless one is
+/// recorded already (the first stop's time stands). Works as the spool's
+/// owner and follows no link: a link or anything but a regular file under
+/// that name is refused. Returns the mark in place.
+pub fn mark_stopped(spool: &Path) -> anyhow::Result<StopMark> {
+    let _as_owner = crate::privilege::lower(spool)?;
+    // An `ensure-running` that is starting a worker finishes first (and its
+    // worker is then seen and stopped); one that comes later sees the mark.
+    let _serial = serial_lock(spool)?;
+    if let Some(mark) = read_mark(spool)? {
+        return Ok(mark);
+    }
+    let dir = SafeDir::open(spool)?;
+    let since = Timestamp::now();
+    let mut file = dir.create_new(STOPPED_MARKER, 0o644)?;
+    let path = dir.join(STOPPED_MARKER);
+    file.write_all(format!("{since}\n").as_bytes())
+        .and_then(|()| file.sync_all())
+        .with_context(|| format!("writing {}", path.display()))?;
+    Ok(StopMark { since })
+}
+
+/// The administrator's stop recorded in `<spool>/.stopped`, if there is
+/// one. Read as the spool's owner, through no link.
+pub fn stop_mark(spool: &Path) -> anyhow::Result<Option<StopMark>> {
+    let _as_owner = crate::privilege::lower(spool)?;
+    read_mark(spool)
+}
+
+fn read_mark(spool: &Path) -> anyhow::Result<Option<StopMark>> {
+    let dir = match SafeDir::open(spool) {
+        Ok(d) => d,
+        Err(e) if e.is_not_found() => return Ok(None),
+        Err(e) => return Err(e.into()),
+    };
+    if dir.lstat(STOPPED_MARKER)?.is_none() {
+        return Ok(None);
+    }
+    let file = dir.open_file(STOPPED_MARKER)?;
+    let mut text = String::new();
+    let path = dir.join(STOPPED_MARKER);
+    (&file)
+        .take(MARKER_MAX)
+        .read_to_string(&mut text)
+        .with_context(|| format!("reading {}", path.display()))?;
+    Ok(Some(StopMark {
+        since: parse_mark(&text).unwrap_or_else(|| {
+            // Written by hand, or cut short: the file's own time.
+            Timestamp(
+                file.metadata()
+                    .and_then(|m| m.modified())
+                    .unwrap_or_else(|_| std::time::SystemTime::now()),
+            )
+        }),
+    }))
+}
+
+/// The time in a stop marker's text (its first line, RFC 3339).
+fn parse_mark(text: &str) -> Option<Timestamp> {
+    humantime::parse_rfc3339_weak(text.lines().next()?.trim())
+        .ok()
+        .map(Timestamp)
+}
+
+/// Removes the stop marker (the name itself, never what a link there
+/// points to), as the spool's owner. Returns whether there was one.
+pub fn clear_stopped(spool: &Path) -> anyhow::Result<bool> {
+    let _as_owner = crate::privilege::lower(spool)?;
+    let dir = match SafeDir::open(spool) {
+        Ok(d) => d,
+        Err(e) if e.is_not_found() => return Ok(false),
+        Err(e) => return Err(e.into()),
+    };
+    if dir.lstat(STOPPED_MARKER)?.is_none() {
+        return Ok(false);
+    }
+    match dir.remove_file(STOPPED_MARKER) {
+        Ok(()) => Ok(true),
+        Err(e) if e.is_not_found() => Ok(false),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// What `ensure-running` found or did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ensured {
+    /// A worker was already running (its pid).
+    AlreadyRunning(i32),
+    /// A worker was started (its pid).
+    Started(i32),
+    /// None runs, and none was started: an administrator stopped it
+    /// (`ai-cmd-executor start` resumes it).
+    Stopped(StopMark),
+}
+
+/// Starts a detached worker on `spool` unless one holds the lock, or an
+/// administrator stopped it (the stop marker). Safe to call many times at
+/// once: calls are serialized by a second lock, and the worker lock itself
+/// admits one worker only.
+pub fn ensure_running(spool: &Path, config: Option<&Path>) -> anyhow::Result<Ensured> {
+    crate::spool::Spool::new(spool).ensure_layout()?;
+    let _serial = serial_lock(spool)?;
 
     if let Some(pid) = running_worker(spool)? {
         return Ok(Ensured::AlreadyRunning(pid));
+    }
+    if let Some(mark) = read_mark(spool)? {
+        return Ok(Ensured::Stopped(mark));
     }
     let exe = std::env::current_exe().context("finding this program's path")?;
     let log_path = worker_log_path(spool);
@@ -293,6 +410,54 @@ mod tests {
         assert!(err.to_string().contains("not signalling"), "{err:#}");
         drop(lock);
         assert_eq!(lock_holder(&path).unwrap(), None);
+    }
+
+    #[test]
+    fn a_stop_is_marked_once_read_back_and_cleared() {
+        let d = tempfile::tempdir().unwrap();
+        assert_eq!(stop_mark(d.path()).unwrap(), None);
+        let first = mark_stopped(d.path()).unwrap();
+        assert_eq!(stop_mark(d.path()).unwrap(), Some(first));
+        // RFC 3339 on disk, for people too.
+        let text = std::fs::read_to_string(d.path().join(STOPPED_MARKER)).unwrap();
+        assert_eq!(parse_mark(&text), Some(first.since), "{text}");
+        // A second stop keeps the first one's time.
+        assert_eq!(mark_stopped(d.path()).unwrap(), first);
+        assert!(clear_stopped(d.path()).unwrap());
+        assert!(!clear_stopped(d.path()).unwrap());
+        assert_eq!(stop_mark(d.path()).unwrap(), None);
+        // A spool that is not there has no mark.
+        assert_eq!(stop_mark(&d.path().join("absent")).unwrap(), None);
+        assert!(!clear_stopped(&d.path().join("absent")).unwrap());
+    }
+
+    #[test]
+    fn a_marked_stop_keeps_ensure_running_from_starting_a_worker() {
+        let d = tempfile::tempdir().unwrap();
+        let mark = mark_stopped(d.path()).unwrap();
+        // It returns before it would start anything (this test binary).
+        assert_eq!(
+            ensure_running(d.path(), None).unwrap(),
+            Ensured::Stopped(mark)
+        );
+        assert_eq!(running_worker(d.path()).unwrap(), None);
+    }
+
+    #[test]
+    fn a_linked_stop_marker_is_refused_and_only_the_link_is_removed() {
+        let d = tempfile::tempdir().unwrap();
+        let target = d.path().join("target");
+        std::fs::write(&target, "keep").unwrap();
+        std::os::unix::fs::symlink(&target, d.path().join(STOPPED_MARKER)).unwrap();
+        assert!(stop_mark(d.path()).is_err());
+        assert!(mark_stopped(d.path()).is_err());
+        assert!(ensure_running(d.path(), None).is_err());
+        assert_eq!(std::fs::read_to_string(&target).unwrap(), "keep");
+        assert!(clear_stopped(d.path()).unwrap());
+        assert!(target.exists());
+        // Text that is no time: the file's own time stands in.
+        std::fs::write(d.path().join(STOPPED_MARKER), "by hand\n").unwrap();
+        assert!(stop_mark(d.path()).unwrap().is_some());
     }
 
     #[test]

@@ -117,6 +117,12 @@ pub struct ServiceInfo {
     pub watchdog_timestamp_monotonic: u64,
     /// CLOCK_MONOTONIC time it last became active (0: never).
     pub active_enter_timestamp_monotonic: u64,
+    /// Wall-clock time it last became active, microseconds since the
+    /// epoch (0: not since boot).
+    pub active_enter_timestamp: u64,
+    /// Wall-clock time it last became inactive (or failed), microseconds
+    /// since the epoch (0: not since boot).
+    pub inactive_enter_timestamp: u64,
     /// `User=`.
     pub user: String,
 }
@@ -260,6 +266,15 @@ impl Systemd {
             .await
             .map_err(call("subscribing to systemd signals"))?;
         Ok(Systemd { conn, manager })
+    }
+
+    /// When the service manager started (this boot, for systemd as PID 1;
+    /// also inside a container), wall clock, microseconds since the epoch.
+    pub async fn booted_at(&self) -> Result<u64, BusError> {
+        self.manager
+            .userspace_timestamp()
+            .await
+            .map_err(call("reading when systemd started"))
     }
 
     /// `Reload`: re-read unit files.
@@ -456,6 +471,8 @@ impl Systemd {
                 .active_enter_timestamp_monotonic()
                 .await
                 .unwrap_or_default(),
+            active_enter_timestamp: u.active_enter_timestamp().await.unwrap_or_default(),
+            inactive_enter_timestamp: u.inactive_enter_timestamp().await.unwrap_or_default(),
             user: s.user().await.unwrap_or_default(),
         })
     }

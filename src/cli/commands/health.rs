@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use super::Context;
-use crate::cli::{DiagnoseArgs, HealthArgs};
+use crate::cli::{DiagnoseArgs, HealthArgs, RepairArgs};
 use crate::health::{self, Ctx, Format, Scope, repair};
 
 /// Builds the diagnosis context from the global options. A configuration
@@ -57,10 +57,13 @@ pub fn diagnose(ctx: &Context, args: DiagnoseArgs) -> anyhow::Result<ExitCode> {
 }
 
 /// `repair`: the full sequence; non-zero if anything is still wrong.
-pub fn repair(ctx: &Context) -> anyhow::Result<ExitCode> {
+pub fn repair(ctx: &Context, args: RepairArgs) -> anyhow::Result<ExitCode> {
+    let opts = repair::RepairOptions {
+        enable: args.enable,
+    };
     super::block_on(async {
         let c = context(ctx, false).await;
-        Ok(if repair::repair(&c).await {
+        Ok(if repair::repair(&c, opts).await {
             ExitCode::SUCCESS
         } else {
             ExitCode::FAILURE

@@ -1,5 +1,6 @@
 //! `install`, `uninstall` and `ensure-running`.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 
 use super::Context;
@@ -42,7 +43,8 @@ pub fn uninstall(ctx: &Context, args: UninstallArgs) -> anyhow::Result<ExitCode>
     Ok(ExitCode::SUCCESS)
 }
 
-/// Starts a detached worker unless one runs; quiet when all is well.
+/// Starts a detached worker unless one runs or an administrator stopped
+/// it; quiet when all is well.
 pub fn ensure_running(ctx: &Context) -> anyhow::Result<ExitCode> {
     let loaded = ctx.load_config()?;
     let spool = ctx.spool_path(&loaded.config)?;
@@ -65,6 +67,15 @@ pub fn ensure_running(ctx: &Context) -> anyhow::Result<ExitCode> {
         ensure::Ensured::Started(pid) => {
             println!("started worker pid {pid} on {}", spool.display())
         }
+        // Cron calls this every five minutes: a stop it respects is no
+        // news to mail. A person at a terminal is told.
+        ensure::Ensured::Stopped(mark) if std::io::stderr().is_terminal() => eprintln!(
+            "not starting a worker on {}: it was stopped by an administrator since {}; \
+             `ai-cmd-executor start` resumes it",
+            spool.display(),
+            humantime::format_rfc3339_seconds(mark.since.0)
+        ),
+        ensure::Ensured::Stopped(_) => {}
     }
     Ok(ExitCode::SUCCESS)
 }

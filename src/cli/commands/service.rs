@@ -39,6 +39,12 @@ impl From<Action> for UnitAction {
 /// `start`/`stop`/`restart`: over D-Bus under systemd (waiting for the
 /// job's result), through the worker lock in cron mode. Exit 0 once the
 /// service is in the state asked for; an error that says why otherwise.
+///
+/// `stop` is a maintenance switch: the health timer, `repair` and (in cron
+/// mode) cron's `ensure-running` leave a stopped worker stopped until
+/// `start` (or `restart`). Under systemd the stop itself says so (a clean
+/// stop by a stop job); `stop` also leaves the spool's stop marker, which
+/// is all cron mode has, and `start` removes it.
 pub fn control(ctx: &Context, action: Action) -> anyhow::Result<ExitCode> {
     // One runtime for the whole command: the bus connection made while
     // building the context is used for the job and its result.
@@ -79,12 +85,32 @@ async fn control_systemd(c: &Ctx, action: Action) -> anyhow::Result<ExitCode> {
             after.describe()
         );
     }
+    let spool = c.spool.root();
+    // The marker is a second witness of the stop (systemd's record of the
+    // stop job is the first, and there is none when the service was down
+    // already); it counts only if it is newer than the last start, so a
+    // stop writes it afresh, and a start removes it.
+    let marked = match action {
+        Action::Stop => ensure::clear_stopped(spool)
+            .and_then(|_| ensure::mark_stopped(spool))
+            .map(|_| ()),
+        Action::Start | Action::Restart => ensure::clear_stopped(spool).map(|_| ()),
+    };
+    if let Err(e) = marked {
+        eprintln!(
+            "note: the stop marker {}: {}",
+            spool.join(ensure::STOPPED_MARKER).display(),
+            crate::error::chain(e.as_ref())
+        );
+    }
     let state = after.describe();
+    const KEPT: &str =
+        "the health timer and `repair` leave it stopped until `ai-cmd-executor start`";
     let line = match action {
         Action::Stop if before.main_pid != 0 => {
-            format!("stopped ({state}); pid {} is gone", before.main_pid)
+            format!("stopped ({state}); pid {} is gone; {KEPT}", before.main_pid)
         }
-        Action::Stop => format!("stopped ({state}); it was not running"),
+        Action::Stop => format!("stopped ({state}); it was not running; {KEPT}"),
         Action::Start if before.unit.active_state == "active" => {
             format!("already running ({state}), pid {}", after.main_pid)
         }
@@ -103,16 +129,51 @@ async fn control_systemd(c: &Ctx, action: Action) -> anyhow::Result<ExitCode> {
 /// service user.
 fn control_cron(c: &Ctx, action: Action) -> anyhow::Result<ExitCode> {
     let spool = c.spool.root();
+    let marker = || spool.join(ensure::STOPPED_MARKER);
     if matches!(action, Action::Stop | Action::Restart) {
-        if let Some(pid) = ensure::running_worker(spool)? {
+        let running = ensure::running_worker(spool)?;
+        if let Some(pid) = running {
             may_signal(pid, action)?;
         }
+        // Marked before the worker goes, so cron's next `ensure-running`
+        // cannot start another in between. A worker that runs now was
+        // started since any earlier mark: the stop is from now.
+        let mark = match action {
+            Action::Stop => Some(
+                running
+                    .map_or(Ok(false), |_| ensure::clear_stopped(spool))
+                    .and_then(|_| ensure::mark_stopped(spool))
+                    .with_context(|| {
+                        format!(
+                            "recording the stop in {} (needs root, or the user the worker runs as)",
+                            marker().display()
+                        )
+                    })?,
+            ),
+            _ => None,
+        };
         match ensure::stop_worker(spool)? {
             Some(pid) => println!("stopped worker pid {pid}"),
             None => println!("no worker was running"),
         }
+        if let Some(mark) = mark {
+            println!(
+                "stopped by an administrator since {}: cron's ensure-running, `health --fix` and \
+                 `repair` start no worker until `ai-cmd-executor start`",
+                humantime::format_rfc3339_seconds(mark.since.0)
+            );
+        }
     }
     if matches!(action, Action::Start | Action::Restart) {
+        let cleared = ensure::clear_stopped(spool).with_context(|| {
+            format!(
+                "removing the stop marker {} (needs root, or the user the worker runs as)",
+                marker().display()
+            )
+        })?;
+        if cleared {
+            println!("resumed: removed the stop marker {}", marker().display());
+        }
         start_as_service_user(spool)?;
     }
     Ok(ExitCode::SUCCESS)
@@ -187,7 +248,12 @@ pub fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<ExitCode> {
                     .ok()
                     .flatten()
                     .unwrap_or(0) as u32;
-                service = json!({"mode": "cron", "worker_running": pid != 0});
+                let stopped = ensure::stop_mark(c.spool.root())
+                    .ok()
+                    .flatten()
+                    .map(|m| humantime::format_rfc3339_seconds(m.since.0).to_string());
+                service =
+                    json!({"mode": "cron", "worker_running": pid != 0, "stopped_since": stopped});
             }
         }
         let list = client.list(None).unwrap_or_default();
@@ -223,8 +289,12 @@ pub fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<ExitCode> {
         }
         let s = &doc["service"];
         if s["mode"] == "cron" {
+            let stopped = s["stopped_since"]
+                .as_str()
+                .map(|t| format!(" (stopped by an administrator since {t})"))
+                .unwrap_or_default();
             println!(
-                "service:   cron fallback; worker {}",
+                "service:   cron fallback; worker {}{stopped}",
                 if pid != 0 {
                     format!("pid {pid} running")
                 } else {
