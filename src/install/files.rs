@@ -145,7 +145,7 @@ mod tests {
         };
         let cron = l.cron();
         assert!(
-            cron.contains("*/5 * * * *  runner [ -d /run/systemd/system ] || /usr/local/bin/ai-cmd-executor ensure-running"),
+            cron.contains("*/5 * * * *  runner [ -d /run/systemd/system ] || [ ! -x /usr/local/bin/ai-cmd-executor ] || /usr/local/bin/ai-cmd-executor ensure-running"),
             "{cron}"
         );
         assert!(cron.contains("@reboot      runner "), "{cron}");
@@ -183,5 +183,34 @@ mod tests {
         for line in CRON.lines().filter(|l| l.contains(SHIPPED_BINARY)) {
             assert!(line.contains("[ -d /run/systemd/system ] ||"), "{line}");
         }
+    }
+
+    /// After `apt remove` (the conffile stays) or with the binary gone,
+    /// every job line exits 0 rather than 127 (Debian Policy 9.5): each
+    /// line's command, run by sh as cron would, with the binary missing.
+    #[test]
+    fn cron_lines_exit_0_when_the_program_is_gone() {
+        let d = tempfile::tempdir().unwrap();
+        let local = Local {
+            binary: d.path().join("gone").display().to_string(),
+            user: "runner".into(),
+            spool: "/srv/spool".into(),
+        };
+        let mut n = 0;
+        for line in local.cron().lines().filter(|l| l.contains(&local.binary)) {
+            // The command is what follows the user field.
+            let user_at = if line.starts_with('@') { 1 } else { 5 };
+            let (_, end) = field_span(line, user_at).unwrap();
+            // Without the systemd guard, so the binary's is what is tried
+            // on any host.
+            let command = line[end..].replace("[ -d /run/systemd/system ] ||", "");
+            let status = std::process::Command::new("sh")
+                .args(["-c", &command])
+                .status()
+                .unwrap();
+            assert!(status.success(), "`{command}`: {status}");
+            n += 1;
+        }
+        assert_eq!(n, 3);
     }
 }

@@ -160,8 +160,46 @@ pub(crate) fn write_file(
     Ok(true)
 }
 
+/// The Debian package's name.
+pub const PACKAGE: &str = "ai-cmd-executor";
+
+/// Whether the Debian package is installed here (its units, cron file and
+/// spool set-up are dpkg's), from `dpkg-query`. A package removed but not
+/// purged (`config-files`), or no dpkg at all, counts as not installed.
+pub fn package_installed() -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f", "${db:Status-Status}", PACKAGE])
+        .output()
+        .is_ok_and(|o| {
+            let state = String::from_utf8_lossy(&o.stdout);
+            o.status.success() && !matches!(state.trim(), "" | "not-installed" | "config-files")
+        })
+}
+
+/// Whether dpkg counts `path` as a file of an installed (or removed but
+/// not purged) package, conffiles included.
+fn dpkg_owned(path: &Path) -> bool {
+    Command::new("dpkg-query")
+        .arg("-S")
+        .arg(path)
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
 /// Installs. Returns the number of changes.
+///
+/// Where the package is installed, it owns the units, the cron file and
+/// the spool's set-up, and `install` would shadow its units with copies in
+/// `/etc/systemd/system`: then it does nothing and says so.
 pub fn install(opts: &InstallOptions) -> anyhow::Result<usize> {
+    if opts.root.is_none() && package_installed() {
+        println!(
+            "the {PACKAGE} package is installed: its units, cron file and spool are managed by dpkg, \
+             so install changes nothing (`dpkg-reconfigure {PACKAGE}` re-runs the package's set-up; \
+             `ai-cmd-executor repair` fixes a broken installation)"
+        );
+        return Ok(0);
+    }
     let mode = resolve_mode(opts.mode)?;
     let live = opts.root.is_none() && !opts.dry_run;
     if live && !Uid::effective().is_root() {
@@ -548,12 +586,27 @@ pub fn uninstall(opts: &UninstallOptions) -> anyhow::Result<usize> {
     }
     let root = opts.root.clone().unwrap_or_else(|| PathBuf::from("/"));
     let mut report = Report::new(opts.dry_run);
+    // With the package installed, its service and spool stay: only what
+    // `install` itself wrote (copies of the units that shadow the
+    // package's, say) goes.
+    let packaged = opts.root.is_none() && package_installed();
+    if packaged && opts.purge {
+        bail!(
+            "the {PACKAGE} package is installed: its configuration and spool are dpkg's; \
+             purge them with `apt purge {PACKAGE}`"
+        );
+    }
     let unit_files: Vec<PathBuf> = crate::systemd::units::UNITS
         .iter()
         .map(|(n, _)| under(&root, &format!("{UNIT_DIR}/{n}")))
         .filter(|p| p.exists())
         .collect();
-    if !unit_files.is_empty() && opts.root.is_none() && crate::systemd::booted() {
+    if packaged {
+        println!(
+            "the {PACKAGE} package is installed: its service keeps running (apt remove stops it)"
+        );
+    }
+    if !packaged && !unit_files.is_empty() && opts.root.is_none() && crate::systemd::booted() {
         let dry = opts.dry_run;
         block_on(async {
             if dry {
@@ -576,7 +629,7 @@ pub fn uninstall(opts: &UninstallOptions) -> anyhow::Result<usize> {
             Ok(())
         })?;
     }
-    if under(&root, CRON_FILE).exists() && opts.root.is_none() {
+    if under(&root, CRON_FILE).exists() && opts.root.is_none() && !packaged {
         if opts.dry_run {
             report.change("stop the cron-started worker");
         } else if let Some(pid) = ensure::stop_worker(&opts.spool)? {
@@ -588,6 +641,15 @@ pub fn uninstall(opts: &UninstallOptions) -> anyhow::Result<usize> {
         remove.push(under(&root, f));
     }
     for p in remove {
+        // The package's files (the cron file is one of its conffiles) are
+        // dpkg's to remove.
+        if opts.root.is_none() && fs::symlink_metadata(&p).is_ok() && dpkg_owned(&p) {
+            println!(
+                "kept {}: it belongs to the {PACKAGE} package (apt remove or purge it)",
+                p.display()
+            );
+            continue;
+        }
         remove_path(&mut report, &p)?;
     }
     if opts.root.is_none() && !opts.dry_run && crate::systemd::booted() {
