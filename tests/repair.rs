@@ -147,7 +147,9 @@ fn each_breakage_is_diagnosed_and_repaired() {
 
     // A stop nobody asked of the service (an administrator's `stop` is
     // left alone: tests/maintenance.rs): the worker signalled from outside.
-    sb.ok(&format!("kill -TERM $(systemctl show -p MainPID --value {SERVICE})"));
+    sb.ok(&format!(
+        "kill -TERM $(systemctl show -p MainPID --value {SERVICE})"
+    ));
     sb.wait_until(
         "the signalled worker to stop",
         DEADLINE,
@@ -226,7 +228,9 @@ fn stale_pending_files_are_archived_and_old_logs_packed() {
     // The worker is down (signalled from outside systemd: not an
     // administrator's stop, which repair would leave) while five jobs wait
     // in pending/ past stale_pending_after.
-    sb.ok(&format!("kill -TERM $(systemctl show -p MainPID --value {SERVICE})"));
+    sb.ok(&format!(
+        "kill -TERM $(systemctl show -p MainPID --value {SERVICE})"
+    ));
     sb.wait_until(
         "the signalled worker to stop",
         DEADLINE,
