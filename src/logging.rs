@@ -11,6 +11,7 @@
 //! event field `cmd_id` becomes the journal field `CMD_ID`, and
 //! `journalctl CMD_ID=x` works as written.
 
+use std::borrow::Cow;
 use std::io::IsTerminal;
 
 use clap::ValueEnum;
@@ -33,6 +34,79 @@ pub mod message_id {
     pub const WORKER_READY: &str = "c5928de1160f44d3b4781b2bd42e1e4c";
     /// The worker is stopping.
     pub const WORKER_STOPPING: &str = "6d9dc82b228d4dd6889568ee5e1bcd0a";
+}
+
+/// How many bytes of a command the journal entries of its job quote
+/// ([`CommandDigest::excerpt`]).
+pub const CMD_EXCERPT_BYTES: usize = 200;
+
+/// What the journal entries of a job say about its command (a JSON job's
+/// `command`, or a `.sh` job's whole script): the `CMD` and `CMD_SHA256`
+/// fields of the audit trail.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandDigest {
+    /// The first [`CMD_EXCERPT_BYTES`] bytes of the command, cut at a
+    /// character boundary, on one line: control characters (and the
+    /// Unicode controls that reorder text) are escaped as in a Rust string
+    /// literal (`\n`, `\t`, `\u{1b}`), and so is the backslash, so that
+    /// the escapes are unambiguous. `…` follows when the command is longer.
+    pub excerpt: String,
+    /// The SHA-256 of the whole command's bytes, in lower-case hex: the same
+    /// command always has the same hash (`journalctl CMD_SHA256=…`).
+    pub sha256: String,
+}
+
+impl CommandDigest {
+    /// The digest of a command's bytes.
+    pub fn of(command: &[u8]) -> Self {
+        use sha2::Digest;
+        CommandDigest {
+            excerpt: excerpt(command, CMD_EXCERPT_BYTES),
+            sha256: hex(&sha2::Sha256::digest(command)),
+        }
+    }
+}
+
+/// The first `max` bytes of `command` (fewer, to end on a character
+/// boundary), escaped, with `…` if something was left out.
+fn excerpt(command: &[u8], max: usize) -> String {
+    let head = &command[..command.len().min(max)];
+    let text: Cow<'_, str> = match std::str::from_utf8(head) {
+        Ok(s) => s.into(),
+        // The cut fell inside a character: end before it.
+        Err(e) if e.error_len().is_none() => String::from_utf8_lossy(&head[..e.valid_up_to()]),
+        // Not UTF-8 (never so for a job the worker runs).
+        Err(_) => String::from_utf8_lossy(head),
+    };
+    let mut out = String::with_capacity(text.len() + 3);
+    for c in text.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            c if c.is_control() || reorders_text(c) => out.extend(c.escape_default()),
+            c => out.push(c),
+        }
+    }
+    if head.len() < command.len() {
+        out.push('…');
+    }
+    out
+}
+
+/// The Unicode bidirectional controls, which make text display in an
+/// order other than the one it is read in ("Trojan Source").
+fn reorders_text(c: char) -> bool {
+    matches!(c, '\u{061c}' | '\u{200e}' | '\u{200f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+}
+
+/// Lower-case hex.
+fn hex(bytes: &[u8]) -> String {
+    const DIGITS: &[u8; 16] = b"0123456789abcdef";
+    let mut s = String::with_capacity(bytes.len() * 2);
+    for b in bytes {
+        s.push(char::from(DIGITS[usize::from(b >> 4)]));
+        s.push(char::from(DIGITS[usize::from(b & 0xf)]));
+    }
+    s
 }
 
 /// Where log lines go.
@@ -84,5 +158,83 @@ pub fn init(default: &str, target: LogTarget) {
         builder.without_time().init();
     } else {
         builder.init();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn command_hashes_are_sha256_in_hex() {
+        // The FIPS 180-2 examples.
+        assert_eq!(
+            CommandDigest::of(b"").sha256,
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+        assert_eq!(
+            CommandDigest::of(b"abc").sha256,
+            "ba7816bf8f01cfea414140de5dae2223b00361a396177a9cb410ff61f20015ad"
+        );
+        // The hash covers the whole command, not the excerpt.
+        let long = "x".repeat(1000);
+        let longer = format!("{long}y");
+        assert_eq!(
+            CommandDigest::of(long.as_bytes()).excerpt,
+            CommandDigest::of(longer.as_bytes()).excerpt
+        );
+        assert_ne!(
+            CommandDigest::of(long.as_bytes()).sha256,
+            CommandDigest::of(longer.as_bytes()).sha256
+        );
+    }
+
+    #[test]
+    fn short_commands_are_quoted_whole() {
+        let d = CommandDigest::of(b"cargo build --release");
+        assert_eq!(d.excerpt, "cargo build --release");
+        let exact = "a".repeat(CMD_EXCERPT_BYTES);
+        assert_eq!(CommandDigest::of(exact.as_bytes()).excerpt, exact);
+    }
+
+    #[test]
+    fn long_commands_are_cut_at_200_bytes_on_a_character_boundary() {
+        let long = "a".repeat(CMD_EXCERPT_BYTES + 1);
+        let d = CommandDigest::of(long.as_bytes());
+        assert_eq!(d.excerpt, format!("{}…", "a".repeat(CMD_EXCERPT_BYTES)));
+
+        // "é" is two bytes: byte 200 falls inside the hundredth one, which
+        // is left out whole.
+        let accents = format!("a{}", "é".repeat(150));
+        let d = CommandDigest::of(accents.as_bytes());
+        assert_eq!(d.excerpt, format!("a{}…", "é".repeat(99)));
+        // A four-byte character straddling the cut.
+        let emoji = format!("{}🦀🦀", "a".repeat(CMD_EXCERPT_BYTES - 2));
+        let d = CommandDigest::of(emoji.as_bytes());
+        assert_eq!(d.excerpt, format!("{}…", "a".repeat(CMD_EXCERPT_BYTES - 2)));
+    }
+
+    #[test]
+    fn control_characters_are_escaped() {
+        let d = CommandDigest::of(b"echo a\tb\r\nprintf '\x1b[31m\\n' \x7f");
+        assert_eq!(d.excerpt, r"echo a\tb\r\nprintf '\u{1b}[31m\\n' \u{7f}");
+        assert!(!d.excerpt.chars().any(char::is_control), "{}", d.excerpt);
+        // Text-reordering controls too; other non-ASCII text is kept.
+        let d = CommandDigest::of("echo \u{202e}ʇxǝʇ \u{2066}ok\u{2069} ünïcode".as_bytes());
+        assert_eq!(d.excerpt, r"echo \u{202e}ʇxǝʇ \u{2066}ok\u{2069} ünïcode");
+        // The cut is made on the command, before escaping: 200 bytes of
+        // newlines are quoted whole, as 400 bytes of escapes.
+        let newlines = "\n".repeat(CMD_EXCERPT_BYTES);
+        assert_eq!(
+            CommandDigest::of(newlines.as_bytes()).excerpt,
+            r"\n".repeat(CMD_EXCERPT_BYTES)
+        );
+    }
+
+    #[test]
+    fn bytes_that_are_not_utf8_do_not_panic() {
+        let d = CommandDigest::of(b"echo \xff\xfe");
+        assert_eq!(d.excerpt, "echo \u{fffd}\u{fffd}");
+        assert_eq!(d.sha256.len(), 64);
     }
 }

@@ -39,7 +39,8 @@ fn result_record_has_every_contract_field() {
             "output_truncated",
             "signal",
             "started_at",
-            "status"
+            "status",
+            "submitted_by"
         ]
     );
     assert_eq!(r["id"], "fields");

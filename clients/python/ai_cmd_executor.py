@@ -62,10 +62,15 @@ SUBDIRS = ("tmp", "pending", "running", "completed", "logs", "archive")
 JOB_SUFFIXES = (".json", ".sh")
 #: Possible values of a result's ``"status"``.
 STATUSES = frozenset({"succeeded", "failed", "timed_out", "interrupted", "rejected"})
-#: The exact key set of a result file.
+#: The exact key set of a result (as returned by :func:`check_results`,
+#: :func:`wait` and :meth:`Spool.read_result`).  ``"submitted_by"`` is
+#: ``{"uid": int, "name": str or None}`` (the owner of the job file), or
+#: None when unknown; a result file written by a worker older than that key
+#: lacks it and is read with ``"submitted_by": None``.
 RESULT_KEYS = frozenset({
     "id", "status", "exit_code", "signal", "started_at", "finished_at",
     "duration_ms", "log", "output_truncated", "error", "attempt",
+    "submitted_by",
 })
 #: Allowed values of a job's ``"on_interrupt"``.
 ON_INTERRUPT_VALUES = ("fail", "retry")
@@ -390,14 +395,18 @@ class Spool:
 
         This is the latest finished run of *cmd_id*, even if a newer run is
         queued or running right now (see :meth:`result` for the done-ness
-        aware variant).
+        aware variant).  A result written before ``"submitted_by"`` existed
+        is returned with ``"submitted_by": None``.
         """
         try:
             with open(self.result_path(cmd_id), "rb") as f:
                 raw = f.read()
         except FileNotFoundError:
             return None
-        return json.loads(raw.decode("utf-8"))
+        result = json.loads(raw.decode("utf-8"))
+        if isinstance(result, dict):
+            result.setdefault("submitted_by", None)
+        return result
 
     def _finished(
         self, cmd_id: str, not_before: Optional[float]

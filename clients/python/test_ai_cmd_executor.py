@@ -87,6 +87,7 @@ class FakeWorker:
             "output_truncated": False,
             "error": None,
             "attempt": 1,
+            "submitted_by": {"uid": os.geteuid(), "name": None},
         }
         result.update(overrides)
         tmp = os.path.join(self.root, "tmp", ".result-%s" % cmd_id)
@@ -426,6 +427,19 @@ class ResultsAndLogsTest(SpoolTestCase):
         self.assertEqual(got["exit_code"], 3)
         self.assertEqual(ace.get_state("done", spool=self.root), "completed")
 
+    def test_check_results_written_before_submitted_by(self) -> None:
+        """A result without "submitted_by" (an older worker's) reads with it None."""
+        worker = FakeWorker(self.root)
+        written = worker.write_result("old")
+        path = os.path.join(self.root, "completed", "old.json")
+        del written["submitted_by"]
+        with open(path, "w") as f:
+            json.dump(written, f)
+        got = ace.check_results("old", spool=self.root)
+        self.assertEqual(set(got), ace.RESULT_KEYS)
+        self.assertIsNone(got["submitted_by"])
+        self.assertEqual(dict(got, submitted_by=None), dict(written, submitted_by=None))
+
     def test_check_results_none_while_rerun_queued_or_running(self) -> None:
         """While a new run of a reused id is pending or running, the old result is hidden."""
         worker = FakeWorker(self.root)
@@ -701,6 +715,9 @@ class EndToEndTest(unittest.TestCase):
         self.assertIsInstance(result["output_truncated"], bool)
         self.assertIsInstance(result["attempt"], int)
         self.assertGreaterEqual(result["attempt"], 1)
+        # This process wrote the job file, so it is the submitter.
+        self.assertEqual(result["submitted_by"]["uid"], os.geteuid(), result)
+        self.assertIn("name", result["submitted_by"], result)
 
     def test_failed_job(self) -> None:
         """``echo hello; exit 3`` fails with exit code 3 and logs hello."""

@@ -549,6 +549,7 @@ mod tests {
             output_truncated: false,
             error: None,
             attempt: 1,
+            submitted_by: None,
         };
         spool.write_result(&r).unwrap();
         assert_eq!(spool.read_result(&id).unwrap().unwrap(), r);

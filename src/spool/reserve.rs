@@ -126,6 +126,7 @@ mod tests {
             output_truncated: false,
             error: None,
             attempt: 1,
+            submitted_by: None,
         }
     }
 

@@ -108,6 +108,16 @@ impl<'de> Deserialize<'de> for Timestamp {
     }
 }
 
+/// Who submitted a job: the owner of its job file, as the worker found it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Submitter {
+    /// The owner's uid.
+    pub uid: u32,
+    /// The owner's user name; `None` (`null`) when the uid has none.
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
 /// The result record of one run, as the contract defines it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobResult {
@@ -133,6 +143,11 @@ pub struct JobResult {
     pub error: Option<String>,
     /// Which run this was (1 for the first).
     pub attempt: u32,
+    /// Who submitted the job (the owner of its job file); `None` when that
+    /// is not known: a file that could not be inspected, or a result
+    /// written before the field existed (it reads as `None`).
+    #[serde(default)]
+    pub submitted_by: Option<Submitter>,
 }
 
 impl JobResult {
@@ -188,6 +203,10 @@ mod tests {
             output_truncated: false,
             error: Some("timed out".into()),
             attempt: 1,
+            submitted_by: Some(Submitter {
+                uid: 1000,
+                name: Some("alice".into()),
+            }),
         };
         let v: serde_json::Value = serde_json::to_value(&r).unwrap();
         let keys: Vec<_> = v.as_object().unwrap().keys().cloned().collect();
@@ -203,6 +222,7 @@ mod tests {
             "signal",
             "started_at",
             "status",
+            "submitted_by",
         ];
         want.sort();
         let mut got = keys.clone();
@@ -210,6 +230,10 @@ mod tests {
         assert_eq!(got, want);
         assert_eq!(v["status"], "timed_out");
         assert_eq!(v["started_at"], "2026-11-18T11:06:40.000000Z");
+        assert_eq!(
+            v["submitted_by"],
+            serde_json::json!({"uid": 1000, "name": "alice"})
+        );
         let back: JobResult = serde_json::from_value(v).unwrap();
         assert_eq!(back, r);
         assert_eq!(r.shell_exit_code(), 124);
@@ -230,6 +254,7 @@ mod tests {
             output_truncated: false,
             error: None,
             attempt: 1,
+            submitted_by: None,
         };
         assert_eq!(mk(Status::Succeeded, Some(0), None).shell_exit_code(), 0);
         assert_eq!(mk(Status::Failed, Some(3), None).shell_exit_code(), 3);
@@ -239,5 +264,56 @@ mod tests {
         );
         assert_eq!(mk(Status::Rejected, None, None).shell_exit_code(), 126);
         assert_eq!(mk(Status::Interrupted, None, None).shell_exit_code(), 130);
+    }
+
+    /// A result written before `submitted_by` existed (this is one, as
+    /// written then) still reads, with no submitter; an unknown name reads
+    /// as `null` or as an absent key.
+    #[test]
+    fn results_without_a_submitter_still_load() {
+        let old = r#"{
+  "id": "build-7",
+  "status": "succeeded",
+  "exit_code": 0,
+  "signal": null,
+  "started_at": "2026-11-26T19:33:09.123456Z",
+  "finished_at": "2026-11-26T19:33:10.123456Z",
+  "duration_ms": 1000,
+  "log": "logs/87/build-7@20261126T193309.123456Z.log",
+  "output_truncated": false,
+  "error": null,
+  "attempt": 1
+}"#;
+        let r: JobResult = serde_json::from_str(old).unwrap();
+        assert_eq!(r.submitted_by, None);
+        assert_eq!(r.shell_exit_code(), 0);
+
+        for submitter in [r#"{"uid": 65534, "name": null}"#, r#"{"uid": 65534}"#] {
+            let text = old.replace(
+                "\"attempt\": 1",
+                &format!("\"attempt\": 1, \"submitted_by\": {submitter}"),
+            );
+            let r: JobResult = serde_json::from_str(&text).unwrap();
+            assert_eq!(
+                r.submitted_by,
+                Some(Submitter {
+                    uid: 65534,
+                    name: None
+                })
+            );
+        }
+        let r = JobResult {
+            submitted_by: Some(Submitter {
+                uid: 65534,
+                name: None,
+            }),
+            ..r
+        };
+        let v = serde_json::to_value(&r).unwrap();
+        assert_eq!(
+            v["submitted_by"],
+            serde_json::json!({"uid": 65534, "name": null}),
+            "an unknown name is written as null, so the keys never vary"
+        );
     }
 }

@@ -12,7 +12,7 @@ use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::{self, Read};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, PoisonError};
+use std::sync::{Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use tracing::{debug, error, info, warn};
@@ -20,8 +20,9 @@ use tracing::{debug, error, info, warn};
 use super::exec;
 use super::spawn::Spawner;
 use crate::config::Config;
-use crate::logging::message_id;
-use crate::spool::job::{Job, JobError};
+use crate::logging::{CommandDigest, message_id};
+use crate::spool::job::{Job, JobBody, JobError};
+use crate::spool::result::Submitter;
 use crate::spool::{JobId, JobKind, Spool, Timestamp, move_into, open_job_file, rename_noreplace};
 
 /// What a claim needs from the worker; rebuilt when the configuration is
@@ -62,6 +63,8 @@ pub(super) struct Started {
     pub lock: File,
     /// When the spawn began (for the overdue check).
     pub began: Instant,
+    /// What it runs, for the journal entry of its end.
+    pub command: CommandDigest,
 }
 
 /// What became of a claim.
@@ -75,6 +78,8 @@ pub(super) enum Claim {
         id: JobId,
         reason: String,
         stuck: Option<PathBuf>,
+        /// The owner of the file, if it could be inspected.
+        submitter: Option<Submitter>,
     },
     /// Gone from `pending/` before it could be read (queued at `since`).
     Vanished {
@@ -120,10 +125,10 @@ pub(super) fn claim(
             return Claim::Vanished { id, name, since };
         }
         Err(e) if e.raw_os_error() == Some(nix::libc::ELOOP) => {
-            return reject_type(ctx, id, &path, "a symbolic link");
+            return reject_type(ctx, id, &path, "a symbolic link", None);
         }
         Err(e) if e.raw_os_error() == Some(nix::libc::ENXIO) => {
-            return reject_type(ctx, id, &path, NOT_REGULAR);
+            return reject_type(ctx, id, &path, NOT_REGULAR, None);
         }
         Err(e) => match fs::symlink_metadata(&path) {
             Err(e) if e.kind() == io::ErrorKind::NotFound => {
@@ -136,18 +141,27 @@ pub(super) fn claim(
                 error!(cmd_id = %id, "cannot inspect {}: {e}; claiming paused, retrying", path.display());
                 return Claim::Retry { id, name, since };
             }
-            Ok(_) => return reject(ctx, id, &path, format!("cannot open the job file: {e}")),
+            Ok(_) => {
+                let why = format!("cannot open the job file: {e}");
+                return reject(ctx, id, &path, why, None);
+            }
         },
     };
     let meta = match file.metadata() {
         Ok(m) => m,
-        Err(e) => return reject(ctx, id, &path, format!("cannot inspect the job file: {e}")),
+        Err(e) => {
+            let why = format!("cannot inspect the job file: {e}");
+            return reject(ctx, id, &path, why, None);
+        }
     };
+    // The submitter is the file's owner, from the fstat just made; the
+    // name comes from a cache.
+    let (submitter, allowed) = ctx.submitters.owner(meta.uid());
     if meta.is_dir() {
-        return reject_type(ctx, id, &path, "a directory");
+        return reject_type(ctx, id, &path, "a directory", Some(submitter));
     }
     if !meta.is_file() {
-        return reject_type(ctx, id, &path, NOT_REGULAR);
+        return reject_type(ctx, id, &path, NOT_REGULAR, Some(submitter));
     }
     match file.try_lock() {
         Ok(()) => {}
@@ -166,10 +180,11 @@ pub(super) fn claim(
                 size,
                 max: ctx.max_job_bytes,
             };
-            return reject(ctx, id, &path, e.to_string());
+            return reject(ctx, id, &path, e.to_string(), Some(submitter));
         }
         Err(ReadError::Io(e)) => {
-            return reject(ctx, id, &path, format!("cannot read the job file: {e}"));
+            let why = format!("cannot read the job file: {e}");
+            return reject(ctx, id, &path, why, Some(submitter));
         }
     };
     let job = match Job::parse(kind, &bytes) {
@@ -178,11 +193,11 @@ pub(super) fn claim(
             debug!(cmd_id = %id, "{} does not parse yet and was just written; waiting for its writer", path.display());
             return Claim::NotYet { id };
         }
-        Err(e) => return reject(ctx, id, &path, e.to_string()),
+        Err(e) => return reject(ctx, id, &path, e.to_string(), Some(submitter)),
     };
-    let refused = ctx.submitters.refuse(&meta);
-    if let Some(why) = refused {
-        return reject(ctx, id, &path, why);
+    if !allowed {
+        let why = ctx.submitters.refusal(submitter.uid);
+        return reject(ctx, id, &path, why, Some(submitter));
     }
     let (log, log_path) = match create_log(&ctx.spool, &id) {
         Ok(x) => x,
@@ -226,11 +241,14 @@ pub(super) fn claim(
         log_max_bytes: ctx.log_max_bytes,
         started_at: Timestamp::now(),
         t0: Instant::now(),
+        submitted_by: Some(submitter),
     };
     let began = run.t0;
     let spawned = exec::spawn(&run, &ctx.spawner);
-    // Logged once the job runs: the line costs the slot some CPU, and the
-    // job need not wait for it.
+    // Digested and logged once the job runs: it costs the slot some CPU,
+    // and the job need not wait for it.
+    let command = digest(&run.job, &bytes);
+    let submitter = run.submitted_by.as_ref();
     info!(
         message_id = message_id::JOB_STARTED,
         cmd_id = %run.id,
@@ -239,26 +257,43 @@ pub(super) fn claim(
         duration_ms = 0,
         attempt = run.job.attempt,
         kind = kind.extension(),
-        "job started"
+        submitter_uid = submitter.map(|s| s.uid),
+        submitter = submitter.and_then(|s| s.name.as_deref()),
+        cmd = command.excerpt.as_str(),
+        cmd_sha256 = command.sha256.as_str(),
+        "job {} started",
+        run.id
     );
     Claim::Started(Box::new(Started {
         run,
         spawned,
         lock: file,
         began,
+        command,
     }))
+}
+
+/// The digest of what a job runs: a JSON job's `command`, or a script
+/// job's whole file (`file`, the bytes it was parsed from).
+pub(super) fn digest(job: &Job, file: &[u8]) -> CommandDigest {
+    match &job.body {
+        JobBody::Command(command) => CommandDigest::of(command.as_bytes()),
+        JobBody::Script => CommandDigest::of(file),
+    }
 }
 
 const NOT_REGULAR: &str = "not a regular file (FIFO, socket or device)";
 
 /// Rejects a job file that is not a regular file.
-fn reject_type(ctx: &ClaimCtx, id: JobId, path: &Path, what: &str) -> Claim {
-    reject(
-        ctx,
-        id,
-        path,
-        format!("the job file is {what}; only regular files are accepted"),
-    )
+fn reject_type(
+    ctx: &ClaimCtx,
+    id: JobId,
+    path: &Path,
+    what: &str,
+    submitter: Option<Submitter>,
+) -> Claim {
+    let why = format!("the job file is {what}; only regular files are accepted");
+    reject(ctx, id, path, why, submitter)
 }
 
 /// How recently a file a rescan found must have changed for a parse
@@ -282,7 +317,13 @@ fn changed_within(meta: &fs::Metadata, age: Duration) -> bool {
 /// within `pending/`, to `.<name>.unmovable-<stamp>`, which frees its id;
 /// the rescans pass over it and `diagnose` lists it. Either way the id gets
 /// its one `rejected` result.
-fn reject(ctx: &ClaimCtx, id: JobId, path: &Path, reason: String) -> Claim {
+fn reject(
+    ctx: &ClaimCtx,
+    id: JobId,
+    path: &Path,
+    reason: String,
+    submitter: Option<Submitter>,
+) -> Claim {
     let e = match move_into(path, &ctx.spool.archive_rejected()) {
         Ok(dest) => {
             debug!(cmd_id = %id, "rejected job file kept as {}", ctx.spool.relative(&dest));
@@ -290,6 +331,7 @@ fn reject(ctx: &ClaimCtx, id: JobId, path: &Path, reason: String) -> Claim {
                 id,
                 reason,
                 stuck: None,
+                submitter,
             };
         }
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Claim::Dropped { id },
@@ -324,6 +366,7 @@ fn reject(ctx: &ClaimCtx, id: JobId, path: &Path, reason: String) -> Claim {
         id,
         reason,
         stuck: Some(left),
+        submitter,
     }
 }
 
@@ -386,12 +429,25 @@ fn read_file(file: &mut File, meta: &fs::Metadata, max: u64) -> Result<Vec<u8>, 
     Ok(bytes)
 }
 
-/// The `submit_group` rule: job files must be owned by root, by the
-/// worker's own user, or by a member of the group. Decisions are cached per
-/// owner, so the user database is asked once per uid.
+/// Who submits the jobs: the owners of their files, with their user names,
+/// and the `submit_group` rule: when it is set, job files must be owned by
+/// root, by the worker's own user, or by a member of the group.
+///
+/// The user database is asked once per uid, and the answer (the name and
+/// the decision) kept for as long as the configuration (a reload starts
+/// afresh, so a user added since is named after `systemctl reload`): the
+/// worker claims up to thousands of jobs a second, and a lookup may cost
+/// a file read or an NSS round trip.
 pub(super) struct Submitters {
     group: Option<(String, Option<nix::unistd::Group>)>,
-    cache: Mutex<HashMap<u32, bool>>,
+    cache: Mutex<HashMap<u32, Owner>>,
+}
+
+/// What is known of one uid.
+#[derive(Clone)]
+struct Owner {
+    name: Option<String>,
+    allowed: bool,
 }
 
 impl Submitters {
@@ -409,23 +465,106 @@ impl Submitters {
         }
     }
 
-    /// Why a job file with this metadata is refused, if it is.
-    fn refuse(&self, meta: &fs::Metadata) -> Option<String> {
-        let (name, group) = self.group.as_ref()?;
-        let uid = meta.uid();
-        let mut cache = self.cache.lock().unwrap_or_else(PoisonError::into_inner);
-        let allowed = *cache.entry(uid).or_insert_with(|| {
-            if uid == 0 || uid == nix::unistd::geteuid().as_raw() {
-                return true;
-            }
-            let Some(g) = group else { return false };
-            match nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid)) {
-                Ok(Some(u)) => u.gid == g.gid || g.mem.contains(&u.name),
-                _ => false,
-            }
+    fn cache(&self) -> MutexGuard<'_, HashMap<u32, Owner>> {
+        self.cache.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    /// The submitter of a job file owned by `uid`, and whether the
+    /// `submit_group` rule lets them submit.
+    pub fn owner(&self, uid: u32) -> (Submitter, bool) {
+        let cached = self.cache().get(&uid).cloned();
+        // Looked up without holding the lock, so that a slow user database
+        // holds up only the job that needs it.
+        let owner = cached.unwrap_or_else(|| {
+            let owner = self.look_up(uid);
+            self.cache().insert(uid, owner.clone());
+            owner
         });
-        (!allowed).then(|| {
-            format!("the job file is owned by uid {uid}, who is not in the submit group {name:?} (submit_group)")
-        })
+        let submitter = Submitter {
+            uid,
+            name: owner.name,
+        };
+        (submitter, owner.allowed)
+    }
+
+    fn look_up(&self, uid: u32) -> Owner {
+        let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+            .ok()
+            .flatten();
+        let allowed = match &self.group {
+            None => true,
+            Some(_) if uid == 0 || uid == nix::unistd::geteuid().as_raw() => true,
+            Some((_, None)) => false,
+            Some((_, Some(g))) => user
+                .as_ref()
+                .is_some_and(|u| u.gid == g.gid || g.mem.contains(&u.name)),
+        };
+        Owner {
+            name: user.map(|u| u.name),
+            allowed,
+        }
+    }
+
+    /// Why a job file owned by `uid` is refused, when [`Submitters::owner`]
+    /// says it is.
+    fn refusal(&self, uid: u32) -> String {
+        let group = self.group.as_ref().map_or("", |(name, _)| name.as_str());
+        format!(
+            "the job file is owned by uid {uid}, who is not in the submit group {group:?} (submit_group)"
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn name_of(uid: u32) -> Option<String> {
+        nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+            .ok()
+            .flatten()
+            .map(|u| u.name)
+    }
+
+    #[test]
+    fn submitters_are_named_from_the_user_database_and_remembered() {
+        let submitters = Submitters::new(None);
+        let me = nix::unistd::geteuid().as_raw();
+        let (s, allowed) = submitters.owner(me);
+        assert_eq!(s.uid, me);
+        assert_eq!(s.name, name_of(me));
+        assert!(allowed, "with no submit_group anyone may submit");
+        // A uid with no user: no name, and still a submitter.
+        let nameless = 3_999_999_999;
+        assert_eq!(name_of(nameless), None, "uid {nameless} has a user here");
+        let (s, allowed) = submitters.owner(nameless);
+        assert_eq!((s.uid, s.name, allowed), (nameless, None, true));
+        // Asked again, the answer comes from the cache.
+        assert_eq!(submitters.cache().len(), 2);
+        assert_eq!(submitters.owner(me).0.name, name_of(me));
+        assert_eq!(submitters.cache().len(), 2);
+    }
+
+    #[test]
+    fn the_submit_group_rule_is_kept() {
+        let submitters = Submitters::new(Some("root"));
+        let me = nix::unistd::geteuid().as_raw();
+        assert!(submitters.owner(0).1, "root may always submit");
+        assert!(submitters.owner(me).1, "the worker's own user may");
+        let nameless = 3_999_999_999;
+        assert!(
+            !submitters.owner(nameless).1,
+            "a uid with no user is not in the group"
+        );
+        assert!(
+            submitters
+                .refusal(nameless)
+                .contains("owned by uid 3999999999, who is not in the submit group \"root\""),
+            "{}",
+            submitters.refusal(nameless)
+        );
+        let missing = Submitters::new(Some("no-such-group-for-this-test"));
+        assert!(missing.owner(0).1);
+        assert!(!missing.owner(nameless).1);
     }
 }

@@ -19,6 +19,7 @@ use nix::sys::signal::{Signal, killpg};
 
 use super::spawn::{Child, Spawner, Spec};
 use crate::spool::job::{Job, JobBody};
+use crate::spool::result::Submitter;
 use crate::spool::{JobId, JobResult, Status, Timestamp};
 
 /// Everything a job run needs.
@@ -46,6 +47,8 @@ pub struct Run {
     pub started_at: Timestamp,
     /// The same moment, for the duration.
     pub t0: Instant,
+    /// Who submitted it (the owner of its job file), for its result.
+    pub submitted_by: Option<Submitter>,
 }
 
 /// A started job process and the (non-blocking) read end of its output
@@ -220,6 +223,7 @@ pub fn execute(
         output_truncated: truncated,
         error,
         attempt: run.job.attempt,
+        submitted_by: run.submitted_by.clone(),
     };
 
     let mut sink = LogSink {

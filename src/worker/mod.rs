@@ -31,9 +31,10 @@ use tracing::{debug, error, info, warn};
 
 use crate::client::change_time;
 use crate::config::{Config, LoadedConfig};
-use crate::logging::message_id;
+use crate::logging::{CommandDigest, message_id};
 use crate::spool::id::parse_job_file_name;
 use crate::spool::job::Job;
+use crate::spool::result::Submitter;
 use crate::spool::{
     JobId, JobResult, Spool, SpoolError, Status, Timestamp, log_started, move_into, open_job_file,
     reserve,
@@ -140,6 +141,8 @@ struct Ran {
     /// `running/`.
     _lock: File,
     result: JobResult,
+    /// What it ran, for the journal entry of its end, when known.
+    command: Option<CommandDigest>,
 }
 
 struct Worker {
@@ -280,6 +283,14 @@ impl Worker {
                 st.stopping && st.quiet() && (self.unrecorded.is_empty() || st.interrupted_all)
             };
             if stopped {
+                // A record the recorder failed on may have been sent just
+                // before the worker went quiet: it is held with the rest.
+                while let Ok(msg) = inbox.try_recv() {
+                    if let ToLoop::Failed(failed) = msg {
+                        let (id, record, _) = *failed;
+                        self.unrecorded.push((id, record));
+                    }
+                }
                 self.keep_held();
                 break;
             }
@@ -564,7 +575,7 @@ impl Worker {
             ) {
                 record::Recorded::Settled { .. } => {
                     info!(cmd_id = %id, "wrote the result the last worker kept while the disk was full");
-                    log_result(&r);
+                    log_result(&r, None);
                 }
                 record::Recorded::Failed { id, record, error } => {
                     waiting.push(r);
@@ -848,6 +859,7 @@ impl Worker {
             }
         };
         let mut last_extend = Instant::now();
+        let ctx = Arc::clone(&self.shared.lock().ctx);
         for (n, entry) in rd.filter_map(Result::ok).enumerate() {
             if last_extend.elapsed() > Duration::from_secs(5) {
                 // A long recovery must not make systemd give up on the start.
@@ -863,11 +875,17 @@ impl Worker {
                     &self.spool,
                     &path,
                     "found in running/ without a valid job name",
+                    true,
                 );
                 continue;
             };
             let Ok(mut file) = open_job_file(&path) else {
-                archive_nameless(&self.spool, &path, "found in running/ and cannot be opened");
+                archive_nameless(
+                    &self.spool,
+                    &path,
+                    "found in running/ and cannot be opened",
+                    true,
+                );
                 continue;
             };
             if let Err(TryLockError::WouldBlock) = file.try_lock() {
@@ -878,10 +896,17 @@ impl Worker {
                 debug!(cmd_id = %id, "running/{id} waits for the result the last worker kept");
                 continue;
             }
-            let job = claim::read_bounded(&mut file, u64::MAX)
+            let bytes = claim::read_bounded(&mut file, u64::MAX).ok();
+            let job = bytes.as_deref().and_then(|b| Job::parse(kind, b).ok());
+            let command = job
+                .as_ref()
+                .zip(bytes.as_deref())
+                .map(|(j, b)| claim::digest(j, b));
+            let submitted_by = file
+                .metadata()
                 .ok()
-                .and_then(|b| Job::parse(kind, &b).ok());
-            match self.recover_one(&id, &path, job.as_ref()) {
+                .map(|m| ctx.submitters.owner(m.uid()).0);
+            match self.recover_one(&id, &path, job.as_ref(), submitted_by, command.as_ref()) {
                 Ok(()) => {}
                 Err((e, None)) => error!(cmd_id = %id, "recovering {}: {e}", path.display()),
                 Err((e, Some(result))) => {
@@ -892,6 +917,7 @@ impl Worker {
                         running_path: path.clone(),
                         _lock: file,
                         result: *result,
+                        command,
                     };
                     self.on_failed(id, Record::Run(Box::new(ran)), &e);
                 }
@@ -904,6 +930,8 @@ impl Worker {
         id: &JobId,
         path: &Path,
         job: Option<&Job>,
+        submitted_by: Option<Submitter>,
+        command: Option<&CommandDigest>,
     ) -> Result<(), (SpoolError, Option<Box<JobResult>>)> {
         let latest = self.spool.latest_log(id).map_err(|e| (e, None))?;
         let latest_rel = latest.as_deref().map(|p| self.spool.relative(p));
@@ -940,6 +968,7 @@ impl Worker {
                     .into(),
             ),
             attempt: job.map_or(1, |j| j.attempt),
+            submitted_by,
         };
         let settled = settle(
             &self.spool,
@@ -953,7 +982,7 @@ impl Worker {
                 info!(cmd_id = %id, attempt, "job interrupted by the previous worker re-queued");
             }
             Settled::Recorded(_) => {
-                log_result(&result);
+                log_result(&result, command);
                 self.shared.lock().counters.failed += 1;
             }
         }
@@ -978,8 +1007,8 @@ fn held_results(held: &[(JobId, Record)]) -> Vec<JobResult> {
 
 /// A file whose name gives no id: it cannot have a result, so it is only
 /// moved aside, with the reason in the log.
-/// Returns false if it could not be moved (and says so).
-fn archive_nameless(spool: &Spool, path: &Path, reason: &str) -> bool {
+/// Returns false if it could not be moved (and says so, if `report`).
+fn archive_nameless(spool: &Spool, path: &Path, reason: &str, report: bool) -> bool {
     match move_into(path, &spool.archive_rejected()) {
         Ok(dest) => warn!(
             "{} is not a job file ({reason}); moved to {}",
@@ -988,33 +1017,54 @@ fn archive_nameless(spool: &Spool, path: &Path, reason: &str) -> bool {
         ),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => {
-            error!(
-                "{} is not a job file ({reason}) and cannot be moved: {e}; \
-                 left where it is, where `ai-cmd-executor diagnose` lists it for removal",
-                path.display()
-            );
+            if report {
+                error!(
+                    "{} is not a job file ({reason}) and cannot be moved: {e}; \
+                     left where it is, where `ai-cmd-executor diagnose` lists it for removal",
+                    path.display()
+                );
+            } else {
+                debug!("{} still cannot be moved: {e}", path.display());
+            }
             return false;
         }
     }
     true
 }
 
-/// One log line per recorded result, with the fields an operator filters on.
-fn log_result(r: &JobResult) {
+/// One log line per recorded result, with the fields an operator filters on
+/// and the audit trail: the id in the message, who submitted the job (from
+/// the result), and what it ran (`command`, when known: not for a result
+/// the last worker kept while the disk was full).
+fn log_result(r: &JobResult, command: Option<&CommandDigest>) {
     let exit = r
         .exit_code
         .map_or_else(|| "-".to_owned(), |c| c.to_string());
     let signal = r.signal.as_deref().unwrap_or("-");
+    let submitter_uid = r.submitted_by.as_ref().map(|s| s.uid);
+    let submitter = r.submitted_by.as_ref().and_then(|s| s.name.as_deref());
+    let cmd = command.map(|c| c.excerpt.as_str());
+    let cmd_sha256 = command.map(|c| c.sha256.as_str());
     match r.status {
         Status::Succeeded => info!(
             message_id = message_id::JOB_FINISHED,
             cmd_id = %r.id, cmd_status = %r.status, exit_code = %exit, duration_ms = r.duration_ms,
-            "job finished"
+            submitter_uid, submitter, cmd, cmd_sha256,
+            "job {} finished: succeeded", r.id
         ),
-        _ => warn!(
-            message_id = message_id::JOB_FINISHED,
-            cmd_id = %r.id, cmd_status = %r.status, exit_code = %exit, signal, duration_ms = r.duration_ms,
-            "job finished: {}", r.error.as_deref().unwrap_or(r.status.as_str())
-        ),
+        _ => {
+            let outcome = match (&r.error, r.exit_code, &r.signal) {
+                (Some(e), _, _) => e.clone(),
+                (None, Some(code), _) => format!("{} (exit code {code})", r.status),
+                (None, None, Some(sig)) => format!("{} ({sig})", r.status),
+                (None, None, None) => r.status.to_string(),
+            };
+            warn!(
+                message_id = message_id::JOB_FINISHED,
+                cmd_id = %r.id, cmd_status = %r.status, exit_code = %exit, signal, duration_ms = r.duration_ms,
+                submitter_uid, submitter, cmd, cmd_sha256,
+                "job {} finished: {outcome}", r.id
+            );
+        }
     }
 }

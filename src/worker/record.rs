@@ -31,6 +31,12 @@ pub(super) enum Record {
 }
 
 /// What became of one record.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "a record lives only between the recorder and the loop, in batches of at most \
+              MAX_BATCH; the large variant is the rare failure (a full disk), and boxing it \
+              would change the loop's handling of held records for no gain"
+)]
 pub(super) enum Recorded {
     /// The result was recorded (or the job re-queued); the id is free.
     Settled { id: JobId, outcome: Settled },
@@ -200,7 +206,7 @@ fn conclude(spool: &Spool, order: Order, prepared: Result<Prepared, SpoolError>)
     match outcome {
         Ok(outcome) => {
             if let (Record::Run(ran), Settled::Recorded(_)) = (&record, &outcome) {
-                log_result(&ran.result);
+                log_result(&ran.result, ran.command.as_ref());
             }
             // Dropping a run releases its lock, only now that its job file
             // has left running/.

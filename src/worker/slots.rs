@@ -25,6 +25,7 @@ use std::collections::{HashMap, HashSet, VecDeque};
 use std::ffi::{OsStr, OsString};
 use std::fs::TryLockError;
 use std::io;
+use std::os::unix::fs::MetadataExt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
@@ -42,6 +43,7 @@ use super::{Ran, archive_nameless};
 use crate::logging::message_id;
 use crate::spool::id::parse_job_file_name;
 use crate::spool::job::Job;
+use crate::spool::result::Submitter;
 use crate::spool::{
     JobId, JobKind, JobResult, Spool, SpoolError, Status, Timestamp, log_started, move_into,
     open_job_file,
@@ -423,8 +425,12 @@ impl Shared {
             held = true;
             match task {
                 Task::Nameless { name, reason } => {
+                    // The worker's own rename aside of an item it could not
+                    // move (see claim::reject) was reported with the id's
+                    // rejection; its event may arrive before it is marked.
+                    let aside = name.to_string_lossy().contains(".unmovable-");
                     let path = self.spool.pending().join(name);
-                    match contain(|| archive_nameless(&self.spool, &path, &reason)) {
+                    match contain(|| archive_nameless(&self.spool, &path, &reason, !aside)) {
                         Ok(true) => {}
                         // Reported once: the rescans pass over it.
                         Ok(false) => self.mark_stuck(&path),
@@ -558,6 +564,7 @@ impl Shared {
                     spawned,
                     lock,
                     began,
+                    command,
                 } = *started;
                 let id = run.id.clone();
                 let job = run.job.clone();
@@ -580,6 +587,7 @@ impl Shared {
                 }
                 let started_at = run.started_at;
                 let log_rel = run.log_rel.clone();
+                let submitted_by = run.submitted_by.clone();
                 let result = contain(|| exec::execute(run, spawned, interrupt, interrupted))
                     .unwrap_or_else(|panic| {
                         error!(
@@ -591,6 +599,7 @@ impl Shared {
                         r.duration_ms =
                             u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX);
                         r.log = Some(log_rel);
+                        r.submitted_by = submitted_by;
                         r
                     });
                 let ran = Box::new(Ran {
@@ -598,14 +607,20 @@ impl Shared {
                     running_path,
                     _lock: lock,
                     result,
+                    command: Some(command),
                 });
                 Some((id, Record::Run(ran)))
             }
-            Claim::Rejected { id, reason, stuck } => {
+            Claim::Rejected {
+                id,
+                reason,
+                stuck,
+                submitter,
+            } => {
                 if let Some(path) = stuck {
                     self.mark_stuck(&path);
                 }
-                Some(rejection(id, reason))
+                Some(rejection(id, reason, submitter))
             }
             Claim::Vanished { id, name, since } => {
                 if self.claimed_elsewhere(&id, &name, since) {
@@ -616,6 +631,7 @@ impl Shared {
                     Some(rejection(
                         id,
                         "the job file vanished from pending/ before it could be read (withdrawn, or replaced while being read)".into(),
+                        None,
                     ))
                 }
             }
@@ -742,15 +758,18 @@ impl Shared {
     }
 }
 
-/// Bad input: a `rejected` result with the reason.
-fn rejection(id: JobId, reason: String) -> (JobId, Record) {
+/// Bad input: a `rejected` result with the reason, and the owner of the
+/// file when it could be inspected.
+fn rejection(id: JobId, reason: String, submitter: Option<Submitter>) -> (JobId, Record) {
     warn!(
         message_id = message_id::JOB_REJECTED,
         cmd_id = %id,
         cmd_status = "rejected",
         exit_code = "-",
         duration_ms = 0,
-        "job rejected: {reason}"
+        submitter_uid = submitter.as_ref().map(|s| s.uid),
+        submitter = submitter.as_ref().and_then(|s| s.name.as_deref()),
+        "job {id} rejected: {reason}"
     );
     let now = Timestamp::now();
     let result = JobResult {
@@ -765,6 +784,7 @@ fn rejection(id: JobId, reason: String) -> (JobId, Record) {
         output_truncated: false,
         error: Some(reason),
         attempt: 1,
+        submitted_by: submitter,
     };
     (id, Record::Rejection(result))
 }
@@ -805,6 +825,7 @@ fn panicked_result(id: &JobId, attempt: u32, panic: &str) -> JobResult {
             "the worker failed while handling this job (a bug in ai-cmd-executor; please report it): panic: {panic}"
         )),
         attempt,
+        submitted_by: None,
     }
 }
 
@@ -838,16 +859,23 @@ impl JobFile<'_> {
         if let Ok(mut file) = open_job_file(&running)
             && !matches!(file.try_lock(), Err(TryLockError::WouldBlock))
         {
-            let job = claim::read_bounded(&mut file, self.ctx.max_job_bytes)
-                .ok()
-                .and_then(|b| Job::parse(self.kind, &b).ok())
+            let bytes = claim::read_bounded(&mut file, self.ctx.max_job_bytes).ok();
+            let job = bytes
+                .as_deref()
+                .and_then(|b| Job::parse(self.kind, b).ok())
                 .unwrap_or_else(Job::placeholder);
-            let result = panicked_result(id, job.attempt, panic);
+            let command = bytes.as_deref().map(|b| claim::digest(&job, b));
+            let mut result = panicked_result(id, job.attempt, panic);
+            result.submitted_by = file
+                .metadata()
+                .ok()
+                .map(|m| self.ctx.submitters.owner(m.uid()).0);
             return Some(Record::Run(Box::new(Ran {
                 job,
                 running_path: running,
                 _lock: file,
                 result,
+                command,
             })));
         }
         let result = panicked_result(id, 1, panic);
