@@ -156,6 +156,23 @@ fn service_runs_jobs_reloads_logs_to_the_journal_and_stops_cleanly() {
         |s| s.contains("configuration reloaded"),
     );
 
+    // 4b. A mistake in the configuration fails the reload, with the error
+    //     in the unit's status, and the worker keeps running on the old one.
+    let good = sb.ok("cat /etc/ai-cmd-executor/config.toml");
+    sb.write(
+        "/etc/ai-cmd-executor/config.toml",
+        &format!("{good}\nmax_paralel = 2\n"),
+    );
+    let out = sb.sh(&format!("systemctl reload {SERVICE}"));
+    assert!(!out.status.success(), "a bad configuration is refused");
+    let status = sb.sh(&format!("systemctl status --no-pager -n 20 {SERVICE}"));
+    let status = String::from_utf8_lossy(&status.stdout);
+    assert!(status.contains("max_paralel"), "{status}");
+    assert_eq!(sb.prop(SERVICE, "MainPID"), pid);
+    assert_eq!(sb.prop(SERVICE, "ActiveState"), "active");
+    sb.write("/etc/ai-cmd-executor/config.toml", &format!("{good}\n"));
+    sb.ok(&format!("systemctl reload {SERVICE}"));
+
     // 6. Both timers are loaded and have a next elapse time.
     for timer in [units::HEALTH_TIMER, units::CLEANUP_TIMER] {
         let show = sb.ok(&format!(

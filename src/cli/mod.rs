@@ -307,7 +307,11 @@ pub struct ListArgs {
 #[derive(Debug, Subcommand)]
 pub enum ConfigAction {
     /// Validate the configuration and print the effective values.
-    Check,
+    Check {
+        /// Print nothing when it is valid (what the unit's ExecReload runs).
+        #[arg(long)]
+        quiet: bool,
+    },
 }
 
 impl Cli {
@@ -340,8 +344,8 @@ impl Cli {
             Command::Wait(a) => commands::wait::run(&ctx, a),
             Command::List(a) => commands::list::run(&ctx, a),
             Command::Config {
-                action: ConfigAction::Check,
-            } => commands::config::check(&ctx),
+                action: ConfigAction::Check { quiet },
+            } => commands::config::check(&ctx, quiet),
         }
     }
 }

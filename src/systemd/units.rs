@@ -117,6 +117,7 @@ mod tests {
             "Restart=on-failure",
             "StartLimitBurst=10",
             "OnFailure=ai-cmd-executor-alert@%n.service",
+            "ExecReload=/usr/bin/ai-cmd-executor config check --quiet",
             "ExecReload=/bin/kill -HUP $MAINPID",
             "StateDirectory=ai-cmd-executor",
             "KillMode=mixed",
