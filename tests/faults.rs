@@ -214,27 +214,10 @@ impl Drop for Mounted {
 
 #[test]
 fn a_full_disk_loses_no_result_and_is_recovered_from() {
-    if !nix::unistd::geteuid().is_root() {
-        assert!(
-            !common::sandbox::required(),
-            "the disk-full test needs root in CI"
-        );
-        let _ = writeln!(
-            std::io::stderr(),
-            "NOTICE: disk-full test SKIPPED: not root (mounts a small tmpfs)"
-        );
+    let Some((spool, _mounted)) = tiny_spool("disk-full") else {
         return;
-    }
-    let spool = Spool::new();
+    };
     let root = spool.root();
-    fs::create_dir_all(&root).unwrap();
-    let status = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=2m", "tmpfs"])
-        .arg(&root)
-        .status()
-        .unwrap();
-    assert!(status.success(), "mounting a tmpfs");
-    let _mounted = Mounted(root.clone());
 
     let mut w = spool.start("");
     spool.submit("before", "echo before");

@@ -13,45 +13,13 @@ use std::path::Path;
 use std::process::Output;
 use std::time::Duration;
 
-use ai_cmd_executor::systemd::units::{self, CLEANUP_TIMER, HEALTH_TIMER, RenderOptions};
+use ai_cmd_executor::systemd::units::{CLEANUP_TIMER, HEALTH_TIMER};
 use common::BIN;
+use common::installed::{BIN_INSIDE, SERVICE, SPOOL, installed};
 use common::sandbox::{self, Sandbox};
 
-const SERVICE: &str = "ai-cmd-executor.service";
 const HEALTH_SERVICE: &str = "ai-cmd-executor-health.service";
-const BIN_INSIDE: &str = "/usr/local/bin/ai-cmd-executor";
-const SPOOL: &str = "/var/lib/ai-cmd-executor";
 const DEADLINE: Duration = Duration::from_secs(60);
-
-/// Boots a sandbox with the binary, the service user, the units and a
-/// config, the service and timers enabled and started (as `installed()` in
-/// tests/control.rs does).
-fn installed(test: &str) -> Option<Sandbox> {
-    let bin_dir = Path::new(BIN).parent().expect("binary dir");
-    let sb = Sandbox::boot(test, &[bin_dir])?;
-    sb.ok(&format!(
-        "install -m 0755 {BIN} {BIN_INSIDE}
-         rm -f /usr/sbin/policy-rc.d
-         getent group ai-cmd >/dev/null || groupadd --system ai-cmd
-         getent passwd ai-cmd >/dev/null || useradd --system --gid ai-cmd --home-dir {SPOOL} --no-create-home --shell /usr/sbin/nologin ai-cmd"
-    ));
-    let opts = RenderOptions {
-        binary: BIN_INSIDE.into(),
-        ..RenderOptions::default()
-    };
-    for (name, text) in units::render(&opts) {
-        sb.write(&format!("/etc/systemd/system/{name}"), &text);
-    }
-    sb.write(
-        "/etc/ai-cmd-executor/config.toml",
-        &format!("spool = \"{SPOOL}\"\nstop_grace = \"2s\"\nkill_grace = \"1s\"\n"),
-    );
-    sb.ok(&format!(
-        "systemctl daemon-reload && systemctl enable --now {SERVICE} {HEALTH_TIMER} {CLEANUP_TIMER}"
-    ));
-    wait_active(&sb, "the service to be active/running");
-    Some(sb)
-}
 
 fn wait_active(sb: &Sandbox, what: &str) {
     sb.wait_until(
@@ -169,7 +137,7 @@ fn held_until_start(sb: &Sandbox, how: &str) {
 
 #[test]
 fn a_stopped_or_disabled_service_is_left_so_under_systemd() {
-    let Some(sb) = installed("maintenance") else {
+    let Some(sb) = installed("maintenance", None) else {
         return;
     };
 

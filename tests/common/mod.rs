@@ -384,4 +384,5 @@ pub fn alive(pid: Pid) -> bool {
     }
 }
 
+pub mod installed;
 pub mod sandbox;
