@@ -27,10 +27,30 @@ command -v gzip >/dev/null || missing+=(gzip)
 command -v getfacl >/dev/null || missing+=(acl)
 command -v bash >/dev/null || missing+=(bash)
 command -v cc >/dev/null || missing+=(gcc libc6-dev)
-if [ ${#missing[@]} -gt 0 ]; then
-    echo "test.sh: installing ${missing[*]}"
+# The monitoring test (tests/monitoring.rs) runs the health check under
+# Debian's nagios4 in the tier-3 sandbox, whose lower layer is this root.
+# The core alone: its recommends bring daemons (rpcbind) and samba libraries.
+lean=()
+command -v nagios4 >/dev/null || [ -x /usr/sbin/nagios4 ] || lean+=(nagios4-core)
+if [ ${#missing[@]} -gt 0 ] || [ ${#lean[@]} -gt 0 ]; then
+    echo "test.sh: installing ${missing[*]} ${lean[*]}"
     as_root apt-get update -q
+fi
+if [ ${#missing[@]} -gt 0 ]; then
     DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -q "${missing[@]}"
+fi
+if [ ${#lean[@]} -gt 0 ]; then
+    DEBIAN_FRONTEND=noninteractive as_root apt-get install -y -q --no-install-recommends "${lean[@]}"
+    # Its maintainer scripts may start a nagios (where no policy-rc.d
+    # forbids it) and have it start at boot, here and in every tier-3
+    # sandbox booted on this root: stopped and masked. The test runs its
+    # own nagios, with its own configuration.
+    if [ -d /run/systemd/system ]; then
+        as_root systemctl stop nagios4.service >/dev/null 2>&1 || true
+    elif pidof nagios4 >/dev/null; then
+        as_root /etc/init.d/nagios4 stop || true
+    fi
+    as_root systemctl --root=/ mask nagios4.service >/dev/null
 fi
 for component in rustfmt clippy; do
     if ! cargo "${component/rustfmt/fmt}" --version >/dev/null 2>&1; then

@@ -118,8 +118,12 @@ pub struct Config {
     pub max_attempts: NonZeroU32,
     /// The shell jobs run with. Default `/bin/bash`.
     pub shell: PathBuf,
-    /// A file in `pending/` older than this is stale: health warns, and
-    /// `cleanup` archives it. Default `"30m"`.
+    /// How long a job may wait in `pending/` while no worker serves the
+    /// spool (none holds its lock); after that it is stale: health warns,
+    /// and `cleanup` (or the health fix) archives it with an `expired`
+    /// result. A job waiting its turn while a worker runs is never stale
+    /// (health's `spool.queue` warns once it has waited this long). Age is
+    /// the job file's modification time. Default `"30m"`.
     pub stale_pending_after: NonZeroDuration,
     /// `cleanup` packs logs older than this many days into dated archives.
     /// Default 30.
@@ -164,11 +168,13 @@ pub enum NotifyKind {
     Webhook,
 }
 
-fn default_notify_timeout() -> NonZeroDuration {
+/// `notify.timeout` when unset.
+pub(crate) fn default_notify_timeout() -> NonZeroDuration {
     NonZeroDuration::secs(5)
 }
 
-fn default_notify_attempts() -> NonZeroU32 {
+/// `notify.attempts` when unset.
+pub(crate) fn default_notify_attempts() -> NonZeroU32 {
     NonZeroU32::new(3).expect("non-zero")
 }
 
@@ -206,23 +212,124 @@ pub enum ConfigError {
         #[source]
         source: std::io::Error,
     },
-    /// The file is not valid TOML or holds an unknown key or a bad value.
-    #[error("config {}: {source}", path.display())]
+    /// The file is not valid TOML, or holds an unknown key or a value of
+    /// the wrong type. Shown as `path:LINE:COL: message`.
+    #[error("{}: {message}", place(path, at.as_ref()))]
     Parse {
         /// The file.
         path: PathBuf,
-        /// The parser's error, with line and column.
-        #[source]
-        source: toml::de::Error,
+        /// Where in the file, when the parser says.
+        at: Option<Location>,
+        /// The parser's message.
+        message: String,
     },
-    /// A value is well-formed but not usable.
-    #[error("config {}: {message}", path.display())]
+    /// A value is well-formed but not usable. Shown as
+    /// `path:LINE:COL: message`, the place being the key's value.
+    #[error("{}: {message}", place(path, at.as_ref()))]
     Invalid {
         /// The file.
         path: PathBuf,
-        /// What is wrong.
+        /// Where the value is in the file.
+        at: Option<Location>,
+        /// What is wrong, naming the key.
         message: String,
     },
+}
+
+/// `path:LINE:COL`, or the path alone when the place is not known.
+fn place(path: &Path, at: Option<&Location>) -> String {
+    match at {
+        Some(at) => format!("{}:{}:{}", path.display(), at.line, at.column),
+        None => path.display().to_string(),
+    }
+}
+
+/// A place in a configuration file, as compilers report one.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Location {
+    /// Line, from 1.
+    pub line: usize,
+    /// Column, from 1, in characters.
+    pub column: usize,
+    /// The text of that line.
+    pub text: String,
+    /// How many characters of the line to mark (at least 1).
+    pub width: usize,
+}
+
+impl Location {
+    /// Where the byte range `span` of `text` starts.
+    pub fn of(text: &str, span: std::ops::Range<usize>) -> Location {
+        let start = floor_char_boundary(text, span.start.min(text.len()));
+        let line_start = text[..start].rfind('\n').map_or(0, |i| i + 1);
+        let line_end = text[start..].find('\n').map_or(text.len(), |i| start + i);
+        let line = text[..line_start].matches('\n').count() + 1;
+        let line_text = text[line_start..line_end].trim_end_matches('\r');
+        let column = text[line_start..start].chars().count() + 1;
+        let end = floor_char_boundary(text, span.end.clamp(start, line_end));
+        Location {
+            line,
+            column,
+            text: line_text.to_owned(),
+            width: text[start..end].chars().count().max(1),
+        }
+    }
+}
+
+/// The largest character boundary of `s` at or before `i`.
+fn floor_char_boundary(s: &str, mut i: usize) -> usize {
+    while !s.is_char_boundary(i) {
+        i -= 1;
+    }
+    i
+}
+
+impl ConfigError {
+    /// The file concerned.
+    pub fn path(&self) -> &Path {
+        match self {
+            ConfigError::Read { path, .. }
+            | ConfigError::Parse { path, .. }
+            | ConfigError::Invalid { path, .. } => path,
+        }
+    }
+
+    /// Where in the file, when known.
+    pub fn location(&self) -> Option<&Location> {
+        match self {
+            ConfigError::Read { .. } => None,
+            ConfigError::Parse { at, .. } | ConfigError::Invalid { at, .. } => at.as_ref(),
+        }
+    }
+
+    /// The error as compilers print one: `path:LINE:COL: message`, then
+    /// the line with a caret under the mistake. Ends with a newline.
+    pub fn diagnostic(&self) -> String {
+        let mut out = format!("{}\n", crate::error::chain(self));
+        if let Some(at) = self.location() {
+            let gutter = at.line.to_string().len();
+            // Tabs before the mistake stay tabs, so the caret lines up.
+            let pad: String = at
+                .text
+                .chars()
+                .take(at.column - 1)
+                .map(|c| if c == '\t' { '\t' } else { ' ' })
+                .collect();
+            out.push_str(&format!("{:gutter$} |\n", ""));
+            out.push_str(&format!("{} | {}\n", at.line, at.text));
+            out.push_str(&format!("{:gutter$} | {pad}{}\n", "", "^".repeat(at.width)));
+        }
+        out
+    }
+
+    /// A parser error on `text`, placed.
+    fn parse(path: &Path, text: &str, e: &toml::de::Error) -> ConfigError {
+        ConfigError::Parse {
+            path: path.to_owned(),
+            at: e.span().map(|s| Location::of(text, s)),
+            message: e.message().trim_end().to_owned(),
+        }
+    }
 }
 
 /// A configuration and where it came from.
@@ -237,38 +344,41 @@ pub struct LoadedConfig {
 impl Config {
     /// Parses TOML text; `path` is used in error messages.
     pub fn parse(text: &str, path: &Path) -> Result<Config, ConfigError> {
-        let config: Config = toml::from_str(text).map_err(|source| ConfigError::Parse {
-            path: path.to_owned(),
-            source,
-        })?;
-        config.validate(path)?;
+        let config: Config =
+            toml::from_str(text).map_err(|e| ConfigError::parse(path, text, &e))?;
+        config.validate(path, text)?;
         Ok(config)
     }
 
-    fn validate(&self, path: &Path) -> Result<(), ConfigError> {
-        let invalid = |message: String| {
+    fn validate(&self, path: &Path, text: &str) -> Result<(), ConfigError> {
+        let invalid = |key: &str, message: String| {
             Err(ConfigError::Invalid {
                 path: path.to_owned(),
+                at: value_span(text, key).map(|s| Location::of(text, s)),
                 message,
             })
         };
         if !self.shell.is_absolute() {
-            return invalid(format!(
-                "shell must be an absolute path, not {:?}",
-                self.shell
-            ));
+            return invalid(
+                "shell",
+                format!("shell must be an absolute path, not {:?}", self.shell),
+            );
         }
         if let Some(spool) = &self.spool
             && !spool.is_absolute()
         {
-            return invalid(format!("spool must be an absolute path, not {spool:?}"));
+            return invalid(
+                "spool",
+                format!("spool must be an absolute path, not {spool:?}"),
+            );
         }
         if let Some(file) = self.notify.as_ref().and_then(|n| n.url_file.as_ref())
             && !file.is_absolute()
         {
-            return invalid(format!(
-                "notify.url_file must be an absolute path, not {file:?}"
-            ));
+            return invalid(
+                "notify.url_file",
+                format!("notify.url_file must be an absolute path, not {file:?}"),
+            );
         }
         let mut durations = vec![
             ("default_timeout", self.default_timeout),
@@ -311,15 +421,18 @@ impl Config {
         }
         for (key, d) in durations {
             if d.get() > MAX_DURATION {
-                return invalid(format!(
-                    "{key} must be at most {}s (100 years), not {d}",
-                    MAX_DURATION.as_secs()
-                ));
+                return invalid(
+                    key,
+                    format!(
+                        "{key} must be at most {}s (100 years), not {d}",
+                        MAX_DURATION.as_secs()
+                    ),
+                );
             }
         }
         for (key, n, max) in counts {
             if n > max {
-                return invalid(format!("{key} must be from 1 to {max}, not {n}"));
+                return invalid(key, format!("{key} must be from 1 to {max}, not {n}"));
             }
         }
         Ok(())
@@ -393,6 +506,170 @@ pub fn default_spool() -> PathBuf {
     state.join("ai-cmd-executor")
 }
 
+/// Where the value of `key` (dotted for a table's key: `notify.timeout`)
+/// is in `text`, a document that parses.
+fn value_span(text: &str, key: &str) -> Option<std::ops::Range<usize>> {
+    let doc = toml::de::DeTable::parse(text).ok()?;
+    let mut parts = key.split('.');
+    let mut value = doc.get_ref().get(parts.next()?)?;
+    for part in parts {
+        value = value.get_ref().as_table()?.get(part)?;
+    }
+    Some(value.span())
+}
+
+/// The configuration file's path and text: `explicit` must be readable;
+/// [`DEFAULT_CONFIG_PATH`] is read if it exists. `None`: no file.
+fn read_text(explicit: Option<&Path>) -> Result<Option<(PathBuf, String)>, ConfigError> {
+    let path = match explicit {
+        Some(p) => p.to_owned(),
+        None if Path::new(DEFAULT_CONFIG_PATH).exists() => PathBuf::from(DEFAULT_CONFIG_PATH),
+        None => return Ok(None),
+    };
+    let text = std::fs::read_to_string(&path).map_err(|source| ConfigError::Read {
+        path: path.clone(),
+        source,
+    })?;
+    Ok(Some((path, text)))
+}
+
+/// The line numbers (from 1) that the byte range `span` of `text` covers.
+fn lines_of(text: &str, span: std::ops::Range<usize>) -> std::ops::RangeInclusive<usize> {
+    let first = Location::of(text, span.start..span.start).line;
+    let last = Location::of(text, span.end.max(span.start + 1) - 1..span.end).line;
+    first..=last.max(first)
+}
+
+/// What the client commands (`submit`, `result`, `wait`, `log`, `list`)
+/// take from the configuration: the `spool` key, and nothing else, so a
+/// mistake in a key they do not use does not stop them.
+#[derive(Debug, Default)]
+pub struct SpoolSetting {
+    /// The spool the file names; `None` when it names none, or when a
+    /// syntax error leaves it unclear.
+    pub spool: Option<PathBuf>,
+    /// The file's syntax error, when it is not valid TOML. `spool` was
+    /// still read from it when the mistake is on other lines.
+    pub broken: Option<ConfigError>,
+    /// The file read; `None` when there is none.
+    pub source: Option<PathBuf>,
+}
+
+/// What the alert path takes from the configuration: the `[notify]` table
+/// alone, read past mistakes elsewhere in the file.
+#[derive(Debug, Default)]
+pub struct NotifySetting {
+    /// The notifier, as far as the `[notify]` table could be read (values
+    /// out of range are brought within it); `None` when the file has none
+    /// or it cannot be read.
+    pub notify: Option<NotifyConfig>,
+    /// Why the file as a whole is not valid (what `config check` says),
+    /// if it is not.
+    pub broken: Option<ConfigError>,
+}
+
+impl Config {
+    /// The `spool` key alone (see [`SpoolSetting`]): the file is read as
+    /// generic TOML, so unknown keys and bad values elsewhere do not
+    /// matter. A file that is not valid TOML is read as far as the parser
+    /// can recover, and the error is returned in
+    /// [`SpoolSetting::broken`] for the caller to warn about. Errors: an
+    /// `explicit` file that cannot be read, and a `spool` value that is
+    /// not an absolute path.
+    pub fn load_spool(explicit: Option<&Path>) -> Result<SpoolSetting, ConfigError> {
+        let Some((path, text)) = read_text(explicit)? else {
+            return Ok(SpoolSetting::default());
+        };
+        let (doc, errors) = toml::de::DeTable::parse_recoverable(&text);
+        let broken = errors.first().map(|e| ConfigError::parse(&path, &text, e));
+        let mut bad_lines = Vec::new();
+        for e in &errors {
+            match e.span() {
+                Some(s) => bad_lines.push(lines_of(&text, s)),
+                // Nowhere in particular: anywhere, as far as we know.
+                None => bad_lines.push(1..=usize::MAX),
+            }
+        }
+        let entry = doc
+            .get_ref()
+            .iter()
+            .find(|(k, _)| k.get_ref().as_ref() == "spool");
+        let spool = match entry {
+            None => None,
+            Some((key, value)) => {
+                let lines = lines_of(&text, key.span().start..value.span().end);
+                let clean = !bad_lines
+                    .iter()
+                    .any(|b| b.start() <= lines.end() && lines.start() <= b.end());
+                match value.get_ref().as_str() {
+                    Some(s) if clean && Path::new(s).is_absolute() => Some(PathBuf::from(s)),
+                    // The syntax error may be this very line: unclear.
+                    _ if !clean => None,
+                    other => {
+                        return Err(ConfigError::Invalid {
+                            at: Some(Location::of(&text, value.span())),
+                            path,
+                            message: match other {
+                                Some(s) => format!("spool must be an absolute path, not {s:?}"),
+                                None => format!(
+                                    "spool must be an absolute path (a string), not {}",
+                                    value.get_ref().type_str()
+                                ),
+                            },
+                        });
+                    }
+                }
+            }
+        };
+        Ok(SpoolSetting {
+            spool,
+            broken,
+            source: Some(path),
+        })
+    }
+
+    /// The `[notify]` table alone (see [`NotifySetting`]); never fails:
+    /// what is wrong is in [`NotifySetting::broken`].
+    pub fn load_notify(explicit: Option<&Path>) -> NotifySetting {
+        let (path, text) = match read_text(explicit) {
+            Ok(Some(file)) => file,
+            Ok(None) => return NotifySetting::default(),
+            Err(e) => {
+                return NotifySetting {
+                    notify: None,
+                    broken: Some(e),
+                };
+            }
+        };
+        let broken = match Config::parse(&text, &path) {
+            Ok(c) => {
+                return NotifySetting {
+                    notify: c.notify,
+                    broken: None,
+                };
+            }
+            Err(e) => e,
+        };
+        let (doc, _) = toml::de::DeTable::parse_recoverable(&text);
+        let notify = doc
+            .into_inner()
+            .remove("notify")
+            .and_then(|v| NotifyConfig::deserialize(toml::de::ValueDeserializer::from(v)).ok())
+            .map(|mut n| {
+                n.url_file = n.url_file.filter(|f| f.is_absolute());
+                n.timeout = n.timeout.min(NonZeroDuration(MAX_DURATION));
+                n.attempts = n
+                    .attempts
+                    .min(NonZeroU32::new(MAX_NOTIFY_ATTEMPTS).expect("non-zero"));
+                n
+            });
+        NotifySetting {
+            notify,
+            broken: Some(broken),
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -418,12 +695,15 @@ mod tests {
     #[test]
     fn errors_name_file_and_line() {
         let cases = [
-            ("\n\ncolour = 1\n", "line 3"),
-            ("max_parallel = 0\n", "line 1"),
-            ("\nkill_grace = \"0s\"\n", "line 2"),
+            ("\n\ncolour = 1\n", "x.toml:3:1: unknown field `colour`"),
+            ("max_parallel = 0\n", "x.toml:1:16: invalid value"),
+            ("\nkill_grace = \"0s\"\n", "x.toml:2:14: "),
             ("stop_grace = \"soon\"\n", "invalid duration"),
-            ("max_parallel = \"x\"\n", "line 1"),
-            ("shell = \"bash\"\n", "absolute"),
+            ("max_parallel = \"x\"\n", "x.toml:1:16: "),
+            (
+                "shell = \"bash\"\n",
+                "x.toml:1:9: shell must be an absolute path",
+            ),
         ];
         for (input, want) in cases {
             let err = parse(input).unwrap_err().to_string();
@@ -485,15 +765,15 @@ mod tests {
                 "notify.attempts must be from 1 to 10",
             ),
             // Out of the type's own range: the parser refuses these.
-            ("max_parallel = -1\n", "line 1"),
-            ("log_max_bytes = 1.5\n", "line 1"),
-            ("max_job_bytes = \"1\"\n", "line 1"),
-            ("max_attempts = 4294967296\n", "line 1"),
+            ("max_parallel = -1\n", ":1:"),
+            ("log_max_bytes = 1.5\n", ":1:"),
+            ("max_job_bytes = \"1\"\n", ":1:"),
+            ("max_attempts = 4294967296\n", ":1:"),
             (
                 "default_timeout = \"99999999999999999999s\"\n",
                 "invalid duration",
             ),
-            ("kill_grace = 5\n", "line 1"),
+            ("kill_grace = 5\n", ":1:"),
         ];
         for (input, want) in cases {
             let err = parse(input).unwrap_err().to_string();
@@ -532,7 +812,7 @@ mod tests {
             parse("[notify]\nkind = \"email\"\n")
                 .unwrap_err()
                 .to_string()
-                .contains("line 2")
+                .contains("x.toml:2:8:")
         );
         assert!(
             parse("[notify]\nkind = \"slack\"\nurl = \"x\"\n")
@@ -540,6 +820,158 @@ mod tests {
                 .to_string()
                 .contains("unknown field")
         );
+    }
+
+    #[test]
+    fn diagnostics_point_at_the_mistake_like_a_compiler() {
+        // A syntax error on line 3.
+        let e = parse("spool = \"/s\"\n\nmax_parallel = = 2\n").unwrap_err();
+        assert_eq!(
+            e.diagnostic(),
+            "/etc/x.toml:3:16: extra `=`, expected nothing\n  |\n3 | max_parallel = = 2\n  |                ^\n"
+        );
+        // An unknown key: the whole key is marked.
+        let e = parse("max_parallel = 2\n\n[notify]\nkind = \"slack\"\nurl = \"x\"\n").unwrap_err();
+        assert_eq!(
+            e.diagnostic(),
+            "/etc/x.toml:5:1: unknown field `url`, expected one of `kind`, `url_file`, `timeout`, `attempts`\n  |\n5 | url = \"x\"\n  | ^^^\n"
+        );
+        // A value the type refuses.
+        let e = parse("kill_grace = \"soon\"\n").unwrap_err();
+        let d = e.diagnostic();
+        assert!(
+            d.starts_with("/etc/x.toml:1:14: invalid duration \"soon\""),
+            "{d}"
+        );
+        assert!(
+            d.ends_with("1 | kill_grace = \"soon\"\n  |              ^^^^^^\n"),
+            "{d}"
+        );
+        // A value out of range, found by validation: its value is marked,
+        // in a table too, past line 9 (a wider gutter).
+        let text = format!(
+            "{}[notify]\nkind = \"webhook\"\n\tattempts = 11\n",
+            "# comment\n".repeat(9)
+        );
+        let e = parse(&text).unwrap_err();
+        assert_eq!(
+            e.diagnostic(),
+            "/etc/x.toml:12:13: notify.attempts must be from 1 to 10, not 11\n   |\n12 | \tattempts = 11\n   | \t           ^^\n"
+        );
+        assert_eq!(
+            e.to_string(),
+            "/etc/x.toml:12:13: notify.attempts must be from 1 to 10, not 11"
+        );
+        // Columns count characters, not bytes.
+        let e = parse("# é\nshell = \"ça\"\n").unwrap_err();
+        assert!(
+            e.to_string().starts_with("/etc/x.toml:2:9: shell must be"),
+            "{e}"
+        );
+        // Not valid UTF-8 is not the parser's to place: no location, no panic.
+        let e = parse("x = \"\u{7f}\"").unwrap_err();
+        assert!(e.diagnostic().starts_with("/etc/x.toml"), "{e}");
+    }
+
+    #[test]
+    fn locations_of_spans() {
+        let text = "a = 1\nbb = 22\n";
+        let at = Location::of(text, 11..13);
+        assert_eq!((at.line, at.column, at.width), (2, 6, 2));
+        assert_eq!(at.text, "bb = 22");
+        // At the end of the file: the last (empty) line, one caret.
+        let at = Location::of(text, 14..14);
+        assert_eq!((at.line, at.column, at.width), (3, 1, 1));
+        // A span running past its line is cut at the line's end.
+        let at = Location::of(text, 4..9);
+        assert_eq!((at.line, at.column, at.width), (1, 5, 1));
+        assert_eq!(lines_of(text, 0..9), 1..=2);
+        assert_eq!(lines_of(text, 0..6), 1..=1, "the newline ends line 1");
+    }
+
+    fn file(text: &str) -> (tempfile::TempDir, PathBuf) {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("config.toml");
+        std::fs::write(&p, text).unwrap();
+        (dir, p)
+    }
+
+    #[test]
+    fn the_spool_is_read_past_mistakes_in_other_keys() {
+        // Unknown keys and bad values elsewhere: not the clients' concern.
+        let (_d, p) = file("max_paralel = 2\nkill_grace = \"soon\"\nspool = \"/srv/spool\"\n");
+        let s = Config::load_spool(Some(&p)).unwrap();
+        assert_eq!(s.spool, Some(PathBuf::from("/srv/spool")));
+        assert!(s.broken.is_none(), "{:?}", s.broken);
+        assert_eq!(s.source.as_deref(), Some(p.as_path()));
+
+        // A syntax error elsewhere: read past, and said.
+        let (_d, p) = file("spool = \"/srv/spool\"\nmax_parallel = = 2\n[notify\n");
+        let s = Config::load_spool(Some(&p)).unwrap();
+        assert_eq!(s.spool, Some(PathBuf::from("/srv/spool")));
+        let broken = s.broken.unwrap().to_string();
+        assert!(broken.contains("config.toml:2:16: "), "{broken}");
+
+        // A syntax error on the spool's own line: unclear, so none.
+        let (_d, p) = file("max_parallel = 2\nspool = \"/srv/sp\n");
+        let s = Config::load_spool(Some(&p)).unwrap();
+        assert_eq!(s.spool, None);
+        assert!(s.broken.is_some());
+
+        // No spool key; no file at all.
+        let (_d, p) = file("max_parallel = 2\n");
+        let s = Config::load_spool(Some(&p)).unwrap();
+        assert_eq!((s.spool, s.broken.is_none()), (None, true));
+        let missing = p.with_file_name("missing.toml");
+        let e = Config::load_spool(Some(&missing)).unwrap_err();
+        assert!(matches!(e, ConfigError::Read { .. }), "{e}");
+    }
+
+    #[test]
+    fn a_bad_spool_is_an_error_where_it_is() {
+        let (_d, p) = file("# the spool\nspool = \"spool\"\n");
+        let e = Config::load_spool(Some(&p)).unwrap_err().to_string();
+        assert!(
+            e.ends_with("config.toml:2:9: spool must be an absolute path, not \"spool\""),
+            "{e}"
+        );
+        let (_d, p) = file("spool = 5\n");
+        let e = Config::load_spool(Some(&p)).unwrap_err().to_string();
+        assert!(
+            e.ends_with("config.toml:1:9: spool must be an absolute path (a string), not integer"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn the_notify_table_is_read_past_mistakes_elsewhere() {
+        let table = "[notify]\nkind = \"slack\"\nurl_file = \"/etc/w\"\nattempts = 50\n";
+        // Valid: as the strict loader reads it.
+        let (_d, p) = file("[notify]\nkind = \"webhook\"\n");
+        let n = Config::load_notify(Some(&p));
+        assert!(n.broken.is_none());
+        assert_eq!(n.notify.unwrap().kind, NotifyKind::Webhook);
+
+        // A syntax error and an unknown key elsewhere, a value out of range
+        // in the table: the table is read, the value brought within range.
+        let (_d, p) = file(&format!("colour = 1\nmax_parallel = = 2\n{table}"));
+        let n = Config::load_notify(Some(&p));
+        let got = n.notify.unwrap();
+        assert_eq!(got.kind, NotifyKind::Slack);
+        assert_eq!(got.url_file.as_deref(), Some(Path::new("/etc/w")));
+        assert_eq!(got.attempts.get(), MAX_NOTIFY_ATTEMPTS);
+        assert!(n.broken.unwrap().to_string().contains("config.toml:2:16:"));
+
+        // The table itself unusable: none, and why.
+        let (_d, p) = file("[notify]\nkind = \"email\"\n");
+        let n = Config::load_notify(Some(&p));
+        assert!(n.notify.is_none());
+        assert!(n.broken.unwrap().to_string().contains("config.toml:2:8:"));
+
+        // An unreadable file: none, and why.
+        let n = Config::load_notify(Some(&p.with_file_name("missing.toml")));
+        assert!(matches!(n.broken, Some(ConfigError::Read { .. })));
+        assert!(n.notify.is_none());
     }
 
     #[test]

@@ -4,6 +4,9 @@
 //! runs each one and leaves a result record and a log. The library holds
 //! everything; `main.rs` only parses the command line and calls [`cli::Cli::run`].
 
+/// Alerts that say what failed, once per incident; the journal when no
+/// notifier is configured.
+pub mod alert;
 /// The command line: clap definitions and one handler per subcommand.
 pub mod cli;
 /// The client API over the spool contract (submit, result, wait, logs).

@@ -34,6 +34,46 @@ pub mod message_id {
     pub const WORKER_READY: &str = "c5928de1160f44d3b4781b2bd42e1e4c";
     /// The worker is stopping.
     pub const WORKER_STOPPING: &str = "6d9dc82b228d4dd6889568ee5e1bcd0a";
+    /// The worker hands over to a replaced binary (an upgrade); its jobs run on.
+    pub const WORKER_HANDOVER: &str = "1ba935c23dad45bbb37d67da76a4423a";
+    /// An alert (a unit failed, the spool's disk is full) with no
+    /// notifier to send it to, or whose notifier failed: this entry, at
+    /// priority err, is the alert.
+    pub const ALERT: &str = "33b79da6b9f849f79917cfbd9e654133";
+}
+
+/// Writes `text` to stderr. When stderr is the journal (systemd connected
+/// it: `JOURNAL_STREAM` names it), each line carries the `<3>` prefix
+/// journald reads as priority err, so `journalctl -p err` and `systemctl
+/// status` show it as the error it is.
+pub fn eprint_err(text: &str) {
+    use std::io::Write;
+    let journal = stderr_is_journal();
+    let mut out = String::with_capacity(text.len() + 8);
+    for line in text.lines() {
+        if journal {
+            out.push_str("<3>");
+        }
+        out.push_str(line);
+        out.push('\n');
+    }
+    let _ = std::io::stderr().lock().write_all(out.as_bytes());
+}
+
+/// Whether stderr is the journal stream systemd gave this process
+/// (`JOURNAL_STREAM` is `device:inode` of it, and a child whose stderr
+/// was redirected still inherits the variable).
+fn stderr_is_journal() -> bool {
+    let Some(var) = std::env::var_os("JOURNAL_STREAM") else {
+        return false;
+    };
+    let Some((dev, ino)) = var.to_str().and_then(|v| v.split_once(':')) else {
+        return false;
+    };
+    let Ok(st) = rustix::fs::fstat(std::io::stderr()) else {
+        return false;
+    };
+    dev.parse::<u64>().ok() == Some(st.st_dev) && ino.parse::<u64>().ok() == Some(st.st_ino)
 }
 
 /// How many bytes of a command the journal entries of its job quote

@@ -89,7 +89,11 @@ impl Notifier {
     /// The notifier the configuration describes, `Err(NotConfigured)` if
     /// none.
     pub fn from_config(config: &Config) -> Result<Notifier, NotifyError> {
-        let n: &NotifyConfig = config.notify.as_ref().ok_or(NotifyError::NotConfigured)?;
+        Notifier::new(config.notify.as_ref().ok_or(NotifyError::NotConfigured)?)
+    }
+
+    /// The notifier a `[notify]` table describes.
+    pub fn new(n: &NotifyConfig) -> Result<Notifier, NotifyError> {
         let url = read_url(n.url_file.as_deref())?;
         Ok(Notifier {
             kind: n.kind,
@@ -97,6 +101,33 @@ impl Notifier {
             timeout: n.timeout.get(),
             attempts: n.attempts.get(),
         })
+    }
+
+    /// The notifier of the systemd credential `webhook` alone, for when
+    /// the configuration cannot be read: the kind is `slack` for a Slack
+    /// incoming webhook (`https://hooks.slack.com/…`), `webhook` (generic
+    /// JSON) otherwise; the default timeout and attempts. `Ok(None)` when
+    /// there is no such credential.
+    pub fn from_credential() -> Result<Option<Notifier>, NotifyError> {
+        let Some(dir) = std::env::var_os("CREDENTIALS_DIRECTORY") else {
+            return Ok(None);
+        };
+        let cred = Path::new(&dir).join("webhook");
+        if !cred.exists() {
+            return Ok(None);
+        }
+        let url = read_secret(&cred, false)?;
+        let kind = if url.starts_with("https://hooks.slack.com/") {
+            NotifyKind::Slack
+        } else {
+            NotifyKind::Webhook
+        };
+        Ok(Some(Notifier {
+            kind,
+            url,
+            timeout: crate::config::default_notify_timeout().get(),
+            attempts: crate::config::default_notify_attempts().get(),
+        }))
     }
 
     /// The request body for `event`.

@@ -204,8 +204,8 @@ fn configured_values_out_of_range_are_refused_with_key_and_range() {
             "log_retention_days = 4294967295\n",
             "log_retention_days must be from 1 to",
         ),
-        ("max_parallel = -1\n", "line 1"),
-        ("kill_grace = 1.5\n", "line 1"),
+        ("max_parallel = -1\n", ":1:16: "),
+        ("kill_grace = 1.5\n", ":1:14: "),
     ];
     for (i, (text, want)) in cases.into_iter().enumerate() {
         let path = spool.scratch(&format!("bad-{i}.toml"));

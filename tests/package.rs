@@ -16,6 +16,8 @@ const SERVICE: &str = "ai-cmd-executor.service";
 const TIMERS: &str = "ai-cmd-executor-health.timer ai-cmd-executor-cleanup.timer";
 const SPOOL: &str = "/var/lib/ai-cmd-executor";
 const DEADLINE: Duration = Duration::from_secs(90);
+/// The journal's MESSAGE_ID of a hand-over to a new binary.
+const HANDOVER_ID: &str = "1ba935c23dad45bbb37d67da76a4423a";
 
 /// The package under test, or `None` (skip notice; a failure in CI).
 fn deb(var: &str, test: &str) -> Option<PathBuf> {
@@ -107,16 +109,17 @@ fn deb_install_upgrade_remove_purge() {
         "# configuration OK: /etc/ai-cmd-executor/config.toml"
     );
 
-    // 2. Upgrade: the operator changed the conffile; jobs wait in the queue
-    //    behind a running one.
-    sb.ok("sed -i 's/^#stop_grace = \"20s\"/stop_grace = \"2s\"/' /etc/ai-cmd-executor/config.toml && systemctl reload ai-cmd-executor");
-    let gate = "/var/tmp/upgrade-gate";
-    sb.ok(&format!("runuser -u agent -- ai-cmd-executor submit --id blocker -- 'while [ ! -e {gate} ]; do sleep 0.05; done'"));
+    // 2. Upgrade: the operator changed the conffile; a job runs across the
+    //    upgrade and more wait in the queue. The worker hands over to the
+    //    new binary (same pid), the job carries on and succeeds, and dpkg
+    //    returns long before it ends.
+    sb.ok("sed -i 's/^#stop_grace = \"20s\"/stop_grace = \"2s\"/; s/^#max_parallel = .*/max_parallel = 1/' /etc/ai-cmd-executor/config.toml && systemctl reload ai-cmd-executor");
+    sb.ok("runuser -u agent -- ai-cmd-executor submit --id across -- 'echo start; sleep 20; echo done'");
     sb.wait_until(
-        "the blocker to run",
+        "the job to run",
         DEADLINE,
         &format!("ls {SPOOL}/running"),
-        |s| s.contains("blocker.json"),
+        |s| s.contains("across.json"),
     );
     for i in 0..5 {
         sb.ok(&format!(
@@ -124,21 +127,52 @@ fn deb_install_upgrade_remove_purge() {
         ));
     }
     let pid = sb.prop(SERVICE, "MainPID");
+    let began = std::time::Instant::now();
     sb.ok(&format!("dpkg -i {}", deb2.display()));
+    let took = began.elapsed();
     let new_version = sb.ok("dpkg-query -W -f '${Version}' ai-cmd-executor");
     assert_ne!(
         new_version, "0.1.0-1",
         "the upgrade package has a higher version"
     );
+    assert!(
+        took < Duration::from_secs(12),
+        "dpkg -i took {took:?}: it waited for the job"
+    );
     wait_active(&sb, SERVICE);
-    let new_pid = sb.prop(SERVICE, "MainPID");
-    assert_ne!(new_pid, pid, "the service was restarted");
+    assert_eq!(
+        sb.prop(SERVICE, "MainPID"),
+        pid,
+        "the worker was not restarted"
+    );
+    sb.wait_until(
+        "the worker to run the new binary",
+        DEADLINE,
+        &format!("readlink /proc/{pid}/exe"),
+        |s| s == "/usr/bin/ai-cmd-executor",
+    );
+    sb.wait_until(
+        "the hand-over in the journal",
+        DEADLINE,
+        &format!("journalctl -u {SERVICE} -o cat MESSAGE_ID={HANDOVER_ID}"),
+        |s| s.contains("handing 1 running job(s) over to the new binary"),
+    );
     assert!(
         sb.ok("cat /etc/ai-cmd-executor/config.toml")
             .contains("\nstop_grace = \"2s\""),
         "the changed conffile is kept"
     );
-    sb.ok(&format!("touch {gate}"));
+    let across = sb.wait_until(
+        "the job across the upgrade to finish",
+        DEADLINE,
+        &format!("cat {SPOOL}/completed/across.json"),
+        |_| true,
+    );
+    assert!(across.contains("\"status\": \"succeeded\""), "{across}");
+    assert_eq!(
+        sb.ok("runuser -u agent -- ai-cmd-executor log across"),
+        "start\ndone"
+    );
     for i in 0..5 {
         let r = sb.wait_until(
             &format!("queued-{i} to finish"),
@@ -148,14 +182,31 @@ fn deb_install_upgrade_remove_purge() {
         );
         assert!(r.contains("\"status\": \"succeeded\""), "queued-{i}: {r}");
     }
-    let blocker = sb.ok(&format!("cat {SPOOL}/completed/blocker.json"));
-    assert!(
-        blocker.contains("\"status\": \"interrupted\""),
-        "the job running at the upgrade is recorded: {blocker}"
-    );
 
-    // 3. Remove stops and disables; purge leaves nothing behind.
+    // A deliberately stopped worker stays stopped across an upgrade (a
+    // reinstall of the same package here).
+    sb.ok("ai-cmd-executor stop");
+    sb.ok(&format!("dpkg -i {}", deb2.display()));
+    assert_eq!(sb.prop(SERVICE, "ActiveState"), "inactive");
+    sb.ok("ai-cmd-executor start");
+    wait_active(&sb, SERVICE);
+
+    // 3. Remove stops everything: a job running then is recorded
+    //    interrupted. Purge leaves nothing behind.
+    let gate = "/var/tmp/remove-gate";
+    sb.ok(&format!("runuser -u agent -- ai-cmd-executor submit --id at-remove -- 'while [ ! -e {gate} ]; do sleep 0.05; done'"));
+    sb.wait_until(
+        "the job to run",
+        DEADLINE,
+        &format!("ls {SPOOL}/running"),
+        |s| s.contains("at-remove.json"),
+    );
     sb.ok("dpkg -r ai-cmd-executor");
+    let removed = sb.ok(&format!("cat {SPOOL}/completed/at-remove.json"));
+    assert!(
+        removed.contains("\"status\": \"interrupted\""),
+        "the job running at the removal is recorded: {removed}"
+    );
     assert_ne!(sb.prop(SERVICE, "ActiveState"), "active");
     sb.ok("test ! -e /etc/systemd/system/multi-user.target.wants/ai-cmd-executor.service");
     sb.ok("test ! -e /etc/systemd/system/timers.target.wants/ai-cmd-executor-health.timer");

@@ -60,8 +60,14 @@ APP_NAME = "ai-cmd-executor"
 SUBDIRS = ("tmp", "pending", "running", "completed", "logs", "archive")
 #: Suffixes of job files in ``pending/`` and ``running/``.
 JOB_SUFFIXES = (".json", ".sh")
-#: Possible values of a result's ``"status"``.
-STATUSES = frozenset({"succeeded", "failed", "timed_out", "interrupted", "rejected"})
+#: Possible values of a result's ``"status"``.  ``"expired"``: the job never
+#: ran; it waited in ``pending/`` longer than the worker's
+#: ``stale_pending_after`` while no worker served the spool, and maintenance
+#: (``cleanup``, ``health --fix``) archived it (``"error"`` says so; submit it
+#: again to run it).  The CLI's ``wait`` exits 75 for it (EX_TEMPFAIL).
+STATUSES = frozenset({
+    "succeeded", "failed", "timed_out", "interrupted", "rejected", "expired",
+})
 #: The exact key set of a result (as returned by :func:`check_results`,
 #: :func:`wait` and :meth:`Spool.read_result`).  ``"submitted_by"`` is
 #: ``{"uid": int, "name": str or None}`` (the owner of the job file), or

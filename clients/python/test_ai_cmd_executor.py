@@ -626,6 +626,25 @@ class WaitTest(SpoolTestCase):
         with self.assertRaises(ValueError):
             ace.wait("sa", timeout=0, spool=self.root, since=dt.datetime(2026, 1, 1))
 
+    def test_wait_returns_an_expired_result(self) -> None:
+        """A job archived by maintenance (no worker served the spool) ends wait()."""
+        worker = FakeWorker(self.root)
+        ace.create_bash_command("true", "late", spool=self.root)
+        thread, outcome = self.start_waiter("late", timeout=DEADLINE_SECS * 2)
+        # What cleanup does: the result first, then the job file leaves pending/.
+        written = worker.write_result(
+            "late", status="expired", exit_code=None,
+            error="expired, never run: it waited 2h in pending/ while no worker served the spool",
+        )
+        stale = os.path.join(self.root, "archive", "stale")
+        os.makedirs(stale, exist_ok=True)
+        os.rename(self.path("pending", "late.json"), os.path.join(stale, "late.json.x"))
+        got = self.join(thread, outcome)
+        self.assertEqual(got, written)
+        self.assertIn(got["status"], ace.STATUSES)
+        self.assertEqual(got["status"], "expired")
+        self.assertEqual(ace.get_state("late", spool=self.root), "completed")
+
     def test_parse_rfc3339(self) -> None:
         """The started_at parser handles Z, offsets and fraction lengths."""
         base = dt.datetime(2026, 11, 26, 19, 33, 9, tzinfo=dt.timezone.utc).timestamp()
@@ -785,6 +804,48 @@ class EndToEndTest(unittest.TestCase):
         self.assertIsInstance(result["error"], str)
         archived = os.path.join(self.root, "archive", "rejected")
         self.assertTrue(os.path.isdir(archived) and os.listdir(archived), "nothing archived")
+
+
+class ExpiredEndToEndTest(unittest.TestCase):
+    """The real ``cleanup`` expires a job that waited while no worker ran.
+
+    Needs AI_CMD_EXECUTOR_BIN, as EndToEndTest does.
+    """
+
+    def test_cleanup_expires_a_job_nobody_served(self) -> None:
+        """wait() returns the expired result cleanup writes; the job is archived."""
+        binary = os.environ.get("AI_CMD_EXECUTOR_BIN")
+        if not binary:
+            reason = "AI_CMD_EXECUTOR_BIN is not set (path of the ai-cmd-executor binary)"
+            if _ci_is_true():
+                self.fail(reason + "; end-to-end tests must run when CI=true")
+            self.skipTest(reason)
+        tmp = tempfile.TemporaryDirectory(prefix="ace-e2e-")
+        self.addCleanup(tmp.cleanup)
+        root = os.path.join(tmp.name, "spool")
+        config = os.path.join(tmp.name, "config.toml")
+        with open(config, "w") as f:
+            f.write('stale_pending_after = "30m"\n')
+        ace.Spool(root).ensure_layout()
+        cmd_id = ace.create_bash_command("echo never", "late", spool=root)
+        two_hours_ago = time.time() - 7200
+        os.utime(os.path.join(root, "pending", "late.json"), (two_hours_ago, two_hours_ago))
+        out = subprocess.run(
+            [binary, "--config", config, "--spool", root, "cleanup"],
+            stdin=subprocess.DEVNULL, capture_output=True, timeout=DEADLINE_SECS,
+        )
+        self.assertEqual(out.returncode, 0, out)
+        result = ace.wait(cmd_id, timeout=DEADLINE_SECS, spool=root)
+        self.assertEqual(set(result), ace.RESULT_KEYS, result)
+        self.assertEqual(result["status"], "expired", result)
+        self.assertIn(result["status"], ace.STATUSES)
+        self.assertIsNone(result["exit_code"], result)
+        self.assertIsNone(result["log"], result)
+        self.assertIn("no worker served the spool", result["error"])
+        self.assertEqual(result["submitted_by"]["uid"], os.geteuid(), result)
+        self.assertEqual(os.listdir(os.path.join(root, "pending")), [])
+        archived = os.listdir(os.path.join(root, "archive", "stale"))
+        self.assertEqual(len(archived), 2, archived)
 
 
 if __name__ == "__main__":

@@ -84,6 +84,10 @@ pub enum Command {
     Stop,
     /// Restart the service (over D-Bus) or the cron-mode worker.
     Restart,
+    /// Reload the configuration (and hand over to a replaced binary, with
+    /// running jobs carrying on): the service over D-Bus, or SIGHUP to the
+    /// cron-mode worker.
+    Reload,
     /// Archive stale pending files, pack old logs, delete old archives.
     Cleanup(CleanupArgs),
     /// Send an alert through the configured notifier (what OnFailure= runs).
@@ -336,6 +340,7 @@ impl Cli {
             Command::Restart => {
                 commands::service::control(&ctx, commands::service::Action::Restart)
             }
+            Command::Reload => commands::service::control(&ctx, commands::service::Action::Reload),
             Command::Cleanup(a) => commands::service::cleanup(&ctx, a),
             Command::Notify(a) => commands::service::notify(&ctx, a),
             Command::Submit(a) => commands::submit::run(&ctx, a),

@@ -51,7 +51,11 @@ pub async fn run_checks(ctx: &Ctx, scope: Scope) -> Vec<Finding> {
     };
     match ctx.supervision {
         Supervision::Systemd => {
-            out.extend(check_service(&service, down.as_ref()));
+            let limit = match &service {
+                Ok(s) if s.unit.active_state != "active" => start_limit(ctx, s),
+                _ => None,
+            };
+            out.extend(check_service(&service, down.as_ref(), limit.as_ref()));
             out.push(check_watchdog(&service));
             out.push(check_units_drift(&service));
             out.push(check_timers(ctx).await);
@@ -67,6 +71,7 @@ pub async fn run_checks(ctx: &Ctx, scope: Scope) -> Vec<Finding> {
         // the checks below still follow no link and say what they found.
         let _as_owner = crate::privilege::lower(ctx.spool.root()).ok().flatten();
         out.push(check_stale(ctx));
+        out.push(check_queue(ctx));
         out.push(check_stuck(ctx));
         out.push(check_orphans(ctx, held));
     }
@@ -333,10 +338,16 @@ pub fn service_user(service: &Result<ServiceInfo, String>) -> String {
 fn check_config(ctx: &Ctx) -> Finding {
     match &ctx.config_error {
         None => Finding::new("config.valid", Level::Ok, "the configuration is valid"),
+        Some(e) if e.denied => Finding::cannot_read(
+            "config.valid",
+            "the configuration",
+            &e.text,
+            "it is world-readable as installed; the checks assume the package's spool",
+        ),
         Some(e) => Finding::new(
             "config.valid",
             Level::Critical,
-            format!("the configuration is invalid: {e}"),
+            format!("the configuration is invalid: {}", e.text),
         ),
     }
 }
@@ -345,7 +356,71 @@ fn unknown(id: &'static str, why: &str) -> Finding {
     Finding::new(id, Level::Unknown, format!("cannot check: {why}"))
 }
 
-fn check_service(service: &Result<ServiceInfo, String>, down: Option<&Down>) -> Vec<Finding> {
+/// A part of the spool this user may not read (`what`: `pending/`).
+fn denied_spool(ctx: &Ctx, id: &'static str, what: &str, e: &SafeError) -> Finding {
+    Finding::cannot_read(
+        id,
+        what,
+        &e.to_string(),
+        &super::spool_access_hint(ctx.spool.root()),
+    )
+}
+
+/// A service that systemd gave up on (its start-rate limit): when, what
+/// changed since that may have mended it, and the last error it logged.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct StartLimit {
+    /// When it failed.
+    pub at: Option<Timestamp>,
+    /// The configuration file or the binary, changed since it failed (for
+    /// people: `/etc/…/config.toml changed at T`); `None` if neither was.
+    pub changed: Option<String>,
+    /// The last error in its journal since its last start.
+    pub last_error: Option<String>,
+}
+
+/// What [`StartLimit`] says of `s`, if systemd gave up on it (see
+/// [`crate::alert::hit_start_limit`]). The configuration file and this
+/// binary (the one the units run) are compared with the time it failed, by
+/// their ctime, which an edit, a `touch` and a package upgrade (a new file,
+/// with the package's own mtime) all set.
+fn start_limit(ctx: &Ctx, s: &ServiceInfo) -> Option<StartLimit> {
+    if !crate::alert::hit_start_limit(SERVICE, s) {
+        return None;
+    }
+    let at = realtime(s.inactive_enter_timestamp);
+    let config = ctx
+        .config_path
+        .clone()
+        .unwrap_or_else(|| crate::config::DEFAULT_CONFIG_PATH.into());
+    let files = [Some(config), std::env::current_exe().ok()];
+    let changed = at.and_then(|at| {
+        files.iter().flatten().find_map(|f| {
+            let m = fs::metadata(f).ok()?;
+            let ctime = realtime(
+                u64::try_from(m.ctime()).ok()? * 1_000_000 + m.ctime_nsec() as u64 / 1000,
+            )?;
+            (ctime > at).then(|| {
+                format!(
+                    "{} changed at {}",
+                    f.display(),
+                    humantime::format_rfc3339_seconds(ctime.0)
+                )
+            })
+        })
+    });
+    Some(StartLimit {
+        at,
+        changed,
+        last_error: crate::alert::last_error(SERVICE, s.inactive_exit_timestamp),
+    })
+}
+
+fn check_service(
+    service: &Result<ServiceInfo, String>,
+    down: Option<&Down>,
+    limit: Option<&StartLimit>,
+) -> Vec<Finding> {
     let s = match service {
         Ok(s) => s,
         Err(e) => return vec![unknown("service.active", e), unknown("service.enabled", e)],
@@ -358,11 +433,16 @@ fn check_service(service: &Result<ServiceInfo, String>, down: Option<&Down>) -> 
         Some(Hold::Stopped(Some(t))) => Some(*t),
         _ => None,
     };
+    // Left failed by its start limit, until what caused it may have changed.
+    let hit_limit = s.unit.active_state != "active" && (limit.is_some() || s.hit_start_limit());
+    let left_failed = hit_limit && limit.is_none_or(|l| l.changed.is_none());
     let detail = json!({
         "load_state": s.unit.load_state, "active_state": s.unit.active_state, "sub_state": s.unit.sub_state,
         "result": s.result, "n_restarts": s.n_restarts, "main_pid": s.main_pid,
         "unit_file_state": s.unit.unit_file_state, "fragment_path": s.fragment_path,
         "held": held.map(Hold::describe), "stopped_since": stopped_since,
+        "inactive_enter_timestamp": s.inactive_enter_timestamp, "left_failed": left_failed,
+        "last_error": limit.and_then(|l| l.last_error.as_deref()),
     });
     let active = if s.unit.load_state != "loaded" {
         Finding::new(
@@ -389,19 +469,36 @@ fn check_service(service: &Result<ServiceInfo, String>, down: Option<&Down>) -> 
                 .push_str("; it keeps restarting, see `journalctl -u ai-cmd-executor`");
         }
         f
-    } else if s.result == "start-limit-hit"
-        || (s.unit.active_state == "failed"
-            && s.start_limit_burst > 0
-            && s.n_restarts >= s.start_limit_burst)
-    {
-        // systemd 252 leaves Result at the last exit's cause when the limit
-        // stops automatic restarts; the restart count tells.
-        Finding::new(
-            "service.active",
-            Level::Critical,
-            format!("{SERVICE} failed: it hit the start-rate limit (StartLimitBurst) and systemd gave up"),
-        )
-        .fix(Fix::ResetFailedAndStart)
+    } else if hit_limit {
+        // Starting it again as it is would fail as often again (and alert
+        // as often): only a change that may have mended it is worth a try.
+        let at = limit
+            .and_then(|l| l.at)
+            .map_or("an unknown time".into(), |t| {
+                humantime::format_rfc3339_seconds(t.0).to_string()
+            });
+        let last = limit
+            .and_then(|l| l.last_error.as_deref())
+            .map(|e| format!(" (last error: {e})"))
+            .unwrap_or_default();
+        match limit.and_then(|l| l.changed.as_deref()) {
+            Some(what) => Finding::new(
+                "service.active",
+                Level::Critical,
+                format!(
+                    "{SERVICE} hit its start limit at {at}{last}; {what} since, so it is started again"
+                ),
+            )
+            .fix(Fix::ResetFailedAndStart),
+            None => Finding::new(
+                "service.active",
+                Level::Critical,
+                format!(
+                    "{SERVICE} hit its start limit at {at}{last}; not restarted until the config or \
+                     binary changes; fix the cause, then `ai-cmd-executor start`"
+                ),
+            ),
+        }
     } else if s.unit.active_state == "failed" {
         Finding::new(
             "service.active",
@@ -583,6 +680,14 @@ fn check_units_drift(service: &Result<ServiceInfo, String>) -> Finding {
     for (path, text) in expected_units(Path::new(&s.fragment_path), user) {
         match fs::read_to_string(&path) {
             Ok(actual) if actual == text => {}
+            Err(e) if super::is_denied(&e) => {
+                return Finding::cannot_read(
+                    "service.units",
+                    &path.display().to_string(),
+                    &e.to_string(),
+                    "unit files are world-readable as installed",
+                );
+            }
             _ => drifted.push((path, text)),
         }
     }
@@ -670,12 +775,32 @@ async fn check_timers(ctx: &Ctx) -> Finding {
 
 fn check_cron(ctx: &Ctx) -> Finding {
     let file = Path::new(CRON_FILE).exists();
-    let worker = ensure::running_worker(ctx.spool.root()).ok().flatten();
+    let worker = match ensure::running_worker(ctx.spool.root()) {
+        Ok(w) => w,
+        Err(e) if super::is_denied(e.as_ref()) => {
+            return Finding::cannot_read(
+                "cron.fallback",
+                "the worker's lock file",
+                &crate::error::chain(e.as_ref()),
+                &super::spool_access_hint(ctx.spool.root()),
+            );
+        }
+        Err(_) => None,
+    };
     let mark = ensure::stop_mark(ctx.spool.root());
     let stopped = mark.as_ref().ok().copied().flatten().map(|m| m.since);
     let detail = json!({"cron_file": file, "worker_pid": worker, "stopped_since": stopped});
     let marker = ctx.spool.root().join(ensure::STOPPED_MARKER);
     if let Err(e) = &mark {
+        if super::is_denied(e.as_ref()) {
+            return Finding::cannot_read(
+                "cron.fallback",
+                "the stop marker",
+                &crate::error::chain(e.as_ref()),
+                &super::spool_access_hint(ctx.spool.root()),
+            )
+            .detail(detail);
+        }
         return unknown(
             "cron.fallback",
             &format!(
@@ -735,6 +860,18 @@ fn check_layout(ctx: &Ctx, user: &str) -> Finding {
         _ => None,
     };
     let mut problems = Vec::new();
+    // What this user may not look at (unknown, not missing), and why.
+    let mut unreadable: Vec<String> = Vec::new();
+    let mut why = String::new();
+    let mut deny = |path: &Path, e: &dyn std::fmt::Display| {
+        let p = path.display().to_string();
+        if !unreadable.contains(&p) {
+            unreadable.push(p);
+        }
+        if why.is_empty() {
+            why = e.to_string();
+        }
+    };
     let mut dirs = vec![(ctx.spool.root().to_owned(), ROOT_MODE)];
     dirs.extend(LAYOUT.iter().map(|(n, m)| (ctx.spool.root().join(n), *m)));
     for (dir, mode) in &dirs {
@@ -766,6 +903,7 @@ fn check_layout(ctx: &Ctx, user: &str) -> Finding {
                 }
             }
             Ok(_) => problems.push(format!("{} is not a directory", dir.display())),
+            Err(e) if super::is_denied(&e) => deny(dir, &e),
             Err(e) => problems.push(format!("{} is missing ({e})", dir.display())),
         }
     }
@@ -776,8 +914,13 @@ fn check_layout(ctx: &Ctx, user: &str) -> Finding {
     let mut notes = Vec::new();
     if let Some((uid, _)) = ids {
         for name in acl::QUEUE_DIRS {
-            let Ok(dir) = SafeDir::open(ctx.spool.root()).and_then(|r| r.dir(name)) else {
-                continue; // reported above
+            let dir = match SafeDir::open(ctx.spool.root()).and_then(|r| r.dir(name)) {
+                Ok(d) => d,
+                Err(e) if super::is_denied(&e) => {
+                    deny(&ctx.spool.root().join(name), &e);
+                    continue;
+                }
+                Err(_) => continue, // reported above
             };
             match acl::state(&dir, uid) {
                 Ok(acl::AclState::Private) => {}
@@ -789,6 +932,7 @@ fn check_layout(ctx: &Ctx, user: &str) -> Finding {
                     "{} is on a file system without POSIX ACLs: members can read each other's queued jobs",
                     dir.path().display()
                 )),
+                Err(e) if super::is_denied(&e) => deny(dir.path(), &e),
                 Err(e) => problems.push(format!(
                     "reading the ACL of {}: {e}",
                     dir.path().display()
@@ -796,8 +940,16 @@ fn check_layout(ctx: &Ctx, user: &str) -> Finding {
             }
         }
     }
-    let detail =
-        json!({"spool": ctx.spool.root(), "user": user, "problems": problems, "notes": notes});
+    let detail = json!({"spool": ctx.spool.root(), "user": user, "problems": problems, "notes": notes, "unreadable": unreadable});
+    if problems.is_empty() && !unreadable.is_empty() {
+        return Finding::cannot_read(
+            "spool.layout",
+            &unreadable.join(", "),
+            &why,
+            &super::spool_access_hint(ctx.spool.root()),
+        )
+        .detail(detail);
+    }
     if problems.is_empty() && !notes.is_empty() {
         return Finding::new("spool.layout", Level::Warning, notes.join("; ")).detail(detail);
     }
@@ -821,6 +973,14 @@ fn check_layout(ctx: &Ctx, user: &str) -> Finding {
 fn check_disk(ctx: &Ctx) -> Finding {
     let st = match nix::sys::statvfs::statvfs(ctx.spool.root()) {
         Ok(s) => s,
+        Err(e) if super::is_denied(&e) => {
+            return Finding::cannot_read(
+                "spool.disk",
+                &format!("the file system of {}", ctx.spool.root().display()),
+                &e.to_string(),
+                &super::spool_access_hint(ctx.spool.root()),
+            );
+        }
         Err(e) => {
             return unknown(
                 "spool.disk",
@@ -847,9 +1007,20 @@ fn check_disk(ctx: &Ctx) -> Finding {
         free >> 20,
         inode_pct
     );
-    let level = if free < 16 << 20 || free_pct < 1.0 || (total_inodes > 0 && inode_pct < 1.0) {
+    // `--format nagios` gives the same limits as thresholds.
+    use super::{
+        DISK_CRIT_FREE_BYTES, DISK_CRIT_FREE_PCT, DISK_WARN_FREE_BYTES, DISK_WARN_FREE_PCT,
+    };
+    let (crit_pct, warn_pct) = (DISK_CRIT_FREE_PCT as f64, DISK_WARN_FREE_PCT as f64);
+    let level = if free < DISK_CRIT_FREE_BYTES
+        || free_pct < crit_pct
+        || (total_inodes > 0 && inode_pct < crit_pct)
+    {
         Level::Critical
-    } else if free < 256 << 20 || free_pct < 5.0 || (total_inodes > 0 && inode_pct < 5.0) {
+    } else if free < DISK_WARN_FREE_BYTES
+        || free_pct < warn_pct
+        || (total_inodes > 0 && inode_pct < warn_pct)
+    {
         Level::Warning
     } else {
         Level::Ok
@@ -857,25 +1028,117 @@ fn check_disk(ctx: &Ctx) -> Finding {
     Finding::new("spool.disk", level, text).detail(detail)
 }
 
+/// Jobs nobody could pick up: no live worker holds the spool's lock, and
+/// they waited in `pending/` longer than `stale_pending_after`. While a
+/// worker serves the spool nothing is stale (`spool.queue` reports a long
+/// wait instead).
 fn check_stale(ctx: &Ctx) -> Finding {
     let after = ctx.config.stale_pending_after.get();
+    let denied = |e: &anyhow::Error, what: &str| {
+        Finding::cannot_read(
+            "spool.stale",
+            what,
+            &crate::error::chain(e.as_ref()),
+            &super::spool_access_hint(ctx.spool.root()),
+        )
+    };
+    match ensure::serving_worker(ctx.spool.root()) {
+        Ok(Some(pid)) => {
+            return Finding::new(
+                "spool.stale",
+                Level::Ok,
+                format!(
+                    "nothing is stale: a worker (pid {pid}) serves the spool, and jobs in pending/ wait their turn"
+                ),
+            )
+            .detail(json!({"stale": 0}));
+        }
+        Ok(None) => {}
+        Err(e) if super::is_denied(e.as_ref()) => return denied(&e, "the worker's lock file"),
+        Err(e) => {
+            return unknown(
+                "spool.stale",
+                &format!(
+                    "reading the worker's lock: {}",
+                    crate::error::chain(e.as_ref())
+                ),
+            );
+        }
+    }
     match crate::maintenance::stale_pending(&ctx.spool, after) {
         Ok(v) if v.is_empty() => {
-            Finding::new("spool.stale", Level::Ok, "no stale files in pending/")
+            Finding::new("spool.stale", Level::Ok, "no stale jobs in pending/")
                 .detail(json!({"stale": 0}))
         }
         Ok(v) => Finding::new(
             "spool.stale",
             Level::Warning,
             format!(
-                "{} file(s) in pending/ older than {} have not been run",
+                "{} job(s) waited in pending/ longer than {} (stale_pending_after) while no worker served the spool",
                 v.len(),
                 humantime::format_duration(after)
             ),
         )
         .detail(json!({"stale": v.len(), "files": v}))
         .fix(Fix::ArchiveStale),
-        Err(e) => unknown("spool.stale", &format!("listing pending/: {e}")),
+        Err(e) if super::is_denied(e.as_ref()) => denied(&e, "pending/"),
+        Err(e) => unknown(
+            "spool.stale",
+            &format!("listing pending/: {}", crate::error::chain(e.as_ref())),
+        ),
+    }
+}
+
+/// The queue: how many jobs wait and run, and how long the oldest has
+/// waited (by its file's modification time). Waiting is no error that a
+/// fix may touch: a warning, with no fix, when a live worker serves the
+/// spool and the oldest job has waited longer than `stale_pending_after`
+/// (the jobs ahead of it take long, or `max_parallel` is too low).
+fn check_queue(ctx: &Ctx) -> Finding {
+    let after = ctx.config.stale_pending_after.get();
+    let q = match crate::maintenance::queue(&ctx.spool) {
+        Ok(q) => q,
+        Err(e) if super::is_denied(&e) => {
+            return denied_spool(ctx, "spool.queue", "pending/ and running/", &e);
+        }
+        Err(e) => return unknown("spool.queue", &format!("listing the queue: {e}")),
+    };
+    let (oldest_id, oldest_secs) = q
+        .oldest
+        .as_ref()
+        .map_or((None, 0), |(id, age)| (Some(id.as_str()), age.as_secs()));
+    let detail = json!({
+        "pending": q.pending,
+        "running": q.running,
+        "oldest_pending_secs": oldest_secs,
+        "oldest_pending_id": oldest_id,
+    });
+    let counts = format!("{} job(s) pending, {} running", q.pending, q.running);
+    let Some((id, age)) = &q.oldest else {
+        return Finding::new("spool.queue", Level::Ok, counts).detail(detail);
+    };
+    let age_text = humantime::format_duration(*age);
+    // Only a served queue is this check's: an unserved one is stale
+    // (`spool.stale`), and the service checks say why no worker runs.
+    let worker = ensure::serving_worker(ctx.spool.root()).ok().flatten();
+    match worker {
+        Some(pid) if *age > after => Finding::new(
+            "spool.queue",
+            Level::Warning,
+            format!(
+                "job {id} has waited {age_text} in pending/, longer than {} (stale_pending_after), \
+                 while a worker (pid {pid}) serves the spool: the jobs ahead of it take long, or \
+                 max_parallel is too low; it runs in its turn ({counts})",
+                humantime::format_duration(after)
+            ),
+        )
+        .detail(detail),
+        _ => Finding::new(
+            "spool.queue",
+            Level::Ok,
+            format!("{counts}; the oldest, {id}, has waited {age_text}"),
+        )
+        .detail(detail),
     }
 }
 
@@ -937,6 +1200,7 @@ fn check_stuck(ctx: &Ctx) -> Finding {
             )
             .detail(json!({"stuck": v.len(), "items": v}))
         }
+        Err(e) if super::is_denied(&e) => denied_spool(ctx, "spool.stuck", "pending/", &e),
         Err(e) => unknown("spool.stuck", &format!("listing pending/: {e}")),
     }
 }
@@ -995,6 +1259,7 @@ fn check_orphans(ctx: &Ctx, held: Option<&Hold>) -> Finding {
                 (Supervision::Cron, None) => f.fix(Fix::RestoreCronFallback),
             }
         }
+        Err(e) if super::is_denied(&e) => denied_spool(ctx, "spool.orphans", "running/", &e),
         Err(e) => unknown("spool.orphans", &format!("listing running/: {e}")),
     }
 }
@@ -1008,6 +1273,26 @@ fn check_notifier(ctx: &Ctx) -> Finding {
         );
     }
     match crate::notifier::Notifier::from_config(&ctx.config) {
+        // The URL is root's secret: another user (a monitoring one) sees
+        // that the file is there, private and not empty, and no more.
+        Err(crate::notifier::NotifyError::Read { path, source }) if super::is_denied(&source) => {
+            match fs::metadata(&path) {
+                Ok(m) if m.len() > 0 => Finding::new(
+                    "notifier",
+                    Level::Ok,
+                    format!(
+                        "the notifier is configured; its URL file {} is private to root,                          so this user checked only that it is there and not empty",
+                        path.display()
+                    ),
+                ),
+                _ => Finding::cannot_read(
+                    "notifier",
+                    &path.display().to_string(),
+                    &source.to_string(),
+                    "the URL file is root's secret; the health timer checks it as root",
+                ),
+            }
+        }
         Err(e) => Finding::new(
             "notifier",
             Level::Critical,
@@ -1149,6 +1434,24 @@ fn overdue_jobs(ctx: &Ctx) -> Vec<String> {
 }
 
 fn check_journal() -> Finding {
+    // journalctl shows others the service's entries only through these
+    // groups (Debian's journal ACLs); elsewhere "no errors" would mean
+    // nothing.
+    let reader = nix::unistd::geteuid().is_root()
+        || nix::unistd::getgroups()
+            .unwrap_or_default()
+            .into_iter()
+            .chain([nix::unistd::getegid()])
+            .filter_map(|g| nix::unistd::Group::from_gid(g).ok().flatten())
+            .any(|g| ["systemd-journal", "adm", "wheel"].contains(&g.name.as_str()));
+    if !reader {
+        return Finding::cannot_read(
+            "journal.errors",
+            "the service's journal entries",
+            "only root and the groups systemd-journal, adm and wheel read them",
+            "add the user to group systemd-journal",
+        );
+    }
     let count = |args: &[&str]| -> Result<usize, String> {
         let out = Command::new("journalctl")
             .args(["--no-pager", "-q", "-o", "json", "--since", "-1h"])
@@ -1229,6 +1532,17 @@ async fn check_probe(
     let (since, token) = match client.submit(&sub) {
         Ok(_) => (Some(now), Some(fresh)),
         Err(crate::client::ClientError::AlreadyPending(_)) => (None, None),
+        // Denied to a caller without access (a monitoring user): unknown.
+        // Denied to root acting as the spool's owner: the spool is broken
+        // (a directory replaced by a link elsewhere, say), which is critical.
+        Err(e) if super::is_denied(&e) && !nix::unistd::getuid().is_root() => {
+            return Finding::cannot_read(
+                "probe.end_to_end",
+                "tmp/ and pending/ (to submit a probe job)",
+                &crate::error::chain(&e),
+                &super::spool_access_hint(ctx.spool.root()),
+            );
+        }
         Err(e) => {
             return Finding::new(
                 "probe.end_to_end",
@@ -1427,7 +1741,7 @@ mod tests {
     fn a_held_service_is_a_warning_with_no_fix() {
         let s = stopped_cleanly();
         let down = classify_down(&s, None, None);
-        let f = check_service(&Ok(s.clone()), down.as_ref());
+        let f = check_service(&Ok(s.clone()), down.as_ref(), None);
         let active = &f[0];
         assert_eq!(active.id, "service.active");
         assert_eq!(active.level, Level::Warning);
@@ -1447,7 +1761,7 @@ mod tests {
         disabled.inactive_enter_timestamp = 0;
         disabled.unit.unit_file_state = "disabled".into();
         let down = classify_down(&disabled, None, None);
-        let f = check_service(&Ok(disabled), down.as_ref());
+        let f = check_service(&Ok(disabled), down.as_ref(), None);
         assert_eq!(f[0].level, Level::Warning);
         assert_eq!(f[0].fix, None);
         assert!(f[0].summary.contains("disabled"), "{}", f[0].summary);
@@ -1465,14 +1779,14 @@ mod tests {
     fn what_is_not_held_is_still_fixed() {
         let s = stopped_cleanly();
         let signalled = Some(Down::Signalled(Some(at(STOPPED))));
-        let f = check_service(&Ok(s.clone()), signalled.as_ref());
+        let f = check_service(&Ok(s.clone()), signalled.as_ref(), None);
         assert_eq!(f[0].level, Level::Critical);
         assert_eq!(f[0].fix, Some(Fix::StartService));
 
         let mut crashed = s.clone();
         crashed.unit.active_state = "failed".into();
         crashed.result = "signal".into();
-        let f = check_service(&Ok(crashed.clone()), None);
+        let f = check_service(&Ok(crashed.clone()), None, None);
         assert_eq!(f[0].level, Level::Critical);
         assert_eq!(f[0].fix, Some(Fix::ResetFailedAndStart));
 
@@ -1482,8 +1796,90 @@ mod tests {
         let f = check_service(
             &Ok(never.clone()),
             classify_down(&never, None, None).as_ref(),
+            None,
         );
         assert_eq!(f[0].level, Level::Critical);
         assert_eq!(f[0].fix, Some(Fix::StartService));
+    }
+
+    #[test]
+    fn a_start_limit_is_left_until_its_cause_may_have_changed() {
+        let mut s = stopped_cleanly();
+        s.unit.active_state = "failed".into();
+        s.unit.sub_state = "failed".into();
+        s.result = "exit-code".into();
+        s.n_restarts = 10;
+        s.start_limit_burst = 10;
+        let since = humantime::format_rfc3339_seconds(at(STOPPED).0).to_string();
+        let mut limit = StartLimit {
+            at: Some(at(STOPPED)),
+            changed: None,
+            last_error: Some("config.toml:3:16: extra `=`".into()),
+        };
+        let f = &check_service(&Ok(s.clone()), None, Some(&limit))[0];
+        assert_eq!(f.level, Level::Critical);
+        assert_eq!(f.fix, None, "not started again: it would fail as often");
+        assert_eq!(
+            f.summary,
+            format!(
+                "{SERVICE} hit its start limit at {since} (last error: config.toml:3:16: extra `=`); \
+                 not restarted until the config or binary changes; fix the cause, then `ai-cmd-executor start`"
+            )
+        );
+        assert_eq!(f.detail["left_failed"], true);
+        assert_eq!(f.detail["inactive_enter_timestamp"], STOPPED);
+
+        limit.changed = Some("/etc/ai-cmd-executor/config.toml changed at T".into());
+        let f = &check_service(&Ok(s.clone()), None, Some(&limit))[0];
+        assert_eq!(f.fix, Some(Fix::ResetFailedAndStart));
+        assert!(
+            f.summary.ends_with(
+                "; /etc/ai-cmd-executor/config.toml changed at T since, so it is started again"
+            ),
+            "{}",
+            f.summary
+        );
+        assert_eq!(f.detail["left_failed"], false);
+
+        // Result says so (as later systemd versions do), or the restarts do.
+        s.result = "start-limit-hit".into();
+        s.n_restarts = 3;
+        limit.changed = None;
+        let f = &check_service(&Ok(s.clone()), None, Some(&limit))[0];
+        assert_eq!(
+            (f.fix.clone(), f.detail["left_failed"].clone()),
+            (None, true.into())
+        );
+        // Any other failure is still started again.
+        s.result = "exit-code".into();
+        let f = &check_service(&Ok(s), None, None)[0];
+        assert_eq!(f.fix, Some(Fix::ResetFailedAndStart));
+        assert_eq!(f.detail["left_failed"], false);
+    }
+
+    #[test]
+    fn a_configuration_this_user_may_not_read_is_unknown_not_invalid() {
+        let mut ctx = Ctx {
+            config: crate::config::Config::default(),
+            config_error: Some(super::super::ConfigProblem::of(&std::io::Error::from(
+                std::io::ErrorKind::PermissionDenied,
+            ))),
+            spool: crate::spool::Spool::new("/nonexistent"),
+            supervision: Supervision::Cron,
+            bus: None,
+            probe_notifier: false,
+            config_path: None,
+        };
+        let f = check_config(&ctx);
+        assert_eq!(f.level, Level::Unknown, "{}", f.summary);
+        assert!(
+            f.summary
+                .starts_with("cannot read the configuration as uid")
+        );
+        ctx.config_error = Some(super::super::ConfigProblem {
+            text: "config x: unknown field `sppol`".into(),
+            denied: false,
+        });
+        assert_eq!(check_config(&ctx).level, Level::Critical);
     }
 }

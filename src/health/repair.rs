@@ -157,15 +157,27 @@ pub async fn apply(ctx: &Ctx, fix: &Fix) -> anyhow::Result<String> {
         Fix::ArchiveStale => {
             // Spool work: as the spool's owner, never as root.
             let _as_owner = crate::privilege::lower(ctx.spool.root())?;
+            // Nothing is archived while a worker serves the spool; while
+            // archiving, the worker lock is held, so none starts meanwhile.
             let done = crate::maintenance::archive_stale(
                 &ctx.spool,
                 ctx.config.stale_pending_after.get(),
                 false,
             )?;
-            Ok(format!(
-                "archived {} stale pending file(s) into archive/stale/",
-                done.len()
-            ))
+            let mut text = format!(
+                "archived {} stale pending job(s) into archive/stale/, each with an expired result",
+                done.archived
+            );
+            let others: Vec<&String> = done
+                .lines
+                .iter()
+                .filter(|l| !l.starts_with("archived "))
+                .collect();
+            for l in others {
+                text.push_str("; ");
+                text.push_str(l);
+            }
+            Ok(text)
         }
         Fix::RestoreCronFallback => restore_cron(ctx),
     }
@@ -250,6 +262,7 @@ pub async fn check_and_fix(ctx: &Ctx, scope: Scope, fix: bool) -> (Vec<Finding>,
     // The timer's `health --fix` (and `diagnose --fix`) never enable units.
     let fixes = planned(&findings, RepairOptions::default());
     if fixes.is_empty() {
+        alert_incidents(ctx, &findings);
         return (findings, Vec::new());
     }
     let mut done = Vec::new();
@@ -275,7 +288,18 @@ pub async fn check_and_fix(ctx: &Ctx, scope: Scope, fix: bool) -> (Vec<Finding>,
             actions: done.clone(),
         },
     );
-    (run_checks(ctx, scope).await, done)
+    let after = run_checks(ctx, scope).await;
+    alert_incidents(ctx, &after);
+    (after, done)
+}
+
+/// What the fixes leave broken and someone must see to (a service left
+/// failed by its start limit, a full disk): alerted once per incident,
+/// and said on stderr (the health unit's journal).
+fn alert_incidents(ctx: &Ctx, findings: &[Finding]) {
+    for line in crate::alert::health_incidents(ctx, findings) {
+        eprintln!("{line}");
+    }
 }
 
 /// Waits (up to a minute) while the service is in a transitional state;

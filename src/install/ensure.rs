@@ -40,6 +40,32 @@ pub struct WorkerLock {
     _file: File,
 }
 
+impl WorkerLock {
+    /// The descriptor, kept open across `execve` (close-on-exec cleared),
+    /// for a worker that hands over to a new binary.
+    pub fn into_inheritable(self) -> std::io::Result<i32> {
+        use std::os::fd::{IntoRawFd, OwnedFd};
+        let fd: OwnedFd = self._file.into();
+        nix::fcntl::fcntl(
+            &fd,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+        )?;
+        Ok(fd.into_raw_fd())
+    }
+
+    /// Takes over the lock a previous worker passed on (see
+    /// [`WorkerLock::into_inheritable`]).
+    pub fn from_owned(fd: std::os::fd::OwnedFd) -> std::io::Result<WorkerLock> {
+        nix::fcntl::fcntl(
+            &fd,
+            nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+        )?;
+        Ok(WorkerLock {
+            _file: File::from(fd),
+        })
+    }
+}
+
 /// Takes the worker lock for this process and records its pid, or says
 /// which worker holds it.
 pub fn acquire_worker_lock(path: &Path) -> anyhow::Result<WorkerLock> {
@@ -99,6 +125,32 @@ pub fn running_worker(spool: &Path) -> anyhow::Result<Option<i32>> {
             Err(e).with_context(|| format!("locking {}", path.display()))
         }
     }
+}
+
+/// An exclusive hold on the spool's serving lock
+/// ([`crate::spool::serving`]), taken only while no worker serves the
+/// spool: `None` when one does. While it is held, a worker that starts
+/// waits for it.
+pub fn hold_idle_spool(spool: &Path) -> anyhow::Result<Option<File>> {
+    crate::spool::serving::hold_unserved(spool).with_context(|| {
+        format!(
+            "locking {}",
+            crate::spool::serving::serving_lock_path(spool).display()
+        )
+    })
+}
+
+/// The pid of a worker serving the spool (any worker, in any mode: each
+/// holds the serving lock), `Some(0)` when one serves it but its pid
+/// cannot be told, `None` when none does.
+pub fn serving_worker(spool: &Path) -> anyhow::Result<Option<i32>> {
+    let path = crate::spool::serving::serving_lock_path(spool);
+    if !crate::spool::serving::served(spool)
+        .with_context(|| format!("locking {}", path.display()))?
+    {
+        return Ok(None);
+    }
+    Ok(Some(lock_holder(&path).ok().flatten().unwrap_or(0)))
 }
 
 /// The pid that holds the `flock` on the file at `path`, from
@@ -458,6 +510,49 @@ mod tests {
         // Text that is no time: the file's own time stands in.
         std::fs::write(d.path().join(STOPPED_MARKER), "by hand\n").unwrap();
         assert!(stop_mark(d.path()).unwrap().is_some());
+    }
+
+    #[test]
+    fn an_idle_spool_is_held_and_a_served_one_is_not() {
+        use crate::spool::serving::{Serving, serving_lock_path};
+        use std::os::unix::fs::PermissionsExt;
+        let d = tempfile::tempdir().unwrap();
+        let path = serving_lock_path(d.path());
+        // Missing: created (0640 at most: the umask may take more), held.
+        let held = hold_idle_spool(d.path()).unwrap().expect("nobody holds it");
+        let mode = std::fs::metadata(&path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o137, 0, "{mode:o}");
+        // Held so, a worker cannot start serving.
+        assert!(Serving::take(d.path(), Duration::ZERO).is_err());
+        assert_eq!(
+            serving_worker(d.path()).unwrap(),
+            Some(std::process::id() as i32)
+        );
+        drop(held);
+        let worker = Serving::take(d.path(), Duration::ZERO).unwrap();
+        assert!(hold_idle_spool(d.path()).unwrap().is_none(), "a worker");
+        assert_eq!(
+            serving_worker(d.path()).unwrap(),
+            Some(std::process::id() as i32)
+        );
+        drop(worker);
+        assert_eq!(serving_worker(d.path()).unwrap(), None);
+        assert!(hold_idle_spool(d.path()).unwrap().is_some());
+    }
+
+    #[test]
+    fn an_idle_spool_is_never_held_through_a_link_or_a_fifo() {
+        use crate::spool::serving::serving_lock_path;
+        let d = tempfile::tempdir().unwrap();
+        let target = d.path().join("target");
+        let path = serving_lock_path(d.path());
+        std::os::unix::fs::symlink(&target, &path).unwrap();
+        assert!(hold_idle_spool(d.path()).is_err());
+        assert!(!target.exists(), "nothing created through the link");
+        std::fs::remove_file(&path).unwrap();
+        nix::unistd::mkfifo(&path, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let err = hold_idle_spool(d.path()).unwrap_err();
+        assert!(format!("{err:#}").contains("not a regular file"), "{err:#}");
     }
 
     #[test]

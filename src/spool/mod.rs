@@ -11,6 +11,7 @@ pub mod job;
 pub mod reserve;
 pub mod result;
 pub mod safe;
+pub mod serving;
 
 use std::ffi::OsStr;
 use std::fs::{self, File, OpenOptions};
@@ -215,11 +216,9 @@ impl Spool {
     /// The first half of [`Spool::write_result`]: the result written to its
     /// temporary file, not yet synced or in place. See [`Staged`].
     pub fn stage_result(&self, result: &JobResult) -> Result<Staged, SpoolError> {
-        let mut bytes = serde_json::to_vec_pretty(result).expect("a result always serializes");
-        bytes.push(b'\n');
         let dir = self.completed();
         let name = format!("{}.json", result.id);
-        Staged::write(&dir, &name, &bytes, 0o640)
+        Staged::write(&dir, &name, &result_bytes(result), 0o640)
     }
 
     /// The newest log of `id` (the greatest of its names in its shard).
@@ -266,6 +265,63 @@ impl Spool {
         }
         None
     }
+}
+
+/// A result as its file holds it: pretty JSON and a final newline.
+fn result_bytes(result: &JobResult) -> Vec<u8> {
+    let mut bytes = serde_json::to_vec_pretty(result).expect("a result always serializes");
+    bytes.push(b'\n');
+    bytes
+}
+
+/// Writes `<id>.json` into `completed`, the opened `completed/`, as
+/// [`Spool::write_result`] does (a temporary file, written, synced, then
+/// renamed into place), except that it replaces nothing and follows no
+/// link: the temporary file `.<id>.json.<pid>.<n>.tmp` is created with
+/// `O_EXCL | O_NOFOLLOW` in the opened directory, and the rename is
+/// `RENAME_NOREPLACE`. For the tools that record a result while no worker
+/// runs (an expired job), in a directory that jobs can write.
+///
+/// Returns the inode of the result it wrote, or `None` when the name is
+/// taken (by a result, or by anything else: a planted link stays as it is).
+pub fn create_result(
+    completed: &safe::SafeDir,
+    result: &JobResult,
+) -> Result<Option<u64>, safe::SafeError> {
+    use std::os::unix::fs::MetadataExt;
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let name = format!("{}.json", result.id);
+    let mut tries = 0;
+    let (tmp, mut file) = loop {
+        let seq = SEQ.fetch_add(1, Ordering::Relaxed);
+        let tmp = format!(".{name}.{}.{seq}.tmp", std::process::id());
+        match completed.create_new(&tmp, 0o640) {
+            Ok(f) => break (tmp, f),
+            Err(safe::SafeError::Io { source, .. })
+                if source.kind() == io::ErrorKind::AlreadyExists && tries < 100 =>
+            {
+                tries += 1;
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    let written = (|| {
+        let io_err = |e| safe::SafeError::Io {
+            what: "writing",
+            path: completed.join(&tmp),
+            source: e,
+        };
+        file.write_all(&result_bytes(result)).map_err(io_err)?;
+        file.sync_all().map_err(io_err)?;
+        let ino = file.metadata().map_err(io_err)?.ino();
+        Ok(completed
+            .rename_noreplace(&tmp, completed, &name)?
+            .then_some(ino))
+    })();
+    if !matches!(written, Ok(Some(_))) {
+        let _ = completed.remove_file(&tmp);
+    }
+    written
 }
 
 /// The shard of `logs/` for `id`: the low byte, as two lower-case hex
@@ -555,6 +611,58 @@ mod tests {
         assert_eq!(spool.read_result(&id).unwrap().unwrap(), r);
         let names: Vec<_> = fs::read_dir(spool.completed()).unwrap().collect();
         assert_eq!(names.len(), 1, "no temporary file is left behind");
+    }
+
+    #[test]
+    fn created_results_replace_nothing_and_follow_no_link() {
+        use std::os::unix::fs::{MetadataExt, symlink};
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::new(dir.path());
+        spool.ensure_layout().unwrap();
+        let completed = safe::SafeDir::open(&spool.completed()).unwrap();
+        let t = Timestamp::now();
+        let mut r = JobResult {
+            id: "a".into(),
+            status: Status::Expired,
+            exit_code: None,
+            signal: None,
+            started_at: t,
+            finished_at: t,
+            duration_ms: 0,
+            log: None,
+            output_truncated: false,
+            error: Some("expired".into()),
+            attempt: 1,
+            submitted_by: None,
+        };
+        let ino = create_result(&completed, &r).unwrap().expect("written");
+        let id = JobId::new("a").unwrap();
+        assert_eq!(spool.read_result(&id).unwrap().unwrap(), r);
+        assert_eq!(fs::metadata(spool.result_path(&id)).unwrap().ino(), ino);
+        // Taken: by a result, or by a link to a file elsewhere.
+        r.error = Some("second".into());
+        assert_eq!(create_result(&completed, &r).unwrap(), None);
+        assert_eq!(
+            spool.read_result(&id).unwrap().unwrap().error.as_deref(),
+            Some("expired")
+        );
+        let target = dir.path().join("target");
+        fs::write(&target, "keep").unwrap();
+        symlink(&target, spool.completed().join("b.json")).unwrap();
+        r.id = "b".into();
+        assert_eq!(create_result(&completed, &r).unwrap(), None);
+        assert_eq!(fs::read_to_string(&target).unwrap(), "keep");
+        assert!(
+            fs::symlink_metadata(spool.completed().join("b.json"))
+                .unwrap()
+                .is_symlink()
+        );
+        let mut names: Vec<_> = fs::read_dir(spool.completed())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        names.sort();
+        assert_eq!(names, ["a.json", "b.json"], "no temporary file is left");
     }
 
     #[test]

@@ -19,6 +19,10 @@ pub enum Status {
     Interrupted,
     /// The job file was bad input and never ran.
     Rejected,
+    /// The job never ran: it waited in `pending/` longer than
+    /// `stale_pending_after` while no worker served the spool, and
+    /// maintenance (`cleanup`, `health --fix`) archived it.
+    Expired,
 }
 
 impl Status {
@@ -30,6 +34,7 @@ impl Status {
             Status::TimedOut => "timed_out",
             Status::Interrupted => "interrupted",
             Status::Rejected => "rejected",
+            Status::Expired => "expired",
         }
     }
 }
@@ -153,10 +158,13 @@ pub struct JobResult {
 impl JobResult {
     /// The exit code a shell-like client reports for this result: the job's
     /// own exit code, 128+N for signal N, 124 for a timeout (as timeout(1)),
-    /// 126 for rejected input and 130 for an interrupted run.
+    /// 126 for rejected input, 130 for an interrupted run and 75 for an
+    /// expired job (`EX_TEMPFAIL` of sysexits.h: it did not run, and may be
+    /// submitted again).
     pub fn shell_exit_code(&self) -> u8 {
         match self.status {
             Status::TimedOut => 124,
+            Status::Expired => 75,
             Status::Rejected => 126,
             Status::Interrupted => 130,
             Status::Succeeded | Status::Failed => match (self.exit_code, &self.signal) {
@@ -264,6 +272,18 @@ mod tests {
         );
         assert_eq!(mk(Status::Rejected, None, None).shell_exit_code(), 126);
         assert_eq!(mk(Status::Interrupted, None, None).shell_exit_code(), 130);
+        assert_eq!(mk(Status::Expired, None, None).shell_exit_code(), 75);
+    }
+
+    #[test]
+    fn expired_is_written_and_read_by_its_contract_name() {
+        assert_eq!(
+            serde_json::to_value(Status::Expired).unwrap(),
+            serde_json::json!("expired")
+        );
+        assert_eq!(Status::Expired.to_string(), "expired");
+        let back: Status = serde_json::from_str("\"expired\"").unwrap();
+        assert_eq!(back, Status::Expired);
     }
 
     /// A result written before `submitted_by` existed (this is one, as

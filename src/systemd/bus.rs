@@ -123,6 +123,11 @@ pub struct ServiceInfo {
     /// Wall-clock time it last became inactive (or failed), microseconds
     /// since the epoch (0: not since boot).
     pub inactive_enter_timestamp: u64,
+    /// Wall-clock time it last left the inactive (or failed) state, i.e.
+    /// was last started, microseconds since the epoch (0: not since boot).
+    /// Automatic restarts do not leave it: this is the start of a run of
+    /// them.
+    pub inactive_exit_timestamp: u64,
     /// `User=`.
     pub user: String,
 }
@@ -185,6 +190,8 @@ pub enum UnitAction {
     Stop,
     /// `RestartUnit`.
     Restart,
+    /// `ReloadUnit`.
+    Reload,
 }
 
 impl UnitAction {
@@ -194,6 +201,7 @@ impl UnitAction {
             UnitAction::Start => "starting",
             UnitAction::Stop => "stopping",
             UnitAction::Restart => "restarting",
+            UnitAction::Reload => "reloading",
         }
     }
 }
@@ -217,6 +225,17 @@ impl JobOutcome {
 }
 
 impl ServiceInfo {
+    /// Whether systemd gave up on it: it failed after its start-rate limit
+    /// (`StartLimitBurst=`) was reached. systemd 252 leaves `Result` at the
+    /// last exit's cause when the limit stops automatic restarts; the
+    /// restart count tells.
+    pub fn hit_start_limit(&self) -> bool {
+        self.result == "start-limit-hit"
+            || (self.unit.active_state == "failed"
+                && self.start_limit_burst > 0
+                && self.n_restarts >= self.start_limit_burst)
+    }
+
     /// The state for people: `active/running`, then the service's result
     /// when it is not `success`: `failed/failed (result exit-code)`.
     pub fn describe(&self) -> String {
@@ -240,7 +259,7 @@ fn usec(v: u64) -> Option<Duration> {
 fn job_deadline(action: UnitAction, start_usec: u64, stop_usec: u64) -> Duration {
     let (start, stop) = (usec(start_usec), usec(stop_usec));
     let phases = match action {
-        UnitAction::Start => vec![start],
+        UnitAction::Start | UnitAction::Reload => vec![start],
         UnitAction::Stop => vec![stop, stop],
         UnitAction::Restart => vec![stop, stop, start],
     };
@@ -364,6 +383,7 @@ impl Systemd {
             UnitAction::Start => self.manager.start_unit(name, mode).await,
             UnitAction::Stop => self.manager.stop_unit(name, mode).await,
             UnitAction::Restart => self.manager.restart_unit(name, mode).await,
+            UnitAction::Reload => self.manager.reload_unit(name, mode).await,
         }
         .map_err(call(what.clone()))?;
         let wait = async {
@@ -473,6 +493,7 @@ impl Systemd {
                 .unwrap_or_default(),
             active_enter_timestamp: u.active_enter_timestamp().await.unwrap_or_default(),
             inactive_enter_timestamp: u.inactive_enter_timestamp().await.unwrap_or_default(),
+            inactive_exit_timestamp: u.inactive_exit_timestamp().await.unwrap_or_default(),
             user: s.user().await.unwrap_or_default(),
         })
     }

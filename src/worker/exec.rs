@@ -5,10 +5,11 @@
 use std::ffi::OsStr;
 use std::fs::File;
 use std::io::{self, Read, Write};
-use std::os::fd::AsFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::ExitStatus;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::thread;
 use std::time::{Duration, Instant};
 
@@ -57,14 +58,14 @@ pub type Spawned = (JobProcess, File);
 
 /// Why the worker signalled the job.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum KillReason {
+pub(super) enum KillReason {
     Timeout,
     Interrupt,
 }
 
 /// Where the kill sequence is.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Phase {
+pub(super) enum Phase {
     Running,
     Terminating,
     Killed,
@@ -72,10 +73,10 @@ enum Phase {
 
 /// The job's kill sequence: TERM (on timeout or interrupt), then KILL once
 /// the grace has passed.
-struct Kill {
+pub(super) struct Kill {
     pgid: nix::unistd::Pid,
-    grace: Duration,
-    phase: Phase,
+    pub(super) grace: Duration,
+    pub(super) phase: Phase,
     reason: Option<KillReason>,
     /// The last signal sent.
     signal: Option<Signal>,
@@ -158,7 +159,7 @@ impl Drop for JobProcess {
 }
 
 /// A log file that keeps at most `cap` bytes.
-struct LogSink {
+pub(super) struct LogSink {
     file: File,
     written: u64,
     cap: u64,
@@ -198,34 +199,48 @@ impl LogSink {
     }
 }
 
+/// What became of a followed job.
+pub enum Outcome {
+    /// It ended (or could not start): its result.
+    Done(JobResult),
+    /// The worker is handing over to a new copy of itself (see
+    /// `handover`): the job runs on, and this is what the new worker needs
+    /// to follow it.
+    Handed(Box<Followed>),
+}
+
+/// A job being followed: its process, output pipe, log and kill sequence,
+/// and what its result needs. It outlives the worker process when the
+/// worker hands over to a new copy of itself.
+pub struct Followed {
+    pub id: JobId,
+    pub attempt: u32,
+    pub started_at: Timestamp,
+    /// The start, on this process's monotonic clock.
+    pub t0: Instant,
+    pub timeout: Duration,
+    pub log_rel: String,
+    pub submitted_by: Option<Submitter>,
+    pub(super) child: JobProcess,
+    pub(super) reader: Option<File>,
+    pub(super) sink: LogSink,
+    pub(super) kill: Kill,
+}
+
 /// Follows a started job to the end and returns its result, blocking the
 /// calling slot thread: it sleeps in `poll` on the job's output, its exit
 /// and `interrupt` (set when the worker gives up waiting for it: the stop
 /// grace passed) until the next of them or of its timeouts. `interrupted`
-/// says the interrupt came before the job started.
+/// says the interrupt came before the job started. When `handover` is set
+/// as `interrupt` fires (or from the start), the job is handed on instead
+/// of stopped.
 pub fn execute(
     run: Run,
     spawned: io::Result<Spawned>,
     interrupt: &EventFd,
     interrupted: bool,
-) -> JobResult {
-    let started_at = run.started_at;
-    let t0 = run.t0;
-    let result = |status, exit_code, signal: Option<Signal>, error, truncated| JobResult {
-        id: run.id.to_string(),
-        status,
-        exit_code,
-        signal: signal.map(|s| s.as_str().to_owned()),
-        started_at,
-        finished_at: Timestamp::now(),
-        duration_ms: u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX),
-        log: Some(run.log_rel.clone()),
-        output_truncated: truncated,
-        error,
-        attempt: run.job.attempt,
-        submitted_by: run.submitted_by.clone(),
-    };
-
+    handover: &AtomicBool,
+) -> Outcome {
     let mut sink = LogSink {
         file: run.log,
         written: 0,
@@ -233,49 +248,80 @@ pub fn execute(
         truncated: false,
         broken: None,
     };
-
-    let (mut child, reader) = match spawned {
+    let (child, reader) = match spawned {
         Ok(x) => x,
         Err(e) => {
             let msg = format!("could not start the job: {e}");
             sink.write(format!("ai-cmd-executor: {msg}\n").as_bytes());
             let (truncated, _) = sink.finish();
-            return result(Status::Failed, None, None, Some(msg), truncated);
+            return Outcome::Done(JobResult {
+                id: run.id.to_string(),
+                status: Status::Failed,
+                exit_code: None,
+                signal: None,
+                started_at: run.started_at,
+                finished_at: Timestamp::now(),
+                duration_ms: u64::try_from(run.t0.elapsed().as_millis()).unwrap_or(u64::MAX),
+                log: Some(run.log_rel),
+                output_truncated: truncated,
+                error: Some(msg),
+                attempt: run.job.attempt,
+                submitted_by: run.submitted_by,
+            });
         }
     };
-    let mut reader = Some(reader);
+    let mut followed = Followed {
+        kill: Kill {
+            pgid: child.child.pid(),
+            grace: run.kill_grace,
+            phase: Phase::Running,
+            reason: None,
+            signal: None,
+            deadline: run.t0.checked_add(run.timeout),
+        },
+        id: run.id,
+        attempt: run.job.attempt,
+        started_at: run.started_at,
+        t0: run.t0,
+        timeout: run.timeout,
+        log_rel: run.log_rel,
+        submitted_by: run.submitted_by,
+        child,
+        reader: Some(reader),
+        sink,
+    };
+    if interrupted && !handover.load(Ordering::Acquire) {
+        followed.kill.begin(KillReason::Interrupt);
+    }
+    follow(followed, interrupt, handover)
+}
+
+/// Follows a job to its end (see [`execute`]); also where a new worker
+/// takes up a job handed over to it.
+pub fn follow(mut f: Followed, interrupt: &EventFd, handover: &AtomicBool) -> Outcome {
+    if handover.load(Ordering::Acquire) {
+        return Outcome::Handed(Box::new(f));
+    }
     // Pipe reads rarely exceed a page or two; the slot thread's stack
     // holds the buffer, so a job costs no allocation for it.
     let mut buf = [0u8; 16 * 1024];
-    let mut kill = Kill {
-        pgid: child.child.pid(),
-        grace: run.kill_grace,
-        phase: Phase::Running,
-        reason: None,
-        signal: None,
-        deadline: t0.checked_add(run.timeout),
-    };
-    if interrupted {
-        kill.begin(KillReason::Interrupt);
-    }
-
     let status: io::Result<ExitStatus> = loop {
-        let timeout = match kill.deadline {
-            Some(deadline) if kill.phase != Phase::Killed => {
+        let timeout = match f.kill.deadline {
+            Some(deadline) if f.kill.phase != Phase::Killed => {
                 poll_timeout(deadline.saturating_duration_since(Instant::now()))
             }
             _ => PollTimeout::NONE,
         };
         let (exited, interrupt_set, output) = {
             let mut fds = [
-                PollFd::new(child.child.exit_fd(), PollFlags::POLLIN),
+                PollFd::new(f.child.child.exit_fd(), PollFlags::POLLIN),
                 PollFd::new(interrupt.as_fd(), PollFlags::POLLIN),
                 PollFd::new(
-                    reader.as_ref().map_or(interrupt.as_fd(), |r| r.as_fd()),
+                    f.reader.as_ref().map_or(interrupt.as_fd(), |r| r.as_fd()),
                     PollFlags::POLLIN,
                 ),
             ];
-            let n = if reader.is_some() { 3 } else { 2 };
+            let n = if f.reader.is_some() { 3 } else { 2 };
             match poll(&mut fds[..n], timeout) {
                 Ok(_) => {}
                 Err(Errno::EINTR) => continue,
@@ -284,26 +330,26 @@ pub fn execute(
             let ready = |fd: &PollFd<'_>| fd.revents().is_some_and(|r| !r.is_empty());
             (ready(&fds[0]), ready(&fds[1]), n == 3 && ready(&fds[2]))
         };
-        if output && let Some(r) = reader.as_mut() {
+        if output && let Some(r) = f.reader.as_mut() {
             // Read what is there; more wakes the next poll.
             loop {
                 match r.read(&mut buf) {
                     Ok(0) => {
-                        reader = None;
+                        f.reader = None;
                         break;
                     }
-                    Ok(n) => sink.write(&buf[..n]),
+                    Ok(n) => f.sink.write(&buf[..n]),
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                     Err(_) => {
-                        reader = None;
+                        f.reader = None;
                         break;
                     }
                 }
             }
         }
         if exited {
-            match child.try_wait() {
+            match f.child.try_wait() {
                 Ok(Some(st)) => break Ok(st),
                 Ok(None) => {}
                 Err(e) => break Err(e),
@@ -311,83 +357,296 @@ pub fn execute(
         }
         if interrupt_set {
             let _ = interrupt.read();
-            if kill.phase == Phase::Running {
-                kill.begin(KillReason::Interrupt);
+            if handover.load(Ordering::Acquire) {
+                return Outcome::Handed(Box::new(f));
+            }
+            if f.kill.phase == Phase::Running {
+                f.kill.begin(KillReason::Interrupt);
             }
         }
-        if kill.phase != Phase::Killed && kill.due() {
-            if kill.phase == Phase::Running {
-                kill.begin(KillReason::Timeout);
+        if f.kill.phase != Phase::Killed && f.kill.due() {
+            if f.kill.phase == Phase::Running {
+                f.kill.begin(KillReason::Timeout);
             } else {
-                kill.finish();
+                f.kill.finish();
             }
         }
     };
+    Outcome::Done(f.finish(status, &mut buf))
+}
 
-    // Whatever the job wrote before it exited is in the pipe now; take it
-    // without waiting for an end-of-file that a background grandchild
-    // holding the pipe open would delay for ever.
-    if let Some(mut r) = reader {
-        loop {
-            match r.read(&mut buf) {
-                Ok(0) => break,
-                Ok(n) => sink.write(&buf[..n]),
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                Err(_) => break,
+impl Followed {
+    /// The result of a job whose process has ended (or was lost track of).
+    fn finish(self, status: io::Result<ExitStatus>, buf: &mut [u8]) -> JobResult {
+        let Followed {
+            id,
+            attempt,
+            started_at,
+            t0,
+            timeout,
+            log_rel,
+            submitted_by,
+            reader,
+            mut sink,
+            kill,
+            ..
+        } = self;
+        // Whatever the job wrote before it exited is in the pipe now; take
+        // it without waiting for an end-of-file that a background
+        // grandchild holding the pipe open would delay for ever.
+        if let Some(mut r) = reader {
+            loop {
+                match r.read(buf) {
+                    Ok(0) => break,
+                    Ok(n) => sink.write(&buf[..n]),
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                    Err(_) => break,
+                }
             }
         }
-    }
-    let (truncated, log_error) = sink.finish();
-
-    let status = match status {
-        Ok(s) => s,
-        Err(e) => {
-            let msg = format!("lost track of the job process: {e}");
-            return result(Status::Failed, None, None, Some(msg), truncated);
+        let (truncated, log_error) = sink.finish();
+        let result = |status, exit_code, signal: Option<Signal>, error| JobResult {
+            id: id.to_string(),
+            status,
+            exit_code,
+            signal: signal.map(|s| s.as_str().to_owned()),
+            started_at,
+            finished_at: Timestamp::now(),
+            duration_ms: u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX),
+            log: Some(log_rel.clone()),
+            output_truncated: truncated,
+            error,
+            attempt,
+            submitted_by: submitted_by.clone(),
+        };
+        let status = match status {
+            Ok(s) => s,
+            Err(e) => {
+                let msg = format!("lost track of the job process: {e}");
+                return result(Status::Failed, None, None, Some(msg));
+            }
+        };
+        let exit_code = status.code();
+        let signal = status.signal().and_then(|s| Signal::try_from(s).ok());
+        let log_note = log_error.map(|e| format!("; writing its log failed: {e}"));
+        let with_note = |s: String| Some(s + log_note.as_deref().unwrap_or(""));
+        let kill_signal = kill.signal;
+        match kill.reason {
+            Some(KillReason::Timeout) => result(
+                Status::TimedOut,
+                exit_code,
+                signal,
+                with_note(format!(
+                    "timed out after {}; sent {}",
+                    humantime::format_duration(timeout),
+                    kill_signal.map_or("nothing", Signal::as_str)
+                )),
+            ),
+            Some(KillReason::Interrupt) => result(
+                Status::Interrupted,
+                exit_code,
+                signal,
+                with_note(format!(
+                    "the worker was stopping and the job outlived the stop grace; sent {}",
+                    kill_signal.map_or("nothing", Signal::as_str)
+                )),
+            ),
+            None if status.success() => result(
+                Status::Succeeded,
+                exit_code,
+                None,
+                log_note.map(|n| n.trim_start_matches("; ").to_owned()),
+            ),
+            None => result(
+                Status::Failed,
+                exit_code,
+                signal,
+                log_note.map(|n| n.trim_start_matches("; ").to_owned()),
+            ),
         }
-    };
-    let exit_code = status.code();
-    let signal = status.signal().and_then(|s| Signal::try_from(s).ok());
-    let log_note = log_error.map(|e| format!("; writing its log failed: {e}"));
-    let with_note = |s: String| Some(s + log_note.as_deref().unwrap_or(""));
-    let kill_signal = kill.signal;
-    match kill.reason {
-        Some(KillReason::Timeout) => result(
-            Status::TimedOut,
-            exit_code,
-            signal,
-            with_note(format!(
-                "timed out after {}; sent {}",
-                humantime::format_duration(run.timeout),
-                kill_signal.map_or("nothing", Signal::as_str)
-            )),
-            truncated,
-        ),
-        Some(KillReason::Interrupt) => result(
-            Status::Interrupted,
-            exit_code,
-            signal,
-            with_note(format!(
-                "the worker was stopping and the job outlived the stop grace; sent {}",
-                kill_signal.map_or("nothing", Signal::as_str)
-            )),
-            truncated,
-        ),
-        None if status.success() => result(
-            Status::Succeeded,
-            exit_code,
-            None,
-            log_note.map(|n| n.trim_start_matches("; ").to_owned()),
-            truncated,
-        ),
-        None => result(
-            Status::Failed,
-            exit_code,
-            signal,
-            log_note.map(|n| n.trim_start_matches("; ").to_owned()),
-            truncated,
-        ),
     }
+}
+
+impl Followed {
+    /// What a new worker needs to follow this job, in a form that survives
+    /// `execve`: the descriptors (process, output pipe, log) are kept open
+    /// across it and named by number.
+    pub fn into_wire(self) -> io::Result<WireJob> {
+        let pid = self.child.child.pid().as_raw();
+        let output_fd = match self.reader {
+            Some(r) => Some(inheritable(r.into())?),
+            None => None,
+        };
+        let log_fd = inheritable(self.sink.file.into())?;
+        let now = Instant::now();
+        let wire = WireJob {
+            id: self.id.to_string(),
+            attempt: self.attempt,
+            started_at: self.started_at,
+            elapsed_ms: millis(now.saturating_duration_since(self.t0)),
+            timeout_ms: millis(self.timeout),
+            log_rel: self.log_rel,
+            submitted_by: self.submitted_by,
+            pid,
+            output_fd,
+            log_fd,
+            log_written: self.sink.written,
+            log_cap: self.sink.cap,
+            log_truncated: self.sink.truncated,
+            log_broken: self.sink.broken.map(|e| e.to_string()),
+            kill_grace_ms: millis(self.kill.grace),
+            kill_phase: match self.kill.phase {
+                Phase::Running => "running",
+                Phase::Terminating => "terminating",
+                Phase::Killed => "killed",
+            }
+            .into(),
+            kill_reason: self.kill.reason.map(|r| {
+                match r {
+                    KillReason::Timeout => "timeout",
+                    KillReason::Interrupt => "interrupt",
+                }
+                .into()
+            }),
+            kill_signal: self.kill.signal.map(|s| s.as_str().to_owned()),
+            kill_deadline_in_ms: self
+                .kill
+                .deadline
+                .map(|d| millis(d.saturating_duration_since(now))),
+        };
+        // The pidfd is not passed on (it closes at `execve`): the new worker
+        // opens its own, as the job is still this process's child.
+        drop(self.child);
+        Ok(wire)
+    }
+
+    /// Takes up a job a previous worker handed over (see
+    /// [`Followed::into_wire`]). The descriptors it names are this
+    /// process's from now on.
+    pub fn from_wire(w: WireJob) -> io::Result<Followed> {
+        let id: JobId =
+            w.id.parse()
+                .map_err(|e| io::Error::other(format!("a handed-over job id: {e}")))?;
+        let take = |fd: i32| -> io::Result<OwnedFd> {
+            let fd = super::handover::adopt_fd(fd)?;
+            set_cloexec(&fd)?;
+            Ok(fd)
+        };
+        let reader = w.output_fd.map(take).transpose()?.map(File::from);
+        let log = File::from(take(w.log_fd)?);
+        let child = Child::track(nix::unistd::Pid::from_raw(w.pid))?;
+        let now = Instant::now();
+        let t0 = now
+            .checked_sub(Duration::from_millis(w.elapsed_ms))
+            .unwrap_or(now);
+        let phase = match w.kill_phase.as_str() {
+            "terminating" => Phase::Terminating,
+            "killed" => Phase::Killed,
+            _ => Phase::Running,
+        };
+        let reason = w.kill_reason.as_deref().map(|r| match r {
+            "timeout" => KillReason::Timeout,
+            _ => KillReason::Interrupt,
+        });
+        Ok(Followed {
+            kill: Kill {
+                pgid: child.pid(),
+                grace: Duration::from_millis(w.kill_grace_ms),
+                phase,
+                reason,
+                signal: w.kill_signal.as_deref().and_then(|s| s.parse().ok()),
+                deadline: w
+                    .kill_deadline_in_ms
+                    .and_then(|ms| now.checked_add(Duration::from_millis(ms))),
+            },
+            id,
+            attempt: w.attempt,
+            started_at: w.started_at,
+            t0,
+            timeout: Duration::from_millis(w.timeout_ms),
+            log_rel: w.log_rel,
+            submitted_by: w.submitted_by,
+            child: JobProcess::new(child),
+            reader,
+            sink: LogSink {
+                file: log,
+                written: w.log_written,
+                cap: w.log_cap,
+                truncated: w.log_truncated,
+                broken: w.log_broken.map(io::Error::other),
+            },
+        })
+    }
+}
+
+/// A followed job as the hand-over passes it on: see
+/// [`Followed::into_wire`].
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct WireJob {
+    /// The job id.
+    pub id: String,
+    /// Which run this is.
+    pub attempt: u32,
+    /// When it started.
+    pub started_at: Timestamp,
+    /// How long it had run at the hand-over.
+    pub elapsed_ms: u64,
+    /// Its timeout.
+    pub timeout_ms: u64,
+    /// Its log, relative to the spool root.
+    pub log_rel: String,
+    /// Who submitted it.
+    pub submitted_by: Option<Submitter>,
+    /// Its process (and process group) id.
+    pub pid: i32,
+    /// The read end of its output pipe, unless that reached end-of-file.
+    pub output_fd: Option<i32>,
+    /// Its log file.
+    pub log_fd: i32,
+    /// Bytes of output in the log so far.
+    pub log_written: u64,
+    /// The log's cap.
+    pub log_cap: u64,
+    /// Whether output was dropped at the cap.
+    pub log_truncated: bool,
+    /// Why writing the log failed, if it did.
+    pub log_broken: Option<String>,
+    /// Time between TERM and KILL.
+    pub kill_grace_ms: u64,
+    /// `running`, `terminating` or `killed`.
+    pub kill_phase: String,
+    /// Why it was signalled: `timeout` or `interrupt`.
+    pub kill_reason: Option<String>,
+    /// The last signal sent.
+    pub kill_signal: Option<String>,
+    /// When the next step of the kill sequence is due (the timeout, or
+    /// KILL), from the hand-over.
+    pub kill_deadline_in_ms: Option<u64>,
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+/// Clears close-on-exec on `fd` and gives up ownership of it: it stays
+/// open across `execve`, under the returned number.
+pub(super) fn inheritable(fd: OwnedFd) -> io::Result<i32> {
+    use std::os::fd::IntoRawFd;
+    nix::fcntl::fcntl(
+        &fd,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::empty()),
+    )?;
+    Ok(fd.into_raw_fd())
+}
+
+/// Sets close-on-exec again on a descriptor taken over from a previous
+/// worker, so jobs do not inherit it.
+pub(super) fn set_cloexec(fd: &OwnedFd) -> io::Result<()> {
+    nix::fcntl::fcntl(
+        fd,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )?;
+    Ok(())
 }
 
 /// A `poll` timeout that ends no earlier than `left` (whole milliseconds,

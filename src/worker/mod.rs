@@ -9,6 +9,7 @@
 
 mod claim;
 mod exec;
+pub mod handover;
 mod record;
 mod settle;
 mod slots;
@@ -35,6 +36,7 @@ use crate::logging::{CommandDigest, message_id};
 use crate::spool::id::parse_job_file_name;
 use crate::spool::job::Job;
 use crate::spool::result::Submitter;
+use crate::spool::serving::{SERVE_WAIT, Serving};
 use crate::spool::{
     JobId, JobResult, Spool, SpoolError, Status, Timestamp, log_started, move_into, open_job_file,
     reserve,
@@ -78,11 +80,23 @@ pub struct WorkerOptions {
     pub spool: PathBuf,
 }
 
-/// Runs the worker until SIGTERM or SIGINT. The event loop runs on a
-/// single-threaded runtime on this thread; the slots and the recorder (which
-/// writes results, so no slot waits on an `fsync` while others queue up)
-/// are threads of their own.
-pub fn run(opts: WorkerOptions) -> Result<(), WorkerError> {
+/// How the worker ended.
+#[derive(Debug)]
+pub enum Exit {
+    /// Stopped (SIGTERM or SIGINT).
+    Stopped,
+    /// Its binary was replaced and a reload asked it to hand over: its
+    /// running jobs are set aside, to pass to the new binary (see
+    /// [`handover`]).
+    Handover(handover::Handover),
+}
+
+/// Runs the worker until SIGTERM or SIGINT, or until it hands over to a
+/// new binary; `inherited` is what a previous worker handed over to this
+/// one. The event loop runs on a single-threaded runtime on this thread;
+/// the slots and the recorder (which writes results, so no slot waits on
+/// an `fsync` while others queue up) are threads of their own.
+pub fn run(opts: WorkerOptions, inherited: handover::Inherited) -> Result<Exit, WorkerError> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -100,14 +114,23 @@ pub fn run(opts: WorkerOptions) -> Result<(), WorkerError> {
         ));
         let recorder = Recorder::start(spool, Arc::clone(&shared))
             .map_err(setup("starting the result recorder"))?;
-        let mut worker = Worker::new(opts, shared, recorder);
-        let served = worker.serve(inbox).await;
-        if served.is_ok() {
-            // Every slot is idle now; a failed loop leaves them, and the
-            // process exit ends them.
-            worker.shutdown();
-        }
-        served
+        let mut worker = Worker::new(opts, Arc::clone(&shared), recorder);
+        let served = worker.serve(inbox, inherited).await?;
+        // Every slot is idle now; a failed loop leaves them, and the
+        // process exit ends them.
+        worker.shutdown();
+        Ok(match worker.handover_to.take() {
+            Some(binary) if served => {
+                let jobs = std::mem::take(&mut shared.lock().handed);
+                Exit::Handover(handover::Handover::new(
+                    binary,
+                    jobs,
+                    worker.serving.take(),
+                    worker.stop_signal.take(),
+                ))
+            }
+            _ => Exit::Stopped,
+        })
     })
 }
 
@@ -178,6 +201,12 @@ struct Worker {
     /// Turns of the event loop, and the count at the last watchdog ping.
     turns: u64,
     turns_at_ping: u64,
+    /// The shared hold that says a worker serves this spool.
+    serving: Option<Serving>,
+    /// Handing over to this (replaced) binary.
+    handover_to: Option<PathBuf>,
+    /// A stop that arrived during the hand-over, for the new worker.
+    stop_signal: Option<String>,
 }
 
 impl Worker {
@@ -204,6 +233,9 @@ impl Worker {
             status_due: None,
             turns: 0,
             turns_at_ping: 0,
+            serving: None,
+            handover_to: None,
+            stop_signal: None,
         }
     }
 
@@ -224,16 +256,33 @@ impl Worker {
         let Some(tx) = self.record_tx.as_ref() else {
             return Ok(());
         };
+        // Jobs handed over run at once, even beyond a lowered max_parallel.
+        let adopted = self.shared.lock().adopted.len();
         let started = self
             .shared
-            .ensure_slots(self.config.max_parallel.get(), tx)
+            .ensure_slots(self.config.max_parallel.get().max(adopted), tx)
             .map_err(setup("starting job slots"))?;
         self.slot_threads.extend(started);
         Ok(())
     }
 
-    async fn serve(&mut self, mut inbox: UnboundedReceiver<ToLoop>) -> Result<(), WorkerError> {
+    /// Serves until stopped (`Ok(true)` when handing over).
+    async fn serve(
+        &mut self,
+        mut inbox: UnboundedReceiver<ToLoop>,
+        inherited: handover::Inherited,
+    ) -> Result<bool, WorkerError> {
         self.spool.ensure_layout()?;
+        let handover::Inherited {
+            jobs: adopted,
+            serving,
+            stop,
+        } = inherited;
+        self.serving = Some(match serving {
+            Some(s) => s,
+            None => Serving::take(self.spool.root(), SERVE_WAIT)
+                .map_err(setup("holding the spool's serving lock"))?,
+        });
         let mut sigterm = signal(SignalKind::terminate()).map_err(setup("handling SIGTERM"))?;
         let mut sigint = signal(SignalKind::interrupt()).map_err(setup("handling SIGINT"))?;
         let mut sighup = signal(SignalKind::hangup()).map_err(setup("handling SIGHUP"))?;
@@ -245,6 +294,11 @@ impl Worker {
         // Results the last worker could not write go in first, so that
         // recovery does not take their jobs for interrupted.
         self.deliver_held();
+        let taken_over = adopted.len();
+        if taken_over > 0 {
+            // Before recovery, which then passes over their files (locked).
+            self.shared.adopt(adopted);
+        }
         self.recover();
         if let Err(e) = reserve::ensure(&self.spool) {
             warn!("{e}; results held at a stop with the disk full could be lost");
@@ -257,8 +311,13 @@ impl Worker {
             spool = %self.spool.root().display(),
             max_parallel = self.config.max_parallel.get(),
             watchdog = self.notifier.watchdog_interval().map(|d| humantime::format_duration(d * 2).to_string()).unwrap_or_else(|| "off".into()),
-            "worker ready; {} job(s) queued",
-            self.shared.lock().queue.len()
+            "worker ready; {} job(s) queued{}",
+            self.shared.lock().queue.len(),
+            if taken_over > 0 {
+                format!("; {taken_over} running job(s) taken over from the previous worker")
+            } else {
+                String::new()
+            }
         );
         let status = self.status_line(&self.shared.lock());
         self.notifier.ready(&status);
@@ -270,9 +329,29 @@ impl Worker {
         let mut rescan = tokio::time::interval(self.config.rescan_interval.get());
         rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         rescan.reset();
+        if let Some(signal) = stop {
+            self.begin_stop(&signal);
+        }
 
         loop {
             self.turns += 1;
+            if self.handover_to.is_some() && self.shared.lock().quiet() {
+                // Every running job is set aside and every result due is
+                // written (or kept in the reserve for the new worker).
+                while let Ok(msg) = inbox.try_recv() {
+                    if let ToLoop::Failed(failed) = msg {
+                        let (id, record, _) = *failed;
+                        self.unrecorded.push((id, record));
+                    }
+                }
+                self.keep_held();
+                let handed = self.shared.lock().handed.len();
+                info!(
+                    message_id = message_id::WORKER_HANDOVER,
+                    "handing {handed} running job(s) over to the new binary"
+                );
+                return Ok(true);
+            }
             if self.notifier.enabled() {
                 self.update_status(false);
             }
@@ -372,7 +451,7 @@ impl Worker {
             rejected = st.counters.rejected,
             "worker stopped"
         );
-        Ok(())
+        Ok(false)
     }
 
     fn watch_pending<T>(&self, events: &inotify::EventStream<T>) -> bool
@@ -647,6 +726,11 @@ impl Worker {
     }
 
     fn begin_stop(&mut self, signal: &str) {
+        if self.handover_to.is_some() {
+            info!("{signal}: the new worker stops once it has taken over");
+            self.stop_signal = Some(signal.to_owned());
+            return;
+        }
         if self.stop_at.is_some() {
             info!("{signal} again: interrupting running jobs now");
             self.shared.interrupt_all();
@@ -669,7 +753,37 @@ impl Worker {
     }
 
     fn reload(&mut self) {
+        if self.handover_to.is_some() {
+            return;
+        }
         self.notifier.reloading();
+        if let Some(binary) = handover::replaced_binary() {
+            if self.stop_at.is_some() {
+                info!(
+                    "{} was replaced; the worker is stopping, so the next start runs it",
+                    binary.display()
+                );
+            } else {
+                match self.check_handover(&binary) {
+                    Ok(()) => {
+                        let running = self.shared.lock().active().count();
+                        info!(
+                            message_id = message_id::WORKER_HANDOVER,
+                            "{} was replaced: handing over to it; {running} running job(s) carry on",
+                            binary.display()
+                        );
+                        self.notifier.status("handing over to the new binary");
+                        self.shared.begin_handover();
+                        self.handover_to = Some(binary);
+                        return;
+                    }
+                    Err(e) => error!(
+                        "{} was replaced, but this worker does not hand over to it: {e:#}; it carries on with the binary it started from",
+                        binary.display()
+                    ),
+                }
+            }
+        }
         match Config::load(self.config_path.as_deref()) {
             Ok(loaded) => {
                 if loaded.config.spool.is_some() && loaded.config.spool != self.config.spool {
@@ -698,6 +812,15 @@ impl Worker {
         }
         let status = self.status_line(&self.shared.lock());
         self.notifier.ready(&status);
+    }
+
+    /// Whether the worker can hand over to `binary`: it runs, and the
+    /// configuration the new worker will read loads.
+    fn check_handover(&self, binary: &Path) -> anyhow::Result<()> {
+        handover::runs(binary)?;
+        Config::load(self.config_path.as_deref())
+            .map_err(|e| anyhow::anyhow!("the configuration does not load: {e}"))?;
+        Ok(())
     }
 
     /// Sends `STATUS=` when what the worker is doing changed kind (idle,

@@ -27,6 +27,7 @@ use std::fs::TryLockError;
 use std::io;
 use std::os::unix::fs::MetadataExt;
 use std::panic::{AssertUnwindSafe, catch_unwind};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant};
@@ -69,6 +70,21 @@ pub(super) struct ActiveJob {
     pub started: Instant,
     /// Timeout plus kill grace: past this the job should have been reaped.
     pub limit: Duration,
+}
+
+/// What a run's record needs besides its result: the job, its file in
+/// `running/` and the lock on it, and what it runs.
+pub(super) struct InHand {
+    pub job: Job,
+    pub running_path: std::path::PathBuf,
+    pub lock: std::fs::File,
+    pub command: Option<crate::logging::CommandDigest>,
+}
+
+/// A running job passed from one worker to the next (see `handover`).
+pub(super) struct Handed {
+    pub followed: Box<exec::Followed>,
+    pub held: InHand,
 }
 
 /// One slot, as the loop sees it.
@@ -120,6 +136,13 @@ pub(super) struct State {
     pub stopping: bool,
     /// The stop grace ran out: running jobs are being interrupted.
     pub interrupted_all: bool,
+    /// Handing over to a new worker (see `handover`): no new claims, and
+    /// running jobs are set aside in `handed` rather than followed.
+    pub handing_over: bool,
+    /// Running jobs set aside for the new worker.
+    pub handed: Vec<Handed>,
+    /// Jobs a previous worker handed over, not yet taken up by a slot.
+    pub adopted: VecDeque<Handed>,
     shutdown: bool,
     pub counters: Counters,
     /// Results recorded (or jobs re-queued) so far.
@@ -176,7 +199,7 @@ impl State {
     /// The loop wants to hear when a slot or the worker goes idle: for
     /// `STATUS=`, or to finish a stop.
     fn watched(&self) -> bool {
-        self.reports_status || self.stopping
+        self.reports_status || self.stopping || self.handing_over
     }
 
     /// No job is being claimed, run or recorded.
@@ -193,6 +216,9 @@ impl State {
 /// The shared state, the slots' wake-up, and the way to the loop.
 pub(super) struct Shared {
     state: Mutex<State>,
+    /// Set (before the slots are woken) when the worker hands over: see
+    /// [`exec::follow`].
+    handover: AtomicBool,
     work: Condvar,
     to_loop: UnboundedSender<ToLoop>,
     spool: Spool,
@@ -215,6 +241,12 @@ enum Stage {
 
 /// What a slot took from the queue.
 enum Task {
+    /// A running job a previous worker handed over.
+    Adopt {
+        handed: Box<Handed>,
+        ctx: Arc<ClaimCtx>,
+        max_attempts: u32,
+    },
     /// A file whose name gives no id.
     Nameless { name: OsString, reason: String },
     Claim {
@@ -253,6 +285,9 @@ impl Shared {
                 paused: false,
                 stopping: false,
                 interrupted_all: false,
+                handing_over: false,
+                handed: Vec::new(),
+                adopted: VecDeque::new(),
                 shutdown: false,
                 counters: Counters::default(),
                 settled: 0,
@@ -262,6 +297,7 @@ impl Shared {
                 max_attempts,
                 waiting: 0,
             }),
+            handover: AtomicBool::new(false),
             work: Condvar::new(),
             to_loop,
             spool,
@@ -341,6 +377,35 @@ impl Shared {
                 }
             }
         }
+    }
+
+    /// Starts a hand-over: no new claims, and every running job is set
+    /// aside (its slot wakes, gives it up, and goes idle).
+    pub fn begin_handover(&self) {
+        let mut st = self.lock();
+        st.handing_over = true;
+        self.handover.store(true, Ordering::Release);
+        for slot in &st.slots {
+            if let Some(job) = &slot.job
+                && let Err(e) = slot.interrupt.write(1)
+            {
+                error!(cmd_id = %job.id, "cannot wake the job's slot for the hand-over: {e}");
+            }
+        }
+        drop(st);
+        self.work.notify_all();
+    }
+
+    /// Jobs handed over by a previous worker: the slots take them up
+    /// first. Their ids are busy until their results are recorded.
+    pub fn adopt(&self, jobs: Vec<Handed>) {
+        let mut st = self.lock();
+        for h in jobs {
+            st.busy.insert(h.followed.id.clone());
+            st.adopted.push_back(h);
+        }
+        drop(st);
+        self.work.notify_all();
     }
 
     /// Ends the slot threads once they are idle.
@@ -440,6 +505,29 @@ impl Shared {
                         ),
                     }
                 }
+                Task::Adopt {
+                    handed,
+                    ctx,
+                    max_attempts,
+                } => {
+                    let name = handed
+                        .held
+                        .running_path
+                        .file_name()
+                        .unwrap_or_default()
+                        .to_owned();
+                    let id = handed.followed.id.clone();
+                    let kind = parse_job_file_name(&name).map_or(JobKind::Script, |(_, k)| k);
+                    let file = JobFile {
+                        ctx: &ctx,
+                        name: &name,
+                        kind,
+                        max_attempts,
+                    };
+                    self.handle(index, recorder, id, &file, |stage| {
+                        self.follow_adopted(index, interrupt, *handed, stage)
+                    });
+                }
                 Task::Claim {
                     name,
                     id,
@@ -499,7 +587,16 @@ impl Shared {
             if st.shutdown {
                 return None;
             }
-            while !st.stopping && !st.paused && st.working < st.max_parallel {
+            if let Some(handed) = st.adopted.pop_front() {
+                // Already running: taken up whatever the limits.
+                st.working += 1;
+                return Some(Task::Adopt {
+                    handed: Box::new(handed),
+                    ctx: Arc::clone(&st.ctx),
+                    max_attempts: st.max_attempts,
+                });
+            }
+            while !st.stopping && !st.handing_over && !st.paused && st.working < st.max_parallel {
                 let Some(name) = st.queue.pop_front() else {
                     break;
                 };
@@ -569,18 +666,8 @@ impl Shared {
                 let id = run.id.clone();
                 let job = run.job.clone();
                 let running_path = run.running_path.clone();
-                let mut st = self.lock();
-                st.slots[index].job = Some(ActiveJob {
-                    id: id.clone(),
-                    started: began,
-                    limit: run.timeout.saturating_add(run.kill_grace),
-                });
-                let interrupted = st.interrupted_all;
-                let kick = std::mem::take(&mut st.status_waits);
-                drop(st);
-                if kick {
-                    self.kick();
-                }
+                let limit = run.timeout.saturating_add(run.kill_grace);
+                let interrupted = self.occupy(index, &id, began, limit);
                 if interrupted {
                     // It started just as the stop grace ran out.
                     info!(cmd_id = %id, "interrupting job: the stop grace has passed");
@@ -588,28 +675,23 @@ impl Shared {
                 let started_at = run.started_at;
                 let log_rel = run.log_rel.clone();
                 let submitted_by = run.submitted_by.clone();
-                let result = contain(|| exec::execute(run, spawned, interrupt, interrupted))
-                    .unwrap_or_else(|panic| {
-                        error!(
-                            cmd_id = %id,
-                            "a job slot panicked while running this job: {panic}; its processes were killed, it is recorded failed, and the slot goes on"
-                        );
-                        let mut r = panicked_result(&id, job.attempt, &panic);
-                        r.started_at = started_at;
-                        r.duration_ms =
-                            u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX);
-                        r.log = Some(log_rel);
-                        r.submitted_by = submitted_by;
-                        r
-                    });
-                let ran = Box::new(Ran {
+                let handover = &self.handover;
+                let outcome =
+                    contain(|| exec::execute(run, spawned, interrupt, interrupted, handover));
+                let held = InHand {
                     job,
                     running_path,
-                    _lock: lock,
-                    result,
+                    lock,
                     command: Some(command),
-                });
-                Some((id, Record::Run(ran)))
+                };
+                self.after_run(index, id, outcome, held, |id, job, panic| {
+                    let mut r = panicked_result(id, job.attempt, panic);
+                    r.started_at = started_at;
+                    r.duration_ms = u64::try_from(began.elapsed().as_millis()).unwrap_or(u64::MAX);
+                    r.log = Some(log_rel);
+                    r.submitted_by = submitted_by;
+                    r
+                })
             }
             Claim::Rejected {
                 id,
@@ -727,6 +809,94 @@ impl Shared {
         } else {
             recorder.send(self, id, record, max_attempts);
         }
+    }
+
+    /// Marks slot `index` as running job `id`; returns whether the stop
+    /// grace has run out (the job is to be interrupted at once).
+    fn occupy(&self, index: usize, id: &JobId, began: Instant, limit: Duration) -> bool {
+        let mut st = self.lock();
+        st.slots[index].job = Some(ActiveJob {
+            id: id.clone(),
+            started: began,
+            limit,
+        });
+        let interrupted = st.interrupted_all;
+        let kick = std::mem::take(&mut st.status_waits);
+        drop(st);
+        if kick {
+            self.kick();
+        }
+        interrupted
+    }
+
+    /// What follows a run: its record to hand on; or, when the worker is
+    /// handing over, nothing: the job is kept for the new worker with what
+    /// its result will need. A panic while following it gives the result
+    /// `panicked` makes.
+    fn after_run(
+        &self,
+        index: usize,
+        id: JobId,
+        outcome: Result<exec::Outcome, String>,
+        held: InHand,
+        panicked: impl FnOnce(&JobId, &Job, &str) -> JobResult,
+    ) -> Option<(JobId, Record)> {
+        let result = match outcome {
+            Ok(exec::Outcome::Done(result)) => result,
+            Ok(exec::Outcome::Handed(followed)) => {
+                debug!(cmd_id = %id, "job kept running for the new worker");
+                let mut st = self.lock();
+                st.slots[index].job = None;
+                st.handed.push(Handed { followed, held });
+                return None;
+            }
+            Err(panic) => {
+                error!(
+                    cmd_id = %id,
+                    "a job slot panicked while running this job: {panic}; its processes were killed, it is recorded failed, and the slot goes on"
+                );
+                panicked(&id, &held.job, &panic)
+            }
+        };
+        let ran = Box::new(Ran {
+            job: held.job,
+            running_path: held.running_path,
+            _lock: held.lock,
+            result,
+            command: held.command,
+        });
+        Some((id, Record::Run(ran)))
+    }
+
+    /// Follows a job a previous worker handed over, to its end.
+    fn follow_adopted(
+        &self,
+        index: usize,
+        interrupt: &EventFd,
+        adopted: Handed,
+        stage: &mut Stage,
+    ) -> Option<(JobId, Record)> {
+        *stage = Stage::Claimed;
+        let Handed { followed, held } = adopted;
+        let id = followed.id.clone();
+        let limit = followed.timeout.saturating_add(followed.kill.grace);
+        let (started_at, t0) = (followed.started_at, followed.t0);
+        let (log_rel, submitted_by) = (followed.log_rel.clone(), followed.submitted_by.clone());
+        let interrupted = self.occupy(index, &id, t0, limit);
+        if interrupted && followed.kill.phase == exec::Phase::Running {
+            info!(cmd_id = %id, "interrupting job: the stop grace has passed");
+            let _ = interrupt.write(1);
+        }
+        let handover = &self.handover;
+        let outcome = contain(|| exec::follow(*followed, interrupt, handover));
+        self.after_run(index, id, outcome, held, |id, job, panic| {
+            let mut r = panicked_result(id, job.attempt, panic);
+            r.started_at = started_at;
+            r.duration_ms = u64::try_from(t0.elapsed().as_millis()).unwrap_or(u64::MAX);
+            r.log = Some(log_rel);
+            r.submitted_by = submitted_by;
+            r
+        })
     }
 
     /// The file was announced (at `since`) but is gone: was it claimed by

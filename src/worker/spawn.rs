@@ -27,7 +27,8 @@ use nix::unistd::Pid;
 
 /// Variables of the worker's own environment that must not leak into jobs:
 /// they describe the worker's relation to systemd, not the job's.
-const PRIVATE_ENV: [&str; 5] = [
+const PRIVATE_ENV: [&str; 6] = [
+    super::handover::ENV,
     "NOTIFY_SOCKET",
     "WATCHDOG_USEC",
     "WATCHDOG_PID",
@@ -198,7 +199,9 @@ pub(super) struct Child {
 }
 
 impl Child {
-    fn track(pid: Pid) -> io::Result<Self> {
+    /// Follows `pid`, a child of this process, through a pidfd; a child
+    /// that cannot be followed is killed and reaped.
+    pub(super) fn track(pid: Pid) -> io::Result<Self> {
         let opened = rustix::process::Pid::from_raw(pid.as_raw())
             .ok_or_else(|| io::Error::other("posix_spawn returned pid 0"))
             .and_then(|p| {

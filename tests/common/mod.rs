@@ -131,6 +131,11 @@ impl Spool {
         Worker::start(self, config, env)
     }
 
+    /// Starts a worker from another copy of the binary (`bin`).
+    pub fn start_binary(&self, bin: &Path, config: &str) -> Worker {
+        Worker::start_inner_from(bin, self, config, &[], None)
+    }
+
     /// Starts a worker as another user (the test must be root).
     pub fn start_as(&self, config: &str, uid: u32, gid: u32) -> Worker {
         Worker::start_inner(self, config, &[], Some((uid, gid)))
@@ -248,13 +253,23 @@ impl Worker {
         env: &[(&str, &str)],
         ids: Option<(u32, u32)>,
     ) -> Worker {
+        Worker::start_inner_from(Path::new(BIN), spool, config, env, ids)
+    }
+
+    fn start_inner_from(
+        bin: &Path,
+        spool: &Spool,
+        config: &str,
+        env: &[(&str, &str)],
+        ids: Option<(u32, u32)>,
+    ) -> Worker {
         static N: AtomicU32 = AtomicU32::new(0);
         let cfg = spool.config(config);
         let stderr = spool.scratch(&format!(
             "worker-{}.stderr",
             N.fetch_add(1, Ordering::Relaxed)
         ));
-        let mut cmd = Command::new(BIN);
+        let mut cmd = Command::new(bin);
         // Not under systemd unless a test says so (the later `envs` wins).
         for var in [
             "NOTIFY_SOCKET",

@@ -4,27 +4,41 @@ use std::process::ExitCode;
 
 use super::Context;
 use crate::cli::{DiagnoseArgs, HealthArgs, RepairArgs};
-use crate::health::{self, Ctx, Format, Scope, repair};
+use crate::config::Config;
+use crate::health::{self, ConfigProblem, Ctx, Format, Scope, repair};
 
 /// Builds the diagnosis context from the global options. A configuration
 /// that does not load is itself a finding, not an error.
 pub async fn context(ctx: &Context, probe_notifier: bool) -> Ctx {
-    let loaded = ctx
-        .load_config()
-        .map_err(|e| crate::error::chain(e.as_ref()));
+    let loaded = ctx.load_config().map_err(|e| ConfigProblem::of(e.as_ref()));
     let config = loaded
         .as_ref()
         .map(|l| l.config.clone())
         .unwrap_or_default();
+    // A configuration this user may not read still names a spool: the
+    // package's, unless `--spool` or the environment names another (the
+    // default of an unprivileged user, under its home, is surely not it).
+    let config = match &loaded {
+        Err(p) if p.denied => Config {
+            spool: Some(crate::config::SYSTEM_SPOOL.into()),
+            ..config
+        },
+        _ => config,
+    };
     let spool = ctx
         .spool_path(&config)
         .unwrap_or_else(|_| crate::config::SYSTEM_SPOOL.into());
-    Ctx::new(loaded, spool, probe_notifier).await
+    let mut c = Ctx::new(loaded, spool, probe_notifier).await;
+    c.config_path = ctx.config_path.clone();
+    c
 }
 
 /// `health`: the quick checks; exit 0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN.
+/// With `--format nagios`, a failure of the tool itself is UNKNOWN too
+/// (exit 3, the reason on the status line), never a WARNING.
 pub fn health(ctx: &Context, args: HealthArgs) -> anyhow::Result<ExitCode> {
-    super::block_on(async {
+    let format = args.format;
+    let run = super::block_on(async {
         let c = context(ctx, args.probe).await;
         let (findings, done) = repair::check_and_fix(&c, Scope::Quick, args.fix).await;
         for d in &done {
@@ -33,10 +47,21 @@ pub fn health(ctx: &Context, args: HealthArgs) -> anyhow::Result<ExitCode> {
         match args.format {
             Format::Human => print!("{}", health::render_human(&findings)),
             Format::Json => println!("{}", health::render_json(&findings)),
-            Format::Nagios => println!("{}", health::render_nagios(&findings)),
+            Format::Nagios => print!("{}", health::render_nagios(&findings, &c.config)),
         }
         Ok(ExitCode::from(health::worst(&findings).exit_code()))
-    })
+    });
+    match run {
+        Err(e) if format == Format::Nagios => {
+            tracing::error!("health: {e:#}");
+            println!(
+                "AI-CMD-EXECUTOR UNKNOWN - {}",
+                health::one_line(&format!("the check could not run: {e:#}"))
+            );
+            Ok(ExitCode::from(health::Level::Unknown.exit_code()))
+        }
+        other => other,
+    }
 }
 
 /// `diagnose`: every check, readable or JSON.

@@ -45,10 +45,40 @@ impl Context {
         std::path::absolute(&p).with_context(|| format!("resolving spool path {}", p.display()))
     }
 
-    /// A client of the resolved spool.
+    /// A client of the resolved spool (see [`Context::client_spool`]).
     pub fn client(&self) -> anyhow::Result<Client> {
-        let loaded = self.load_config()?;
-        Ok(Client::new(self.spool_path(&loaded.config)?))
+        Ok(Client::new(self.client_spool()?))
+    }
+
+    /// The spool of the client commands (`submit`, `result`, `wait`,
+    /// `log`, `list`), which need nothing else from the configuration:
+    /// `--spool` (or the environment), and then no configuration is read;
+    /// else the file's `spool` key alone, so that a mistake in another key
+    /// does not stop them. A file that is not valid TOML is a warning on
+    /// stderr, and its `spool` is used if the mistake is elsewhere, the
+    /// default spool if not.
+    pub fn client_spool(&self) -> anyhow::Result<PathBuf> {
+        let p = match &self.spool {
+            Some(p) => p.clone(),
+            None => {
+                let s = Config::load_spool(self.config_path.as_deref())?;
+                if let Some(e) = &s.broken {
+                    let using = match &s.spool {
+                        Some(p) => format!("the spool it names, {}", p.display()),
+                        None => format!(
+                            "the default spool, {} (give --spool to choose)",
+                            crate::config::default_spool().display()
+                        ),
+                    };
+                    eprintln!(
+                        "ai-cmd-executor: warning: the configuration is not valid TOML: {e}; \
+                         `ai-cmd-executor config check` shows the mistake; using {using}"
+                    );
+                }
+                s.spool.unwrap_or_else(crate::config::default_spool)
+            }
+        };
+        std::path::absolute(&p).with_context(|| format!("resolving spool path {}", p.display()))
     }
 }
 

@@ -11,7 +11,7 @@ use crate::cli::{CleanupArgs, NotifyArgs, StatusArgs};
 use crate::client::Client;
 use crate::health::{Ctx, Supervision, checks_service_user};
 use crate::install::ensure;
-use crate::notifier::{Event, Notifier};
+use crate::notifier::Event;
 use crate::systemd::bus::UnitAction;
 use crate::systemd::units::SERVICE;
 
@@ -24,6 +24,9 @@ pub enum Action {
     Stop,
     /// Stop and start it.
     Restart,
+    /// Reload its configuration; a worker whose binary was replaced hands
+    /// over to the new one.
+    Reload,
 }
 
 impl From<Action> for UnitAction {
@@ -32,6 +35,7 @@ impl From<Action> for UnitAction {
             Action::Start => UnitAction::Start,
             Action::Stop => UnitAction::Stop,
             Action::Restart => UnitAction::Restart,
+            Action::Reload => UnitAction::Reload,
         }
     }
 }
@@ -71,10 +75,16 @@ async fn control_systemd(c: &Ctx, action: Action) -> anyhow::Result<ExitCode> {
         "{SERVICE} is {}: install it first (`ai-cmd-executor install`, or the package)",
         before.unit.load_state
     );
+    // A failed service (its start limit hit, say: the health timer leaves
+    // it so until its cause may have changed) starts only once its failed
+    // state and start count are reset.
+    if matches!(action, Action::Start | Action::Restart) && before.unit.active_state == "failed" {
+        bus.reset_failed(SERVICE).await?;
+    }
     let outcome = bus.change(SERVICE, action.into()).await?;
     let after = &outcome.state;
     let reached = match action {
-        Action::Start | Action::Restart => after.unit.active_state == "active",
+        Action::Start | Action::Restart | Action::Reload => after.unit.active_state == "active",
         Action::Stop => matches!(after.unit.active_state.as_str(), "inactive" | "failed"),
     };
     if !outcome.done() || !reached {
@@ -95,6 +105,7 @@ async fn control_systemd(c: &Ctx, action: Action) -> anyhow::Result<ExitCode> {
             .and_then(|_| ensure::mark_stopped(spool))
             .map(|_| ()),
         Action::Start | Action::Restart => ensure::clear_stopped(spool).map(|_| ()),
+        Action::Reload => Ok(()),
     };
     if let Err(e) = marked {
         eprintln!(
@@ -120,6 +131,10 @@ async fn control_systemd(c: &Ctx, action: Action) -> anyhow::Result<ExitCode> {
             before.main_pid, after.main_pid
         ),
         Action::Restart => format!("restarted ({state}), pid {}", after.main_pid),
+        Action::Reload => format!(
+            "reloaded ({state}), pid {}; a replaced binary takes over with the running jobs",
+            after.main_pid
+        ),
     };
     println!("{SERVICE}: {line}");
     Ok(ExitCode::SUCCESS)
@@ -130,6 +145,24 @@ async fn control_systemd(c: &Ctx, action: Action) -> anyhow::Result<ExitCode> {
 fn control_cron(c: &Ctx, action: Action) -> anyhow::Result<ExitCode> {
     let spool = c.spool.root();
     let marker = || spool.join(ensure::STOPPED_MARKER);
+    if let Action::Reload = action {
+        let Some(pid) = ensure::running_worker(spool)? else {
+            anyhow::bail!(
+                "no worker is running on {}: nothing to reload",
+                spool.display()
+            );
+        };
+        may_signal(pid, action)?;
+        nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(pid),
+            nix::sys::signal::Signal::SIGHUP,
+        )
+        .with_context(|| format!("signalling worker pid {pid}"))?;
+        println!(
+            "asked worker pid {pid} to reload (SIGHUP); a replaced binary takes over with the running jobs"
+        );
+        return Ok(ExitCode::SUCCESS);
+    }
     if matches!(action, Action::Stop | Action::Restart) {
         let running = ensure::running_worker(spool)?;
         if let Some(pid) = running {
@@ -189,6 +222,7 @@ fn may_signal(pid: i32, action: Action) -> anyhow::Result<()> {
             "{} the worker (pid {pid}) needs root, or the user it runs as",
             match action {
                 Action::Restart => "restarting",
+                Action::Reload => "reloading",
                 _ => "stopping",
             }
         ),
@@ -408,39 +442,78 @@ pub fn cleanup(ctx: &Context, args: CleanupArgs) -> anyhow::Result<ExitCode> {
     })
 }
 
-/// `notify`: what the `OnFailure=` alert unit runs.
+/// `notify`: what the `OnFailure=` alert unit runs. It needs only the
+/// notifier (see [`crate::alert::deliver`]), so it sends even when the
+/// configuration is broken; without `--message` it says what failed: the
+/// unit, its state and result over D-Bus, and the last error in its
+/// journal. With no notifier configured, the alert is a journal entry at
+/// priority err (`MESSAGE_ID` [`crate::logging::message_id::ALERT`]), and
+/// the command succeeds: it did its job. A failed unit's alert is recorded,
+/// so the health timer does not send it again.
 pub fn notify(ctx: &Context, args: NotifyArgs) -> anyhow::Result<ExitCode> {
-    let loaded = ctx.load_config()?;
-    if loaded.config.notify.is_none() {
-        println!(
-            "no notifier configured ([notify] in the config); the event is in the journal only"
-        );
-        return Ok(ExitCode::SUCCESS);
-    }
-    let mut message = args.message.unwrap_or_default();
-    if message.is_empty() {
-        message = format!("{} {}", args.unit, args.event);
-        if crate::systemd::booted() {
+    let mut failed = None;
+    let message = match args.message.filter(|m| !m.is_empty()) {
+        Some(m) => m,
+        None if crate::systemd::booted() => {
             let unit = args.unit.clone();
             let info = super::block_on(async move {
                 let bus = crate::systemd::bus::Systemd::connect().await?;
                 Ok(bus.service_info(&unit).await?)
             });
-            if let Ok(s) = info {
-                message = format!(
-                    "{} is {} (result: {}, {} restart(s))",
-                    args.unit, s.unit.active_state, s.result, s.n_restarts
-                );
+            match info {
+                Ok(s) => {
+                    let last = crate::alert::last_error(&args.unit, s.inactive_exit_timestamp);
+                    let limit = crate::alert::hit_start_limit(&args.unit, &s);
+                    let m = crate::alert::describe_failure(&args.unit, &s, limit, last.as_deref());
+                    failed = (s.unit.active_state == "failed").then_some(s);
+                    m
+                }
+                Err(e) => format!(
+                    "{} {} (its state cannot be read: {})",
+                    args.unit,
+                    args.event,
+                    crate::error::chain(e.as_ref())
+                ),
             }
         }
-    }
+        None => format!("{} {}", args.unit, args.event),
+    };
     let event = Event {
-        unit: args.unit,
+        unit: args.unit.clone(),
         event: args.event,
         message,
         actions: Vec::new(),
     };
-    Notifier::from_config(&loaded.config)?.send(&event)?;
-    println!("notified: {}", event.message);
+    let text = event.message.clone();
+    // Locked while it is sent, so the health timer, should it run now,
+    // finds it sent rather than sending it too.
+    let incidents = match &failed {
+        Some(_) => crate::alert::Incidents::open().map(Some),
+        None => Ok(None),
+    };
+    let how = crate::alert::deliver(ctx.config_path.as_deref(), event)?;
+    if let Some(s) = failed {
+        let recorded = incidents.and_then(|i| match i {
+            Some(i) => i.record(
+                &crate::alert::unit_kind(&args.unit),
+                &crate::alert::unit_incident(s.inactive_enter_timestamp),
+            ),
+            None => Ok(()),
+        });
+        if let Err(e) = recorded {
+            eprintln!(
+                "note: the health timer may alert again: {}",
+                crate::error::chain(e.as_ref())
+            );
+        }
+    }
+    match how {
+        crate::alert::Delivery::Posted => println!("notified: {text}"),
+        crate::alert::Delivery::Journal => println!(
+            "no notifier configured ([notify] in the config): the alert is in the journal at \
+             priority err, MESSAGE_ID={}: {text}",
+            crate::logging::message_id::ALERT
+        ),
+    }
     Ok(ExitCode::SUCCESS)
 }
