@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # The whole test suite. On a fresh Debian 12 machine with a Rust toolchain
 # (rustup), this installs what the tests need, then runs formatting and lint
-# checks, the unit and integration tests (tiers 1 and 2) and the Python
-# client's tests against the real binary.
+# checks, builds and lints the .deb, runs the unit, integration and system
+# tests (tiers 1, 2 and 3) and the Python client's tests against the real
+# binary, and prints one summary line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -78,9 +79,22 @@ lintian --fail-on error "$AI_CMD_EXECUTOR_DEB"
 
 echo "== cargo test (tier 1 unit, tier 2 integration, tier 3 real systemd)"
 # Tier 3 is mandatory where CI=true; elsewhere it prints a SKIPPED notice
-# when it cannot boot a sandbox (no root, no systemd-nspawn).
-cargo test --locked
+# when it cannot boot a sandbox (no root, no systemd-nspawn). Every test
+# binary runs even when one fails, and so do the Python tests; the summary
+# at the end says what passed, failed and was skipped.
+out="$(mktemp)"
+trap 'rm -f "$out"' EXIT
+rust=0
+cargo test --locked --no-fail-fast 2>&1 | tee "$out" || rust=$?
 echo "== Python client tests (against the real worker)"
+python=0
 AI_CMD_EXECUTOR_BIN="$PWD/target/debug/ai-cmd-executor" \
-    python3 -m unittest discover -s clients/python
-echo "== all tests passed"
+    python3 -m unittest discover -s clients/python 2>&1 | tee -a "$out" || python=$?
+sum() { grep -oE "[0-9]+ $1" "$out" | awk '{n += $1} END {print n + 0}'; }
+passed=$(sum passed); failed=$(sum failed); ignored=$(sum ignored)
+py_ran=$(grep -oE '^Ran [0-9]+ tests?' "$out" | awk '{n += $2} END {print n + 0}')
+skipped=$(grep -c 'SKIPPED' "$out" || true)
+verdict=passed
+[ "$rust" -eq 0 ] && [ "$python" -eq 0 ] || verdict=FAILED
+echo "== summary: $verdict; Rust: $passed passed, $failed failed, $ignored ignored; Python: $py_ran run ($([ "$python" -eq 0 ] && echo ok || echo FAILED)); $skipped skip notice(s)"
+[ "$verdict" = passed ]

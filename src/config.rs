@@ -482,8 +482,12 @@ impl Config {
 
 /// The default spool: the unit's state directory when systemd started us
 /// with `StateDirectory=` (`$STATE_DIRECTORY`), else [`SYSTEM_SPOOL`] for
-/// root, else `$XDG_STATE_HOME/ai-cmd-executor` (or
-/// `~/.local/state/ai-cmd-executor`).
+/// root, else `$XDG_STATE_HOME/ai-cmd-executor` (an absolute one), else
+/// `~/.local/state/ai-cmd-executor` with `~` from `$HOME` (an absolute
+/// one) or, without it, the user's home directory in the user database.
+/// Never a relative path: without any of them, `/nonexistent/...`, which
+/// the commands then refuse as not a spool. docs/PROTOCOL.md ("Finding
+/// the spool") gives the whole order, which every client follows.
 pub fn default_spool() -> PathBuf {
     if let Some(dir) = std::env::var_os("STATE_DIRECTORY")
         .and_then(|v| {
@@ -498,11 +502,23 @@ pub fn default_spool() -> PathBuf {
     if nix::unistd::geteuid().is_root() {
         return PathBuf::from(SYSTEM_SPOOL);
     }
+    let home = || {
+        std::env::var_os("HOME")
+            .map(PathBuf::from)
+            .filter(|p| p.is_absolute())
+            .or_else(|| {
+                nix::unistd::User::from_uid(nix::unistd::geteuid())
+                    .ok()
+                    .flatten()
+                    .map(|u| u.dir)
+                    .filter(|p| p.is_absolute())
+            })
+            .unwrap_or_else(|| PathBuf::from("/nonexistent"))
+    };
     let state = std::env::var_os("XDG_STATE_HOME")
         .map(PathBuf::from)
         .filter(|p| p.is_absolute())
-        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))
-        .unwrap_or_else(|| PathBuf::from("."));
+        .unwrap_or_else(|| home().join(".local/state"));
     state.join("ai-cmd-executor")
 }
 

@@ -35,10 +35,14 @@ fn stderr(o: &Output) -> String {
     String::from_utf8_lossy(&o.stderr).into_owned()
 }
 
-/// A webhook receiver on loopback (a sandbox shares the host's network)
-/// that records each request body.
+/// A webhook receiver on loopback that records each request body.
 fn webhook() -> (String, Arc<Mutex<Vec<String>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    webhook_on(TcpListener::bind("127.0.0.1:0").unwrap())
+}
+
+/// A webhook receiver on `listener` (in a sandbox: `Sandbox::listen_inside`)
+/// that records each request body.
+fn webhook_on(listener: TcpListener) -> (String, Arc<Mutex<Vec<String>>>) {
     let url = format!("http://{}/hook", listener.local_addr().unwrap());
     let bodies = Arc::new(Mutex::new(Vec::new()));
     let seen = bodies.clone();
@@ -456,10 +460,10 @@ fn health_leaves_it_failed(sb: &common::sandbox::Sandbox, failed_at: &str) {
 
 #[test]
 fn a_broken_configuration_alerts_once_and_waits_for_a_fix() {
-    let (url, bodies) = webhook();
     let Some(sb) = installed("alerts", Some("RestartSec=100ms")) else {
         return;
     };
+    let (url, bodies) = webhook_on(sb.listen_inside());
     sb.write("/etc/ai-cmd-executor/webhook", &format!("{url}\n"));
     sb.ok("chmod 600 /etc/ai-cmd-executor/webhook");
     sb.write(
@@ -568,10 +572,10 @@ fn a_broken_configuration_alerts_once_and_waits_for_a_fix() {
 
 #[test]
 fn a_full_spool_disk_alerts_once_per_incident() {
-    let (url, bodies) = webhook();
     let Some(sb) = installed("diskfull", None) else {
         return;
     };
+    let (url, bodies) = webhook_on(sb.listen_inside());
     sb.write("/etc/ai-cmd-executor/webhook", &format!("{url}\n"));
     sb.ok("chmod 600 /etc/ai-cmd-executor/webhook");
     sb.write(

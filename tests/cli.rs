@@ -125,7 +125,7 @@ fn errors_are_clear_and_exit_non_zero() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("is not a spool"), "{}", stderr(&out));
 
-    let _w = spool.start("");
+    let worker = spool.start("");
     let out = spool.cli(&["submit", "--id", "../x", "--", "true"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("invalid job id"), "{}", stderr(&out));
@@ -138,16 +138,45 @@ fn errors_are_clear_and_exit_non_zero() {
         stderr(&out)
     );
 
-    let out = spool.cli(&["wait", "nobody", "--timeout", "0"]);
-    assert_eq!(out.status.code(), Some(125));
+    // A mistyped id fails at once, with or without a timeout.
+    for args in [
+        &["wait", "nobody", "--timeout", "0"][..],
+        &["wait", "nobody"],
+    ] {
+        let out = spool.cli(args);
+        assert_eq!(out.status.code(), Some(125));
+        assert!(
+            stderr(&out).contains("no job nobody in") && stderr(&out).contains("a mistyped id?"),
+            "{}",
+            stderr(&out)
+        );
+    }
+    let out = spool.cli(&["log", "nobody", "--follow"]);
+    assert_eq!(out.status.code(), Some(1));
     assert!(
-        stderr(&out).contains("has not finished"),
+        stderr(&out).contains("no job nobody in"),
         "{}",
         stderr(&out)
     );
 
     let out = spool.cli(&["log", "nobody"]);
     assert_eq!(out.status.code(), Some(1));
+
+    // Once the worker is gone:
+    drop(worker);
+    // A job waiting on a spool no worker serves: one line says so, and the
+    // wait goes on until its deadline.
+    let out = spool.cli(&["submit", "--id", "alone", "--", "true"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let unserved = "no worker is running on";
+    assert!(stderr(&out).contains(unserved), "{}", stderr(&out));
+    let out = spool.cli(&["wait", "alone", "--timeout", "1"]);
+    assert_eq!(out.status.code(), Some(125));
+    assert!(
+        stderr(&out).contains(unserved) && stderr(&out).contains("has not finished"),
+        "{}",
+        stderr(&out)
+    );
 }
 
 #[test]

@@ -20,10 +20,9 @@ const SPOOL: &str = "/var/lib/ai-cmd-executor";
 const AICE: &str = "/usr/local/bin/ai-cmd-executor";
 const DEADLINE: Duration = Duration::from_secs(90);
 
-/// A webhook receiver on loopback (the sandbox shares the host's network)
+/// A webhook receiver on `listener` (in a sandbox: `Sandbox::listen_inside`)
 /// that records each request body.
-fn webhook() -> (String, Arc<Mutex<Vec<String>>>) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+fn webhook_on(listener: TcpListener) -> (String, Arc<Mutex<Vec<String>>>) {
     let url = format!("http://{}/hook", listener.local_addr().unwrap());
     let bodies = Arc::new(Mutex::new(Vec::new()));
     let seen = bodies.clone();
@@ -56,9 +55,12 @@ fn webhook() -> (String, Arc<Mutex<Vec<String>>>) {
     (url, bodies)
 }
 
-fn installed(test: &str, config_extra: &str, webhook_url: &str) -> Option<Sandbox> {
+/// A booted sandbox with the project installed and a webhook receiver
+/// inside it (its URL and what it received).
+fn installed(test: &str, config_extra: &str) -> Option<(Sandbox, Arc<Mutex<Vec<String>>>)> {
     let bin_dir = Path::new(BIN).parent().unwrap();
     let sb = Sandbox::boot(test, &[bin_dir])?;
+    let (webhook_url, bodies) = webhook_on(sb.listen_inside());
     sb.ok("rm -f /usr/sbin/policy-rc.d");
     sb.write(
         "/etc/ai-cmd-executor/config.toml",
@@ -81,7 +83,7 @@ fn installed(test: &str, config_extra: &str, webhook_url: &str) -> Option<Sandbo
         "healthy after install:\n{}",
         String::from_utf8_lossy(&h.stdout)
     );
-    Some(sb)
+    Some((sb, bodies))
 }
 
 /// The ids of the checks `diagnose --json` reports as not ok.
@@ -140,8 +142,7 @@ fn diagnose_repair_with(sb: &Sandbox, what: &str, check: &str, repair: &str) {
 
 #[test]
 fn each_breakage_is_diagnosed_and_repaired() {
-    let (url, bodies) = webhook();
-    let Some(sb) = installed("repair", "", &url) else {
+    let Some((sb, bodies)) = installed("repair", "") else {
         return;
     };
 
@@ -221,8 +222,7 @@ fn each_breakage_is_diagnosed_and_repaired() {
 
 #[test]
 fn stale_pending_files_are_archived_and_old_logs_packed() {
-    let (url, _bodies) = webhook();
-    let Some(sb) = installed("stale", "stale_pending_after = \"1s\"\n", &url) else {
+    let Some((sb, _bodies)) = installed("stale", "stale_pending_after = \"1s\"\n") else {
         return;
     };
     // The worker is down (signalled from outside systemd: not an

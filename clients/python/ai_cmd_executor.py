@@ -29,6 +29,7 @@ import re
 import secrets
 import threading
 import time
+import warnings
 from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
 
 __all__ = [
@@ -52,6 +53,15 @@ __all__ = [
 
 #: Environment variable that overrides the default spool location.
 ENV_SPOOL = "AI_CMD_EXECUTOR_SPOOL"
+
+#: Environment variable naming the worker's configuration file.
+ENV_CONFIG = "AI_CMD_EXECUTOR_CONFIG"
+
+#: The configuration file read when ``AI_CMD_EXECUTOR_CONFIG`` is not set.
+DEFAULT_CONFIG = "/etc/ai-cmd-executor/config.toml"
+
+#: The lock every live worker holds (shared) on the spool it serves.
+SERVING_LOCK = ".serving.lock"
 #: Default spool when running as root (uid 0).
 SYSTEM_SPOOL = "/var/lib/ai-cmd-executor"
 #: Directory name used below ``$XDG_STATE_HOME`` for non-root users.
@@ -131,26 +141,101 @@ def generate_id(prefix: str = "job") -> str:
     return validate_id("%s-%s-%s" % (prefix, stamp, secrets.token_hex(6)))
 
 
-def default_spool_path() -> str:
-    """Return the default spool directory.
+def _config_spool() -> Optional[str]:
+    """Return the ``spool`` key of the worker's configuration file, if any.
 
-    In order: ``$AI_CMD_EXECUTOR_SPOOL`` if set and non-empty;
-    ``/var/lib/ai-cmd-executor`` when running as root (effective uid 0);
-    otherwise ``$XDG_STATE_HOME/ai-cmd-executor``, where ``XDG_STATE_HOME``
-    defaults to ``~/.local/state`` (an unset, empty or relative value is
-    ignored, as the XDG base directory spec requires).  The worker's config
-    file is not consulted.
+    The file is ``$AI_CMD_EXECUTOR_CONFIG`` if set, else
+    ``/etc/ai-cmd-executor/config.toml`` if it exists.  Only the ``spool``
+    key is read; a file that is not valid TOML is a warning (the CLI does
+    the same), and a ``spool`` that is not an absolute path a ValueError.
+    """
+    path = os.environ.get(ENV_CONFIG) or None
+    if path is None:
+        if not os.path.exists(DEFAULT_CONFIG):
+            return None
+        path = DEFAULT_CONFIG
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        import tomllib  # Python 3.11+
+    except ImportError:  # pragma: no cover - older Pythons
+        tomllib = None
+    if tomllib is not None:
+        try:
+            doc = tomllib.loads(raw.decode("utf-8"))
+        except (ValueError, UnicodeDecodeError) as e:
+            warnings.warn(
+                "%s is not valid TOML (%s); its spool is not used. "
+                "`ai-cmd-executor config check` shows the mistake" % (path, e),
+                stacklevel=3,
+            )
+            return None
+        value = doc.get("spool")
+    else:  # pragma: no cover
+        m = re.search(r'(?m)^\s*spool\s*=\s*"([^"]*)"\s*(#.*)?$', raw.decode("utf-8", "replace"))
+        value = m.group(1) if m else None
+    if value is None:
+        return None
+    if not isinstance(value, str) or not os.path.isabs(value):
+        raise ValueError("%s: spool must be an absolute path, not %r" % (path, value))
+    return value
+
+
+def _home() -> str:
+    """Return the home directory: ``$HOME`` if absolute, else the user database's."""
+    home = os.environ.get("HOME")
+    if home and os.path.isabs(home):
+        return home
+    try:
+        import pwd
+
+        home = pwd.getpwuid(os.geteuid()).pw_dir
+    except (ImportError, KeyError):
+        home = ""
+    return home if home and os.path.isabs(home) else "/nonexistent"
+
+
+def default_spool_path() -> str:
+    """Return the spool to use when none is given, as every client finds it.
+
+    In order (docs/PROTOCOL.md, "Finding the spool"):
+
+    1. ``$AI_CMD_EXECUTOR_SPOOL`` if set and non-empty;
+    2. the ``spool`` key of the worker's configuration file
+       (``$AI_CMD_EXECUTOR_CONFIG``, else ``/etc/ai-cmd-executor/config.toml``
+       if it exists);
+    3. ``$STATE_DIRECTORY`` (its first entry, if absolute);
+    4. ``/var/lib/ai-cmd-executor`` when running as root (effective uid 0);
+    5. ``$XDG_STATE_HOME/ai-cmd-executor`` if that is absolute, else
+       ``~/.local/state/ai-cmd-executor``, with ``~`` from ``$HOME`` if
+       absolute, else from the user database.
+
+    Never a relative path.
     """
     env = os.environ.get(ENV_SPOOL)
     if env:
         return env
+    configured = _config_spool()
+    if configured:
+        return configured
+    state_dir = (os.environ.get("STATE_DIRECTORY") or "").split(":")[0]
+    if state_dir and os.path.isabs(state_dir):
+        return state_dir
     geteuid = getattr(os, "geteuid", None)
     if geteuid is not None and geteuid() == 0:
         return SYSTEM_SPOOL
     state = os.environ.get("XDG_STATE_HOME")
     if not state or not os.path.isabs(state):
-        state = os.path.join(os.path.expanduser("~"), ".local", "state")
+        state = os.path.join(_home(), ".local", "state")
     return os.path.join(state, APP_NAME)
+
+
+class NotASpool(FileNotFoundError):
+    """The directory is not a spool: it has no ``pending/`` (no worker set it up)."""
+
+
+class UnknownJob(LookupError):
+    """No job has this id: it is not pending, running or finished."""
 
 
 def _check_text(what: str, value: object) -> str:
@@ -238,10 +323,52 @@ class Spool:
             raise ValueError("unknown spool sub-directory %r" % (name,))
         return os.path.join(self.path, name)
 
-    def ensure_layout(self) -> None:
-        """Create the spool root and all its sub-directories if missing."""
-        for name in SUBDIRS:
-            os.makedirs(self.subdir(name), exist_ok=True)
+    def check(self) -> None:
+        """Raise NotASpool unless ``tmp/`` and ``pending/`` exist (and say which).
+
+        PermissionError when they exist but this user may not use them.
+        """
+        for name in ("pending", "tmp"):
+            path = self.subdir(name)
+            try:
+                os.stat(path)
+            except FileNotFoundError:
+                raise NotASpool(
+                    errno.ENOENT,
+                    "%s is not a spool (no %s/ directory): start a worker on it "
+                    "(`ai-cmd-executor run --spool %s`) or give the right spool"
+                    % (self.path, name, self.path),
+                    path,
+                ) from None
+            if not os.path.isdir(path):
+                raise NotASpool(errno.ENOTDIR, "%s is not a directory" % path, path)
+
+    def served(self) -> Optional[bool]:
+        """Return whether a live worker serves this spool (None when unknown).
+
+        Every worker holds a shared lock on ``.serving.lock`` for its life.
+        """
+        try:
+            import fcntl
+        except ImportError:  # pragma: no cover
+            return None
+        path = os.path.join(self.path, SERVING_LOCK)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOFOLLOW", 0)
+                         | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            return False
+        except OSError:
+            return None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return True
+        except OSError:
+            return None
+        finally:
+            os.close(fd)
+        return False
 
     def _job_paths(self, state: str, cmd_id: str):
         """Yield the possible job file paths of *cmd_id* in *state*'s directory."""
@@ -351,8 +478,9 @@ class Spool:
         cmd_id = generate_id() if cmd_id is None else validate_id(cmd_id)
         submitted_at = time.time()
         tmp_dir, pending_dir = self.subdir("tmp"), self.subdir("pending")
-        os.makedirs(tmp_dir, exist_ok=True)
-        os.makedirs(pending_dir, exist_ok=True)
+        # Clients never create spool directories: a spool without them is
+        # not one a worker serves (a mistyped path, a missing install).
+        self.check()
         self._check_not_queued(cmd_id)
         tmp_path = os.path.join(
             tmp_dir, "%s%s.%d.%s.tmp" % (cmd_id, suffix, os.getpid(), secrets.token_hex(8))
@@ -379,6 +507,11 @@ class Spool:
             _SUBMITTED[key] = submitted_at
             while len(_SUBMITTED) > _SUBMITTED_MAX:
                 del _SUBMITTED[next(iter(_SUBMITTED))]
+        if self.served() is False:
+            warnings.warn(
+                "no worker is running on %s; the job waits in pending/" % self.path,
+                stacklevel=3,
+            )
         return cmd_id
 
     # -- state and results ----------------------------------------------------
@@ -473,6 +606,17 @@ class Spool:
         """
         validate_id(cmd_id)
         not_before = self._not_before(cmd_id, since)
+        first = self.state(cmd_id) or self.state(cmd_id)
+        if first is None:
+            raise UnknownJob(
+                "no job %r in %s: it is not pending, running or finished (a mistyped id?)"
+                % (cmd_id, self.path)
+            )
+        if first == "pending" and self.served() is False:
+            warnings.warn(
+                "no worker is running on %s; the job waits in pending/" % self.path,
+                stacklevel=2,
+            )
         if timeout is not None:
             if isinstance(timeout, bool) or not isinstance(timeout, (int, float)):
                 raise TypeError("timeout must be a number of seconds or None")

@@ -112,6 +112,9 @@ class SpoolTestCase(unittest.TestCase):
         self.addCleanup(self._tmp.cleanup)
         self.root = os.path.join(self._tmp.name, "spool")
         self.spool = ace.Spool(self.root)
+        # A spool as a worker sets it up (clients never create it).
+        for d in ace.SUBDIRS:
+            os.makedirs(self.path(d))
 
     def path(self, *parts: str) -> str:
         """Return a path inside the spool."""
@@ -173,8 +176,42 @@ class DefaultSpoolTest(unittest.TestCase):
     def resolve(self, environ: dict, euid: int) -> str:
         """Return default_spool_path() under a given environment and euid."""
         with mock.patch.dict(os.environ, environ, clear=True), \
+                mock.patch.object(ace, "DEFAULT_CONFIG", "/nonexistent/config.toml"), \
                 mock.patch.object(ace.os, "geteuid", return_value=euid, create=True):
             return ace.default_spool_path()
+
+    def test_config_file_spool_comes_after_the_variable(self) -> None:
+        """The config file's spool (AI_CMD_EXECUTOR_CONFIG) is used as the CLI uses it."""
+        with tempfile.TemporaryDirectory() as d:
+            cfg = os.path.join(d, "config.toml")
+            with open(cfg, "w") as f:
+                f.write('max_parallel = 2\nspool = "/srv/from-config"\n')
+            env = {"AI_CMD_EXECUTOR_CONFIG": cfg, "HOME": "/home/u"}
+            self.assertEqual(self.resolve(env, 1000), "/srv/from-config")
+            self.assertEqual(self.resolve(env, 0), "/srv/from-config")
+            env["AI_CMD_EXECUTOR_SPOOL"] = "/srv/env"
+            self.assertEqual(self.resolve(env, 1000), "/srv/env")
+            with open(cfg, "w") as f:
+                f.write('spool = "relative"\n')
+            with self.assertRaises(ValueError):
+                self.resolve({"AI_CMD_EXECUTOR_CONFIG": cfg}, 1000)
+            with open(cfg, "w") as f:
+                f.write('spool = "/srv/x"\nbroken = [\n')
+            with self.assertWarns(UserWarning):
+                self.assertEqual(
+                    self.resolve({"AI_CMD_EXECUTOR_CONFIG": cfg, "HOME": "/h"}, 1000),
+                    "/h/.local/state/ai-cmd-executor",
+                )
+
+    def test_no_home_is_never_a_relative_path(self) -> None:
+        """With HOME unset the user database's home is used, never the current directory."""
+        import pwd
+
+        got = self.resolve({}, os.geteuid() or 1000)
+        self.assertTrue(os.path.isabs(got), got)
+        if os.geteuid() != 0:
+            want = os.path.join(pwd.getpwuid(os.geteuid()).pw_dir, ".local/state/ai-cmd-executor")
+            self.assertEqual(got, want)
 
     def test_env_var_wins(self) -> None:
         """AI_CMD_EXECUTOR_SPOOL overrides everything, also for root."""
@@ -205,6 +242,7 @@ class DefaultSpoolTest(unittest.TestCase):
     def test_functions_use_default_spool(self) -> None:
         """spool=None means the default spool (read at call time)."""
         with tempfile.TemporaryDirectory() as root:
+            FakeWorker(root)
             with mock.patch.dict(os.environ, {"AI_CMD_EXECUTOR_SPOOL": root}):
                 cmd_id = ace.create_bash_command("true", "dflt")
                 self.assertEqual(ace.get_state(cmd_id), "pending")
@@ -306,7 +344,6 @@ class SubmitTest(SpoolTestCase):
 
     def test_duplicate_check_sees_dangling_symlink(self) -> None:
         """Even a dangling symlink in pending/ counts as queued."""
-        os.makedirs(self.path("pending"))
         os.symlink("/nonexistent", self.path("pending", "ln.json"))
         with self.assertRaises(FileExistsError):
             ace.create_bash_command("true", "ln", spool=self.root)
@@ -352,7 +389,6 @@ class SubmitTest(SpoolTestCase):
         stop = threading.Event()
         seen = set()
         errors = []
-        os.makedirs(self.path("pending"))
 
         def reader():
             while not stop.is_set():
@@ -578,10 +614,27 @@ class WaitTest(SpoolTestCase):
             ace.wait("stuck", timeout=0.05, spool=self.root)
         self.assertIn("running", str(cm.exception))
 
-    def test_wait_unknown_id_times_out(self) -> None:
-        """An id that was never submitted has no result: TimeoutError."""
-        with self.assertRaises(TimeoutError):
-            ace.wait("ghost", timeout=0.05, spool=self.root)
+    def test_wait_unknown_id_fails_at_once(self) -> None:
+        """An id that was never submitted (a typo) fails at once, even with no timeout."""
+        with self.assertRaises(ace.UnknownJob) as cm:
+            ace.wait("ghost", spool=self.root)
+        self.assertIn("ghost", str(cm.exception))
+
+    def test_waiting_with_no_worker_says_so(self) -> None:
+        """A pending job on a spool no worker serves: a warning, and the wait goes on."""
+        with self.assertWarnsRegex(UserWarning, "no worker is running on .*waits in pending/"):
+            ace.create_bash_command("true", "alone", spool=self.root)
+        with self.assertWarnsRegex(UserWarning, "no worker is running"):
+            with self.assertRaises(TimeoutError):
+                ace.wait("alone", timeout=0.05, spool=self.root)
+
+    def test_a_directory_that_is_not_a_spool_is_refused(self) -> None:
+        """Submitting to a directory without pending/ creates nothing and says why."""
+        with tempfile.TemporaryDirectory() as d:
+            with self.assertRaises(ace.NotASpool) as cm:
+                ace.create_bash_command("true", "x", spool=d)
+            self.assertIn("is not a spool", str(cm.exception))
+            self.assertEqual(os.listdir(d), [])
 
     def test_wait_already_finished(self) -> None:
         """A finished job returns at once, even with timeout=0."""
@@ -826,7 +879,7 @@ class ExpiredEndToEndTest(unittest.TestCase):
         config = os.path.join(tmp.name, "config.toml")
         with open(config, "w") as f:
             f.write('stale_pending_after = "30m"\n')
-        ace.Spool(root).ensure_layout()
+        FakeWorker(root)
         cmd_id = ace.create_bash_command("echo never", "late", spool=root)
         two_hours_ago = time.time() - 7200
         os.utime(os.path.join(root, "pending", "late.json"), (two_hours_ago, two_hours_ago))

@@ -90,7 +90,62 @@ fn overlay(test: &str) -> (std::fs::File, PathBuf, PathBuf) {
             base.join("work").display()
         ))
         .arg(&root));
+    forget_host_install(&root);
     (lock, base, root)
+}
+
+/// What an earlier install of this project on the machine itself may have
+/// left (a cron file, a configuration, units, a spool): removed from the
+/// overlay (the host keeps them), so every test starts from a root that
+/// has never seen the project.
+const HOST_LEFTOVERS: &[&str] = &[
+    "etc/ai-cmd-executor",
+    "etc/cron.d/ai-cmd-executor",
+    "etc/systemd/system/ai-cmd-executor.service",
+    "etc/systemd/system/ai-cmd-executor.service.d",
+    "etc/systemd/system/ai-cmd-executor-health.service",
+    "etc/systemd/system/ai-cmd-executor-health.timer",
+    "etc/systemd/system/ai-cmd-executor-cleanup.service",
+    "etc/systemd/system/ai-cmd-executor-cleanup.timer",
+    "etc/systemd/system/ai-cmd-executor-alert@.service",
+    "etc/systemd/system/multi-user.target.wants/ai-cmd-executor.service",
+    "etc/systemd/system/timers.target.wants/ai-cmd-executor-health.timer",
+    "etc/systemd/system/timers.target.wants/ai-cmd-executor-cleanup.timer",
+    "usr/local/bin/ai-cmd-executor",
+    "var/lib/ai-cmd-executor",
+];
+
+fn forget_host_install(root: &Path) {
+    for rel in HOST_LEFTOVERS {
+        let p = root.join(rel);
+        match std::fs::symlink_metadata(&p) {
+            Ok(m) if m.is_dir() => std::fs::remove_dir_all(&p).expect("clearing a host leftover"),
+            Ok(_) => std::fs::remove_file(&p).expect("clearing a host leftover"),
+            Err(_) => {}
+        }
+    }
+}
+
+/// The sandbox's default target: the basic system (journald, tmpfiles,
+/// timers, sockets), D-Bus and logind, and nothing the host enabled for
+/// `multi-user.target` (a database, a mail server, cron), which the tests
+/// do not need and which could hang the boot (a port taken, say).
+const TARGET: &str = "[Unit]
+Description=ai-cmd-executor tier-3 sandbox
+Requires=basic.target
+Wants=dbus.service systemd-logind.service
+After=basic.target dbus.service systemd-logind.service
+AllowIsolate=yes
+";
+
+/// Makes [`TARGET`] the default target of the overlay at `root`.
+fn minimal_target(root: &Path) {
+    let dir = root.join("etc/systemd/system");
+    std::fs::write(dir.join("aice-sandbox.target"), TARGET).expect("writing the sandbox target");
+    let default = dir.join("default.target");
+    let _ = std::fs::remove_file(&default);
+    std::os::unix::fs::symlink("aice-sandbox.target", &default)
+        .expect("setting the default target");
 }
 
 fn unmount(root: &Path, base: &Path) {
@@ -153,6 +208,9 @@ pub fn run_without_systemd(test: &str, binds: &[&Path], script: &str) -> Option<
     Some(out)
 }
 
+/// How long a sandbox may take to boot.
+const BOOT_DEADLINE: Duration = Duration::from_secs(60);
+
 /// A booted throwaway systemd.
 pub struct Sandbox {
     _lock: std::fs::File,
@@ -171,6 +229,7 @@ impl Sandbox {
             return None;
         }
         let (lock, base, root) = overlay(test);
+        minimal_target(&root);
         let mut sb = Sandbox {
             _lock: lock,
             base,
@@ -181,6 +240,9 @@ impl Sandbox {
         let mut cmd = Command::new("systemd-nspawn");
         cmd.args([
             "--boot",
+            // Its own network namespace (loopback only): nothing in it can
+            // clash with the host's services, nor another sandbox's.
+            "--private-network",
             "--register=no",
             "--keep-unit",
             "--console=passive",
@@ -201,15 +263,23 @@ impl Sandbox {
         sb.leader = wait_for("the sandbox's PID 1", Duration::from_secs(30), || {
             child_named(nspawn_pid, "systemd")
         });
-        let state = wait_for(
-            "the sandbox to finish booting",
-            Duration::from_secs(60),
-            || {
-                let out = sb.sh("systemctl is-system-running");
-                let s = String::from_utf8_lossy(&out.stdout).trim().to_owned();
-                matches!(s.as_str(), "running" | "degraded").then_some(s)
-            },
-        );
+        let booting = Instant::now();
+        let state = loop {
+            let out = sb.sh("systemctl is-system-running");
+            let s = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+            if matches!(s.as_str(), "running" | "degraded") {
+                break s;
+            }
+            if booting.elapsed() > BOOT_DEADLINE {
+                let jobs = sb.sh("systemctl list-jobs --no-pager; systemctl --failed --no-legend --plain --no-pager");
+                panic!(
+                    "the sandbox did not finish booting in {BOOT_DEADLINE:?} (state {s:?}); jobs still queued and failed units:\n{}{}",
+                    String::from_utf8_lossy(&jobs.stdout),
+                    String::from_utf8_lossy(&jobs.stderr)
+                );
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
         if state == "degraded" {
             let failed = sb.sh("systemctl --failed --no-legend --plain");
             let _ = writeln!(
@@ -294,6 +364,22 @@ impl Sandbox {
             "writing {path}: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+    }
+
+    /// A TCP listener on the sandbox's loopback, `127.0.0.1:<port>` inside
+    /// (the sandbox has a network namespace of its own): for a webhook the
+    /// sandbox's services can reach. A socket stays in the namespace it was
+    /// made in, so a thread enters the namespace only to make it.
+    pub fn listen_inside(&self) -> std::net::TcpListener {
+        let ns = format!("/proc/{}/ns/net", self.leader);
+        std::thread::spawn(move || {
+            let f = std::fs::File::open(&ns).expect("opening the sandbox's network namespace");
+            nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET)
+                .expect("entering the sandbox's network namespace");
+            std::net::TcpListener::bind("127.0.0.1:0").expect("listening in the sandbox")
+        })
+        .join()
+        .expect("the listening thread")
     }
 
     /// A `systemctl show` property of a unit.

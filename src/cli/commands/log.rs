@@ -20,6 +20,7 @@ pub fn run(ctx: &Context, args: LogArgs) -> anyhow::Result<ExitCode> {
     let client = ctx.client()?;
     let id = parse_id(&args.id)?;
     let path = if args.follow {
+        super::before_waiting(&client, &id)?;
         wait_for_log(&client, &id)?
     } else {
         client.latest_log(&id)?

@@ -87,6 +87,40 @@ pub fn parse_id(s: &str) -> anyhow::Result<JobId> {
     JobId::new(s).with_context(|| format!("invalid job id {s:?}"))
 }
 
+/// Before a wait on `id`: a job no state knows (a mistyped id) is an error
+/// at once, rather than a wait for ever; a job waiting while no worker
+/// serves the spool gets one line on stderr saying so (the wait goes on:
+/// a worker may come).
+pub fn before_waiting(client: &Client, id: &JobId) -> anyhow::Result<()> {
+    let state = match client.state(id)? {
+        // Once more: a retried job moves from running/ back to pending/.
+        crate::client::JobState::Unknown => client.state(id)?,
+        s => s,
+    };
+    if matches!(state, crate::client::JobState::Unknown) {
+        anyhow::bail!(
+            "no job {id} in {}: it is not pending, running or finished (a mistyped id?)",
+            client.spool().root().display()
+        );
+    }
+    if matches!(state, crate::client::JobState::Pending) {
+        warn_unserved(client);
+    }
+    Ok(())
+}
+
+/// Says on stderr when no worker serves the spool (nothing is said when
+/// that cannot be told, say the lock file is not readable).
+pub fn warn_unserved(client: &Client) {
+    let root = client.spool().root();
+    if let Ok(None) = crate::install::ensure::serving_worker(root) {
+        eprintln!(
+            "ai-cmd-executor: no worker is running on {}; the job waits in pending/",
+            root.display()
+        );
+    }
+}
+
 /// Seconds from the command line as a timeout.
 pub fn secs(s: Option<u64>) -> Option<Duration> {
     s.map(Duration::from_secs)

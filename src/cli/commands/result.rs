@@ -12,6 +12,7 @@ pub fn run(ctx: &Context, args: ResultArgs) -> anyhow::Result<ExitCode> {
     let id = parse_id(&args.id)?;
     if args.wait {
         return waiting(|| {
+            super::before_waiting(&client, &id)?;
             let r = client.wait(&id, secs(args.timeout))?;
             super::report(&client, &r, args.json)
         });

@@ -48,6 +48,7 @@ pub fn run(ctx: &Context, args: SubmitArgs) -> anyhow::Result<ExitCode> {
     let since = Timestamp::now();
     let id = client.submit(&sub)?;
     println!("{id}");
+    super::warn_unserved(&client);
     if !args.wait {
         return Ok(ExitCode::SUCCESS);
     }

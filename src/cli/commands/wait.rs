@@ -11,6 +11,7 @@ pub fn run(ctx: &Context, args: WaitArgs) -> anyhow::Result<ExitCode> {
     waiting(|| {
         let client = ctx.client()?;
         let id = parse_id(&args.id)?;
+        super::before_waiting(&client, &id)?;
         let r = client.wait(&id, secs(args.timeout))?;
         report(&client, &r, args.json)
     })
