@@ -316,3 +316,81 @@ fn config_check_prints_effective_values_or_the_error_with_its_line() {
     assert_eq!(out.status.code(), Some(1));
     assert!(stderr(&out).contains("/nonexistent.toml"));
 }
+
+/// `status`, `health` and `diagnose` see a worker started by hand on the
+/// spool they are given (it holds the spool's serving lock), and say it is
+/// a foreground worker; a spool that does not exist is an error (UNKNOWN
+/// for `health`), not a list of things to repair.
+#[test]
+fn a_foreground_worker_is_seen_and_a_missing_spool_is_unknown() {
+    let spool = Spool::new();
+    let worker = spool.start("");
+    let pid = worker.pid();
+    let out = spool.cli(&["status"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains(&format!("foreground worker pid {pid} running")),
+        "{}",
+        stdout(&out)
+    );
+    let out = spool.cli(&["status", "--json"]);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(doc["service"]["mode"], "foreground", "{doc}");
+    let out = spool.cli(&["health", "--format", "json"]);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let cron = doc["checks"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["id"] == "cron.fallback")
+        .unwrap()
+        .clone();
+    assert_eq!(cron["level"], "ok", "{doc}");
+    assert!(
+        cron["summary"]
+            .as_str()
+            .unwrap()
+            .contains(&format!("a foreground worker, pid {pid}, serves the spool")),
+        "{cron}"
+    );
+    let out = spool.cli(&["diagnose", "--json"]);
+    let doc: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    for id in ["service.process", "probe.end_to_end"] {
+        let c = doc["checks"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|c| c["id"] == id)
+            .unwrap()
+            .clone();
+        assert_eq!(c["level"], "ok", "{c}");
+    }
+    drop(worker);
+
+    let missing = spool.scratch("no-such-spool");
+    let m = missing.to_str().unwrap();
+    let on_missing = |args: &[&str]| {
+        Command::new(BIN)
+            .arg("--spool")
+            .arg(m)
+            .args(args)
+            .env_remove("AI_CMD_EXECUTOR_SPOOL")
+            .stdin(Stdio::null())
+            .output()
+            .unwrap()
+    };
+    let out = on_missing(&["health"]);
+    assert_eq!(out.status.code(), Some(3), "{}", stderr(&out));
+    assert!(stderr(&out).contains("no spool at"), "{}", stderr(&out));
+    let out = on_missing(&["health", "--format", "nagios"]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        stdout(&out).starts_with("AI-CMD-EXECUTOR UNKNOWN - no spool at"),
+        "{}",
+        stdout(&out)
+    );
+    let out = on_missing(&["status"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(stderr(&out).contains("does not exist"), "{}", stderr(&out));
+    assert!(!missing.exists(), "nothing was created");
+}

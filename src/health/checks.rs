@@ -62,7 +62,11 @@ pub async fn run_checks(ctx: &Ctx, scope: Scope) -> Vec<Finding> {
         }
         Supervision::Cron => out.push(check_cron(ctx)),
     }
-    let user = service_user(&service);
+    let user = match ctx.supervision {
+        // A foreground worker's spool belongs to whoever runs it.
+        Supervision::Cron => foreground_user(ctx).unwrap_or_else(|| service_user(&service)),
+        Supervision::Systemd => service_user(&service),
+    };
     out.push(check_layout(ctx, &user));
     out.push(check_disk(ctx));
     {
@@ -236,7 +240,7 @@ async fn booted_at(ctx: &Ctx) -> Option<Timestamp> {
 /// A cron-mode worker held by the stop marker: none runs, and the marker
 /// is there.
 fn cron_down(ctx: &Ctx) -> Option<Down> {
-    if ensure::running_worker(ctx.spool.root())
+    if ensure::local_worker(ctx.spool.root())
         .ok()
         .flatten()
         .is_some()
@@ -319,6 +323,23 @@ fn journal_ending(since: Timestamp) -> Option<Ending> {
 }
 
 /// The service user: the unit's `User=`, else the cron file's, else the default.
+/// The user a foreground worker serving the spool runs as (the owner of
+/// its `/proc` entry), when one does and no cron worker does.
+fn foreground_user(ctx: &Ctx) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let (pid, how) = ensure::local_worker(ctx.spool.root()).ok().flatten()?;
+    if how != ensure::Started::Foreground || pid <= 0 {
+        return None;
+    }
+    let uid = fs::metadata(format!("/proc/{pid}")).ok()?.uid();
+    nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid))
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+}
+
+/// The user the service runs as: the unit's `User=`, else the cron file's,
+/// else the package's.
 pub fn service_user(service: &Result<ServiceInfo, String>) -> String {
     if let Ok(s) = service
         && !s.user.is_empty()
@@ -787,6 +808,25 @@ fn check_cron(ctx: &Ctx) -> Finding {
         }
         Err(_) => None,
     };
+    if worker.is_none()
+        && let Ok(Some(pid)) = ensure::serving_worker(ctx.spool.root())
+    {
+        // Started by hand (`ai-cmd-executor run`): it serves the spool, and
+        // nothing restarts it.
+        return Finding::new(
+            "cron.fallback",
+            Level::Ok,
+            format!(
+                "a foreground worker, pid {pid}, serves the spool (started by hand, not by cron:                  nothing restarts it if it stops){}",
+                if file {
+                    ""
+                } else {
+                    "; no cron fallback is installed"
+                }
+            ),
+        )
+        .detail(json!({"cron_file": file, "worker_pid": pid, "mode": "foreground"}));
+    }
     let mark = ensure::stop_mark(ctx.spool.root());
     let stopped = mark.as_ref().ok().copied().flatten().map(|m| m.since);
     let detail = json!({"cron_file": file, "worker_pid": worker, "stopped_since": stopped});
@@ -1330,10 +1370,10 @@ fn check_process(ctx: &Ctx, service: &Result<ServiceInfo, String>, held: Option<
     let pid = match (ctx.supervision, service) {
         (Supervision::Systemd, Ok(s)) => s.main_pid,
         (Supervision::Systemd, Err(e)) => return unknown("service.process", e),
-        (Supervision::Cron, _) => ensure::running_worker(ctx.spool.root())
+        (Supervision::Cron, _) => ensure::local_worker(ctx.spool.root())
             .ok()
             .flatten()
-            .unwrap_or(0) as u32,
+            .map_or(0, |(pid, _)| pid) as u32,
     };
     if pid == 0 {
         return match held {
@@ -1489,7 +1529,7 @@ async fn check_probe(
         Supervision::Systemd => service
             .as_ref()
             .is_ok_and(|s| s.unit.active_state == "active"),
-        Supervision::Cron => ensure::running_worker(ctx.spool.root())
+        Supervision::Cron => ensure::local_worker(ctx.spool.root())
             .ok()
             .flatten()
             .is_some(),

@@ -140,6 +140,27 @@ pub fn hold_idle_spool(spool: &Path) -> anyhow::Result<Option<File>> {
     })
 }
 
+/// How a worker that serves a spool was started, as far as the spool
+/// tells: cron's `ensure-running` (it holds the worker lock), or anything
+/// else (`ai-cmd-executor run` in a terminal, say: only the serving lock).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Started {
+    /// By the cron fallback (or `start` in cron mode).
+    Cron,
+    /// In the foreground, by hand: nothing restarts it if it dies.
+    Foreground,
+}
+
+/// The worker serving the spool where systemd does not run, and how it was
+/// started: the cron worker (the worker lock), else a foreground one (the
+/// serving lock only).
+pub fn local_worker(spool: &Path) -> anyhow::Result<Option<(i32, Started)>> {
+    if let Some(pid) = running_worker(spool)? {
+        return Ok(Some((pid, Started::Cron)));
+    }
+    Ok(serving_worker(spool)?.map(|pid| (pid, Started::Foreground)))
+}
+
 /// The pid of a worker serving the spool (any worker, in any mode: each
 /// holds the serving lock), `Some(0)` when one serves it but its pid
 /// cannot be told, `None` when none does.

@@ -40,6 +40,9 @@ pub fn health(ctx: &Context, args: HealthArgs) -> anyhow::Result<ExitCode> {
     let format = args.format;
     let run = super::block_on(async {
         let c = context(ctx, args.probe).await;
+        if let Some(missing) = missing_spool(ctx, &c) {
+            return Ok(missing.report(format));
+        }
         let (findings, done) = repair::check_and_fix(&c, Scope::Quick, args.fix).await;
         for d in &done {
             eprintln!("fixed: {d}");
@@ -64,10 +67,46 @@ pub fn health(ctx: &Context, args: HealthArgs) -> anyhow::Result<ExitCode> {
     }
 }
 
+/// A spool named explicitly (`--spool`, `AI_CMD_EXECUTOR_SPOOL`) that does
+/// not exist: nothing there can be checked (a mistyped path, most likely),
+/// so the answer is UNKNOWN, not a list of failures to repair.
+struct MissingSpool(std::path::PathBuf);
+
+impl MissingSpool {
+    fn report(&self, format: Format) -> ExitCode {
+        let text = format!(
+            "no spool at {}: it does not exist (a mistyped --spool or AI_CMD_EXECUTOR_SPOOL?)",
+            self.0.display()
+        );
+        match format {
+            Format::Nagios => println!("AI-CMD-EXECUTOR UNKNOWN - {}", health::one_line(&text)),
+            Format::Json => println!(
+                "{}",
+                serde_json::json!({"status": "unknown", "error": text, "checks": []})
+            ),
+            Format::Human => eprintln!("UNKNOWN  {text}"),
+        }
+        ExitCode::from(health::Level::Unknown.exit_code())
+    }
+}
+
+fn missing_spool(ctx: &Context, c: &health::Ctx) -> Option<MissingSpool> {
+    (ctx.spool.is_some() && !c.spool.root().exists())
+        .then(|| MissingSpool(c.spool.root().to_owned()))
+}
+
 /// `diagnose`: every check, readable or JSON.
 pub fn diagnose(ctx: &Context, args: DiagnoseArgs) -> anyhow::Result<ExitCode> {
     super::block_on(async {
         let c = context(ctx, args.probe).await;
+        if let Some(missing) = missing_spool(ctx, &c) {
+            let format = if args.json {
+                Format::Json
+            } else {
+                Format::Human
+            };
+            return Ok(missing.report(format));
+        }
         let (findings, done) = repair::check_and_fix(&c, Scope::Full, args.fix).await;
         for d in &done {
             eprintln!("fixed: {d}");

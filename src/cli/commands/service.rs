@@ -257,6 +257,11 @@ fn start_as_service_user(spool: &std::path::Path) -> anyhow::Result<()> {
 pub fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<ExitCode> {
     super::block_on(async {
         let c = super::health::context(ctx, false).await;
+        anyhow::ensure!(
+            c.spool.root().exists(),
+            "no spool at {}: it does not exist (a mistyped --spool? `ai-cmd-executor run --spool DIR` creates one)",
+            c.spool.root().display()
+        );
         let client = Client::new(c.spool.root());
         let mut service = json!(null);
         let mut pid: u32 = 0;
@@ -278,16 +283,18 @@ pub fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<ExitCode> {
                 Err(e) => service = json!({"mode": "systemd", "error": e}),
             },
             Supervision::Cron => {
-                pid = ensure::running_worker(c.spool.root())
-                    .ok()
-                    .flatten()
-                    .unwrap_or(0) as u32;
+                let worker = ensure::local_worker(c.spool.root()).ok().flatten();
+                pid = worker.map_or(0, |(p, _)| p) as u32;
+                let mode = match worker {
+                    Some((_, ensure::Started::Foreground)) => "foreground",
+                    _ => "cron",
+                };
                 let stopped = ensure::stop_mark(c.spool.root())
                     .ok()
                     .flatten()
                     .map(|m| humantime::format_rfc3339_seconds(m.since.0).to_string());
                 service =
-                    json!({"mode": "cron", "worker_running": pid != 0, "stopped_since": stopped});
+                    json!({"mode": mode, "worker_running": pid != 0, "stopped_since": stopped});
             }
         }
         let list = client.list(None).unwrap_or_default();
@@ -322,7 +329,11 @@ pub fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         let s = &doc["service"];
-        if s["mode"] == "cron" {
+        if s["mode"] == "foreground" {
+            println!(
+                "service:   foreground worker pid {pid} running (started by hand, not supervised: nothing restarts it)"
+            );
+        } else if s["mode"] == "cron" {
             let stopped = s["stopped_since"]
                 .as_str()
                 .map(|t| format!(" (stopped by an administrator since {t})"))
