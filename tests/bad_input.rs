@@ -230,3 +230,46 @@ fn a_direct_drop_still_being_written_waits_for_its_writer() {
     assert_rejected(&spool, "truncated", "invalid job JSON");
     drop(w);
 }
+
+/// A `cwd` the job cannot run in is rejected with the directory named, not
+/// reported as the shell failing to start; `submit --wait` exits 126.
+#[test]
+fn an_unusable_cwd_is_rejected_naming_the_directory() {
+    let spool = Spool::new();
+    let _w = spool.start("");
+    let missing = spool.scratch("no-such-dir");
+    spool.submit_json(
+        "cwd-missing",
+        serde_json::json!({"command": "true", "cwd": missing}),
+    );
+    assert_rejected(
+        &spool,
+        "cwd-missing",
+        &format!("\"cwd\" {} does not exist", missing.display()),
+    );
+    let file = spool.scratch("a-file");
+    fs::write(&file, "").unwrap();
+    spool.submit_json(
+        "cwd-file",
+        serde_json::json!({"command": "true", "cwd": file}),
+    );
+    assert_rejected(
+        &spool,
+        "cwd-file",
+        &format!("\"cwd\" {} is not a directory", file.display()),
+    );
+    let out = spool.cli(&[
+        "submit",
+        "--id",
+        "cwd-cli",
+        "--cwd",
+        missing.to_str().unwrap(),
+        "--wait",
+        "--",
+        "true",
+    ]);
+    assert_eq!(out.status.code(), Some(126));
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(said.contains("does not exist"), "{said}");
+    assert_still_working(&spool, "cwd");
+}

@@ -273,3 +273,24 @@ fn a_second_worker_leaves_the_first_ones_running_job_alone() {
     gate.open();
     assert_eq!(spool.wait_result("owned")["status"], "succeeded");
 }
+
+/// A second SIGINT (Ctrl-C twice) stops at once, and both the log and the
+/// job's result say so, rather than blaming the stop grace.
+#[test]
+fn a_second_sigint_stops_at_once_and_says_so() {
+    let spool = Spool::new();
+    let mut worker = spool.start("stop_grace = \"60s\"\nkill_grace = \"1s\"\n");
+    let gate = Gate::new(&spool);
+    spool.submit("held", &gate.command("held"));
+    gate.wait_started(1);
+    worker.signal(Signal::SIGINT);
+    worker.wait_log("SIGINT: no new jobs");
+    worker.signal(Signal::SIGINT);
+    worker.wait_log("SIGINT again: stopping now, without waiting for the stop grace");
+    let r = spool.wait_result("held");
+    assert_eq!(r["status"], "interrupted", "{r}");
+    let err = r["error"].as_str().unwrap();
+    assert!(err.contains("a second SIGINT stopped it at once"), "{err}");
+    assert!(!err.contains("stop grace"), "{err}");
+    assert!(worker.wait_exit().success(), "{}", worker.log());
+}

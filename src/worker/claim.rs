@@ -199,6 +199,9 @@ pub(super) fn claim(
         let why = ctx.submitters.refusal(submitter.uid);
         return reject(ctx, id, &path, why, Some(submitter));
     }
+    if let Some(why) = job.cwd.as_deref().and_then(unusable_cwd) {
+        return reject(ctx, id, &path, why, Some(submitter));
+    }
     let (log, log_path) = match create_log(&ctx.spool, &id) {
         Ok(x) => x,
         Err(e) => {
@@ -271,6 +274,28 @@ pub(super) fn claim(
         began,
         command,
     }))
+}
+
+/// Why the job's `cwd` cannot be its working directory, if it cannot: it
+/// does not exist, is not a directory, or the worker's user may not enter
+/// it. Said with the directory's name (the job is rejected), rather than
+/// as the shell failing to start.
+fn unusable_cwd(cwd: &Path) -> Option<String> {
+    match fs::metadata(cwd) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {
+            Some(format!("\"cwd\" {} does not exist", cwd.display()))
+        }
+        Err(e) => Some(format!("\"cwd\" {} cannot be used: {e}", cwd.display())),
+        Ok(m) if !m.is_dir() => Some(format!("\"cwd\" {} is not a directory", cwd.display())),
+        Ok(_) => match nix::unistd::access(cwd, nix::unistd::AccessFlags::X_OK) {
+            Ok(()) => None,
+            Err(e) => Some(format!(
+                "\"cwd\" {} cannot be entered by the worker's user: {}",
+                cwd.display(),
+                std::io::Error::from(e)
+            )),
+        },
+    }
 }
 
 /// The digest of what a job runs: a JSON job's `command`, or a script

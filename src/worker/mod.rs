@@ -433,7 +433,7 @@ impl Worker {
                     self.rescan();
                 }
                 () = async { tokio::time::sleep_until(stop_at.expect("guarded")).await }, if stop_at.is_some() => {
-                    self.shared.interrupt_all();
+                    self.shared.interrupt_all("the job outlived the stop grace");
                 }
                 () = async { tokio::time::sleep_until(status_due.expect("guarded")).await }, if status_due.is_some() => {
                     self.update_status(true);
@@ -732,8 +732,9 @@ impl Worker {
             return;
         }
         if self.stop_at.is_some() {
-            info!("{signal} again: interrupting running jobs now");
-            self.shared.interrupt_all();
+            info!("{signal} again: stopping now, without waiting for the stop grace");
+            self.shared
+                .interrupt_all(&format!("a second {signal} stopped it at once"));
             return;
         }
         let running = {

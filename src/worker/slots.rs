@@ -136,6 +136,8 @@ pub(super) struct State {
     pub stopping: bool,
     /// The stop grace ran out: running jobs are being interrupted.
     pub interrupted_all: bool,
+    /// Why running jobs are being interrupted (for their results).
+    pub interrupt_why: Option<String>,
     /// Handing over to a new worker (see `handover`): no new claims, and
     /// running jobs are set aside in `handed` rather than followed.
     pub handing_over: bool,
@@ -285,6 +287,7 @@ impl Shared {
                 paused: false,
                 stopping: false,
                 interrupted_all: false,
+                interrupt_why: None,
                 handing_over: false,
                 handed: Vec::new(),
                 adopted: VecDeque::new(),
@@ -366,12 +369,13 @@ impl Shared {
 
     /// Interrupts every running job (the stop grace ran out), and any that
     /// starts from now on.
-    pub fn interrupt_all(&self) {
+    pub fn interrupt_all(&self, why: &str) {
         let mut st = self.lock();
         st.interrupted_all = true;
+        st.interrupt_why = Some(why.to_owned());
         for slot in &st.slots {
             if let Some(job) = &slot.job {
-                info!(cmd_id = %job.id, "interrupting job: the stop grace has passed");
+                info!(cmd_id = %job.id, "interrupting job: {why}");
                 if let Err(e) = slot.interrupt.write(1) {
                     error!(cmd_id = %job.id, "cannot interrupt the job: {e}");
                 }
@@ -842,7 +846,15 @@ impl Shared {
         panicked: impl FnOnce(&JobId, &Job, &str) -> JobResult,
     ) -> Option<(JobId, Record)> {
         let result = match outcome {
-            Ok(exec::Outcome::Done(result)) => result,
+            Ok(exec::Outcome::Done(mut result)) => {
+                if result.status == Status::Interrupted
+                    && let Some(why) = self.lock().interrupt_why.clone()
+                    && let Some(e) = result.error.as_mut()
+                {
+                    *e = e.replace("the job outlived the stop grace", &why);
+                }
+                result
+            }
             Ok(exec::Outcome::Handed(followed)) => {
                 debug!(cmd_id = %id, "job kept running for the new worker");
                 let mut st = self.lock();
