@@ -394,3 +394,65 @@ fn a_foreground_worker_is_seen_and_a_missing_spool_is_unknown() {
     assert!(stderr(&out).contains("does not exist"), "{}", stderr(&out));
     assert!(!missing.exists(), "nothing was created");
 }
+
+/// The manual: `--help` ends with exit status, files, environment and
+/// examples, a subcommand's own options come before the global ones and it
+/// shows an example, `completions` prints a shell's script, and the man
+/// pages (the tool's and the protocol's) carry the same sections.
+#[test]
+fn help_man_pages_and_completions() {
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "{args:?}: {}", stderr(&out));
+        stdout(&out)
+    };
+    let help = run(&["--help"]);
+    for section in [
+        "Exit status:",
+        "Files:",
+        "Environment:",
+        "Examples:",
+        "75 ",
+        "126 ",
+    ] {
+        assert!(help.contains(section), "--help lacks {section:?}:\n{help}");
+    }
+    let submit = run(&["submit", "--help"]);
+    let own = submit.find("--wait-timeout").expect("its own option");
+    let global = submit.find("Global options:").expect("the global options");
+    assert!(own < global, "{submit}");
+    assert!(
+        submit.contains("Examples:\n  ai-cmd-executor submit"),
+        "{submit}"
+    );
+    for (shell, marker) in [
+        ("bash", "complete -F"),
+        ("zsh", "#compdef"),
+        ("fish", "complete -c"),
+    ] {
+        assert!(run(&["completions", shell]).contains(marker), "{shell}");
+    }
+    let dir = tempfile::tempdir().unwrap();
+    run(&["generate-assets", dir.path().to_str().unwrap()]);
+    let page = fs::read_to_string(dir.path().join("man/ai-cmd-executor.1")).unwrap();
+    for section in [
+        "EXIT STATUS",
+        "FILES",
+        "ENVIRONMENT",
+        "EXAMPLES",
+        "SEE ALSO",
+    ] {
+        assert!(page.contains(&format!(".SH \"{section}\"")), "{section}");
+    }
+    let protocol = fs::read_to_string(dir.path().join("man/ai-cmd-executor-protocol.7")).unwrap();
+    assert!(
+        protocol.starts_with(".TH AI-CMD-EXECUTOR-PROTOCOL 7"),
+        "{protocol}"
+    );
+    assert!(protocol.contains(".SS \"Finding the spool\""), "{protocol}");
+    assert!(protocol.contains(".SH \"RESULT FILE"), "{protocol}");
+}

@@ -103,6 +103,9 @@ fn deb_install_upgrade_remove_purge() {
     assert!(!sums.contains("etc/"), "conffiles are not listed: {sums}");
     sb.ok(&format!("dpkg -i {}", deb1.display()));
     sb.ok("dpkg --verify ai-cmd-executor");
+    // The manual: the tool's page and the protocol's, and the completions.
+    sb.ok("test -s /usr/share/man/man1/ai-cmd-executor.1.gz && test -s /usr/share/man/man7/ai-cmd-executor-protocol.7.gz");
+    sb.ok("zcat /usr/share/man/man1/ai-cmd-executor.1.gz | grep -q '^.SH \"EXIT STATUS\"'");
     assert_installed_and_working(&sb, "/usr/bin/ai-cmd-executor", "install");
     assert_eq!(
         sb.ok("ai-cmd-executor config check | sed -n 1p"),

@@ -9,23 +9,98 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 
+/// The sections `--help` ends with and the man page carries (one source).
+pub mod sections {
+    /// EXIT STATUS.
+    pub const EXIT_STATUS: &str = "\
+0    success (for health: OK)
+1    an error, with the cause on stderr (for health: WARNING); result and log: nothing yet
+2    a usage error (for health: CRITICAL)
+3    health: UNKNOWN (a fact it may not read, or a spool that does not exist)
+submit --wait, wait and result --wait exit with the job's own exit code, and:
+75   the job expired: it waited longer than stale_pending_after while no worker served the spool
+124  the job timed out
+126  the job was rejected (bad input, an unusable cwd)
+128+N  a signal N ended the job
+130  the job was interrupted (the worker stopped)
+125  the tool itself failed, or --timeout passed";
+
+    /// FILES.
+    pub const FILES: &str = "\
+/etc/ai-cmd-executor/config.toml   the configuration (spool, max_parallel, timeouts, [notify])
+/var/lib/ai-cmd-executor           the service's spool: tmp/ pending/ running/ completed/ logs/ archive/
+SPOOL/.serving.lock                held (shared) by every live worker on the spool
+SPOOL/.worker.lock                 held by the cron fallback's worker
+SPOOL/.stopped                     an administrator's stop in cron mode
+/etc/cron.d/ai-cmd-executor        the cron fallback (inert where systemd runs)
+/lib/systemd/system/ai-cmd-executor*.service, *.timer   the units";
+
+    /// ENVIRONMENT.
+    pub const ENVIRONMENT: &str = "\
+AI_CMD_EXECUTOR_SPOOL       the spool (as --spool)
+AI_CMD_EXECUTOR_CONFIG      the configuration file (as --config)
+AI_CMD_EXECUTOR_LOG_TARGET  journal, stderr or auto (as --log-target)
+RUST_LOG                    the log filter (e.g. debug)
+STATE_DIRECTORY, XDG_STATE_HOME, HOME   where the default spool is (docs/PROTOCOL.md)";
+
+    /// EXAMPLES.
+    pub const EXAMPLES: &str = "\
+ai-cmd-executor run --spool ./spool                 a worker in the foreground
+ai-cmd-executor submit --wait -- 'make test'        queue a command and wait for it
+ai-cmd-executor log build-7 --follow                follow a job's output
+ai-cmd-executor health --format nagios              a monitoring check
+sudo ai-cmd-executor repair                         diagnose and mend the installation
+ai-cmd-executor completions bash > ~/.local/share/bash-completion/completions/ai-cmd-executor";
+
+    /// All four, as `--help` ends.
+    pub fn after_help() -> String {
+        format!(
+            "Exit status:\n{}\n\nFiles:\n{}\n\nEnvironment:\n{}\n\nExamples:\n{}",
+            indent(EXIT_STATUS),
+            indent(FILES),
+            indent(ENVIRONMENT),
+            indent(EXAMPLES)
+        )
+    }
+
+    fn indent(text: &str) -> String {
+        text.lines()
+            .map(|l| format!("  {l}"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
 /// A systemd-native command executor: agents drop shell commands into a
 /// spool directory, a supervised worker runs them and leaves a result record
 /// and a log for each.
 #[derive(Debug, Parser)]
-#[command(name = "ai-cmd-executor", version, about, long_about = None)]
+#[command(
+    name = "ai-cmd-executor",
+    version,
+    about,
+    long_about = None,
+    after_long_help = sections::after_help()
+)]
 pub struct Cli {
     /// Configuration file [default: /etc/ai-cmd-executor/config.toml when it exists].
     #[arg(
         long,
         global = true,
         env = "AI_CMD_EXECUTOR_CONFIG",
-        value_name = "FILE"
+        value_name = "FILE",
+        help_heading = "Global options"
     )]
     pub config: Option<PathBuf>,
     /// Spool directory [default: the config's `spool`, else /var/lib/ai-cmd-executor
     /// for root, $XDG_STATE_HOME/ai-cmd-executor otherwise].
-    #[arg(long, global = true, env = "AI_CMD_EXECUTOR_SPOOL", value_name = "DIR")]
+    #[arg(
+        long,
+        global = true,
+        env = "AI_CMD_EXECUTOR_SPOOL",
+        value_name = "DIR",
+        help_heading = "Global options"
+    )]
     pub spool: Option<PathBuf>,
     /// Where log lines go: the journal (structured fields), stderr, or auto
     /// (the journal when systemd connected stderr to it).
@@ -34,7 +109,8 @@ pub struct Cli {
         global = true,
         value_enum,
         default_value_t,
-        env = "AI_CMD_EXECUTOR_LOG_TARGET"
+        env = "AI_CMD_EXECUTOR_LOG_TARGET",
+        help_heading = "Global options"
     )]
     pub log_target: crate::logging::LogTarget,
     /// What to do.
@@ -46,16 +122,24 @@ pub struct Cli {
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the worker in the foreground (what the systemd unit starts).
+    #[command(after_help = "Example:\n  ai-cmd-executor run --spool ./spool")]
     Run(RunArgs),
     /// Queue a shell command (or a script with --file) and print its id.
+    #[command(
+        after_help = "Examples:\n  ai-cmd-executor submit --id build-7 --timeout 600 -- 'make -j4'\n  ai-cmd-executor submit --wait --cwd /src -- 'make test'\n  ai-cmd-executor submit --file deploy.sh"
+    )]
     Submit(SubmitArgs),
     /// Show the latest result of a job.
+    #[command(after_help = "Example:\n  ai-cmd-executor result build-7 --json")]
     Result(ResultArgs),
     /// Print the latest log of a job.
+    #[command(after_help = "Example:\n  ai-cmd-executor log build-7 --follow")]
     Log(LogArgs),
     /// Wait for a job to finish; exit with its exit code.
+    #[command(after_help = "Example:\n  ai-cmd-executor wait build-7 --timeout 3600 && echo built")]
     Wait(WaitArgs),
     /// List pending, running and completed jobs.
+    #[command(after_help = "Example:\n  ai-cmd-executor list --state running")]
     List(ListArgs),
     /// Install the service (systemd units, or the cron fallback), the
     /// service user, the spool and the default configuration.
@@ -64,6 +148,14 @@ pub enum Command {
     Uninstall(UninstallArgs),
     /// Start a detached worker unless one runs (what the cron fallback calls).
     EnsureRunning,
+    /// Print the completion script for a shell.
+    #[command(
+        after_help = "Example:\n  ai-cmd-executor completions bash > ~/.local/share/bash-completion/completions/ai-cmd-executor"
+    )]
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
     /// Write the man page and shell completions into a directory (for packaging).
     #[command(hide = true)]
     GenerateAssets {
@@ -331,6 +423,7 @@ impl Cli {
             Command::Uninstall(a) => commands::install::uninstall(&ctx, a),
             Command::EnsureRunning => commands::install::ensure_running(&ctx),
             Command::GenerateAssets { dir } => commands::generate::run(&dir),
+            Command::Completions { shell } => commands::generate::completions(shell),
             Command::Health(a) => commands::health::health(&ctx, a),
             Command::Diagnose(a) => commands::health::diagnose(&ctx, a),
             Command::Repair(a) => commands::health::repair(&ctx, a),
