@@ -1,15 +1,23 @@
-//! Helpers shared by the benchmarks (`throughput.rs`, `peers.rs`): the
-//! interrupt handling, the raw `bash -c true` job, `/proc` readers,
-//! statistics and the environment knobs.
+//! The one harness behind both benchmarks (`throughput.rs`, `peers.rs`):
+//! the runner ([`run_bench`]: header, lock, interrupts, clean-up, exit
+//! status), the report format, the environment knobs, the raw loop, the
+//! `/proc` readers and the statistics. The worker under test and its spool
+//! are in [`worker`]; daemons and the idle window in [`daemon`].
 
 #![allow(dead_code)] // each benchmark uses its own part
 
+pub mod daemon;
+pub mod worker;
+
+pub use daemon::*;
+pub use worker::*;
+
 use std::collections::HashMap;
-use std::fs;
-use std::io;
+use std::fs::{self, File};
+use std::io::{self, Write as _};
 use std::path::Path;
-use std::process::{Command, Stdio};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::process::{Command, ExitCode, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
@@ -20,62 +28,257 @@ use tokio::signal::unix::{SignalKind, signal};
 
 /// Pause between the last warm-up job and the idle window.
 pub const IDLE_SETTLE: Duration = Duration::from_secs(1);
-
 /// Sampling period of the per-thread counters during the idle window.
 pub const IDLE_SAMPLE_PERIOD: Duration = Duration::from_millis(100);
-
 /// How long a daemon may take to come up (and run a warm-up job).
 pub const READY_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// Fail when no awaited result has appeared for this long.
 pub const STALL_TIMEOUT: Duration = Duration::from_secs(30);
-
 /// How long a daemon gets to exit after SIGTERM before it is SIGKILLed.
 pub const STOP_GRACE: Duration = Duration::from_secs(5);
-
 /// Target: ai-cmd-executor throughput / raw throughput, at both parallelisms.
 pub const TARGET_RATIO: f64 = 0.85;
-
-/// Units of utime/stime in `/proc/<pid>/stat` (`USER_HZ`, fixed at 100 by
-/// the Linux ABI; a sysconf call would need `unsafe`).
+/// Parallelism levels of every throughput figure.
+pub const PARALLELISM: [usize; 2] = [1, 2];
+/// Units of utime/stime in `/proc/<pid>/stat` (`USER_HZ`, 100 by the ABI).
 pub const CLOCK_TICKS_PER_SEC: u64 = 100;
+/// The lock every measurement on the machine holds.
+pub const BENCH_LOCK: &str = "/var/tmp/bench.lock";
+
+// ---------------------------------------------------------------------------
+// The runner
+// ---------------------------------------------------------------------------
+
+/// Runs a benchmark: catches signals, takes [`BENCH_LOCK`] unless the
+/// wrapper holds it, prints the header (machine, temp dir, load, worker and
+/// `settings`), runs `body`, prints the load at the end and the PASS/MISS
+/// totals, deletes the run directories and maps the outcome to the exit
+/// status (`Ok(false)`: finished, but something failed).
+pub fn run_bench(title: &str, settings: &str, body: impl FnOnce() -> Result<bool>) -> ExitCode {
+    let outcome = (|| {
+        install_interrupt_handler()?;
+        let _lock = bench_lock()?;
+        println!("{title}");
+        println!("machine: {}", machine_line());
+        println!("tmpdir:  {}", tmpdir_line());
+        println!("load:    loadavg 1/5/15 min {} (at start)", load_average());
+        println!("worker:  {}", worker_bin());
+        println!("settings: {settings}");
+        let built = binary_mtime();
+        let started = Instant::now();
+        let ok = body()?;
+        println!("\nload:    loadavg 1/5/15 min {} (at end)", load_average());
+        println!("total time: {:.0} s", started.elapsed().as_secs_f64());
+        if binary_mtime() != built {
+            println!(
+                "WARNING: {} was rebuilt during the run; the figures may mix two builds",
+                worker_bin()
+            );
+        }
+        println!(
+            "\n== Summary: {} PASS, {} MISS (the benchmark reports; it does not assert)",
+            PASSED.load(Ordering::Relaxed),
+            MISSED.load(Ordering::Relaxed)
+        );
+        Ok(ok)
+    })();
+    remove_finished_run_dirs();
+    let _ = io::stdout().flush();
+    match outcome {
+        Ok(true) => ExitCode::SUCCESS,
+        Ok(false) => {
+            eprintln!("\nbenchmark finished, but a part of it FAILED (see above)");
+            ExitCode::FAILURE
+        }
+        Err(err) => {
+            eprintln!("\nbenchmark FAILED: {err:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Takes [`BENCH_LOCK`] if nobody holds it (`scripts/bench.sh` takes it
+/// before building); returns the held file, if any.
+fn bench_lock() -> Result<Option<File>> {
+    let file = match File::open(BENCH_LOCK) {
+        Err(e) if e.kind() == io::ErrorKind::NotFound => fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(BENCH_LOCK),
+        other => other,
+    }
+    .with_context(|| format!("opening {BENCH_LOCK}"))?;
+    match file.try_lock() {
+        Ok(()) => Ok(Some(file)),
+        Err(fs::TryLockError::WouldBlock) => {
+            println!("note: {BENCH_LOCK} is held (by scripts/bench.sh, presumably)");
+            Ok(None)
+        }
+        Err(fs::TryLockError::Error(e)) => Err(e).with_context(|| format!("locking {BENCH_LOCK}")),
+    }
+}
+
+/// `BENCH_JOBS`, `BENCH_IDLE_SECS` and `BENCH_LATENCY_SAMPLES`, the knobs
+/// both benchmarks share.
+pub struct Knobs {
+    /// Jobs per throughput run.
+    pub jobs: usize,
+    /// Length of each idle window.
+    pub idle: Duration,
+    /// Latency samples per location or tool and path.
+    pub latency_samples: usize,
+}
+
+impl Knobs {
+    /// Reads the knobs; the idle window defaults to `idle_secs`.
+    pub fn from_env(idle_secs: f64) -> Result<Self> {
+        let jobs = env_or("BENCH_JOBS", 1000)?;
+        let idle_secs = env_or("BENCH_IDLE_SECS", idle_secs)?;
+        let latency_samples = env_or("BENCH_LATENCY_SAMPLES", 200)?;
+        ensure!(jobs >= 1, "BENCH_JOBS must be at least 1");
+        ensure!(
+            idle_secs.is_finite() && idle_secs > 0.0,
+            "BENCH_IDLE_SECS must be a positive number"
+        );
+        ensure!(
+            latency_samples >= 1,
+            "BENCH_LATENCY_SAMPLES must be at least 1"
+        );
+        Ok(Self {
+            jobs,
+            idle: Duration::from_secs_f64(idle_secs),
+            latency_samples,
+        })
+    }
+
+    /// The knobs as the header shows them.
+    pub fn line(&self) -> String {
+        format!(
+            "BENCH_JOBS={} BENCH_IDLE_SECS={} BENCH_LATENCY_SAMPLES={}",
+            self.jobs,
+            self.idle.as_secs_f64(),
+            self.latency_samples
+        )
+    }
+}
+
+/// Parses environment variable `name`, or returns `default` when it is unset or empty.
+pub fn env_or<T>(name: &str, default: T) -> Result<T>
+where
+    T: std::str::FromStr,
+    T::Err: std::fmt::Display,
+{
+    match std::env::var(name) {
+        Ok(v) if !v.trim().is_empty() => v
+            .trim()
+            .parse()
+            .map_err(|e| anyhow!("invalid {name}={v:?}: {e}")),
+        _ => Ok(default),
+    }
+}
+
+/// A comma-separated list in `name` (all of `allowed` when unset), checked
+/// against `allowed`.
+pub fn env_list(name: &str, allowed: &[&str]) -> Result<Vec<String>> {
+    let Ok(v) = std::env::var(name).map(|v| v.trim().to_owned()) else {
+        return Ok(allowed.iter().map(|s| s.to_string()).collect());
+    };
+    if v.is_empty() {
+        return Ok(allowed.iter().map(|s| s.to_string()).collect());
+    }
+    let list: Vec<String> = v.split(',').map(|x| x.trim().to_owned()).collect();
+    for x in &list {
+        ensure!(
+            allowed.contains(&x.as_str()),
+            "{name}: unknown {x:?} (one of {})",
+            allowed.join(", ")
+        );
+    }
+    Ok(list)
+}
+
+// ---------------------------------------------------------------------------
+// The report: one format for every figure
+// ---------------------------------------------------------------------------
+
+/// Figures that met their target.
+static PASSED: AtomicUsize = AtomicUsize::new(0);
+/// Figures that missed their target.
+static MISSED: AtomicUsize = AtomicUsize::new(0);
+
+/// Prints a section heading.
+pub fn section(title: &str) {
+    println!("\n== {title}");
+}
+
+/// Prints a sub-heading inside a section.
+pub fn group(title: &str) {
+    println!("\n  [{title}]");
+}
+
+/// Prints a figure with its target and PASS/MISS.
+pub fn check(name: &str, value: impl std::fmt::Display, target: String, ok: bool) {
+    let verdict = if ok { "PASS" } else { "MISS" };
+    [&PASSED, &MISSED][usize::from(!ok)].fetch_add(1, Ordering::Relaxed);
+    let value = value.to_string();
+    println!("    {name:<52} {value:>18}   target {target:<12} {verdict}");
+}
+
+/// Prints an informational figure that has no target.
+pub fn info(name: &str, value: impl std::fmt::Display) {
+    let value = value.to_string();
+    println!("    {name:<52} {value:>18}   target -");
+}
+
+/// Prints a free-form note.
+pub fn note(text: &str) {
+    println!("    note: {text}");
+}
+
+/// Formats milliseconds with microsecond resolution.
+pub fn ms(v: f64) -> String {
+    format!("{v:.3} ms")
+}
+
+/// Numbers joined by spaces, with `digits` decimals.
+pub fn list(v: &[f64], digits: usize) -> String {
+    let v: Vec<String> = v.iter().map(|x| format!("{x:.digits$}")).collect();
+    v.join(" ")
+}
+
+// ---------------------------------------------------------------------------
+// Interruption and waiting
+// ---------------------------------------------------------------------------
 
 /// Set when SIGINT, SIGTERM or SIGHUP arrives; checked by every wait loop.
 pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
-/// Starts a thread that catches SIGINT, SIGTERM and SIGHUP and sets
-/// [`INTERRUPTED`] instead of letting them kill the benchmark.
-///
-/// The wait loops then fail with "interrupted", and the normal return path
-/// drops every [`Worker`] guard and temporary spool. The handlers are
-/// installed with tokio's signal support (no `unsafe`, no blocked signal mask,
-/// which children would inherit: a worker spawned with SIGTERM blocked could
-/// not be stopped). Returns once the handlers are in place.
-pub fn install_interrupt_handler(stopping: &'static str) -> Result<()> {
+/// Catches SIGINT, SIGTERM and SIGHUP on a thread of its own and sets
+/// [`INTERRUPTED`], so that the wait loops fail and every guard (daemons,
+/// the sandbox, run directories) is dropped on the way out. tokio's signal
+/// streams need no `unsafe` and block no signal, which children would
+/// inherit. Returns once the handlers are in place.
+fn install_interrupt_handler() -> Result<()> {
     let (ready_tx, ready_rx) = std::sync::mpsc::channel::<io::Result<()>>();
     thread::Builder::new()
         .name("bench-signals".to_owned())
         .spawn(move || {
-            let runtime = match tokio::runtime::Builder::new_current_thread()
+            let runtime = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
-                .build()
-            {
+                .build();
+            let runtime = match runtime {
                 Ok(rt) => rt,
-                Err(e) => {
-                    let _ = ready_tx.send(Err(e));
-                    return;
-                }
+                Err(e) => return drop(ready_tx.send(Err(e))),
             };
             runtime.block_on(async move {
-                let streams = [
+                let kinds = [
                     SignalKind::interrupt(),
                     SignalKind::terminate(),
                     SignalKind::hangup(),
-                ]
-                .map(signal);
-                let [Ok(mut int), Ok(mut term), Ok(mut hup)] = streams else {
-                    let err = streams.into_iter().find_map(Result::err);
-                    let _ = ready_tx.send(Err(err.unwrap_or_else(|| io::Error::other("signal"))));
+                ];
+                let [Ok(mut int), Ok(mut term), Ok(mut hup)] = kinds.map(signal) else {
+                    let _ = ready_tx.send(Err(io::Error::other("installing a signal handler")));
                     return;
                 };
                 let _ = ready_tx.send(Ok(()));
@@ -85,7 +288,7 @@ pub fn install_interrupt_handler(stopping: &'static str) -> Result<()> {
                         _ = term.recv() => "SIGTERM",
                         _ = hup.recv() => "SIGHUP",
                     };
-                    eprintln!("\n{name} received: stopping {stopping}");
+                    eprintln!("\n{name} received: stopping");
                     INTERRUPTED.store(true, Ordering::Relaxed);
                 }
             });
@@ -105,20 +308,40 @@ pub fn check_interrupted() -> Result<()> {
     Ok(())
 }
 
-/// Parses environment variable `name`, or returns `default` when it is unset or empty.
-pub fn env_or<T>(name: &str, default: T) -> Result<T>
-where
-    T: std::str::FromStr,
-    T::Err: std::fmt::Display,
-{
-    match std::env::var(name) {
-        Ok(v) if !v.trim().is_empty() => v
-            .trim()
-            .parse()
-            .map_err(|e| anyhow!("invalid {name}={v:?}: {e}")),
-        _ => Ok(default),
+/// Polls `f` until it returns `Some`, with naps growing to `max_nap`;
+/// fails after `deadline`, on interruption, or with `f`'s error.
+pub fn poll_until<T>(
+    what: &str,
+    deadline: Duration,
+    max_nap: Duration,
+    mut f: impl FnMut() -> Result<Option<T>>,
+) -> Result<T> {
+    let start = Instant::now();
+    let mut nap = Duration::from_millis(1);
+    loop {
+        check_interrupted()?;
+        if let Some(v) = f()? {
+            return Ok(v);
+        }
+        ensure!(
+            start.elapsed() <= deadline,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        thread::sleep(nap);
+        nap = (nap * 2).min(max_nap);
     }
 }
+
+/// [`poll_until`] that panics instead of failing: the sandbox helper
+/// (`tests/common/sandbox.rs`) calls this as `super::wait_for`.
+pub fn wait_for<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Option<T>) -> T {
+    poll_until(what, deadline, Duration::from_millis(50), || Ok(f()))
+        .unwrap_or_else(|e| panic!("{e:#}"))
+}
+
+// ---------------------------------------------------------------------------
+// The machine
+// ---------------------------------------------------------------------------
 
 /// Describes the machine: nproc, CPU model and kernel.
 pub fn machine_line() -> String {
@@ -146,10 +369,112 @@ pub fn load_average() -> String {
         .unwrap_or_else(|| "unknown".to_owned())
 }
 
-/// Nearest-rank percentile of sorted, non-empty `sorted`.
-pub fn percentile(sorted: &[f64], p: f64) -> f64 {
-    let rank = (p / 100.0 * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
+/// The temp dir (where run directories go by default), its mount and options.
+fn tmpdir_line() -> String {
+    let dir = std::env::temp_dir();
+    let mount = Command::new("findmnt")
+        .args(["-n", "-o", "SOURCE,OPTIONS", "-T"])
+        .arg(&dir)
+        .stdin(Stdio::null())
+        .output()
+        .ok()
+        .filter(|o| o.status.success())
+        .map_or_else(String::new, |o| {
+            format!(" on {}", String::from_utf8_lossy(&o.stdout).trim())
+        });
+    format!("{}{mount} ({})", dir.display(), fs_type(&dir))
+}
+
+/// The file system type of the mount holding `dir`, from /proc/self/mounts,
+/// saying whether an ext4 has a journal.
+pub fn fs_type(dir: &Path) -> String {
+    let (Ok(dir), Ok(mounts)) = (dir.canonicalize(), fs::read_to_string("/proc/self/mounts"))
+    else {
+        return "?".into();
+    };
+    let best = mounts
+        .lines()
+        .filter_map(|l| {
+            let mut f = l.split_whitespace();
+            let (dev, mnt, ty) = (f.next()?, f.next()?, f.next()?);
+            dir.starts_with(mnt).then_some((mnt.len(), dev, ty))
+        })
+        .max_by_key(|(len, _, _)| *len);
+    match best {
+        Some((_, dev, "ext4")) => {
+            let name = dev.rsplit('/').next().unwrap_or_default();
+            match fs::read_to_string(format!("/sys/fs/ext4/{name}/journal_task")) {
+                Ok(j) if j.trim() == "<none>" => "ext4, no journal".into(),
+                Ok(_) => "ext4 with journal".into(),
+                Err(_) => "ext4".into(),
+            }
+        }
+        Some((_, _, ty)) => ty.to_owned(),
+        None => "?".into(),
+    }
+}
+
+// ---------------------------------------------------------------------------
+// Statistics
+// ---------------------------------------------------------------------------
+
+/// Order statistics of a sample set, in the unit of the samples (ms).
+#[derive(Clone, Copy)]
+pub struct Stats {
+    /// Median (nearest rank).
+    pub p50: f64,
+    /// 99th percentile (nearest rank).
+    pub p99: f64,
+    /// Smallest sample.
+    pub min: f64,
+    /// Largest sample.
+    pub max: f64,
+    /// Number of samples.
+    pub n: usize,
+}
+
+impl Stats {
+    /// Computes the statistics of `samples` (must be non-empty).
+    pub fn of(mut samples: Vec<f64>) -> Result<Self> {
+        ensure!(!samples.is_empty(), "no samples");
+        samples.sort_by(f64::total_cmp);
+        let rank = |p: f64| {
+            let r = (p / 100.0 * samples.len() as f64).ceil() as usize;
+            samples[r.clamp(1, samples.len()) - 1]
+        };
+        Ok(Self {
+            p50: rank(50.0),
+            p99: rank(99.0),
+            min: samples[0],
+            max: samples[samples.len() - 1],
+            n: samples.len(),
+        })
+    }
+
+    /// One line: p50, p99, min, max.
+    pub fn line(&self) -> String {
+        format!(
+            "p50 {:.3} ms, p99 {:.3} ms (min {:.3}, max {:.3}, n={})",
+            self.p50, self.p99, self.min, self.max, self.n
+        )
+    }
+}
+
+/// The median of `v` (the mean of the middle two for an even count).
+pub fn median(v: &[f64]) -> f64 {
+    let mut s = v.to_vec();
+    s.sort_by(f64::total_cmp);
+    let m = s.len() / 2;
+    if s.len() % 2 == 1 {
+        s[m]
+    } else {
+        (s[m - 1] + s[m]) / 2.0
+    }
+}
+
+/// `a[k] / b[k]` for each `k`.
+pub fn quotients(a: &[f64], b: &[f64]) -> Vec<f64> {
+    a.iter().zip(b).map(|(x, y)| x / y).collect()
 }
 
 /// `later - earlier` in milliseconds, negative when `later` is earlier.
@@ -160,19 +485,9 @@ pub fn signed_ms(later: SystemTime, earlier: SystemTime) -> f64 {
     }
 }
 
-/// Runs `bash -c true` to completion once, with all stdio on /dev/null.
-pub fn bash_true() -> Result<()> {
-    check_interrupted()?;
-    let status = Command::new("bash")
-        .args(["-c", "true"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .context("running bash -c true")?;
-    ensure!(status.success(), "bash -c true failed: {status}");
-    Ok(())
-}
+// ---------------------------------------------------------------------------
+// /proc
+// ---------------------------------------------------------------------------
 
 /// Voluntary + non-voluntary context switches and name of each thread of `pid`.
 pub fn thread_switches(pid: u32) -> Result<HashMap<u32, (String, u64)>> {
@@ -202,7 +517,7 @@ pub fn thread_switches(pid: u32) -> Result<HashMap<u32, (String, u64)>> {
 }
 
 /// First number after `key` in a `/proc/.../status` file.
-pub fn status_field(status: &str, key: &str) -> Option<u64> {
+fn status_field(status: &str, key: &str) -> Option<u64> {
     status
         .lines()
         .find_map(|l| l.strip_prefix(key))
@@ -218,36 +533,50 @@ pub fn memory_kib(pid: u32) -> Result<(u64, u64)> {
     Ok((get("VmRSS:")?, get("VmHWM:")?))
 }
 
-/// The job id of a result file name (`<id>.json`, not a dot-prefixed temp file).
-pub fn result_id(name: &str) -> Option<&str> {
-    if name.starts_with('.') {
-        return None;
-    }
-    name.strip_suffix(".json")
-}
-
-/// utime, stime, cutime and cstime of `pid` (a number, or `self`), in clock
-/// ticks, from `/proc/<pid>/stat`.
-pub fn cpu_ticks(pid: &str) -> Result<[u64; 4]> {
-    let path = format!("/proc/{pid}/stat");
-    let stat = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-    // Fields after the parenthesised command name start at field 3 (state);
-    // utime, stime, cutime and cstime are fields 14 to 17.
-    let fields: Vec<u64> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace())
-        .into_iter()
-        .flatten()
-        .skip(14 - 3)
-        .take(4)
-        .map_while(|v| v.parse().ok())
-        .collect();
-    fields.try_into().map_err(|_| anyhow!("malformed {path}"))
-}
-
 /// Clock ticks as milliseconds.
 pub fn ticks_ms(ticks: u64) -> f64 {
     ticks as f64 * 1000.0 / CLOCK_TICKS_PER_SEC as f64
+}
+
+/// CPU time of a process, from `/proc/<pid>/stat`, in clock ticks.
+#[derive(Clone, Copy)]
+pub struct CpuTimes {
+    /// utime + stime of the process itself (all threads, live and exited).
+    pub own: u64,
+    /// cutime + cstime of the children it has waited for.
+    pub children: u64,
+}
+
+impl CpuTimes {
+    /// Reads the CPU times of `pid` (a number, or `self`).
+    pub fn of(pid: impl std::fmt::Display) -> Result<Self> {
+        let path = format!("/proc/{pid}/stat");
+        let stat = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+        // Fields after the parenthesised command name start at field 3;
+        // utime, stime, cutime and cstime are fields 14 to 17.
+        let f: Vec<u64> = stat
+            .rsplit_once(')')
+            .map(|(_, rest)| rest.split_whitespace())
+            .into_iter()
+            .flatten()
+            .skip(14 - 3)
+            .take(4)
+            .map_while(|v| v.parse().ok())
+            .collect();
+        ensure!(f.len() == 4, "malformed {path}");
+        Ok(Self {
+            own: f[0] + f[1],
+            children: f[2] + f[3],
+        })
+    }
+
+    /// `(own, children)` CPU time since `earlier`, in ms.
+    pub fn ms_since(self, earlier: Self) -> (f64, f64) {
+        (
+            ticks_ms(self.own.saturating_sub(earlier.own)),
+            ticks_ms(self.children.saturating_sub(earlier.children)),
+        )
+    }
 }
 
 /// The whole machine's CPU time so far (all CPUs), in clock ticks, from the
@@ -259,16 +588,17 @@ pub struct MachineCpu {
     /// Every state (guest time is already inside user and nice).
     total: u64,
     /// Number of CPUs (the `cpuN` lines).
-    cpus: usize,
+    pub cpus: usize,
 }
 
 impl MachineCpu {
     /// Reads `/proc/stat`.
     pub fn now() -> Result<Self> {
         let stat = fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
-        let line = stat.lines().next().unwrap_or_default();
-        let fields: Vec<u64> = line
-            .strip_prefix("cpu ")
+        let fields: Vec<u64> = stat
+            .lines()
+            .next()
+            .and_then(|l| l.strip_prefix("cpu "))
             .ok_or_else(|| anyhow!("/proc/stat does not start with the cpu line"))?
             .split_whitespace()
             .map(|v| v.parse().context("parsing /proc/stat"))
@@ -289,22 +619,13 @@ impl MachineCpu {
         })
     }
 
-    /// Number of CPUs the machine has online.
-    pub fn cpus(self) -> usize {
-        self.cpus
-    }
-
-    /// CPU time spent on all CPUs since `earlier`, by anything (user,
-    /// kernel, interrupts, and time the hypervisor took: steal), in ms.
+    /// CPU time spent on all CPUs since `earlier`, by anything, in ms.
     pub fn busy_ms_since(self, earlier: MachineCpu) -> f64 {
         let total = self.total.saturating_sub(earlier.total);
-        let idle = self.idle.saturating_sub(earlier.idle);
-        ticks_ms(total.saturating_sub(idle))
+        ticks_ms(total.saturating_sub(self.idle.saturating_sub(earlier.idle)))
     }
 
-    /// The share of all CPUs' time since `earlier` that went idle: time
-    /// nothing was runnable, which a CPU-bound run at full parallelism
-    /// would not have.
+    /// The share of all CPUs' time since `earlier` that went idle.
     pub fn idle_share_since(self, earlier: MachineCpu) -> f64 {
         let total = self.total.saturating_sub(earlier.total);
         if total == 0 {
@@ -314,32 +635,35 @@ impl MachineCpu {
     }
 }
 
+// ---------------------------------------------------------------------------
+// Run directories and loops
+// ---------------------------------------------------------------------------
+
 /// The temporary directory of one run (a spool, a daemon's data), deleted
-/// only at the end of the benchmark: dropping it puts it aside until
-/// [`remove_finished_run_dirs`].
+/// only when the benchmark ends: dropping it puts it aside.
 ///
 /// Deleting a run's thousands of files between runs would slow the runs
 /// after it on the same file system: ext4 without a journal passes over
-/// every inode freed in the last minutes when it allocates a new one (the
-/// kernel's `recently_deleted()`), so each file a later run created would
-/// cost a scan past the earlier runs' deletions, and the later runs would
-/// measure the benchmark's own clean-up.
+/// every inode freed in the last minutes when it allocates one (the
+/// kernel's `recently_deleted()`), so later runs would measure the
+/// benchmark's own clean-up.
 pub struct RunDir(Option<TempDir>);
 
 /// Run directories dropped so far, deleted by [`remove_finished_run_dirs`].
 static FINISHED_RUN_DIRS: Mutex<Vec<TempDir>> = Mutex::new(Vec::new());
 
 impl RunDir {
-    /// A new directory named `<prefix>XXXXXX` under `base`, or the
-    /// default temp dir when `None`.
-    pub fn new(prefix: &str, base: Option<&Path>) -> io::Result<Self> {
+    /// A new directory named `<prefix>XXXXXX` under `base`, or the temp dir.
+    pub fn new(prefix: &str, base: Option<&Path>) -> Result<Self> {
         let mut builder = tempfile::Builder::new();
         builder.prefix(prefix);
         let dir = match base {
             Some(base) => builder.tempdir_in(base),
             None => builder.tempdir(),
-        }?;
-        Ok(RunDir(Some(dir)))
+        };
+        Ok(RunDir(Some(dir.with_context(|| {
+            format!("creating a run directory {prefix}* in {base:?}")
+        })?)))
     }
 
     /// Where it is.
@@ -347,30 +671,27 @@ impl RunDir {
         self.0
             .as_ref()
             .map(TempDir::path)
-            .expect("a run directory is in place until dropped")
+            .expect("in place until dropped")
     }
 }
 
 impl Drop for RunDir {
     fn drop(&mut self) {
         if let Some(dir) = self.0.take() {
-            FINISHED_RUN_DIRS
+            let mut dirs = FINISHED_RUN_DIRS
                 .lock()
-                .unwrap_or_else(PoisonError::into_inner)
-                .push(dir);
+                .unwrap_or_else(PoisonError::into_inner);
+            dirs.push(dir);
         }
     }
 }
 
-/// Deletes the directories of every finished run (see [`RunDir`]); called
-/// once, when the benchmark ends, however it ends.
-pub fn remove_finished_run_dirs() {
-    let dirs = std::mem::take(
-        &mut *FINISHED_RUN_DIRS
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner),
-    );
-    drop(dirs);
+/// Deletes the directories of every finished run (see [`RunDir`]).
+fn remove_finished_run_dirs() {
+    let mut dirs = FINISHED_RUN_DIRS
+        .lock()
+        .unwrap_or_else(PoisonError::into_inner);
+    drop(std::mem::take(&mut *dirs));
 }
 
 /// Runs `job(thread, index)` `n` times split over `p` threads (thread `t`
@@ -394,4 +715,57 @@ pub fn split_loop(
             .try_for_each(|h| h.join().map_err(|_| anyhow!("loop thread panicked"))?)
     })?;
     Ok(start.elapsed())
+}
+
+/// Runs `bash -c true` to completion once, with stdin from /dev/null and
+/// its output to `out` (/dev/null when `None`).
+pub fn bash_true(out: Option<File>) -> Result<()> {
+    check_interrupted()?;
+    let (stdout, stderr) = match out {
+        Some(f) => (Stdio::from(f.try_clone()?), Stdio::from(f)),
+        None => (Stdio::null(), Stdio::null()),
+    };
+    let status = Command::new("bash")
+        .args(["-c", "true"])
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .stderr(stderr)
+        .status()
+        .context("running bash -c true")?;
+    ensure!(status.success(), "bash -c true failed: {status}");
+    Ok(())
+}
+
+/// One run of the raw loop: the limit every ratio is taken against.
+#[derive(Clone, Copy)]
+pub struct RawRun {
+    /// Jobs/s.
+    pub rate: f64,
+    /// CPU time of the `bash` children per job, in ms.
+    pub child_ms: f64,
+    /// Share of the machine's CPU time that went idle meanwhile.
+    pub idle: f64,
+    /// The machine's busy CPU time per job (all CPUs, everything), in ms.
+    pub busy_ms: f64,
+    /// The machine's CPUs.
+    pub cpus: usize,
+}
+
+impl RawRun {
+    /// The raw loop: `n` runs of `bash -c true` over `p` threads, each a
+    /// tight spawn+wait loop in this process.
+    pub fn measure(n: usize, p: usize) -> Result<Self> {
+        let cpu_before = CpuTimes::of("self")?;
+        let machine_before = MachineCpu::now()?;
+        let elapsed = split_loop(n, p, |_, _| bash_true(None))?;
+        let machine = MachineCpu::now()?;
+        let (_, child_ms) = CpuTimes::of("self")?.ms_since(cpu_before);
+        Ok(Self {
+            rate: n as f64 / elapsed.as_secs_f64(),
+            child_ms: child_ms / n as f64,
+            idle: machine.idle_share_since(machine_before),
+            busy_ms: machine.busy_ms_since(machine_before) / n as f64,
+            cpus: machine.cpus,
+        })
+    }
 }
