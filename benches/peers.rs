@@ -1,7 +1,7 @@
 //! The worker against its peers, pueue and `systemd-run`, beside the raw
 //! cost of `bash -c true`, in one run on one machine.
 //!
-//! Run with `scripts/bench.sh peers [--quick] [--markdown]`: it installs
+//! Run with `scripts/bench.sh peers [--quick]`: it installs
 //! pueue under `target/peers` when missing, sets `BENCH_PUEUE` and holds
 //! `/var/tmp/bench.lock`. Every tool runs `bash -c true`:
 //!
@@ -23,10 +23,11 @@
 //! RSS, CPU and wake-ups of a fresh daemon after 20 jobs, with the shell's
 //! `RUST_BACKTRACE` and with the other setting. Knobs: `BENCH_JOBS` (1000),
 //! `BENCH_IDLE_SECS` (60), `BENCH_LATENCY_SAMPLES` (200), `BENCH_TOOLS`
-//! (subset of `ai-cmd-executor,pueue,systemd-run`), `BENCH_MARKDOWN=1` or
-//! `--markdown`, `BENCH_PUEUE`, `BENCH_WORKER`. A peer that cannot run is
-//! skipped with the reason; a tool that fails is reported as failed, the
-//! others still run, and the exit status is non-zero.
+//! (subset of `ai-cmd-executor,pueue,systemd-run`), `BENCH_PUEUE`,
+//! `BENCH_WORKER`. The table is printed in Markdown, as BENCHMARKS.md has
+//! it. A peer that cannot run is skipped with the reason; a tool that fails
+//! is reported as failed, the others still run, and the exit status is
+//! non-zero.
 
 #![warn(missing_docs)]
 
@@ -60,8 +61,6 @@ const TOOLS: [&str; 3] = ["ai-cmd-executor", "pueue", "systemd-run"];
 struct Settings {
     /// The shared knobs.
     knobs: Knobs,
-    /// Whether to print the table as Markdown too.
-    markdown: bool,
     /// The tools to measure (`BENCH_TOOLS`).
     tools: Vec<String>,
 }
@@ -74,8 +73,6 @@ fn main() -> ExitCode {
     let settings = (|| {
         Ok::<_, anyhow::Error>(Settings {
             knobs: Knobs::from_env(60.0)?,
-            markdown: std::env::args().any(|a| a == "--markdown")
-                || std::env::var("BENCH_MARKDOWN").is_ok_and(|v| !v.is_empty() && v != "0"),
             tools: env_list("BENCH_TOOLS", &TOOLS)?,
         })
     })();
@@ -113,11 +110,7 @@ fn main() -> ExitCode {
                 .collect::<Result<_>>()?;
             let table = Table::build(&settings, &env, &columns);
             section("Table");
-            table.print_text();
-            if settings.markdown {
-                section("Table (Markdown)");
-                table.print_markdown();
-            }
+            table.print_markdown();
             Ok(columns.iter().all(|c| !matches!(c.state, State::Failed(_))))
         },
     )
@@ -420,11 +413,7 @@ mod aice {
             }
             fx.wait(&mut ids.iter().cloned().collect())?;
             flush_disk();
-            thread::sleep(IDLE_SETTLE);
-            fx.worker.check_alive()?;
-            let pid = fx.worker.pid();
-            let worker = &mut fx.worker;
-            idle_window(pid, settings.knobs.idle, &mut || worker.check_alive())
+            fx.worker.idle(settings.knobs.idle)
         })?;
         Ok(fig)
     }
@@ -688,11 +677,7 @@ mod pueue {
                 .collect::<Result<Vec<_>>>()?;
             fx.wait_done(&ids, Duration::from_millis(100))?;
             flush_disk();
-            thread::sleep(IDLE_SETTLE);
-            fx.daemon.check_alive()?;
-            let pid = fx.daemon.pid();
-            let daemon = &mut fx.daemon;
-            idle_window(pid, settings.knobs.idle, &mut || daemon.check_alive())
+            fx.daemon.idle(settings.knobs.idle)
         })?;
         Ok(fig)
     }
@@ -1261,40 +1246,6 @@ impl Table {
             State::Failed(why) => format!("{} FAILED: {why}", c.name),
         }));
         Self { heads, rows, notes }
-    }
-
-    /// Prints the table as aligned text.
-    fn print_text(&self) {
-        let width = |s: &String| s.chars().count();
-        let mut widths = vec![self.rows.iter().map(|r| width(&r.label)).max().unwrap_or(0)];
-        widths.extend(self.heads.iter().enumerate().map(|(i, h)| {
-            self.rows
-                .iter()
-                .filter_map(|r| r.cells.get(i))
-                .chain([h])
-                .map(width)
-                .max()
-                .unwrap_or(0)
-        }));
-        let line = |label: &str, cells: &[String], tail: &str| {
-            let mut s = format!("{label:<w$}", w = widths[0]);
-            for (c, w) in cells.iter().zip(&widths[1..]) {
-                s.push_str(&format!("  {c:>w$}"));
-            }
-            println!("{}", format!("{s}  {tail}").trim_end());
-        };
-        line("figure", &self.heads, "target / ai-cmd-executor");
-        for r in &self.rows {
-            let tail = match (r.target.is_empty(), r.verdict.is_empty()) {
-                (true, _) => String::new(),
-                (false, true) => r.target.clone(),
-                (false, false) => format!("{} -> {}", r.target, r.verdict),
-            };
-            line(&r.label, &r.cells, &tail);
-        }
-        for n in &self.notes {
-            println!("note: {n}");
-        }
     }
 
     /// Prints the table as Markdown.

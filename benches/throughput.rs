@@ -643,11 +643,7 @@ fn idle(env: &DaemonEnv, window: Duration) -> Result<()> {
     };
     check_interrupted()?;
     info("malformed job outcome", outcome);
-    thread::sleep(IDLE_SETTLE);
-    fx.worker.check_alive()?;
-    let pid = fx.worker.pid();
-    let worker = &mut fx.worker;
-    let idle = idle_window(pid, window, &mut || worker.check_alive())?;
+    let idle = fx.worker.idle(window)?;
     let rss = format!("{:.2} MiB", idle.rss_kib as f64 / 1024.0);
     let target = format!("< {} MiB", TARGET_RSS_KIB / 1024);
     check(

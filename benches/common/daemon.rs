@@ -130,6 +130,14 @@ impl Daemon {
         Ok(())
     }
 
+    /// Waits [`IDLE_SETTLE`], then measures the daemon over an idle `window`.
+    pub fn idle(&mut self, window: Duration) -> Result<Idle> {
+        thread::sleep(IDLE_SETTLE);
+        self.check_alive()?;
+        let pid = self.pid();
+        idle_window(pid, window, &mut || self.check_alive())
+    }
+
     /// The last lines of the daemon's output, for an error message.
     pub fn log_tail(&self) -> String {
         match fs::read_to_string(&self.log) {

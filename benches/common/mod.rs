@@ -55,7 +55,7 @@ pub const BENCH_LOCK: &str = "/var/tmp/bench.lock";
 /// totals, deletes the run directories and maps the outcome to the exit
 /// status (`Ok(false)`: finished, but something failed).
 pub fn run_bench(title: &str, settings: &str, body: impl FnOnce() -> Result<bool>) -> ExitCode {
-    let outcome = (|| {
+    let outcome = (|| -> Result<bool> {
         install_interrupt_handler()?;
         let _lock = bench_lock()?;
         println!("{title}");
