@@ -40,6 +40,12 @@ pub enum ClientError {
         .0.display(), .0.display()
     )]
     NotASpool(PathBuf),
+    /// The spool is there, but this user may not use it.
+    #[error(
+        "{}: permission denied: this user may not submit to the spool (join its group, ai-cmd for the package's spool, or ask its owner)",
+        .0.display()
+    )]
+    Denied(PathBuf),
     /// A job with this id is queued and not yet claimed.
     #[error("a job with id {0} is already pending; wait for it or choose another id")]
     AlreadyPending(JobId),
@@ -194,8 +200,19 @@ impl Client {
     /// Queues a job: writes it in `tmp/`, then renames it into `pending/`
     /// without replacing anything. Returns its id.
     pub fn submit(&self, sub: &Submission) -> Result<JobId, ClientError> {
-        if !self.spool.pending().is_dir() {
-            return Err(ClientError::NotASpool(self.spool.root().to_owned()));
+        match std::fs::metadata(self.spool.pending()) {
+            Ok(m) if m.is_dir() => {}
+            Err(e) if e.kind() == std::io::ErrorKind::PermissionDenied => {
+                return Err(ClientError::Denied(self.spool.pending()));
+            }
+            _ => return Err(ClientError::NotASpool(self.spool.root().to_owned())),
+        }
+        if nix::unistd::access(
+            &self.spool.pending(),
+            nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK,
+        ) == Err(nix::errno::Errno::EACCES)
+        {
+            return Err(ClientError::Denied(self.spool.pending()));
         }
         let (kind, bytes) = match &sub.payload {
             Payload::Json(spec) => {

@@ -456,3 +456,43 @@ fn help_man_pages_and_completions() {
     assert!(protocol.contains(".SS \"Finding the spool\""), "{protocol}");
     assert!(protocol.contains(".SH \"RESULT FILE"), "{protocol}");
 }
+
+/// A spool this user may not use says "permission denied", not "not a
+/// spool" (as root: the command runs as an unprivileged uid).
+#[test]
+fn permission_denied_on_a_spool_says_so() {
+    if !nix::unistd::geteuid().is_root() {
+        eprintln!("NOTICE: permission_denied_on_a_spool_says_so needs root; skipped");
+        return;
+    }
+    let spool = Spool::new();
+    let w = spool.start("");
+    drop(w);
+    use std::os::unix::fs::PermissionsExt;
+    fs::set_permissions(spool.path("pending"), fs::Permissions::from_mode(0o700)).unwrap();
+    // The test's own temporary directory (0700) must be reachable for the
+    // uid; nothing above it is touched.
+    let scratch = spool.root().parent().unwrap().to_owned();
+    fs::set_permissions(&scratch, fs::Permissions::from_mode(0o755)).unwrap();
+    fs::set_permissions(spool.root(), fs::Permissions::from_mode(0o755)).unwrap();
+    let out = Command::new("setpriv")
+        .args([
+            "--reuid",
+            "60001",
+            "--regid",
+            "60001",
+            "--clear-groups",
+            BIN,
+        ])
+        .arg("--spool")
+        .arg(spool.root())
+        .args(["submit", "--", "true"])
+        .env_remove("AI_CMD_EXECUTOR_SPOOL")
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let said = stderr(&out);
+    assert!(said.contains("permission denied"), "{said}");
+    assert!(!said.contains("not a spool"), "{said}");
+}

@@ -338,6 +338,11 @@ pub fn is_denied(e: &(dyn std::error::Error + 'static)) -> bool {
     use nix::errno::Errno;
     let mut cur = Some(e);
     while let Some(err) = cur {
+        if let Some(crate::client::ClientError::Denied(_)) =
+            err.downcast_ref::<crate::client::ClientError>()
+        {
+            return true;
+        }
         let errno = if let Some(io) = err.downcast_ref::<std::io::Error>() {
             if io.kind() == std::io::ErrorKind::PermissionDenied {
                 return true;
