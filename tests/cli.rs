@@ -496,3 +496,24 @@ fn permission_denied_on_a_spool_says_so() {
     assert!(said.contains("permission denied"), "{said}");
     assert!(!said.contains("not a spool"), "{said}");
 }
+
+/// A job that could not be started at all exits 127 (the result says why),
+/// never 1, which a job's own failure gives.
+#[test]
+fn a_job_that_could_not_start_exits_127() {
+    let spool = Spool::new();
+    let missing = spool.scratch("no-such-shell");
+    let _w = spool.start(&format!("shell = \"{}\"\n", missing.display()));
+    let out = spool.cli(&["submit", "--id", "nostart", "--wait", "--", "true"]);
+    assert_eq!(out.status.code(), Some(127), "{}", stdout(&out));
+    let r = spool.wait_result("nostart");
+    assert_eq!(r["status"], "failed", "{r}");
+    assert_eq!(r["exit_code"], serde_json::Value::Null, "{r}");
+    assert!(
+        r["error"]
+            .as_str()
+            .unwrap()
+            .contains("could not start the job"),
+        "{r}"
+    );
+}

@@ -21,6 +21,7 @@ submit --wait, wait and result --wait exit with the job's own exit code, and:
 75   the job expired: it waited longer than stale_pending_after while no worker served the spool
 124  the job timed out
 126  the job was rejected (bad input, an unusable cwd)
+127  the job could not be started (the result's error says why)
 128+N  a signal N ended the job
 130  the job was interrupted (the worker stopped)
 125  the tool itself failed, or --timeout passed";

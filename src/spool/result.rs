@@ -170,11 +170,15 @@ impl JobResult {
             Status::Succeeded | Status::Failed => match (self.exit_code, &self.signal) {
                 (Some(code), _) => u8::try_from(code).unwrap_or(1),
                 (None, Some(sig)) => signal_number(sig).map_or(1, |n| 128u8.saturating_add(n)),
-                (None, None) => 1,
+                (None, None) => NOT_STARTED,
             },
         }
     }
 }
+
+/// The exit code for a job that could not be started: see
+/// [`JobResult::shell_exit_code`].
+pub const NOT_STARTED: u8 = 127;
 
 fn signal_number(name: &str) -> Option<u8> {
     let sig: nix::sys::signal::Signal = name.parse().ok()?;
@@ -273,6 +277,10 @@ mod tests {
         assert_eq!(mk(Status::Rejected, None, None).shell_exit_code(), 126);
         assert_eq!(mk(Status::Interrupted, None, None).shell_exit_code(), 130);
         assert_eq!(mk(Status::Expired, None, None).shell_exit_code(), 75);
+        assert_eq!(
+            mk(Status::Failed, None, None).shell_exit_code(),
+            NOT_STARTED
+        );
     }
 
     #[test]
