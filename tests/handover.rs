@@ -164,13 +164,13 @@ fn a_stop_during_the_hand_over_is_carried_out_by_the_new_worker() {
     // the stop grace and the worker stops.
     worker.signal(Signal::SIGHUP);
     worker.signal(Signal::SIGTERM);
-    worker.wait_log("running job(s) get");
-    let log = worker.log();
-    assert!(
-        log.contains("1 running job(s) taken over from the previous worker")
-            || log.contains("the worker is stopping, so the next start runs it"),
-        "{log}"
-    );
+    worker.wait_log("1 running job(s) get");
+    wait_for("the reload to be taken either way", DEADLINE, || {
+        let log = worker.log();
+        (log.contains("1 running job(s) taken over from the previous worker")
+            || log.contains("the worker is stopping, so the next start runs it"))
+        .then_some(())
+    });
     gate.open();
     let job = spool.wait_result("job");
     assert_eq!(job["status"], "succeeded", "{job}");

@@ -340,6 +340,40 @@ fn take_job(job: WireSlotJob) -> anyhow::Result<Handed> {
     })
 }
 
+/// The signals the event loop handles. At a hand-over, once the slot and
+/// recorder threads are gone, the loop's thread (the only one left) blocks
+/// them: a signal that comes then stays pending across `execve` for the new
+/// worker, instead of being taken by a handler whose process image is about
+/// to go; one taken before is read from the runtime and passed on.
+fn loop_signals() -> nix::sys::signal::SigSet {
+    use nix::sys::signal::{SigSet, Signal};
+    let mut set = SigSet::empty();
+    for s in [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP] {
+        set.add(s);
+    }
+    set
+}
+
+/// Blocks the loop's signals in the calling thread (see [`loop_signals`]).
+pub(super) fn block_loop_signals() {
+    let _ = nix::sys::signal::pthread_sigmask(
+        nix::sys::signal::SigmaskHow::SIG_BLOCK,
+        Some(&loop_signals()),
+        None,
+    );
+}
+
+/// Unblocks them in the calling thread: the event loop's, once its
+/// handlers are in place (a worker started by a hand-over inherits them
+/// blocked, with any that came meanwhile pending).
+pub(super) fn unblock_loop_signals() {
+    let _ = nix::sys::signal::pthread_sigmask(
+        nix::sys::signal::SigmaskHow::SIG_UNBLOCK,
+        Some(&loop_signals()),
+        None,
+    );
+}
+
 /// The binary this process was started from, if it has been replaced
 /// since (an upgrade): the path to re-execute.
 pub fn replaced_binary() -> Option<PathBuf> {

@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use inotify::{EventMask, Inotify, WatchMask};
-use tokio::signal::unix::{SignalKind, signal};
+use tokio::signal::unix::{Signal, SignalKind, signal};
 use tokio::sync::mpsc::{UnboundedReceiver, unbounded_channel};
 use tracing::{debug, error, info, warn};
 
@@ -119,8 +119,29 @@ pub fn run(opts: WorkerOptions, inherited: handover::Inherited) -> Result<Exit, 
         // Every slot is idle now; a failed loop leaves them, and the
         // process exit ends them.
         worker.shutdown();
+        let handing = served.is_some();
+        if let Some((mut sigterm, mut sigint)) = served {
+            // The only thread left blocks the stop signals: one that comes
+            // from now on stays pending across `execve`, for the new worker.
+            // One the runtime's handler took already is read when it parks:
+            // a moment for that (nothing new can come now).
+            handover::block_loop_signals();
+            let late = tokio::time::timeout(Duration::from_millis(20), async {
+                tokio::select! {
+                    _ = sigterm.recv() => "SIGTERM",
+                    _ = sigint.recv() => "SIGINT",
+                }
+            })
+            .await;
+            if let Ok(signal) = late
+                && worker.stop_signal.is_none()
+            {
+                info!("{signal}: the new worker stops once it has taken over");
+                worker.stop_signal = Some(signal.into());
+            }
+        }
         Ok(match worker.handover_to.take() {
-            Some(binary) if served => {
+            Some(binary) if handing => {
                 let jobs = std::mem::take(&mut shared.lock().handed);
                 Exit::Handover(handover::Handover::new(
                     binary,
@@ -266,12 +287,13 @@ impl Worker {
         Ok(())
     }
 
-    /// Serves until stopped (`Ok(true)` when handing over).
+    /// Serves until stopped; when handing over, returns the stop signals'
+    /// streams, for a signal taken but not yet read (see [`run`]).
     async fn serve(
         &mut self,
         mut inbox: UnboundedReceiver<ToLoop>,
         inherited: handover::Inherited,
-    ) -> Result<bool, WorkerError> {
+    ) -> Result<Option<(Signal, Signal)>, WorkerError> {
         self.spool.ensure_layout()?;
         let handover::Inherited {
             jobs: adopted,
@@ -286,6 +308,9 @@ impl Worker {
         let mut sigterm = signal(SignalKind::terminate()).map_err(setup("handling SIGTERM"))?;
         let mut sigint = signal(SignalKind::interrupt()).map_err(setup("handling SIGINT"))?;
         let mut sighup = signal(SignalKind::hangup()).map_err(setup("handling SIGHUP"))?;
+        // Handlers in place: signals that came while a previous worker
+        // handed over (pending, blocked across `execve`) are taken now.
+        handover::unblock_loop_signals();
         let inotify = Inotify::init().map_err(setup("starting inotify"))?;
         let mut events = inotify
             .into_event_stream(vec![0u8; 64 * 1024])
@@ -350,7 +375,7 @@ impl Worker {
                     message_id = message_id::WORKER_HANDOVER,
                     "handing {handed} running job(s) over to the new binary"
                 );
-                return Ok(true);
+                return Ok(Some((sigterm, sigint)));
             }
             if self.notifier.enabled() {
                 self.update_status(false);
@@ -451,7 +476,7 @@ impl Worker {
             rejected = st.counters.rejected,
             "worker stopped"
         );
-        Ok(false)
+        Ok(None)
     }
 
     fn watch_pending<T>(&self, events: &inotify::EventStream<T>) -> bool
@@ -740,7 +765,7 @@ impl Worker {
         let running = {
             let mut st = self.shared.lock();
             st.stopping = true;
-            st.active().count()
+            st.active().count() + st.adopted.len()
         };
         let grace = self.config.stop_grace.get();
         info!(

@@ -204,9 +204,10 @@ impl State {
         self.reports_status || self.stopping || self.handing_over
     }
 
-    /// No job is being claimed, run or recorded.
+    /// No job is being claimed, run or recorded, nor waits to be taken up
+    /// after a hand-over.
     pub fn quiet(&self) -> bool {
-        self.working == 0 && self.in_flight == 0
+        self.working == 0 && self.in_flight == 0 && self.adopted.is_empty()
     }
 
     /// The jobs running now.
