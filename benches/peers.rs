@@ -1,33 +1,11 @@
-//! The worker against its peers, pueue and `systemd-run`, beside the raw
-//! cost of `bash -c true`, in one run on one machine.
-//!
-//! Run with `scripts/bench.sh peers [--quick]`: it installs
-//! pueue under `target/peers` when missing, sets `BENCH_PUEUE` and holds
-//! `/var/tmp/bench.lock`. Every tool runs `bash -c true`:
-//!
-//! - **raw**: the raw loop of the harness, measured right before and right
-//!   after each tool's throughput runs; each ratio is against their mean.
-//! - **ai-cmd-executor**: a foreground worker (`max_parallel = P`) on a
-//!   spool in the temp dir; jobs dropped by rename, and, as information,
-//!   one `ai-cmd-executor submit` per job; start time = `started_at`.
-//! - **pueue**: `pueued -c FILE` with its directories in a temp dir and
-//!   its shell set to `bash -c`, `pueue parallel P`, one `pueue add` per
-//!   job; times from `pueue status --json`.
-//! - **systemd-run**: in the tier-3 sandbox (`tests/common/sandbox.rs`);
-//!   this binary runs inside as the client ([`inner`]), `P` threads of
-//!   `systemd-run --wait`; start time = the unit's
-//!   `ExecMainStartTimestampMonotonic` against the client's
-//!   `CLOCK_MONOTONIC`. The "daemon" is the sandbox's PID 1.
-//!
-//! For each: throughput at P=1 and P=2, submit-to-start p50/p99, and idle
-//! RSS, CPU and wake-ups of a fresh daemon after 20 jobs, with the shell's
-//! `RUST_BACKTRACE` and with the other setting. Knobs: `BENCH_JOBS` (1000),
-//! `BENCH_IDLE_SECS` (60), `BENCH_LATENCY_SAMPLES` (200), `BENCH_TOOLS`
-//! (subset of `ai-cmd-executor,pueue,systemd-run`), `BENCH_PUEUE`,
-//! `BENCH_WORKER`. The table is printed in Markdown, as BENCHMARKS.md has
-//! it. A peer that cannot run is skipped with the reason; a tool that fails
-//! is reported as failed, the others still run, and the exit status is
-//! non-zero.
+//! The worker against its peers, pueue and `systemd-run` (in the tier-3
+//! sandbox, with this binary as the client inside: [`inner`]), beside the
+//! raw `bash -c true` loop measured right before and after each tool's
+//! runs: throughput at P=1/P=2, submit-to-start p50/p99, and idle RSS, CPU
+//! and wake-ups with the shell's `RUST_BACKTRACE` and the other setting.
+//! BENCHMARKS.md describes each tool's method and the knobs. A peer that
+//! cannot run is skipped with the reason; a failed tool makes the exit
+//! status non-zero, the others still run.
 
 #![warn(missing_docs)]
 
@@ -40,7 +18,7 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
-use std::process::{Command, ExitCode, Stdio};
+use std::process::{Command, ExitCode};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -57,12 +35,10 @@ const INNER_ENV: &str = "AICE_PEERS_CLIENT";
 /// The tools, in the order they are measured.
 const TOOLS: [&str; 3] = ["ai-cmd-executor", "pueue", "systemd-run"];
 
-/// Knobs read from the environment and the command line.
+/// Knobs read from the environment.
 struct Settings {
-    /// The shared knobs.
     knobs: Knobs,
-    /// The tools to measure (`BENCH_TOOLS`).
-    tools: Vec<String>,
+    tools: Vec<String>, // BENCH_TOOLS
 }
 
 /// Runs the comparison, or the in-sandbox client when [`INNER_ENV`] is set.
@@ -70,50 +46,38 @@ fn main() -> ExitCode {
     if let Ok(mode) = std::env::var(INNER_ENV) {
         return inner::main(&mode);
     }
-    let settings = (|| {
-        Ok::<_, anyhow::Error>(Settings {
-            knobs: Knobs::from_env(60.0)?,
-            tools: env_list("BENCH_TOOLS", &TOOLS)?,
-        })
-    })();
-    let settings = match settings {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("benchmark FAILED: {e:#}");
-            return ExitCode::FAILURE;
-        }
+    let settings = || {
+        let knobs = Knobs::from_env(60.0)?;
+        let line = knobs.line();
+        let tools = env_list("BENCH_TOOLS", &TOOLS)?;
+        Ok((Settings { knobs, tools }, line))
     };
-    run_bench(
-        "ai-cmd-executor peer comparison",
-        &settings.knobs.line(),
-        || {
-            let env = DaemonEnv::capture();
-            println!(
-                "daemon environment (ai-cmd-executor, pueued and clients): {}",
-                env.backtrace_line()
-            );
-            let columns: Vec<Column> = TOOLS
-                .into_iter()
-                .map(|tool| {
-                    section(tool);
-                    info("loadavg 1/5/15 min at start", load_average());
-                    if !settings.tools.iter().any(|t| t == tool) {
-                        let why = format!("not in BENCH_TOOLS={}", settings.tools.join(","));
-                        return Ok(Column::skipped(tool, why));
-                    }
-                    measure(tool, || match tool {
-                        "ai-cmd-executor" => aice::measure(&settings, &env),
-                        "pueue" => pueue::measure(&settings, &env),
-                        _ => systemd::measure(&settings),
-                    })
+    run_bench("ai-cmd-executor peer comparison", settings, |settings| {
+        let env = DaemonEnv::capture();
+        println!(
+            "daemon environment (ai-cmd-executor, pueued and clients): {}",
+            env.backtrace_line()
+        );
+        let columns: Vec<Column> = TOOLS
+            .into_iter()
+            .map(|tool| {
+                section(tool);
+                info("loadavg 1/5/15 min at start", load_average());
+                if !settings.tools.iter().any(|t| t == tool) {
+                    let why = format!("not in BENCH_TOOLS={}", settings.tools.join(","));
+                    return Ok(Column::skipped(tool, why));
+                }
+                measure(tool, || match tool {
+                    "ai-cmd-executor" => aice::measure(&settings, &env),
+                    "pueue" => pueue::measure(&settings, &env),
+                    _ => systemd::measure(&settings),
                 })
-                .collect::<Result<_>>()?;
-            let table = Table::build(&settings, &env, &columns);
-            section("Table");
-            table.print_markdown();
-            Ok(columns.iter().all(|c| !matches!(c.state, State::Failed(_))))
-        },
-    )
+            })
+            .collect::<Result<_>>()?;
+        section("Table");
+        print_table(&settings, &env, &columns);
+        Ok(columns.iter().all(|c| !matches!(c.state, State::Failed(_))))
+    })
 }
 
 /// Runs one tool's measurement; a failure (error or panic) becomes a failed
@@ -122,14 +86,7 @@ fn measure(name: &str, f: impl FnOnce() -> Result<Figures>) -> Result<Column> {
     let outcome = panic::catch_unwind(AssertUnwindSafe(f));
     check_interrupted()?;
     let why = match outcome {
-        Ok(Ok(figures)) => {
-            let state = State::Measured;
-            return Ok(Column {
-                name: name.to_owned(),
-                state,
-                figures,
-            });
-        }
+        Ok(Ok(figures)) => return Ok(Column::new(name, State::Measured, figures)),
         Ok(Err(err)) => match err.downcast::<Skip>() {
             Ok(Skip(why)) => return Ok(Column::skipped(name, why)),
             Err(err) => format!("{err:#}"),
@@ -141,24 +98,13 @@ fn measure(name: &str, f: impl FnOnce() -> Result<Figures>) -> Result<Column> {
             .unwrap_or_else(|| "panic".to_owned()),
     };
     println!("  FAILED {name}: {why}");
-    Ok(Column {
-        name: name.to_owned(),
-        state: State::Failed(why),
-        figures: Figures::default(),
-    })
+    Ok(Column::new(name, State::Failed(why), Figures::default()))
 }
 
 /// The error a tool's measurement returns when the tool cannot run here.
-#[derive(Debug)]
+#[derive(Debug, thiserror::Error)]
+#[error("skipped: {0}")]
 struct Skip(String);
-
-impl std::fmt::Display for Skip {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "skipped: {}", self.0)
-    }
-}
-
-impl std::error::Error for Skip {}
 
 /// The pause before latency sample `i`: 2 to 301 ms, each value once per 300
 /// samples in a scattered order (193 is prime to 300), so that submissions
@@ -167,68 +113,47 @@ fn sample_gap(i: usize) -> Duration {
     Duration::from_millis(2 + (i as u64 * 193) % 300)
 }
 
-/// Parses an RFC 3339 time with a `Z` or `±HH:MM` offset, as
-/// ai-cmd-executor (`…Z`) and pueue (`…+00:00`) write them.
+/// Parses an RFC 3339 time with a `Z` (ai-cmd-executor) or `±HH:MM` offset (pueue).
 fn parse_time(s: &str) -> Result<SystemTime> {
     let bad = || anyhow!("not an RFC 3339 time: {s:?}");
-    let (local, offset) = match s
-        .len()
-        .checked_sub(6)
-        .and_then(|i| Some((s.get(..i)?, s.get(i..)?)))
-    {
-        Some((local, off))
-            if off.len() == 6 && off.as_bytes()[3] == b':' && !off.ends_with('Z') =>
-        {
-            let sign = match off.as_bytes()[0] {
-                b'+' => 1,
-                b'-' => -1,
-                _ => return humantime::parse_rfc3339_weak(s).map_err(|_| bad()),
-            };
-            let (h, m): (i64, i64) = (off[1..3].parse()?, off[4..6].parse()?);
-            (local, sign * (h * 3600 + m * 60))
+    let (local, off) = s
+        .split_at_checked(s.len().saturating_sub(6))
+        .unwrap_or((s, ""));
+    let t = match off.as_bytes() {
+        [sign @ (b'+' | b'-'), _, _, b':', _, _] => {
+            let secs = off[1..3].parse::<u64>()? * 3600 + off[4..6].parse::<u64>()? * 60;
+            let t = humantime::parse_rfc3339_weak(local).map_err(|_| bad())?;
+            let shift = Duration::from_secs(secs);
+            if *sign == b'+' { t - shift } else { t + shift }
         }
-        _ => (s, 0),
+        _ => humantime::parse_rfc3339_weak(s).map_err(|_| bad())?,
     };
-    let t = humantime::parse_rfc3339_weak(local).map_err(|_| bad())?;
-    let shift = Duration::from_secs(offset.unsigned_abs());
-    Ok(if offset >= 0 { t - shift } else { t + shift })
+    Ok(t)
 }
 
 // ---------------------------------------------------------------------------
 // Figures of one tool, and the raw reference
 // ---------------------------------------------------------------------------
 
-/// Whether a tool was measured.
+/// Whether a tool was measured; why not.
 enum State {
-    /// Measured.
     Measured,
-    /// Not run here, with the reason.
     Skipped(String),
-    /// Failed, with the error.
     Failed(String),
 }
 
 /// A tool's figures (each `None` when not applicable or not measured).
 #[derive(Default)]
 struct Figures {
-    /// Version string.
     version: String,
-    /// How `RUST_BACKTRACE` was for the daemon.
-    backtrace: String,
-    /// Raw rate measured before and after the tool's throughput runs.
-    raw_span: [Option<(f64, f64)>; 2],
-    /// The tool's raw reference: the mean of the two, per parallelism.
-    raw: [Option<f64>; 2],
-    /// Tool rate, per parallelism.
+    backtrace: String,                 // RUST_BACKTRACE of the daemon
+    raw_span: [Option<(f64, f64)>; 2], // raw rate before and after, per P
+    raw: [Option<f64>; 2],             // the reference: their mean
     rate: [Option<f64>; 2],
-    /// ai-cmd-executor only: rate with one `submit` CLI process per job.
-    rate_cli: [Option<f64>; 2],
-    /// Submit-to-start through the tool's CLI.
-    latency_cli: Option<Stats>,
-    /// ai-cmd-executor only: submit-to-start with a file dropped by rename.
-    latency_drop: Option<Stats>,
-    /// Idle window: with the shell's environment, then the other `RUST_BACKTRACE`.
-    idle: [Option<Idle>; 2],
+    rate_cli: [Option<f64>; 2],  // ai-cmd-executor: one `submit` per job
+    latency_cli: Option<Stats>,  // submit-to-start through the CLI
+    latency_drop: Option<Stats>, // ai-cmd-executor: file dropped by rename
+    idle: [Option<Idle>; 2],     // the shell's RUST_BACKTRACE, the other
 }
 
 impl Figures {
@@ -244,15 +169,14 @@ impl Figures {
 
     /// Records and prints a throughput figure (`cli`: one CLI per job, info).
     fn rate(&mut self, i: usize, cli: bool, how: &str, rate: f64) {
-        info(
-            &format!("throughput P={}, {how}", PARALLELISM[i]),
-            format!("{rate:.1} jobs/s"),
-        );
-        *if cli {
-            &mut self.rate_cli[i]
+        let label = format!("throughput P={}, {how}", PARALLELISM[i]);
+        info(&label, format!("{rate:.1} jobs/s"));
+        let rates = if cli {
+            &mut self.rate_cli
         } else {
-            &mut self.rate[i]
-        } = Some(rate);
+            &mut self.rate
+        };
+        rates[i] = Some(rate);
     }
 
     /// Measures the raw rate after the tool's throughput runs and makes the
@@ -266,9 +190,10 @@ impl Figures {
             for (what, rate) in [("", self.rate[i]), (", one CLI per job", self.rate_cli[i])] {
                 if let Some(rate) = rate {
                     let label = format!("ratio to raw (mean before/after), P={p}{what}");
+                    let ratio = rate / reference;
                     info(
                         &label,
-                        format!("{:.3} (reference {reference:.1} jobs/s)", rate / reference),
+                        format!("{ratio:.3} (reference {reference:.1} jobs/s)"),
                     );
                 }
             }
@@ -284,16 +209,18 @@ impl Figures {
     ) -> Result<()> {
         for (slot, env) in self.idle.iter_mut().zip([env, &env.other_backtrace()]) {
             group(&format!("idle, {}", env.backtrace()));
-            let i = idle(env)?;
-            info(
-                "idle VmRSS (end of window)",
-                format!("{:.2} MiB", i.rss_kib as f64 / 1024.0),
-            );
-            info("idle wake-ups (ctx switches, all threads)", i.wakeups);
-            *slot = Some(i);
+            *slot = Some(print_idle(idle(env)?));
         }
         Ok(())
     }
+}
+
+/// Prints an idle window's RSS and wake-ups.
+fn print_idle(idle: Idle) -> Idle {
+    let rss = format!("{:.2} MiB", idle.rss_kib as f64 / 1024.0);
+    info("idle VmRSS (end of window)", rss);
+    info("idle wake-ups (ctx switches, all threads)", idle.wakeups);
+    idle
 }
 
 /// The raw rate at every parallelism, printed (`when`: before or after the
@@ -302,33 +229,34 @@ fn raw_reference(n: usize, when: &str) -> Result<[f64; 2]> {
     let mut out = [0.0; 2];
     for (slot, p) in out.iter_mut().zip(PARALLELISM) {
         *slot = RawRun::measure(n, p)?.rate;
-        info(
-            &format!("raw bash -c true, P={p}, {when} this tool's runs"),
-            format!("{:.1} jobs/s", *slot),
-        );
+        let label = format!("raw bash -c true, P={p}, {when} this tool's runs");
+        info(&label, format!("{:.1} jobs/s", *slot));
     }
     Ok(out)
 }
 
 /// One tool's column in the table.
 struct Column {
-    /// Tool name.
     name: String,
-    /// Whether it was measured.
     state: State,
-    /// Its figures.
     figures: Figures,
 }
 
 impl Column {
+    /// A column.
+    fn new(name: &str, state: State, figures: Figures) -> Self {
+        let name = name.to_owned();
+        Self {
+            name,
+            state,
+            figures,
+        }
+    }
+
     /// A column for a tool that was not run, with the notice printed.
     fn skipped(name: &str, why: String) -> Self {
         println!("  SKIPPED {name}: {why}");
-        Self {
-            name: name.to_owned(),
-            state: State::Skipped(why),
-            figures: Figures::default(),
-        }
+        Self::new(name, State::Skipped(why), Figures::default())
     }
 }
 
@@ -349,11 +277,7 @@ mod aice {
         let ids: Vec<String> = (0..n).map(|i| format!("tp-{tag}{p}-{i:06}")).collect();
         let start = Instant::now();
         for id in &ids {
-            if cli {
-                fx.cli_submit(id, env)?
-            } else {
-                fx.submit(id, TRUE_JOB)?
-            }
+            fx.submit_via(id, cli, env)?;
         }
         let last = fx
             .wait(&mut ids.iter().cloned().collect())
@@ -388,11 +312,7 @@ mod aice {
             let (cli, id) = (i % 2 == 1, format!("lat-{i:05}"));
             thread::sleep(sample_gap(i / 2));
             let t0 = SystemTime::now();
-            if cli {
-                fx.cli_submit(&id, env)?
-            } else {
-                fx.submit(&id, TRUE_JOB)?
-            }
+            fx.submit_via(&id, cli, env)?;
             fx.wait(&mut HashSet::from([id.clone()]))
                 .with_context(|| format!("latency sample {id}"))?;
             samples[usize::from(cli)].push(signed_ms(fx.succeeded(&id)?.0, t0));
@@ -430,15 +350,10 @@ mod pueue {
 
     /// One task as `pueue status --json` shows it.
     struct Task {
-        /// Whether it is done.
         done: bool,
-        /// Whether it is done with result `Success`.
         success: bool,
-        /// `start`, once started.
         start: Option<SystemTime>,
-        /// `end`, once done.
         end: Option<SystemTime>,
-        /// The task's JSON, for error messages.
         raw: Value,
     }
 
@@ -446,15 +361,10 @@ mod pueue {
     ///
     /// Fields drop in order: the daemon stops before its directory goes.
     struct Fixture<'a> {
-        /// The daemon.
         daemon: Daemon,
-        /// The client.
         client: &'a Path,
-        /// The environment of the daemon and the clients.
         env: &'a DaemonEnv,
-        /// Its config file.
         config: PathBuf,
-        /// Temp dir holding config, data, socket and log.
         _root: RunDir,
     }
 
@@ -486,54 +396,27 @@ mod pueue {
                 config,
                 _root: root,
             };
-            poll_until(
-                "pueued to answer `pueue status`",
-                READY_TIMEOUT,
-                Duration::from_millis(20),
-                || {
-                    fx.daemon.check_alive()?;
-                    Ok(fx
-                        .command(&["status", "--json"])
-                        .output()?
-                        .status
-                        .success()
-                        .then_some(()))
-                },
-            )?;
+            let what = "pueued to answer `pueue status`";
+            poll_until(what, READY_TIMEOUT, Duration::from_millis(20), || {
+                fx.daemon.check_alive()?;
+                Ok(fx.run(&["status", "--json"]).is_ok().then_some(()))
+            })?;
             fx.run(&["parallel", &p.to_string()])?;
             let id = fx.add()?;
             fx.wait_done(&[id], Duration::from_millis(20))?;
             Ok(fx)
         }
 
-        /// `pueue -c CONFIG ARGS…` with the common environment.
-        fn command(&self, args: &[&str]) -> Command {
-            let mut cmd = Command::new(self.client);
-            self.env
-                .apply(&mut cmd)
-                .arg("-c")
-                .arg(&self.config)
-                .args(args)
-                .stdin(Stdio::null());
-            cmd
-        }
-
-        /// Runs a pueue command that must succeed; returns its stdout.
+        /// Runs `pueue -c CONFIG ARGS…`, which must succeed; returns its stdout.
         fn run(&self, args: &[&str]) -> Result<String> {
-            check_interrupted()?;
-            let what = format!("pueue {}", args.join(" "));
-            let out = self
-                .command(args)
-                .output()
-                .with_context(|| format!("running {what}"))?;
-            let err = String::from_utf8_lossy(&out.stderr);
-            ensure!(
-                out.status.success(),
-                "{what} failed ({}): {}",
-                out.status,
-                err.trim()
-            );
-            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+            let mut cmd = Command::new(self.client);
+            run_ok(
+                self.env
+                    .apply(&mut cmd)
+                    .arg("-c")
+                    .arg(&self.config)
+                    .args(args),
+            )
         }
 
         /// `pueue add --print-task-id -- true`; returns the task id.
@@ -703,16 +586,12 @@ mod systemd {
         );
         let out = sb.sh(&script);
         check_interrupted()?;
-        let (stdout, stderr) = (
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr),
-        );
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        let (status, out_err) = (out.status, format!("{}{}", stdout.trim(), stderr.trim()));
         ensure!(
-            out.status.success(),
-            "in-sandbox client `{mode}` failed ({}): {}{}",
-            out.status,
-            stdout.trim(),
-            stderr.trim()
+            status.success(),
+            "in-sandbox client `{mode}` failed ({status}): {out_err}"
         );
         let line = stdout.lines().last().unwrap_or("");
         serde_json::from_str(line)
@@ -787,30 +666,22 @@ mod systemd {
         let mut fig = Figures::new(version, backtrace_of(pid1));
         info("sandbox PID 1 (host pid)", pid1);
         // Let the boot's last jobs finish, and PID 1 go quiet, before measuring.
-        poll_until(
-            "the sandbox's job queue to empty",
-            READY_TIMEOUT,
-            Duration::from_millis(100),
-            || {
-                let out = sb.sh("systemctl list-jobs --no-legend");
-                Ok((out.status.success() && out.stdout.trim_ascii().is_empty()).then_some(()))
-            },
-        )?;
+        let what = "the sandbox's job queue to empty";
+        poll_until(what, READY_TIMEOUT, Duration::from_millis(100), || {
+            let out = sb.sh("systemctl list-jobs --no-legend");
+            Ok((out.status.success() && out.stdout.trim_ascii().is_empty()).then_some(()))
+        })?;
         let settle_start = Instant::now();
         let mut last = (cpu_ms(pid1)?, Instant::now());
         let quiet = Duration::from_millis(200);
-        let settled = poll_until(
-            "the sandbox's PID 1 to go quiet",
-            Duration::from_secs(60),
-            quiet,
-            || {
-                let now = cpu_ms(pid1)?;
-                if now != last.0 {
-                    last = (now, Instant::now());
-                }
-                Ok((last.1.elapsed() >= SANDBOX_QUIET).then_some(()))
-            },
-        );
+        let what = "the sandbox's PID 1 to go quiet";
+        let settled = poll_until(what, Duration::from_secs(60), quiet, || {
+            let now = cpu_ms(pid1)?;
+            if now != last.0 {
+                last = (now, Instant::now());
+            }
+            Ok((last.1.elapsed() >= SANDBOX_QUIET).then_some(()))
+        });
         match settled {
             Ok(()) => info(
                 "sandbox quiet (PID 1 used no CPU for 2 s) after",
@@ -824,10 +695,8 @@ mod systemd {
         let number = |v: Value| v.as_f64().ok_or_else(|| anyhow!("not a number: {v}"));
         for (i, p) in PARALLELISM.into_iter().enumerate() {
             let inside = number(inner_client(&sb, &exe, "raw", n, p)?)?;
-            info(
-                &format!("raw bash -c true inside the sandbox, P={p} (info)"),
-                format!("{inside:.1} jobs/s"),
-            );
+            let label = format!("raw bash -c true inside the sandbox, P={p} (info)");
+            info(&label, format!("{inside:.1} jobs/s"));
             let cpu0 = cpu_ms(pid1)?;
             let rate = number(inner_client(&sb, &exe, "systemd-run", n, p)?)?;
             fig.rate(
@@ -836,10 +705,8 @@ mod systemd {
                 &format!("{p} client thread(s) of systemd-run --wait"),
                 rate,
             );
-            info(
-                "  PID 1 CPU per job",
-                format!("{:.2} ms", (cpu_ms(pid1)? - cpu0) / n as f64),
-            );
+            let per_job = (cpu_ms(pid1)? - cpu0) / n as f64;
+            info("  PID 1 CPU per job", format!("{per_job:.2} ms"));
         }
         // The "after" reference is taken on the host with the sandbox idle.
         fig.bracket_raw(n, raw)?;
@@ -860,19 +727,13 @@ mod systemd {
         thread::sleep(IDLE_SETTLE);
         let idle = idle_window(pid1, settings.knobs.idle, &mut || {
             check_interrupted()?;
-            ensure!(
-                Path::new(&format!("/proc/{pid1}")).exists(),
-                "the sandbox's PID 1 exited"
-            );
+            let alive = Path::new(&format!("/proc/{pid1}")).exists();
+            ensure!(alive, "the sandbox's PID 1 exited");
             Ok(())
         })?;
         // PID 1 is not a Rust program and nspawn gives it its own
         // environment: one window stands for both settings.
-        info(
-            "idle VmRSS (end of window)",
-            format!("{:.2} MiB", idle.rss_kib as f64 / 1024.0),
-        );
-        info("idle wake-ups (ctx switches, all threads)", idle.wakeups);
+        let idle = print_idle(idle);
         fig.idle = [Some(idle.clone()), Some(idle)];
         Ok(fig)
     }
@@ -902,15 +763,13 @@ mod inner {
             std::process::exit(3);
         });
         match run(mode) {
-            Ok(v) => {
-                println!("{v}");
-                ExitCode::SUCCESS
-            }
-            Err(err) => {
-                eprintln!("in-sandbox client `{mode}`: {err:#}");
-                ExitCode::FAILURE
+            Ok(v) => println!("{v}"),
+            Err(e) => {
+                eprintln!("in-sandbox client `{mode}`: {e:#}");
+                return ExitCode::FAILURE;
             }
         }
+        ExitCode::SUCCESS
     }
 
     /// Dispatches on the mode.
@@ -924,40 +783,15 @@ mod inner {
         match mode {
             "raw" => Ok(RawRun::measure(n, p)?.rate.into()),
             "systemd-run" => {
-                let args = [
-                    "--wait",
-                    "--quiet",
-                    "--collect",
-                    "--",
-                    "/bin/bash",
-                    "-c",
-                    "true",
-                ];
+                let args = "--wait --quiet --collect -- /bin/bash -c true".split(' ');
                 let elapsed = split_loop(n, p, |_, _| {
-                    run_ok(Command::new("systemd-run").args(args)).map(drop)
+                    run_ok(Command::new("systemd-run").args(args.clone())).map(drop)
                 })?;
                 Ok((n as f64 / elapsed.as_secs_f64()).into())
             }
             "latency" => Ok(latency(n)?.into()),
             _ => bail!("unknown mode {mode:?}"),
         }
-    }
-
-    /// Runs `cmd`, which must succeed; returns its stdout.
-    fn run_ok(cmd: &mut Command) -> Result<String> {
-        check_interrupted()?;
-        let out = cmd
-            .stdin(Stdio::null())
-            .output()
-            .with_context(|| format!("running {cmd:?}"))?;
-        let err = String::from_utf8_lossy(&out.stderr);
-        ensure!(
-            out.status.success(),
-            "{cmd:?} failed ({}): {}",
-            out.status,
-            err.trim()
-        );
-        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
     /// `n` samples of submit-to-start: `CLOCK_MONOTONIC` before spawning
@@ -979,34 +813,28 @@ mod inner {
                 &format!("--unit={unit}"),
             ]);
             run_ok(cmd.args(["--", "/bin/bash", "-c", "true"]))?;
-            let props = poll_until(
-                &format!("{unit} to exit"),
-                READY_TIMEOUT,
-                Duration::from_millis(20),
-                || {
-                    let mut show = Command::new("systemctl");
-                    show.args(["show", &unit, "-p", "ExecMainStartTimestampMonotonic"]);
-                    show.args([
-                        "-p",
-                        "ExecMainExitTimestampMonotonic",
-                        "-p",
-                        "ExecMainStatus",
-                    ]);
-                    let props: HashMap<String, String> = run_ok(&mut show)?
-                        .lines()
-                        .filter_map(|l| l.split_once('='))
-                        .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                        .collect();
-                    let exited = props
-                        .get("ExecMainExitTimestampMonotonic")
-                        .is_some_and(|v| v != "0" && !v.is_empty());
-                    Ok(exited.then_some(props))
-                },
-            )?;
-            ensure!(
-                props.get("ExecMainStatus").map(String::as_str) == Some("0"),
-                "{unit} did not exit 0: {props:?}"
-            );
+            let what = &format!("{unit} to exit");
+            let props = poll_until(what, READY_TIMEOUT, Duration::from_millis(20), || {
+                let mut show = Command::new("systemctl");
+                show.args(["show", &unit, "-p", "ExecMainStartTimestampMonotonic"]);
+                show.args([
+                    "-p",
+                    "ExecMainExitTimestampMonotonic",
+                    "-p",
+                    "ExecMainStatus",
+                ]);
+                let props: HashMap<String, String> = run_ok(&mut show)?
+                    .lines()
+                    .filter_map(|l| l.split_once('='))
+                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
+                    .collect();
+                let exited = props
+                    .get("ExecMainExitTimestampMonotonic")
+                    .is_some_and(|v| v != "0" && !v.is_empty());
+                Ok(exited.then_some(props))
+            })?;
+            let ok = props.get("ExecMainStatus").is_some_and(|v| v == "0");
+            ensure!(ok, "{unit} did not exit 0: {props:?}");
             let start: f64 = props
                 .get("ExecMainStartTimestampMonotonic")
                 .and_then(|v| v.parse().ok())
@@ -1022,254 +850,209 @@ mod inner {
 // The table
 // ---------------------------------------------------------------------------
 
-/// One row: figure, one cell per column (raw first), target, verdict.
-struct Row {
-    /// What the row shows.
-    label: String,
-    /// Cells: raw, then each tool.
-    cells: Vec<String>,
-    /// The target for ai-cmd-executor, if any.
-    target: String,
-    /// Whether ai-cmd-executor met it.
-    verdict: String,
-}
+/// Prints the comparison table in Markdown: a row per figure, with the raw
+/// cell, a cell per tool (ai-cmd-executor first), the target and the verdict.
+fn print_table(settings: &Settings, env: &DaemonEnv, cols: &[Column]) {
+    let mut heads = vec!["figure".to_owned(), "raw `bash -c true`".to_owned()];
+    heads.extend(cols.iter().map(|c| c.name.clone()));
+    heads.extend(["target for ai-cmd-executor".into(), "met?".into()]);
+    let idle_secs = settings.knobs.idle.as_secs_f64();
+    let blank = |c: &Column| match &c.state {
+        State::Measured => "–".to_owned(),
+        State::Skipped(_) => "skipped".to_owned(),
+        State::Failed(_) => "failed".to_owned(),
+    };
+    // A row: the raw cell, then `f` of each tool.
+    let row = |label: String, raw: String, f: &dyn Fn(&Figures) -> Option<String>| {
+        let cells = cols
+            .iter()
+            .map(|c| f(&c.figures).unwrap_or_else(|| blank(c)));
+        let mut r: Vec<String> = [label.trim().to_owned(), raw]
+            .into_iter()
+            .chain(cells)
+            .collect();
+        r.extend([String::new(), String::new()]);
+        r
+    };
+    let aice = cols.first().map(|c| &c.figures);
 
-/// The comparison table.
-struct Table {
-    /// Column headings (after the figure column).
-    heads: Vec<String>,
-    /// Rows.
-    rows: Vec<Row>,
-    /// Notes printed under the table.
-    notes: Vec<String>,
-}
-
-impl Table {
-    /// Builds the table from the columns (ai-cmd-executor first).
-    fn build(settings: &Settings, env: &DaemonEnv, cols: &[Column]) -> Self {
-        let mut heads = vec!["raw `bash -c true`".to_owned()];
-        heads.extend(cols.iter().map(|c| c.name.clone()));
-        let idle_secs = settings.knobs.idle.as_secs_f64();
-        let blank = |c: &Column| match &c.state {
-            State::Measured => "–".to_owned(),
-            State::Skipped(_) => "skipped".to_owned(),
-            State::Failed(_) => "failed".to_owned(),
+    // Whether no measured peer is better than ai-cmd-executor on `get`
+    // (a tie counts, and is named; `None` when no peer was measured),
+    // and the comparison in words.
+    let ahead = |get: &dyn Fn(&Figures) -> Option<f64>, higher: bool| -> (Option<bool>, String) {
+        let Some(mine) = aice.and_then(get) else {
+            return (Some(false), "not measured".to_owned());
         };
-        // A row: the raw cell, then `f` of each tool.
-        let row = |label: String, raw: String, f: &dyn Fn(&Figures) -> Option<String>| Row {
-            label,
-            cells: std::iter::once(raw)
-                .chain(
-                    cols.iter()
-                        .map(|c| f(&c.figures).unwrap_or_else(|| blank(c))),
-                )
-                .collect(),
-            target: String::new(),
-            verdict: String::new(),
-        };
-        let aice = cols.first().map(|c| &c.figures);
-
-        // Whether no measured peer is better than ai-cmd-executor on `get`
-        // (a tie counts, and is named; `None` when no peer was measured),
-        // and the comparison in words.
-        let ahead =
-            |get: &dyn Fn(&Figures) -> Option<f64>, higher: bool| -> (Option<bool>, String) {
-                let Some(mine) = aice.and_then(get) else {
-                    return (Some(false), "not measured".to_owned());
-                };
-                let mut groups: [Vec<&str>; 4] = Default::default();
-                for peer in cols.iter().skip(1) {
-                    let k = match get(&peer.figures) {
-                        Some(theirs) if theirs == mine => 1,
-                        Some(theirs) if (mine > theirs) == higher => 0,
-                        Some(_) => 2,
-                        None => 3,
-                    };
-                    groups[k].push(&peer.name);
-                }
-                let words = [
-                    "ahead of",
-                    "level with",
-                    "behind",
-                    "not compared with (not measured)",
-                ];
-                let parts: Vec<String> = words
-                    .iter()
-                    .zip(&groups)
-                    .filter(|(_, names)| !names.is_empty())
-                    .map(|(word, names)| format!("{word} {}", names.join(", ")))
-                    .collect();
-                let compared = groups[..3].iter().any(|g| !g.is_empty());
-                (compared.then_some(groups[2].is_empty()), parts.join("; "))
+        let mut groups: [Vec<&str>; 4] = Default::default();
+        for peer in cols.iter().skip(1) {
+            let k = match get(&peer.figures) {
+                Some(theirs) if theirs == mine => 1,
+                Some(theirs) if (mine > theirs) == higher => 0,
+                Some(_) => 2,
+                None => 3,
             };
-        let judged = |mut r: Row, target: &str, ok: Option<bool>, why: String| {
-            let word = match ok {
-                Some(true) => "MET",
-                Some(false) => "MISSED",
-                None => "UNCHECKED (no peer measured)",
-            };
-            r.target = target.to_owned();
-            r.verdict = format!("{word}: {why}");
-            r
+            groups[k].push(&peer.name);
+        }
+        let words = [
+            "ahead of",
+            "level with",
+            "behind",
+            "not compared with (not measured)",
+        ];
+        let parts: Vec<String> = words
+            .iter()
+            .zip(&groups)
+            .filter(|(_, names)| !names.is_empty())
+            .map(|(word, names)| format!("{word} {}", names.join(", ")))
+            .collect();
+        let compared = groups[..3].iter().any(|g| !g.is_empty());
+        (compared.then_some(groups[2].is_empty()), parts.join("; "))
+    };
+    let judged = |mut r: Vec<String>, target: &str, ok: Option<bool>, why: String| {
+        let word = match ok {
+            Some(true) => "MET",
+            Some(false) => "MISSED",
+            None => "UNCHECKED (no peer measured)",
         };
-        // `own` (a target of ai-cmd-executor alone) and then the comparison.
-        let both = |own: bool, peers: Option<bool>| if own { peers } else { Some(false) };
+        let n = r.len();
+        (r[n - 2], r[n - 1]) = (target.to_owned(), format!("{word}: {why}"));
+        r
+    };
+    // `own` (a target of ai-cmd-executor alone) and then the comparison.
+    let both = |own: bool, peers: Option<bool>| if own { peers } else { Some(false) };
 
-        let mut env_row = row("daemon environment".into(), "–".into(), &|f| {
-            Some(f.backtrace.clone())
-        });
-        for (cell, c) in env_row.cells.iter_mut().skip(1).zip(cols) {
-            if !matches!(c.state, State::Measured) {
-                *cell = blank(c);
-            }
+    let mut env_row = row("daemon environment".into(), "–".into(), &|f| {
+        Some(f.backtrace.clone())
+    });
+    for (cell, c) in env_row.iter_mut().skip(2).zip(cols) {
+        if !matches!(c.state, State::Measured) {
+            *cell = blank(c);
         }
-        env_row.target = "same for all".to_owned();
-        let mut rows = vec![env_row];
+    }
+    env_row[cols.len() + 2] = "same for all".to_owned();
+    let mut rows = vec![env_row];
 
-        for (i, p) in PARALLELISM.into_iter().enumerate() {
-            let span = |f: &Figures| f.raw_span[i].map(|(b, a)| format!("{b:.1} / {a:.1}"));
-            let raw = aice.and_then(span).unwrap_or_else(|| "–".to_owned());
-            rows.push(row(
-                format!("raw rate before / after the tool, P={p} (jobs/s)"),
-                raw,
-                &span,
-            ));
-            let raw = aice
-                .and_then(|f| f.raw[i])
-                .map_or("–".to_owned(), |r| format!("{r:.1} (1.000)"));
-            let r = row(
-                format!("throughput P={p}, jobs/s (ratio to raw)"),
-                raw,
-                &|f| Some(format!("{:.1} ({:.3})", f.rate[i]?, f.rate[i]? / f.raw[i]?)),
-            );
-            let ratio = aice.and_then(|f| Some(f.rate[i]? / f.raw[i]?));
-            let (is_ahead, why) = ahead(&|f| f.rate[i], true);
-            let ok = both(ratio.is_some_and(|r| r >= TARGET_RATIO), is_ahead);
-            let ratio = ratio.map_or("–".to_owned(), |r| format!("{r:.3}"));
-            rows.push(judged(
-                r,
-                &format!(">= {TARGET_RATIO} of raw, ahead"),
-                ok,
-                format!("{ratio} of raw, {why}"),
-            ));
-        }
-        for (i, p) in PARALLELISM.into_iter().enumerate() {
-            rows.push(row(
-                format!("  (info) P={p}, one `submit` CLI process per job"),
-                "–".into(),
-                &|f| {
-                    Some(format!(
-                        "{:.1} ({:.3})",
-                        f.rate_cli[i]?,
-                        f.rate_cli[i]? / f.raw[i]?
-                    ))
-                },
-            ));
-        }
-        for (label, get) in [
-            ("p50", (|s: &Stats| s.p50) as fn(&Stats) -> f64),
-            ("p99", |s| s.p99),
-        ] {
-            let r = row(
-                format!("submit -> start {label}, ms (CLI per job)"),
-                "–".into(),
-                &|f| f.latency_cli.map(|s| format!("{:.2}", get(&s))),
-            );
-            let (ok, why) = ahead(&|f| f.latency_cli.map(|s| get(&s)), false);
-            rows.push(judged(r, "ahead", ok, why));
-        }
+    for (i, p) in PARALLELISM.into_iter().enumerate() {
+        let span = |f: &Figures| f.raw_span[i].map(|(b, a)| format!("{b:.1} / {a:.1}"));
+        let raw = aice.and_then(span).unwrap_or_else(|| "–".to_owned());
         rows.push(row(
-            "  (info) p50 / p99, ms, file dropped by rename".into(),
+            format!("raw rate before / after the tool, P={p} (jobs/s)"),
+            raw,
+            &span,
+        ));
+        let raw = aice
+            .and_then(|f| f.raw[i])
+            .map_or("–".to_owned(), |r| format!("{r:.1} (1.000)"));
+        let r = row(
+            format!("throughput P={p}, jobs/s (ratio to raw)"),
+            raw,
+            &|f| Some(format!("{:.1} ({:.3})", f.rate[i]?, f.rate[i]? / f.raw[i]?)),
+        );
+        let ratio = aice.and_then(|f| Some(f.rate[i]? / f.raw[i]?));
+        let (is_ahead, why) = ahead(&|f| f.rate[i], true);
+        let ok = both(ratio.is_some_and(|r| r >= TARGET_RATIO), is_ahead);
+        let ratio = ratio.map_or("–".to_owned(), |r| format!("{r:.3}"));
+        rows.push(judged(
+            r,
+            &format!(">= {TARGET_RATIO} of raw, ahead"),
+            ok,
+            format!("{ratio} of raw, {why}"),
+        ));
+    }
+    for (i, p) in PARALLELISM.into_iter().enumerate() {
+        rows.push(row(
+            format!("  (info) P={p}, one `submit` CLI process per job"),
             "–".into(),
             &|f| {
-                f.latency_drop
-                    .map(|s| format!("{:.2} / {:.2}", s.p50, s.p99))
+                Some(format!(
+                    "{:.1} ({:.3})",
+                    f.rate_cli[i]?,
+                    f.rate_cli[i]? / f.raw[i]?
+                ))
             },
         ));
+    }
+    for (label, get) in [
+        ("p50", (|s: &Stats| s.p50) as fn(&Stats) -> f64),
+        ("p99", |s| s.p99),
+    ] {
+        let r = row(
+            format!("submit -> start {label}, ms (CLI per job)"),
+            "–".into(),
+            &|f| f.latency_cli.map(|s| format!("{:.2}", get(&s))),
+        );
+        let (ok, why) = ahead(&|f| f.latency_cli.map(|s| get(&s)), false);
+        rows.push(judged(r, "ahead", ok, why));
+    }
+    rows.push(row(
+        "  (info) p50 / p99, ms, file dropped by rename".into(),
+        "–".into(),
+        &|f| {
+            f.latency_drop
+                .map(|s| format!("{:.2} / {:.2}", s.p50, s.p99))
+        },
+    ));
 
-        let settings_labels = [
-            format!("{}, as the shell has it", env.backtrace()),
-            env.other_backtrace().backtrace(),
+    let settings_labels = [
+        format!("{}, as the shell has it", env.backtrace()),
+        env.other_backtrace().backtrace(),
+    ];
+    for (k, setting) in settings_labels.iter().enumerate() {
+        let idle = move |f: &Figures| f.idle[k].clone();
+        let labels = [
+            "idle RSS of the daemon, MiB".to_owned(),
+            format!("idle CPU time in {idle_secs:.0} s, ms"),
+            format!("idle wake-ups in {idle_secs:.0} s (ctx switches)"),
         ];
-        for (k, setting) in settings_labels.iter().enumerate() {
-            let idle = move |f: &Figures| f.idle[k].clone();
-            let r = row(
-                format!("idle RSS of the daemon, MiB [{setting}]"),
-                "–".into(),
-                &|f| idle(f).map(|i| format!("{:.2}", i.rss_kib as f64 / 1024.0)),
-            );
-            let (ok, why) = ahead(&|f| idle(f).map(|i| i.rss_kib as f64), false);
-            rows.push(judged(r, "ahead", ok, why));
-            let r = row(
-                format!("idle CPU time in {idle_secs:.0} s, ms [{setting}]"),
-                "–".into(),
-                &|f| idle(f).map(|i| format!("{:.0}", i.cpu_ms)),
-            );
-            let (ok, why) = ahead(&|f| idle(f).map(|i| i.cpu_ms), false);
-            rows.push(judged(r, "ahead", ok, why));
-            let r = row(
-                format!("idle wake-ups in {idle_secs:.0} s (ctx switches) [{setting}]"),
-                "–".into(),
-                &|f| idle(f).map(|i| i.wakeups.to_string()),
-            );
-            let (is_ahead, why) = ahead(&|f| idle(f).map(|i| i.wakeups as f64), false);
+        for (j, label) in labels.into_iter().enumerate() {
+            let get = move |i: &Idle| [i.rss_kib as f64 / 1024.0, i.cpu_ms, i.wakeups as f64][j];
+            let digits = if j == 0 { 2 } else { 0 };
+            let r = row(format!("{label} [{setting}]"), "–".into(), &|f| {
+                idle(f).map(|i| format!("{:.digits$}", get(&i)))
+            });
+            let (ok, why) = ahead(&|f| idle(f).map(|i| get(&i)), false);
+            if j < 2 {
+                rows.push(judged(r, "ahead", ok, why));
+                continue;
+            }
             let zero = aice.and_then(idle).is_some_and(|i| i.wakeups == 0);
             let why = format!("{}; {why}", if zero { "none" } else { "some" });
-            rows.push(judged(
-                r,
-                "0 (no heartbeat outside systemd), ahead",
-                both(zero, is_ahead),
-                why,
-            ));
-        }
-
-        let mut notes = vec![
-            format!(
-                "N = {} jobs of `bash -c true` per throughput run; {} latency samples per path; \
-                 each idle window ({idle_secs:.0} s) on a fresh daemon after {IDLE_WARMUP_JOBS} jobs \
-                 submitted through its CLI (systemd-run: one window of the sandbox's PID 1, shown \
-                 for both settings); CPU time has the 10 ms resolution of /proc/<pid>/stat.",
-                settings.knobs.jobs, settings.knobs.latency_samples
-            ),
-            format!(
-                "Each ratio is against that tool's raw reference: the mean of the raw rates measured \
-                 right before and right after its throughput runs (row above it); the raw column \
-                 shows ai-cmd-executor's. The daemons of ai-cmd-executor and pueue, and their \
-                 clients, ran with the shell's environment ({}) except in the idle rows marked \
-                 with the other setting.",
-                env.backtrace_line()
-            ),
-        ];
-        notes.extend(cols.iter().map(|c| match &c.state {
-            State::Measured => format!("{}: {}", c.name, c.figures.version),
-            State::Skipped(why) => format!("{} skipped: {why}", c.name),
-            State::Failed(why) => format!("{} FAILED: {why}", c.name),
-        }));
-        Self { heads, rows, notes }
-    }
-
-    /// Prints the table as Markdown.
-    fn print_markdown(&self) {
-        let esc = |s: &str| s.replace('|', "\\|");
-        let heads: String = self
-            .heads
-            .iter()
-            .map(|h| format!(" {} |", esc(h)))
-            .collect();
-        println!("| figure |{heads} target for ai-cmd-executor | met? |");
-        println!("|{}", " --- |".repeat(self.heads.len() + 3));
-        for r in &self.rows {
-            let cells: String = r.cells.iter().map(|c| format!(" {} |", esc(c))).collect();
-            println!(
-                "| {} |{cells} {} | {} |",
-                esc(r.label.trim()),
-                esc(&r.target),
-                esc(&r.verdict)
-            );
-        }
-        println!();
-        for n in &self.notes {
-            println!("- {}", esc(n));
+            let target = "0 (no heartbeat outside systemd), ahead";
+            rows.push(judged(r, target, both(zero, ok), why));
         }
     }
+
+    let mut notes = vec![
+        format!(
+            "N = {} jobs of `bash -c true` per throughput run; {} latency samples per path; \
+             each idle window ({idle_secs:.0} s) on a fresh daemon after {IDLE_WARMUP_JOBS} jobs \
+             submitted through its CLI (systemd-run: one window of the sandbox's PID 1, shown \
+             for both settings); CPU time has the 10 ms resolution of /proc/<pid>/stat.",
+            settings.knobs.jobs, settings.knobs.latency_samples
+        ),
+        format!(
+            "Each ratio is against that tool's raw reference: the mean of the raw rates measured \
+             right before and right after its throughput runs (row above it); the raw column \
+             shows ai-cmd-executor's. The daemons of ai-cmd-executor and pueue, and their \
+             clients, ran with the shell's environment ({}) except in the idle rows marked \
+             with the other setting.",
+            env.backtrace_line()
+        ),
+    ];
+    notes.extend(cols.iter().map(|c| match &c.state {
+        State::Measured => format!("{}: {}", c.name, c.figures.version),
+        State::Skipped(why) => format!("{} skipped: {why}", c.name),
+        State::Failed(why) => format!("{} FAILED: {why}", c.name),
+    }));
+    let esc = |s: &str| s.replace('|', "\\|");
+    let line = |r: &[String]| {
+        r.iter()
+            .map(|c| format!(" {} |", esc(c)))
+            .collect::<String>()
+    };
+    println!("|{}", line(&heads));
+    println!("|{}", " --- |".repeat(heads.len()));
+    rows.iter().for_each(|r| println!("|{}", line(r)));
+    println!();
+    notes.iter().for_each(|n| println!("- {}", esc(n)));
 }

@@ -1,31 +1,14 @@
-//! The worker alone: throughput, latency and idle cost, against the raw
-//! cost of `bash -c true`, with the spool in each location in turn.
+//! The worker alone against the raw cost of `bash -c true`, with the spool
+//! in each location in turn (BENCHMARKS.md has the method and the knobs):
+//! 1. throughput at P=1/P=2, each worker run bracketed by raw loops, beside
+//!    the contract loop (the raw loop doing the spool contract's file work
+//!    inline) and the file-work loop (that work alone, batched: its machine
+//!    CPU gives the CPU ceiling, CPUs / (raw + file-work CPU per job));
+//! 2. latency of single jobs dropped into an idle worker, against a bare
+//!    `bash -c true` timed between the samples and a write+fsync floor;
+//! 3. idle RSS, CPU and wake-ups with `RUST_BACKTRACE` unset and `=1`.
 //!
-//! Run with `scripts/bench.sh throughput [--quick]` (or `cargo bench --bench
-//! throughput`). Sections, all in one run on one machine:
-//!
-//! 1. **Throughput** of `N` jobs of `true` at P=1 and P=2. Each round runs
-//!    the raw loop, then in each location the contract loop, the file-work
-//!    loop and the worker, then the raw loop again, so every worker run is
-//!    bracketed by raw loops and its ratio is against their mean; the ratio
-//!    checked is the median of the rounds'. The **contract loop** is the raw
-//!    loop doing inline the file work the spool contract requires; the
-//!    **file-work loop** does that work alone, batched, and its machine CPU
-//!    gives the **CPU ceiling**: CPUs / (raw + file-work CPU per job).
-//! 2. **Latency** of single jobs dropped into an idle worker: drop to
-//!    `started_at`, drop to result file, result latency minus a bare
-//!    `bash -c true` (timed between the samples), and write+fsync of a small
-//!    file next to the spool (the durability floor).
-//! 3. **Idle** cost after a warm-up: RSS, CPU time and wake-ups over an
-//!    idle window, with `RUST_BACKTRACE` unset and set to `1`.
-//!
-//! Knobs: `BENCH_JOBS` (1000), `BENCH_IDLE_SECS` (30),
-//! `BENCH_LATENCY_SAMPLES` (200), `BENCH_ROUNDS` (5), `BENCH_SECTIONS`
-//! (subset of `throughput,latency,idle`), `BENCH_SPOOLS` (`label=dir;…`:
-//! where spools are made; default the temp dir and `/dev/shm`;
-//! `scripts/bench.sh` adds a journaled ext4 on a loop device) and
-//! `BENCH_WORKER` (another build of the worker). It never fails on a MISS;
-//! it exits non-zero only when the worker does not process jobs.
+//! It reports MISSes but exits non-zero only when the worker fails.
 
 #![warn(missing_docs)]
 
@@ -66,9 +49,7 @@ const TARGET_RSS_KIB: u64 = 8 * 1024;
 
 /// A place to put the spool, with a label for the report.
 struct Location {
-    /// Shown in the report.
     label: String,
-    /// Parent directory of the temporary spools.
     base: PathBuf,
 }
 
@@ -94,11 +75,8 @@ fn locations() -> Result<Vec<Location>> {
     pairs
         .into_iter()
         .map(|(label, base)| {
-            ensure!(
-                base.is_dir(),
-                "BENCH_SPOOLS: {} is not a directory",
-                base.display()
-            );
+            let shown = base.display();
+            ensure!(base.is_dir(), "BENCH_SPOOLS: {shown} is not a directory");
             let label = format!("{label}: {} ({})", base.display(), fs_type(&base));
             Ok(Location { label, base })
         })
@@ -107,54 +85,51 @@ fn locations() -> Result<Vec<Location>> {
 
 /// Runs the sections asked for; exits non-zero only when the worker failed.
 fn main() -> ExitCode {
-    let settings = (|| {
+    let settings = || {
         let knobs = Knobs::from_env(30.0)?;
         let rounds: usize = env_or("BENCH_ROUNDS", 5)?;
         ensure!(rounds >= 1, "BENCH_ROUNDS must be at least 1");
         let sections = env_list("BENCH_SECTIONS", &["throughput", "latency", "idle"])?;
-        Ok((knobs, rounds, sections, locations()?))
-    })();
-    let (knobs, rounds, sections, locations) = match settings {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("benchmark FAILED: {e:#}");
-            return ExitCode::FAILURE;
-        }
+        let line = format!("{} BENCH_ROUNDS={rounds}", knobs.line());
+        Ok(((knobs, rounds, sections, locations()?), line))
     };
-    let line = format!("{} BENCH_ROUNDS={rounds}", knobs.line());
-    run_bench("ai-cmd-executor benchmark", &line, || {
-        for loc in &locations {
-            println!("spool:   {}", loc.label);
-        }
-        let env = DaemonEnv::capture();
-        let inherited = env.with_backtrace(env.get("RUST_BACKTRACE").as_deref());
-        let wants = |x: &str| sections.iter().any(|s| s == x);
-        if wants("throughput") {
-            section(&format!("1. Throughput: {} jobs of `true`", knobs.jobs));
-            for p in PARALLELISM {
-                throughput(&locations, knobs.jobs, p, rounds, &inherited)?;
-            }
-        }
-        if wants("latency") {
-            let n = knobs.latency_samples;
-            section(&format!(
-                "2. Latency: {n} jobs dropped one at a time into an idle worker (P=1)"
-            ));
+    run_bench(
+        "ai-cmd-executor benchmark",
+        settings,
+        |(knobs, rounds, sections, locations)| {
             for loc in &locations {
-                latency(loc, n, &inherited)?;
+                println!("spool:   {}", loc.label);
             }
-        }
-        if wants("idle") {
-            let secs = knobs.idle.as_secs_f64();
-            section(&format!(
-                "3. Idle: {secs:.0} s window after {IDLE_WARMUP_JOBS} jobs + 1 malformed job"
-            ));
-            for backtrace in [None, Some("1")] {
-                idle(&env.with_backtrace(backtrace), knobs.idle)?;
+            let env = DaemonEnv::capture();
+            let inherited = env.with_backtrace(env.get("RUST_BACKTRACE").as_deref());
+            let wants = |x: &str| sections.iter().any(|s| s == x);
+            if wants("throughput") {
+                section(&format!("1. Throughput: {} jobs of `true`", knobs.jobs));
+                for p in PARALLELISM {
+                    throughput(&locations, knobs.jobs, p, rounds, &inherited)?;
+                }
             }
-        }
-        Ok(true)
-    })
+            if wants("latency") {
+                let n = knobs.latency_samples;
+                section(&format!(
+                    "2. Latency: {n} jobs dropped one at a time into an idle worker (P=1)"
+                ));
+                for loc in &locations {
+                    latency(loc, n, &inherited)?;
+                }
+            }
+            if wants("idle") {
+                let secs = knobs.idle.as_secs_f64();
+                section(&format!(
+                    "3. Idle: {secs:.0} s window after {IDLE_WARMUP_JOBS} jobs + 1 malformed job"
+                ));
+                for backtrace in [None, Some("1")] {
+                    idle(&env.with_backtrace(backtrace), knobs.idle)?;
+                }
+            }
+            Ok(true)
+        },
+    )
 }
 
 // ---------------------------------------------------------------------------
@@ -265,21 +240,13 @@ fn put_in_place(dir: &Path, id: &str, tmp: &Path, running: &Path) -> Result<()> 
 /// One location's figures over the rounds (one entry per round).
 #[derive(Default)]
 struct Rounds {
-    /// Worker jobs/s.
     rates: Vec<f64>,
-    /// Worker / raw reference.
     ratios: Vec<f64>,
-    /// Contract loop jobs/s.
     contract_rates: Vec<f64>,
-    /// Contract loop / raw reference.
     contract_ratios: Vec<f64>,
-    /// `bash` CPU per job in the contract loop, ms.
     contract_bash: Vec<f64>,
-    /// Machine CPU per job of the file-work loop, ms.
     file_work: Vec<f64>,
-    /// CPU ceiling, as a ratio to the raw reference.
     ceilings: Vec<f64>,
-    /// The last round's worker run.
     last: Option<WorkerRun>,
 }
 
@@ -319,79 +286,76 @@ fn throughput(
         }
     }
     let of_raws = |f: fn(&RawRun) -> f64| raws.iter().map(f).collect::<Vec<_>>();
-    let raw_label = format!("raw bash -c true loop ({p} thread(s)), median");
-    info(
-        &raw_label,
-        format!("{:.1} jobs/s", median(&of_raws(|r| r.rate))),
-    );
-    info(
-        "  raw, each run",
-        format!("{} jobs/s", list(&of_raws(|r| r.rate), 0)),
-    );
-    info(
-        "  bash CPU per job (raw loop)",
-        ms(median(&of_raws(|r| r.child_ms))),
-    );
-    info(
-        "  machine CPU per job (raw loop, all CPUs)",
-        ms(median(&of_raws(|r| r.busy_ms))),
-    );
-    info(
-        "  CPUs idle during the raw loop, each run",
-        list(&of_raws(|r| r.idle * 100.0), 1) + " %",
-    );
-
+    infos(&[
+        (
+            &format!("raw bash -c true loop ({p} thread(s)), median"),
+            format!("{:.1} jobs/s", median(&of_raws(|r| r.rate))),
+        ),
+        (
+            "  raw, each run",
+            format!("{} jobs/s", list(&of_raws(|r| r.rate), 0)),
+        ),
+        (
+            "  bash CPU per job (raw loop)",
+            ms(median(&of_raws(|r| r.child_ms))),
+        ),
+        (
+            "  machine CPU per job (raw loop, all CPUs)",
+            ms(median(&of_raws(|r| r.busy_ms))),
+        ),
+        (
+            "  CPUs idle during the raw loop, each run",
+            list(&of_raws(|r| r.idle * 100.0), 1) + " %",
+        ),
+    ]);
     for (loc, r) in locations.iter().zip(&per) {
-        info(
-            &format!("worker, max_parallel={p}, {}", loc.label),
-            format!("{:.1} jobs/s", median(&r.rates)),
-        );
+        let worker = format!("worker, max_parallel={p}, {}", loc.label);
+        info(&worker, format!("{:.1} jobs/s", median(&r.rates)));
         let ratio = median(&r.ratios);
+        let target = format!(">= {TARGET_RATIO}");
         check(
             "ratio worker/raw (median of rounds)",
             format!("{ratio:.3}"),
-            format!(">= {TARGET_RATIO}"),
+            target,
             ratio >= TARGET_RATIO,
         );
-        info("  ratio, each round", list(&r.ratios, 3));
-        let contract = format!(
-            "{:.1} jobs/s, {:.3} of raw",
-            median(&r.contract_rates),
-            median(&r.contract_ratios)
-        );
-        info(
-            "  contract loop (same file work inline, no daemon), median",
-            contract,
-        );
-        info(
-            "  ratio contract loop/raw, each round",
-            list(&r.contract_ratios, 3),
-        );
-        info(
-            "  bash CPU per job in the contract loop (median)",
-            ms(median(&r.contract_bash)),
-        );
-        let over_contract = median(&quotients(&r.rates, &r.contract_rates));
-        info(
-            "  ratio worker/contract loop (median of rounds)",
-            format!("{over_contract:.3}"),
-        );
-        let file_work = format!(
-            "{} (each round: {} ms)",
-            ms(median(&r.file_work)),
-            list(&r.file_work, 3)
-        );
-        info(
-            "  contract file work alone (no process, batched), CPU per job",
-            file_work,
-        );
-        info(
-            "  CPU ceiling: CPUs / (raw + file work CPU), of raw, each round",
-            list(&r.ceilings, 3),
-        );
+        let (contract, contract_ratio) = (median(&r.contract_rates), median(&r.contract_ratios));
         let of_ceiling = median(&quotients(&r.ratios, &r.ceilings));
-        let ceiling = format!("{:.3}; {of_ceiling:.3}", median(&r.ceilings));
-        info("  CPU ceiling (median); worker/ceiling (median)", ceiling);
+        infos(&[
+            ("  ratio, each round", list(&r.ratios, 3)),
+            (
+                "  contract loop (same file work inline, no daemon), median",
+                format!("{contract:.1} jobs/s, {contract_ratio:.3} of raw"),
+            ),
+            (
+                "  ratio contract loop/raw, each round",
+                list(&r.contract_ratios, 3),
+            ),
+            (
+                "  bash CPU per job in the contract loop (median)",
+                ms(median(&r.contract_bash)),
+            ),
+            (
+                "  ratio worker/contract loop (median of rounds)",
+                format!("{:.3}", median(&quotients(&r.rates, &r.contract_rates))),
+            ),
+            (
+                "  contract file work alone (no process, batched), CPU per job",
+                format!(
+                    "{} (each round: {} ms)",
+                    ms(median(&r.file_work)),
+                    list(&r.file_work, 3)
+                ),
+            ),
+            (
+                "  CPU ceiling: CPUs / (raw + file work CPU), of raw, each round",
+                list(&r.ceilings, 3),
+            ),
+            (
+                "  CPU ceiling (median); worker/ceiling (median)",
+                format!("{:.3}; {of_ceiling:.3}", median(&r.ceilings)),
+            ),
+        ]);
         if let Some(run) = &r.last {
             note("details of the last round:");
             run.print_details();
@@ -402,24 +366,15 @@ fn throughput(
 
 /// One timed batch of jobs through a worker.
 struct WorkerRun {
-    /// Number of jobs.
     jobs: usize,
-    /// Parallelism the worker was configured with.
     parallel: usize,
-    /// First drop to last result.
-    elapsed: Duration,
-    /// Time the benchmark took to drop all jobs.
-    dropped: Duration,
-    /// `(started_at, finished_at)` of every job.
-    runs: Vec<(SystemTime, SystemTime)>,
-    /// Inotify queue overflows while waiting.
-    overflows: usize,
-    /// The worker's own CPU time during the batch, in ms.
+    elapsed: Duration,                   // first drop to last result
+    dropped: Duration,                   // time to drop all jobs
+    runs: Vec<(SystemTime, SystemTime)>, // started_at, finished_at
+    overflows: usize,                    // inotify queue overflows
     worker_cpu_ms: f64,
-    /// CPU time of the worker's reaped children (the jobs), in ms.
-    jobs_cpu_ms: f64,
-    /// Share of the machine's CPU time that went idle during the batch.
-    idle: f64,
+    jobs_cpu_ms: f64, // the worker's reaped children
+    idle: f64,        // share of the machine's CPU time idle in the drain
 }
 
 impl WorkerRun {
@@ -431,39 +386,36 @@ impl WorkerRun {
     /// Prints timing details derived from the results' own timestamps.
     fn print_details(&self) {
         let per_job = |v: f64| ms(v / self.jobs as f64);
-        info(
-            "    first drop -> last result",
-            ms(self.elapsed.as_secs_f64() * 1e3),
-        );
-        info(
-            &format!("    time to drop all {} jobs", self.jobs),
-            ms(self.dropped.as_secs_f64() * 1e3),
-        );
         let busy_ms: f64 = self.runs.iter().map(|&(s, f)| signed_ms(f, s)).sum();
-        info("    mean started_at -> finished_at", per_job(busy_ms));
-        let concurrency = busy_ms / (self.elapsed.as_secs_f64() * 1e3);
-        info(
-            "    mean concurrency (sum of run times / wall)",
-            format!("{concurrency:.2}"),
-        );
-        info("    worker's own CPU per job", per_job(self.worker_cpu_ms));
-        info(
-            "    bash CPU per job (worker's children)",
-            per_job(self.jobs_cpu_ms),
-        );
-        info(
-            "    CPUs idle during the drain",
-            format!("{:.1} %", self.idle * 100.0),
-        );
+        let wall_ms = self.elapsed.as_secs_f64() * 1e3;
+        infos(&[
+            ("    first drop -> last result", ms(wall_ms)),
+            (
+                &format!("    time to drop all {} jobs", self.jobs),
+                ms(self.dropped.as_secs_f64() * 1e3),
+            ),
+            ("    mean started_at -> finished_at", per_job(busy_ms)),
+            (
+                "    mean concurrency (sum of run times / wall)",
+                format!("{:.2}", busy_ms / wall_ms),
+            ),
+            ("    worker's own CPU per job", per_job(self.worker_cpu_ms)),
+            (
+                "    bash CPU per job (worker's children)",
+                per_job(self.jobs_cpu_ms),
+            ),
+            (
+                "    CPUs idle during the drain",
+                format!("{:.1} %", self.idle * 100.0),
+            ),
+        ]);
         if self.parallel == 1 && self.runs.len() > 1 {
             let mut runs = self.runs.clone();
             runs.sort_by_key(|&(s, _)| s);
             let gaps: Vec<f64> = runs.windows(2).map(|w| signed_ms(w[1].0, w[0].1)).collect();
             if let Ok(g) = Stats::of(gaps) {
-                info(
-                    "    gap finished_at -> next started_at p50/p99",
-                    format!("{:.3}/{:.3} ms", g.p50, g.p99),
-                );
+                let gap = format!("{:.3}/{:.3} ms", g.p50, g.p99);
+                info("    gap finished_at -> next started_at p50/p99", gap);
             }
         }
         if self.overflows > 0 {
@@ -546,18 +498,16 @@ fn latency(loc: &Location, samples: usize, env: &DaemonEnv) -> Result<()> {
     let overhead = Stats::of(to_result.iter().map(|r| r - bare.p50).collect())?;
     let (to_start, to_result) = (Stats::of(to_start)?, Stats::of(to_result)?);
     let target = format!("< {TARGET_START_P50_MS} ms");
-    check(
-        "(a) drop -> started_at p50",
-        ms(to_start.p50),
-        target,
-        to_start.p50 < TARGET_START_P50_MS,
-    );
-    info("(a) drop -> started_at p99", ms(to_start.p99));
-    info("(b) drop -> result file p50", ms(to_result.p50));
-    info("(b) drop -> result file p99", ms(to_result.p99));
-    info("(b) drop -> result file max", ms(to_result.max));
-    info("bare bash -c true spawn+wait p50", ms(bare.p50));
-    info("bare bash -c true spawn+wait p99", ms(bare.p99));
+    let ok = to_start.p50 < TARGET_START_P50_MS;
+    check("(a) drop -> started_at p50", ms(to_start.p50), target, ok);
+    infos(&[
+        ("(a) drop -> started_at p99", ms(to_start.p99)),
+        ("(b) drop -> result file p50", ms(to_result.p50)),
+        ("(b) drop -> result file p99", ms(to_result.p99)),
+        ("(b) drop -> result file max", ms(to_result.max)),
+        ("bare bash -c true spawn+wait p50", ms(bare.p50)),
+        ("bare bash -c true spawn+wait p99", ms(bare.p99)),
+    ]);
     let target = format!("< {TARGET_OVERHEAD_P50_MS} ms");
     let ok = overhead.p50 < TARGET_OVERHEAD_P50_MS;
     check(
@@ -566,15 +516,17 @@ fn latency(loc: &Location, samples: usize, env: &DaemonEnv) -> Result<()> {
         target,
         ok,
     );
-    info("(c) result latency - bare spawn p99", ms(overhead.p99));
-    info(
-        "  breakdown of (b): started_at -> finished_at p50",
-        ms(Stats::of(run)?.p50),
-    );
-    info(
-        "  breakdown of (b): finished_at -> result file p50",
-        ms(Stats::of(record)?.p50),
-    );
+    infos(&[
+        ("(c) result latency - bare spawn p99", ms(overhead.p99)),
+        (
+            "  breakdown of (b): started_at -> finished_at p50",
+            ms(Stats::of(run)?.p50),
+        ),
+        (
+            "  breakdown of (b): finished_at -> result file p50",
+            ms(Stats::of(record)?.p50),
+        ),
+    ]);
 
     // The durability floor: create, then write and fsync, a small file there.
     let (mut creates, mut syncs) = (Vec::new(), Vec::new());
@@ -590,18 +542,20 @@ fn latency(loc: &Location, samples: usize, env: &DaemonEnv) -> Result<()> {
         fs::remove_file(&path)?;
     }
     let fsync = Stats::of(syncs)?;
-    info(
-        &format!("write+fsync {FSYNC_PROBE_BYTES} B, same fs p50"),
-        ms(fsync.p50),
-    );
-    info(
-        &format!("write+fsync {FSYNC_PROBE_BYTES} B, same fs p99"),
-        ms(fsync.p99),
-    );
-    info(
-        "create (open O_CREAT) of that file p50",
-        ms(Stats::of(creates)?.p50),
-    );
+    infos(&[
+        (
+            &format!("write+fsync {FSYNC_PROBE_BYTES} B, same fs p50"),
+            ms(fsync.p50),
+        ),
+        (
+            &format!("write+fsync {FSYNC_PROBE_BYTES} B, same fs p99"),
+            ms(fsync.p99),
+        ),
+        (
+            "create (open O_CREAT) of that file p50",
+            ms(Stats::of(creates)?.p50),
+        ),
+    ]);
     Ok(())
 }
 
@@ -627,15 +581,11 @@ fn idle(env: &DaemonEnv, window: Duration) -> Result<()> {
             .iter()
             .any(|d| fx.spool.join(d).join("malformed.json").exists())
     };
-    let waited = poll_until(
-        "the malformed job",
-        MALFORMED_TIMEOUT,
-        Duration::from_millis(5),
-        || {
-            fx.worker.check_alive()?;
-            Ok((!left(&fx)).then_some(()))
-        },
-    );
+    let what = "the malformed job";
+    let waited = poll_until(what, MALFORMED_TIMEOUT, Duration::from_millis(5), || {
+        fx.worker.check_alive()?;
+        Ok((!left(&fx)).then_some(()))
+    });
     let outcome = match (waited, fx.result("malformed")) {
         (Err(_), _) => format!("still in pending/ or running/ after {MALFORMED_TIMEOUT:?}"),
         (Ok(()), Ok(r)) => format!("result status {:?}", r.status),

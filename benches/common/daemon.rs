@@ -19,7 +19,6 @@ use super::*;
 /// The environment a daemon and its clients are started with.
 #[derive(Clone)]
 pub struct DaemonEnv {
-    /// The variables.
     vars: Vec<(OsString, OsString)>,
 }
 
@@ -65,19 +64,18 @@ impl DaemonEnv {
 
     /// `RUST_BACKTRACE` as it is set here.
     pub fn backtrace(&self) -> String {
-        match self.get("RUST_BACKTRACE") {
-            Some(v) => format!("RUST_BACKTRACE={v}"),
-            None => "RUST_BACKTRACE unset".to_owned(),
-        }
+        self.show("RUST_BACKTRACE")
     }
 
     /// `RUST_BACKTRACE` and `RUST_LIB_BACKTRACE`, for the header.
     pub fn backtrace_line(&self) -> String {
-        let lib = match self.get("RUST_LIB_BACKTRACE") {
-            Some(v) => format!("RUST_LIB_BACKTRACE={v}"),
-            None => "RUST_LIB_BACKTRACE unset".to_owned(),
-        };
-        format!("{}, {lib}", self.backtrace())
+        format!("{}, {}", self.backtrace(), self.show("RUST_LIB_BACKTRACE"))
+    }
+
+    /// `NAME=value`, or `NAME unset`.
+    fn show(&self, name: &str) -> String {
+        self.get(name)
+            .map_or_else(|| format!("{name} unset"), |v| format!("{name}={v}"))
     }
 }
 
@@ -87,11 +85,8 @@ impl DaemonEnv {
 /// the benchmark, which then stops it in order). Dropping the guard sends
 /// SIGTERM, waits up to [`STOP_GRACE`], then SIGKILLs and reaps it.
 pub struct Daemon {
-    /// Name for messages.
     name: String,
-    /// The process.
     child: Child,
-    /// File that receives its stdout and stderr.
     log: PathBuf,
 }
 
@@ -140,19 +135,17 @@ impl Daemon {
 
     /// The last lines of the daemon's output, for an error message.
     pub fn log_tail(&self) -> String {
-        match fs::read_to_string(&self.log) {
-            Ok(s) if !s.trim().is_empty() => {
-                let lines: Vec<&str> = s.lines().collect();
-                let start = lines.len().saturating_sub(20);
-                format!(
-                    "\n--- last output of {} ({}) ---\n{}",
-                    self.name,
-                    self.log.display(),
-                    lines[start..].join("\n")
-                )
-            }
-            _ => format!("\n({} printed nothing)", self.name),
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        if lines.is_empty() {
+            return format!("\n({} printed nothing)", self.name);
         }
+        let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+        format!(
+            "\n--- last output of {} ({}) ---\n{tail}",
+            self.name,
+            self.log.display()
+        )
     }
 }
 
@@ -183,48 +176,33 @@ impl Drop for Daemon {
 pub fn flush_disk() {
     let start = Instant::now();
     nix::unistd::sync();
-    info(
-        "sync (writeback of the previous phase)",
-        ms(start.elapsed().as_secs_f64() * 1e3),
-    );
+    let took = ms(start.elapsed().as_secs_f64() * 1e3);
+    info("sync (writeback of the previous phase)", took);
 }
 
 /// First line of `cmd --version`-like output, or why there is none.
 pub fn version_of(cmd: &mut Command) -> String {
-    match cmd.stdin(Stdio::null()).output() {
-        Ok(o) if o.status.success() => {
-            let out = String::from_utf8_lossy(&o.stdout);
-            out.lines().next().unwrap_or("").trim().to_owned()
-        }
-        Ok(o) => format!("unknown ({})", o.status),
-        Err(e) => format!("unknown ({e})"),
-    }
+    run_ok(cmd).map_or_else(
+        |e| format!("unknown ({e:#})"),
+        |out| out.lines().next().unwrap_or("").trim().to_owned(),
+    )
 }
 
 /// What an idle window measured.
 #[derive(Clone)]
 pub struct Idle {
-    /// VmRSS at the end of the window, KiB.
-    pub rss_kib: u64,
-    /// VmHWM (peak RSS over the process's life), KiB.
-    pub hwm_kib: u64,
-    /// utime+stime over the window, ms.
-    pub cpu_ms: f64,
-    /// Voluntary + involuntary context switches over all threads.
-    pub wakeups: u64,
+    pub rss_kib: u64, // VmRSS at the end of the window
+    pub hwm_kib: u64, // VmHWM, the peak over the process's life
+    pub cpu_ms: f64,  // utime+stime over the window
+    pub wakeups: u64, // voluntary + involuntary context switches, all threads
 }
 
 /// Context-switch counters of one thread over the idle window.
 struct ThreadTrack {
-    /// Thread name (`comm`).
     name: String,
-    /// Switches at the window start (0 for threads created during the window).
-    base: u64,
-    /// Switches at the last sample that saw the thread.
-    last: u64,
-    /// Whether the thread still existed at the last sample.
+    base: u64, // at the window start; 0 for threads created during it
+    last: u64, // at the last sample that saw the thread
     alive: bool,
-    /// Whether the thread was created during the window.
     born: bool,
 }
 
@@ -258,11 +236,8 @@ pub fn idle_window(
         .collect();
     let threads_at_start = threads.len();
     let end = Instant::now() + window;
-    while let Some(left) = end
-        .checked_duration_since(Instant::now())
-        .filter(|d| !d.is_zero())
-    {
-        thread::sleep(IDLE_SAMPLE_PERIOD.min(left));
+    while Instant::now() < end {
+        thread::sleep(IDLE_SAMPLE_PERIOD.min(end - Instant::now()));
         check()?;
         let snapshot = thread_switches(pid)?;
         for (tid, t) in threads.iter_mut() {
@@ -283,20 +258,24 @@ pub fn idle_window(
         cpu_ms,
         wakeups: threads.values().map(ThreadTrack::wakeups).sum(),
     };
-    let secs = window.as_secs_f64();
-    info(
-        "idle VmHWM (peak over the life of the process)",
-        format!("{:.2} MiB", hwm_kib as f64 / 1024.0),
-    );
-    info(
-        &format!("idle CPU time (utime+stime) in {secs:.0} s"),
-        format!("{cpu_ms:.0} ms"),
-    );
     let alive = threads.values().filter(|t| t.alive).count();
-    info(
-        "threads at window start / end",
-        format!("{threads_at_start} / {alive}"),
-    );
+    infos(&[
+        (
+            "idle VmHWM (peak over the life of the process)",
+            format!("{:.2} MiB", hwm_kib as f64 / 1024.0),
+        ),
+        (
+            &format!(
+                "idle CPU time (utime+stime) in {:.0} s",
+                window.as_secs_f64()
+            ),
+            format!("{cpu_ms:.0} ms"),
+        ),
+        (
+            "threads at window start / end",
+            format!("{threads_at_start} / {alive}"),
+        ),
+    ]);
     let mut noisy: Vec<_> = threads.iter().filter(|(_, t)| t.wakeups() > 0).collect();
     noisy.sort_by_key(|(tid, _)| **tid);
     for (tid, t) in noisy {

@@ -49,13 +49,15 @@ pub const BENCH_LOCK: &str = "/var/tmp/bench.lock";
 // The runner
 // ---------------------------------------------------------------------------
 
-/// Runs a benchmark: catches signals, takes [`BENCH_LOCK`] unless the
-/// wrapper holds it, prints the header (machine, temp dir, load, worker and
-/// `settings`), runs `body`, prints the load at the end and the PASS/MISS
-/// totals, deletes the run directories and maps the outcome to the exit
-/// status (`Ok(false)`: finished, but something failed).
-pub fn run_bench(title: &str, settings: &str, body: impl FnOnce() -> Result<bool>) -> ExitCode {
+/// Runs a benchmark under [`BENCH_LOCK`] with the header and the PASS/MISS
+/// totals; `body` returns `Ok(false)` when it finished but something failed.
+pub fn run_bench<S>(
+    title: &str,
+    settings: impl FnOnce() -> Result<(S, String)>,
+    body: impl FnOnce(S) -> Result<bool>,
+) -> ExitCode {
     let outcome = (|| -> Result<bool> {
+        let (settings, line) = settings()?;
         install_interrupt_handler()?;
         let _lock = bench_lock()?;
         println!("{title}");
@@ -63,10 +65,10 @@ pub fn run_bench(title: &str, settings: &str, body: impl FnOnce() -> Result<bool
         println!("tmpdir:  {}", tmpdir_line());
         println!("load:    loadavg 1/5/15 min {} (at start)", load_average());
         println!("worker:  {}", worker_bin());
-        println!("settings: {settings}");
+        println!("settings: {line}");
         let built = binary_mtime();
         let started = Instant::now();
-        let ok = body()?;
+        let ok = body(settings)?;
         println!("\nload:    loadavg 1/5/15 min {} (at end)", load_average());
         println!("total time: {:.0} s", started.elapsed().as_secs_f64());
         if binary_mtime() != built {
@@ -119,14 +121,10 @@ fn bench_lock() -> Result<Option<File>> {
     }
 }
 
-/// `BENCH_JOBS`, `BENCH_IDLE_SECS` and `BENCH_LATENCY_SAMPLES`, the knobs
-/// both benchmarks share.
+/// `BENCH_JOBS`, `BENCH_IDLE_SECS` and `BENCH_LATENCY_SAMPLES`.
 pub struct Knobs {
-    /// Jobs per throughput run.
     pub jobs: usize,
-    /// Length of each idle window.
     pub idle: Duration,
-    /// Latency samples per location or tool and path.
     pub latency_samples: usize,
 }
 
@@ -137,17 +135,14 @@ impl Knobs {
         let idle_secs = env_or("BENCH_IDLE_SECS", idle_secs)?;
         let latency_samples = env_or("BENCH_LATENCY_SAMPLES", 200)?;
         ensure!(jobs >= 1, "BENCH_JOBS must be at least 1");
-        ensure!(
-            idle_secs.is_finite() && idle_secs > 0.0,
-            "BENCH_IDLE_SECS must be a positive number"
-        );
-        ensure!(
-            latency_samples >= 1,
-            "BENCH_LATENCY_SAMPLES must be at least 1"
-        );
+        let positive = idle_secs.is_finite() && idle_secs > 0.0;
+        ensure!(positive, "BENCH_IDLE_SECS must be positive");
+        let samples_ok = latency_samples >= 1;
+        ensure!(samples_ok, "BENCH_LATENCY_SAMPLES must be at least 1");
+        let idle = Duration::from_secs_f64(idle_secs);
         Ok(Self {
             jobs,
-            idle: Duration::from_secs_f64(idle_secs),
+            idle,
             latency_samples,
         })
     }
@@ -178,24 +173,19 @@ where
     }
 }
 
-/// A comma-separated list in `name` (all of `allowed` when unset), checked
-/// against `allowed`.
+/// The comma-separated list in `name`, each one of `allowed` (all when unset).
 pub fn env_list(name: &str, allowed: &[&str]) -> Result<Vec<String>> {
-    let Ok(v) = std::env::var(name).map(|v| v.trim().to_owned()) else {
-        return Ok(allowed.iter().map(|s| s.to_string()).collect());
-    };
-    if v.is_empty() {
-        return Ok(allowed.iter().map(|s| s.to_string()).collect());
+    let v = std::env::var(name).unwrap_or_default();
+    let list: Vec<&str> = v
+        .split(',')
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+        .collect();
+    if let Some(x) = list.iter().find(|x| !allowed.contains(x)) {
+        bail!("{name}: unknown {x:?} (one of {})", allowed.join(", "));
     }
-    let list: Vec<String> = v.split(',').map(|x| x.trim().to_owned()).collect();
-    for x in &list {
-        ensure!(
-            allowed.contains(&x.as_str()),
-            "{name}: unknown {x:?} (one of {})",
-            allowed.join(", ")
-        );
-    }
-    Ok(list)
+    let list = if list.is_empty() { allowed } else { &list };
+    Ok(list.iter().map(|x| x.to_string()).collect())
 }
 
 // ---------------------------------------------------------------------------
@@ -231,6 +221,11 @@ pub fn info(name: &str, value: impl std::fmt::Display) {
     println!("    {name:<52} {value:>18}   target -");
 }
 
+/// [`info`] for each `(name, value)`.
+pub fn infos(figures: &[(&str, String)]) {
+    figures.iter().for_each(|(name, value)| info(name, value));
+}
+
 /// Prints a free-form note.
 pub fn note(text: &str) {
     println!("    note: {text}");
@@ -254,50 +249,37 @@ pub fn list(v: &[f64], digits: usize) -> String {
 /// Set when SIGINT, SIGTERM or SIGHUP arrives; checked by every wait loop.
 pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 
-/// Catches SIGINT, SIGTERM and SIGHUP on a thread of its own and sets
-/// [`INTERRUPTED`], so that the wait loops fail and every guard (daemons,
-/// the sandbox, run directories) is dropped on the way out. tokio's signal
-/// streams need no `unsafe` and block no signal, which children would
-/// inherit. Returns once the handlers are in place.
+/// Sets [`INTERRUPTED`] on SIGINT, SIGTERM or SIGHUP, so that the wait loops
+/// fail and every guard is dropped on the way out. tokio's signal streams
+/// need no `unsafe` and block no signal, which children would inherit.
 fn install_interrupt_handler() -> Result<()> {
-    let (ready_tx, ready_rx) = std::sync::mpsc::channel::<io::Result<()>>();
-    thread::Builder::new()
-        .name("bench-signals".to_owned())
-        .spawn(move || {
-            let runtime = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build();
-            let runtime = match runtime {
-                Ok(rt) => rt,
-                Err(e) => return drop(ready_tx.send(Err(e))),
-            };
-            runtime.block_on(async move {
-                let kinds = [
-                    SignalKind::interrupt(),
-                    SignalKind::terminate(),
-                    SignalKind::hangup(),
-                ];
-                let [Ok(mut int), Ok(mut term), Ok(mut hup)] = kinds.map(signal) else {
-                    let _ = ready_tx.send(Err(io::Error::other("installing a signal handler")));
-                    return;
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let kinds = [
+        SignalKind::interrupt(),
+        SignalKind::terminate(),
+        SignalKind::hangup(),
+    ];
+    let [int, term, hup] = {
+        let _in_runtime = rt.enter();
+        kinds.map(signal)
+    };
+    let (mut int, mut term, mut hup) = (int?, term?, hup?);
+    thread::spawn(move || {
+        rt.block_on(async move {
+            loop {
+                let name = tokio::select! {
+                    _ = int.recv() => "SIGINT",
+                    _ = term.recv() => "SIGTERM",
+                    _ = hup.recv() => "SIGHUP",
                 };
-                let _ = ready_tx.send(Ok(()));
-                loop {
-                    let name = tokio::select! {
-                        _ = int.recv() => "SIGINT",
-                        _ = term.recv() => "SIGTERM",
-                        _ = hup.recv() => "SIGHUP",
-                    };
-                    eprintln!("\n{name} received: stopping");
-                    INTERRUPTED.store(true, Ordering::Relaxed);
-                }
-            });
+                eprintln!("\n{name} received: stopping");
+                INTERRUPTED.store(true, Ordering::Relaxed);
+            }
         })
-        .context("starting the signal thread")?;
-    ready_rx
-        .recv()
-        .context("signal thread died")?
-        .context("installing signal handlers")
+    });
+    Ok(())
 }
 
 /// Fails once the benchmark has been interrupted.
@@ -323,10 +305,8 @@ pub fn poll_until<T>(
         if let Some(v) = f()? {
             return Ok(v);
         }
-        ensure!(
-            start.elapsed() <= deadline,
-            "timed out after {deadline:?} waiting for {what}"
-        );
+        let late = start.elapsed() > deadline;
+        ensure!(!late, "timed out after {deadline:?} waiting for {what}");
         thread::sleep(nap);
         nap = (nap * 2).min(max_nap);
     }
@@ -343,7 +323,7 @@ pub fn wait_for<T>(what: &str, deadline: Duration, mut f: impl FnMut() -> Option
 // The machine
 // ---------------------------------------------------------------------------
 
-/// Describes the machine: nproc, CPU model and kernel.
+/// nproc, CPU model and kernel.
 pub fn machine_line() -> String {
     let nproc = thread::available_parallelism().map_or(0, |n| n.get());
     let cpu = fs::read_to_string("/proc/cpuinfo")
@@ -361,7 +341,7 @@ pub fn machine_line() -> String {
     format!("nproc={nproc} cpu=\"{cpu}\" kernel={kernel}")
 }
 
-/// The 1, 5 and 15 minute load averages, to show other activity on the machine.
+/// The 1, 5 and 15 minute load averages.
 pub fn load_average() -> String {
     fs::read_to_string("/proc/loadavg")
         .ok()
@@ -385,8 +365,7 @@ fn tmpdir_line() -> String {
     format!("{}{mount} ({})", dir.display(), fs_type(&dir))
 }
 
-/// The file system type of the mount holding `dir`, from /proc/self/mounts,
-/// saying whether an ext4 has a journal.
+/// The file system type holding `dir`, and whether an ext4 has a journal.
 pub fn fs_type(dir: &Path) -> String {
     let (Ok(dir), Ok(mounts)) = (dir.canonicalize(), fs::read_to_string("/proc/self/mounts"))
     else {
@@ -418,18 +397,13 @@ pub fn fs_type(dir: &Path) -> String {
 // Statistics
 // ---------------------------------------------------------------------------
 
-/// Order statistics of a sample set, in the unit of the samples (ms).
+/// Order statistics (nearest rank) of a sample set, in ms.
 #[derive(Clone, Copy)]
 pub struct Stats {
-    /// Median (nearest rank).
     pub p50: f64,
-    /// 99th percentile (nearest rank).
     pub p99: f64,
-    /// Smallest sample.
     pub min: f64,
-    /// Largest sample.
     pub max: f64,
-    /// Number of samples.
     pub n: usize,
 }
 
@@ -541,10 +515,8 @@ pub fn ticks_ms(ticks: u64) -> f64 {
 /// CPU time of a process, from `/proc/<pid>/stat`, in clock ticks.
 #[derive(Clone, Copy)]
 pub struct CpuTimes {
-    /// utime + stime of the process itself (all threads, live and exited).
-    pub own: u64,
-    /// cutime + cstime of the children it has waited for.
-    pub children: u64,
+    pub own: u64,      // utime + stime, all threads
+    pub children: u64, // cutime + cstime of the reaped children
 }
 
 impl CpuTimes {
@@ -579,15 +551,11 @@ impl CpuTimes {
     }
 }
 
-/// The whole machine's CPU time so far (all CPUs), in clock ticks, from the
-/// first line of `/proc/stat`.
+/// The whole machine's CPU time so far (all CPUs), in ticks, from `/proc/stat`.
 #[derive(Debug, Clone, Copy)]
 pub struct MachineCpu {
-    /// Idle and iowait.
-    idle: u64,
-    /// Every state (guest time is already inside user and nice).
-    total: u64,
-    /// Number of CPUs (the `cpuN` lines).
+    idle: u64,  // idle + iowait
+    total: u64, // every state (guest time is inside user and nice)
     pub cpus: usize,
 }
 
@@ -639,14 +607,10 @@ impl MachineCpu {
 // Run directories and loops
 // ---------------------------------------------------------------------------
 
-/// The temporary directory of one run (a spool, a daemon's data), deleted
-/// only when the benchmark ends: dropping it puts it aside.
-///
-/// Deleting a run's thousands of files between runs would slow the runs
-/// after it on the same file system: ext4 without a journal passes over
-/// every inode freed in the last minutes when it allocates one (the
-/// kernel's `recently_deleted()`), so later runs would measure the
-/// benchmark's own clean-up.
+/// The temporary directory of one run, deleted only when the benchmark ends:
+/// ext4 without a journal passes over inodes freed in the last minutes when
+/// it allocates one (`recently_deleted()`), so deleting a run's files
+/// between runs would make later runs measure the benchmark's clean-up.
 pub struct RunDir(Option<TempDir>);
 
 /// Run directories dropped so far, deleted by [`remove_finished_run_dirs`].
@@ -655,47 +619,36 @@ static FINISHED_RUN_DIRS: Mutex<Vec<TempDir>> = Mutex::new(Vec::new());
 impl RunDir {
     /// A new directory named `<prefix>XXXXXX` under `base`, or the temp dir.
     pub fn new(prefix: &str, base: Option<&Path>) -> Result<Self> {
-        let mut builder = tempfile::Builder::new();
-        builder.prefix(prefix);
-        let dir = match base {
-            Some(base) => builder.tempdir_in(base),
-            None => builder.tempdir(),
-        };
-        Ok(RunDir(Some(dir.with_context(|| {
-            format!("creating a run directory {prefix}* in {base:?}")
-        })?)))
+        let base = base.map_or_else(std::env::temp_dir, Path::to_owned);
+        let dir = tempfile::Builder::new().prefix(prefix).tempdir_in(&base);
+        let dir = dir.with_context(|| format!("creating {prefix}* in {}", base.display()))?;
+        Ok(RunDir(Some(dir)))
     }
 
     /// Where it is.
     pub fn path(&self) -> &Path {
-        self.0
-            .as_ref()
-            .map(TempDir::path)
-            .expect("in place until dropped")
+        self.0.as_ref().expect("in place until dropped").path()
     }
 }
 
 impl Drop for RunDir {
     fn drop(&mut self) {
-        if let Some(dir) = self.0.take() {
-            let mut dirs = FINISHED_RUN_DIRS
-                .lock()
-                .unwrap_or_else(PoisonError::into_inner);
-            dirs.push(dir);
-        }
+        let mut dirs = FINISHED_RUN_DIRS
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        dirs.extend(self.0.take());
     }
 }
 
 /// Deletes the directories of every finished run (see [`RunDir`]).
 fn remove_finished_run_dirs() {
-    let mut dirs = FINISHED_RUN_DIRS
+    FINISHED_RUN_DIRS
         .lock()
-        .unwrap_or_else(PoisonError::into_inner);
-    drop(std::mem::take(&mut *dirs));
+        .unwrap_or_else(PoisonError::into_inner)
+        .clear();
 }
 
-/// Runs `job(thread, index)` `n` times split over `p` threads (thread `t`
-/// takes its share of the `n`, with indices from 0); returns the wall time.
+/// Runs `job(thread, index)` `n` times split over `p` threads; returns the wall time.
 pub fn split_loop(
     n: usize,
     p: usize,
@@ -717,8 +670,7 @@ pub fn split_loop(
     Ok(start.elapsed())
 }
 
-/// Runs `bash -c true` to completion once, with stdin from /dev/null and
-/// its output to `out` (/dev/null when `None`).
+/// Runs `bash -c true` once, its output to `out` (/dev/null when `None`).
 pub fn bash_true(out: Option<File>) -> Result<()> {
     check_interrupted()?;
     let (stdout, stderr) = match out {
@@ -736,24 +688,33 @@ pub fn bash_true(out: Option<File>) -> Result<()> {
     Ok(())
 }
 
+/// Runs `cmd` (stdin /dev/null), which must succeed; returns its stdout.
+pub fn run_ok(cmd: &mut Command) -> Result<String> {
+    check_interrupted()?;
+    let out = cmd.stdin(Stdio::null()).output();
+    let out = out.with_context(|| format!("running {cmd:?}"))?;
+    let err = String::from_utf8_lossy(&out.stderr);
+    ensure!(
+        out.status.success(),
+        "{cmd:?} failed ({}): {}",
+        out.status,
+        err.trim()
+    );
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
 /// One run of the raw loop: the limit every ratio is taken against.
 #[derive(Clone, Copy)]
 pub struct RawRun {
-    /// Jobs/s.
-    pub rate: f64,
-    /// CPU time of the `bash` children per job, in ms.
-    pub child_ms: f64,
-    /// Share of the machine's CPU time that went idle meanwhile.
-    pub idle: f64,
-    /// The machine's busy CPU time per job (all CPUs, everything), in ms.
-    pub busy_ms: f64,
-    /// The machine's CPUs.
+    pub rate: f64,     // jobs/s
+    pub child_ms: f64, // CPU of the `bash` children per job
+    pub idle: f64,     // share of the machine's CPU time idle meanwhile
+    pub busy_ms: f64,  // the machine's busy CPU per job (all CPUs)
     pub cpus: usize,
 }
 
 impl RawRun {
-    /// The raw loop: `n` runs of `bash -c true` over `p` threads, each a
-    /// tight spawn+wait loop in this process.
+    /// `n` runs of `bash -c true` over `p` threads, each a tight spawn+wait loop.
     pub fn measure(n: usize, p: usize) -> Result<Self> {
         let cpu_before = CpuTimes::of("self")?;
         let machine_before = MachineCpu::now()?;

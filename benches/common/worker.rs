@@ -9,7 +9,7 @@ use std::fs;
 use std::io;
 use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime};
 
@@ -43,13 +43,9 @@ pub fn binary_mtime() -> Option<SystemTime> {
 
 /// The fields of a result file the benchmarks use.
 pub struct JobResult {
-    /// `status`, e.g. `"succeeded"`.
     pub status: String,
-    /// Whether it succeeded with exit code 0.
     pub ok: bool,
-    /// The whole document, for error messages.
     pub raw: Value,
-    /// `started_at` and `finished_at`, when both are present and valid.
     pub times: Option<(SystemTime, SystemTime)>,
 }
 
@@ -58,13 +54,9 @@ pub struct JobResult {
 /// Fields drop in declaration order: the worker is stopped before the spool
 /// directory is put aside (see [`RunDir`]).
 pub struct Fixture {
-    /// The running worker.
     pub worker: Daemon,
-    /// Watcher on `completed/`.
     watcher: ResultWatcher,
-    /// The spool root (`--spool DIR`).
     pub spool: PathBuf,
-    /// Temporary directory holding the spool, config and worker log.
     pub root: RunDir,
 }
 
@@ -88,18 +80,14 @@ impl Fixture {
             cmd.arg("--config").arg(config);
         }
         let mut worker = Daemon::spawn("ai-cmd-executor", cmd, &root.path().join("worker.log"))?;
-        poll_until(
-            "the worker to create its spool",
-            READY_TIMEOUT,
-            Duration::from_millis(5),
-            || {
-                worker.check_alive()?;
-                let ready = ["tmp", "pending", "completed"]
-                    .iter()
-                    .all(|d| spool.join(d).is_dir());
-                Ok(ready.then_some(()))
-            },
-        )?;
+        let what = "the worker to create its spool";
+        poll_until(what, READY_TIMEOUT, Duration::from_millis(5), || {
+            worker.check_alive()?;
+            let ready = ["tmp", "pending", "completed"]
+                .iter()
+                .all(|d| spool.join(d).is_dir());
+            Ok(ready.then_some(()))
+        })?;
         let watcher = ResultWatcher::new(&spool.join("completed"))?;
         let mut fx = Self {
             worker,
@@ -124,24 +112,21 @@ impl Fixture {
 
     /// Submits job `id` through `ai-cmd-executor submit --spool DIR --id ID -- true`.
     pub fn cli_submit(&self, id: &str, env: &DaemonEnv) -> Result<()> {
-        check_interrupted()?;
         let mut cmd = Command::new(worker_bin());
         env.apply(&mut cmd)
             .arg("submit")
             .arg("--spool")
             .arg(&self.spool);
-        let out = cmd
-            .args(["--id", id, "--", "true"])
-            .stdin(Stdio::null())
-            .output()
-            .context("running ai-cmd-executor submit")?;
-        ensure!(
-            out.status.success(),
-            "ai-cmd-executor submit failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        Ok(())
+        run_ok(cmd.args(["--id", id, "--", "true"])).map(drop)
+    }
+
+    /// [`Self::cli_submit`] when `cli`, else [`Self::submit`] of [`TRUE_JOB`].
+    pub fn submit_via(&self, id: &str, cli: bool, env: &DaemonEnv) -> Result<()> {
+        if cli {
+            self.cli_submit(id, env)
+        } else {
+            self.submit(id, TRUE_JOB)
+        }
     }
 
     /// Waits until every id in `pending` has a result, removing ids as their
@@ -196,13 +181,9 @@ fn result_id(name: &str) -> Option<&str> {
 
 /// Watches `completed/` for results (IN_MOVED_TO of `<id>.json`).
 struct ResultWatcher {
-    /// Inotify instance with one watch on `completed/`.
     inotify: Inotify,
-    /// Event buffer.
     buf: Vec<u8>,
-    /// The watched directory, rescanned on queue overflow.
     dir: PathBuf,
-    /// Number of inotify queue overflows seen.
     overflows: usize,
 }
 
