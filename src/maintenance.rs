@@ -349,20 +349,13 @@ fn expire(
         humantime::format_rfc3339_seconds(job.queued),
         humantime::format_duration(older_than),
     );
-    let result = JobResult {
-        id: job.id.to_string(),
-        status: Status::Expired,
-        exit_code: None,
-        signal: None,
-        started_at: now,
-        finished_at: now,
-        duration_ms: 0,
-        log: None,
-        output_truncated: false,
-        error: Some(why.clone()),
-        attempt: job.attempt,
-        submitted_by: Some(job.submitter.clone()),
-    };
+    let result = JobResult::not_run(
+        &job.id,
+        Status::Expired,
+        why.clone(),
+        job.attempt,
+        Some(job.submitter.clone()),
+    );
     let result_name = format!("{}.json", job.id);
     let Some(ino) = create_result(completed, &result)
         .with_context(|| format!("writing completed/{result_name}"))?

@@ -18,7 +18,6 @@
 mod common;
 
 use std::fs;
-use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::process::{Command, Output, Stdio};
 use std::sync::{Arc, Mutex};
@@ -26,7 +25,7 @@ use std::time::Duration;
 
 use ai_cmd_executor::logging::message_id;
 use common::installed::{BIN_INSIDE, SERVICE, SPOOL, installed};
-use common::{BIN, DEADLINE, Spool, wait_for};
+use common::{BIN, DEADLINE, Spool, wait_for, webhook_on};
 
 fn stdout(o: &Output) -> String {
     String::from_utf8_lossy(&o.stdout).into_owned()
@@ -38,41 +37,6 @@ fn stderr(o: &Output) -> String {
 /// A webhook receiver on loopback that records each request body.
 fn webhook() -> (String, Arc<Mutex<Vec<String>>>) {
     webhook_on(TcpListener::bind("127.0.0.1:0").unwrap())
-}
-
-/// A webhook receiver on `listener` (in a sandbox: `Sandbox::listen_inside`)
-/// that records each request body.
-fn webhook_on(listener: TcpListener) -> (String, Arc<Mutex<Vec<String>>>) {
-    let url = format!("http://{}/hook", listener.local_addr().unwrap());
-    let bodies = Arc::new(Mutex::new(Vec::new()));
-    let seen = bodies.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let mut reader = BufReader::new(stream);
-            let mut len = 0usize;
-            loop {
-                let mut line = String::new();
-                if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                    break;
-                }
-                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                    len = v.trim().parse().unwrap_or(0);
-                }
-                if line == "\r\n" {
-                    break;
-                }
-            }
-            let mut body = vec![0u8; len];
-            let _ = reader.read_exact(&mut body);
-            seen.lock()
-                .unwrap()
-                .push(String::from_utf8_lossy(&body).into_owned());
-            let mut stream = reader.into_inner();
-            let _ = stream
-                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok");
-        }
-    });
-    (url, bodies)
 }
 
 /// The CLI with `args`, nothing inherited that names a spool, a

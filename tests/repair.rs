@@ -6,54 +6,17 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpListener;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use common::BIN;
 use common::sandbox::Sandbox;
+use common::{BIN, webhook_on};
 
 const SERVICE: &str = "ai-cmd-executor.service";
 const SPOOL: &str = "/var/lib/ai-cmd-executor";
 const AICE: &str = "/usr/local/bin/ai-cmd-executor";
 const DEADLINE: Duration = Duration::from_secs(90);
-
-/// A webhook receiver on `listener` (in a sandbox: `Sandbox::listen_inside`)
-/// that records each request body.
-fn webhook_on(listener: TcpListener) -> (String, Arc<Mutex<Vec<String>>>) {
-    let url = format!("http://{}/hook", listener.local_addr().unwrap());
-    let bodies = Arc::new(Mutex::new(Vec::new()));
-    let seen = bodies.clone();
-    std::thread::spawn(move || {
-        for stream in listener.incoming().flatten() {
-            let mut reader = BufReader::new(stream);
-            let mut len = 0usize;
-            loop {
-                let mut line = String::new();
-                if reader.read_line(&mut line).unwrap_or(0) == 0 {
-                    break;
-                }
-                if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
-                    len = v.trim().parse().unwrap_or(0);
-                }
-                if line == "\r\n" {
-                    break;
-                }
-            }
-            let mut body = vec![0u8; len];
-            let _ = reader.read_exact(&mut body);
-            seen.lock()
-                .unwrap()
-                .push(String::from_utf8_lossy(&body).into_owned());
-            let mut stream = reader.into_inner();
-            let _ = stream
-                .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok");
-        }
-    });
-    (url, bodies)
-}
 
 /// A booted sandbox with the project installed and a webhook receiver
 /// inside it (its URL and what it received).

@@ -156,6 +156,32 @@ pub struct JobResult {
 }
 
 impl JobResult {
+    /// The result of a job that did not run (rejected, expired) or whose
+    /// run could not be followed: now, no duration, no log, no exit code.
+    pub fn not_run(
+        id: impl ToString,
+        status: Status,
+        error: String,
+        attempt: u32,
+        submitted_by: Option<Submitter>,
+    ) -> JobResult {
+        let now = Timestamp::now();
+        JobResult {
+            id: id.to_string(),
+            status,
+            exit_code: None,
+            signal: None,
+            started_at: now,
+            finished_at: now,
+            duration_ms: 0,
+            log: None,
+            output_truncated: false,
+            error: Some(error),
+            attempt,
+            submitted_by,
+        }
+    }
+
     /// The exit code a shell-like client reports for this result: the job's
     /// own exit code, 128+N for signal N, 124 for a timeout (as timeout(1)),
     /// 126 for rejected input, 130 for an interrupted run and 75 for an

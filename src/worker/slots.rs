@@ -954,21 +954,7 @@ fn rejection(id: JobId, reason: String, submitter: Option<Submitter>) -> (JobId,
         submitter = submitter.as_ref().and_then(|s| s.name.as_deref()),
         "job {id} rejected: {reason}"
     );
-    let now = Timestamp::now();
-    let result = JobResult {
-        id: id.to_string(),
-        status: Status::Rejected,
-        exit_code: None,
-        signal: None,
-        started_at: now,
-        finished_at: now,
-        duration_ms: 0,
-        log: None,
-        output_truncated: false,
-        error: Some(reason),
-        attempt: 1,
-        submitted_by: submitter,
-    };
+    let result = JobResult::not_run(&id, Status::Rejected, reason, 1, submitter);
     (id, Record::Rejection(result))
 }
 
@@ -993,23 +979,15 @@ fn panic_message(payload: &(dyn Any + Send)) -> String {
 
 /// The `failed` result of a job whose handling panicked.
 fn panicked_result(id: &JobId, attempt: u32, panic: &str) -> JobResult {
-    let now = Timestamp::now();
-    JobResult {
-        id: id.to_string(),
-        status: Status::Failed,
-        exit_code: None,
-        signal: None,
-        started_at: now,
-        finished_at: now,
-        duration_ms: 0,
-        log: None,
-        output_truncated: false,
-        error: Some(format!(
+    JobResult::not_run(
+        id,
+        Status::Failed,
+        format!(
             "the worker failed while handling this job (a bug in ai-cmd-executor; please report it): panic: {panic}"
-        )),
+        ),
         attempt,
-        submitted_by: None,
-    }
+        None,
+    )
 }
 
 /// The job file a slot works on, and the rules it is settled by.
