@@ -25,10 +25,18 @@ fn own_binary(spool: &Spool) -> PathBuf {
 
 /// Writes a fresh copy of the binary under a temporary name and renames it
 /// over `bin` (as dpkg unpacks), so the running one's file is replaced.
+/// The copy is written by `install(1)`, not by this process: a worker that
+/// another test thread forks while this one holds the file open for writing
+/// would inherit that descriptor until its `exec`, and an `exec` of the copy
+/// meanwhile fails with "Text file busy".
 fn install_over(bin: &Path) {
     let tmp = bin.with_extension("dpkg-new");
-    fs::copy(BIN, &tmp).unwrap();
-    fs::set_permissions(&tmp, fs::Permissions::from_mode(0o755)).unwrap();
+    let st = std::process::Command::new("install")
+        .args(["-m", "0755", BIN])
+        .arg(&tmp)
+        .status()
+        .unwrap();
+    assert!(st.success(), "install {BIN}: {st}");
     fs::rename(&tmp, bin).unwrap();
 }
 

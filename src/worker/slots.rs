@@ -491,7 +491,7 @@ impl Shared {
             what: "a job slot",
         };
         let mut held = false;
-        while let Some(task) = self.take(held) {
+        while let Some(task) = self.take(index, held) {
             held = true;
             match task {
                 Task::Nameless { name, reason } => {
@@ -580,9 +580,9 @@ impl Shared {
         }
     }
 
-    /// The next task, waiting for one. `held`: the caller finished one and
-    /// still counts as working.
-    fn take(&self, held: bool) -> Option<Task> {
+    /// The next task for slot `index`, waiting for one. `held`: the caller
+    /// finished one and still counts as working.
+    fn take(&self, index: usize, held: bool) -> Option<Task> {
         let mut st = self.lock();
         if held {
             st.working -= 1;
@@ -593,8 +593,18 @@ impl Shared {
                 return None;
             }
             if let Some(handed) = st.adopted.pop_front() {
-                // Already running: taken up whatever the limits.
+                // Already running: taken up whatever the limits, and shown
+                // running from this moment (a stop that comes before the
+                // slot follows it counts it).
                 st.working += 1;
+                st.slots[index].job = Some(ActiveJob {
+                    id: handed.followed.id.clone(),
+                    started: handed.followed.t0,
+                    limit: handed
+                        .followed
+                        .timeout
+                        .saturating_add(handed.followed.kill.grace),
+                });
                 return Some(Task::Adopt {
                     handed: Box::new(handed),
                     ctx: Arc::clone(&st.ctx),

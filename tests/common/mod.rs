@@ -319,6 +319,7 @@ impl Worker {
     /// Waits until the worker's log contains `needle`; panics early if the
     /// worker exits first.
     pub fn wait_log(&mut self, needle: &str) {
+        let start = Instant::now();
         wait_for(&format!("worker log line {needle:?}"), DEADLINE, || {
             if self.log().contains(needle) {
                 return Some(());
@@ -332,6 +333,10 @@ impl Worker {
                     "worker exited ({st}) before logging {needle:?}:\n{}",
                     self.log()
                 );
+            }
+            if start.elapsed() > DEADLINE {
+                // The timeout's panic follows; say what was logged instead.
+                eprintln!("the worker's log so far:\n{}", self.log());
             }
             None
         });
