@@ -1012,6 +1012,7 @@ mod tests {
             error: None,
             attempt: 1,
             submitted_by: None,
+            usage: crate::spool::Usage::default(),
         };
         s.write_result(&earlier).unwrap();
         let secret = d.path().join("secret");

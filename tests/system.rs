@@ -64,6 +64,10 @@ fn service_runs_jobs_reloads_logs_to_the_journal_and_stops_cleanly() {
     ));
     let result: serde_json::Value = serde_json::from_str(&result).unwrap();
     assert_eq!(result["exit_code"], 0);
+    assert!(
+        result["max_rss_bytes"].as_u64().is_some_and(|b| b > 0),
+        "{result}"
+    );
 
     // 5. Journal fields are queryable as written.
     let entries = common::wait_for("journal entries for CMD_ID=who", DEADLINE, || {
@@ -84,6 +88,14 @@ fn service_runs_jobs_reloads_logs_to_the_journal_and_stops_cleanly() {
             .is_some_and(|d| d.parse::<u64>().is_ok()),
         "{finished}"
     );
+    for field in ["CPU_USER_MS", "CPU_SYSTEM_MS", "MAX_RSS_BYTES"] {
+        assert!(
+            finished[field]
+                .as_str()
+                .is_some_and(|d| d.parse::<u64>().is_ok()),
+            "{field}: {finished}"
+        );
+    }
     assert_eq!(finished["_SYSTEMD_UNIT"], SERVICE, "{finished}");
     assert!(
         entries

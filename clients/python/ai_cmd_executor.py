@@ -82,12 +82,19 @@ STATUSES = frozenset({
 #: :func:`wait` and :meth:`Spool.read_result`).  ``"submitted_by"`` is
 #: ``{"uid": int, "name": str or None}`` (the owner of the job file), or
 #: None when unknown; a result file written by a worker older than that key
-#: lacks it and is read with ``"submitted_by": None``.
+#: lacks it and is read with ``"submitted_by": None``.  ``"cpu_user_ms"``,
+#: ``"cpu_system_ms"`` (CPU time in milliseconds) and ``"max_rss_bytes"``
+#: (the peak resident memory of one process, in bytes) say what the job's
+#: process and the commands it waited for used; they are None for a job that
+#: did not run, one whose end a crash hid, and in results written before
+#: they existed.
 RESULT_KEYS = frozenset({
     "id", "status", "exit_code", "signal", "started_at", "finished_at",
     "duration_ms", "log", "output_truncated", "error", "attempt",
-    "submitted_by",
+    "submitted_by", "cpu_user_ms", "cpu_system_ms", "max_rss_bytes",
 })
+#: Keys a result written by an older worker may lack; they read as None.
+_LATER_KEYS = ("submitted_by", "cpu_user_ms", "cpu_system_ms", "max_rss_bytes")
 #: Allowed values of a job's ``"on_interrupt"``.
 ON_INTERRUPT_VALUES = ("fail", "retry")
 #: Worker's default limit on a job file's size (it is configurable there).
@@ -534,8 +541,8 @@ class Spool:
 
         This is the latest finished run of *cmd_id*, even if a newer run is
         queued or running right now (see :meth:`result` for the done-ness
-        aware variant).  A result written before ``"submitted_by"`` existed
-        is returned with ``"submitted_by": None``.
+        aware variant).  A result written before ``"submitted_by"`` or the
+        usage keys existed is returned with those keys None.
         """
         try:
             with open(self.result_path(cmd_id), "rb") as f:
@@ -544,7 +551,8 @@ class Spool:
             return None
         result = json.loads(raw.decode("utf-8"))
         if isinstance(result, dict):
-            result.setdefault("submitted_by", None)
+            for key in _LATER_KEYS:
+                result.setdefault(key, None)
         return result
 
     def _finished(

@@ -88,6 +88,9 @@ class FakeWorker:
             "error": None,
             "attempt": 1,
             "submitted_by": {"uid": os.geteuid(), "name": None},
+            "cpu_user_ms": 1,
+            "cpu_system_ms": 0,
+            "max_rss_bytes": 3 << 20,
         }
         result.update(overrides)
         tmp = os.path.join(self.root, "tmp", ".result-%s" % cmd_id)
@@ -464,17 +467,20 @@ class ResultsAndLogsTest(SpoolTestCase):
         self.assertEqual(ace.get_state("done", spool=self.root), "completed")
 
     def test_check_results_written_before_submitted_by(self) -> None:
-        """A result without "submitted_by" (an older worker's) reads with it None."""
+        """A result without the later keys (an older worker's) reads with them None."""
         worker = FakeWorker(self.root)
         written = worker.write_result("old")
         path = os.path.join(self.root, "completed", "old.json")
-        del written["submitted_by"]
+        later = ("submitted_by", "cpu_user_ms", "cpu_system_ms", "max_rss_bytes")
+        for key in later:
+            del written[key]
         with open(path, "w") as f:
             json.dump(written, f)
         got = ace.check_results("old", spool=self.root)
         self.assertEqual(set(got), ace.RESULT_KEYS)
-        self.assertIsNone(got["submitted_by"])
-        self.assertEqual(dict(got, submitted_by=None), dict(written, submitted_by=None))
+        for key in later:
+            self.assertIsNone(got[key], key)
+        self.assertEqual(got, dict(written, **{key: None for key in later}))
 
     def test_check_results_none_while_rerun_queued_or_running(self) -> None:
         """While a new run of a reused id is pending or running, the old result is hidden."""
@@ -790,6 +796,15 @@ class EndToEndTest(unittest.TestCase):
         # This process wrote the job file, so it is the submitter.
         self.assertEqual(result["submitted_by"]["uid"], os.geteuid(), result)
         self.assertIn("name", result["submitted_by"], result)
+        # A job that ran says what it used; one that did not, nothing.
+        for key in ("cpu_user_ms", "cpu_system_ms", "max_rss_bytes"):
+            if result["status"] == "rejected":
+                self.assertIsNone(result[key], (key, result))
+            else:
+                self.assertIsInstance(result[key], int, (key, result))
+                self.assertGreaterEqual(result[key], 0, (key, result))
+        if result["status"] != "rejected":
+            self.assertGreater(result["max_rss_bytes"], 0, result)
 
     def test_failed_job(self) -> None:
         """``echo hello; exit 3`` fails with exit code 3 and logs hello."""
@@ -896,6 +911,8 @@ class ExpiredEndToEndTest(unittest.TestCase):
         self.assertIsNone(result["log"], result)
         self.assertIn("no worker served the spool", result["error"])
         self.assertEqual(result["submitted_by"]["uid"], os.geteuid(), result)
+        for key in ("cpu_user_ms", "cpu_system_ms", "max_rss_bytes"):
+            self.assertIsNone(result[key], (key, result))
         self.assertEqual(os.listdir(os.path.join(root, "pending")), [])
         archived = os.listdir(os.path.join(root, "archive", "stale"))
         self.assertEqual(len(archived), 2, archived)

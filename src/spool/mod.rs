@@ -24,7 +24,7 @@ use nix::errno::Errno;
 use nix::fcntl::{AT_FDCWD, RenameFlags, renameat2};
 
 pub use id::{JobId, JobKind};
-pub use result::{JobResult, Status, Timestamp};
+pub use result::{JobResult, Status, Timestamp, Usage};
 
 /// Errors from spool file operations. Each carries the path involved.
 #[derive(Debug, thiserror::Error)]
@@ -606,6 +606,7 @@ mod tests {
             error: None,
             attempt: 1,
             submitted_by: None,
+            usage: crate::spool::Usage::default(),
         };
         spool.write_result(&r).unwrap();
         assert_eq!(spool.read_result(&id).unwrap().unwrap(), r);
@@ -634,6 +635,7 @@ mod tests {
             error: Some("expired".into()),
             attempt: 1,
             submitted_by: None,
+            usage: crate::spool::Usage::default(),
         };
         let ino = create_result(&completed, &r).unwrap().expect("written");
         let id = JobId::new("a").unwrap();

@@ -127,6 +127,7 @@ mod tests {
             error: None,
             attempt: 1,
             submitted_by: None,
+            usage: crate::spool::Usage::default(),
         }
     }
 

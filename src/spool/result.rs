@@ -123,6 +123,25 @@ pub struct Submitter {
     pub name: Option<String>,
 }
 
+/// What a run used, as `wait4(2)` reports it for the job's main process and
+/// every descendant it waited for (a shell waits for its commands). A
+/// process left running in the background is not counted. All `None` for a
+/// job that did not run (rejected, expired) or whose end was not seen (a
+/// run interrupted by a crash), and in results written before these keys
+/// existed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Usage {
+    /// CPU time in user mode, in milliseconds.
+    #[serde(default)]
+    pub cpu_user_ms: Option<u64>,
+    /// CPU time in the kernel on its behalf, in milliseconds.
+    #[serde(default)]
+    pub cpu_system_ms: Option<u64>,
+    /// The largest resident set of any one of those processes, in bytes.
+    #[serde(default)]
+    pub max_rss_bytes: Option<u64>,
+}
+
 /// The result record of one run, as the contract defines it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct JobResult {
@@ -153,6 +172,9 @@ pub struct JobResult {
     /// written before the field existed (it reads as `None`).
     #[serde(default)]
     pub submitted_by: Option<Submitter>,
+    /// What the run used.
+    #[serde(flatten)]
+    pub usage: Usage,
 }
 
 impl JobResult {
@@ -179,6 +201,7 @@ impl JobResult {
             error: Some(error),
             attempt,
             submitted_by,
+            usage: Usage::default(),
         }
     }
 
@@ -245,17 +268,25 @@ mod tests {
                 uid: 1000,
                 name: Some("alice".into()),
             }),
+            usage: Usage {
+                cpu_user_ms: Some(12),
+                cpu_system_ms: Some(3),
+                max_rss_bytes: Some(4 << 20),
+            },
         };
         let v: serde_json::Value = serde_json::to_value(&r).unwrap();
         let keys: Vec<_> = v.as_object().unwrap().keys().cloned().collect();
         let mut want = vec![
             "attempt",
+            "cpu_system_ms",
+            "cpu_user_ms",
             "duration_ms",
             "error",
             "exit_code",
             "finished_at",
             "id",
             "log",
+            "max_rss_bytes",
             "output_truncated",
             "signal",
             "started_at",
@@ -293,6 +324,7 @@ mod tests {
             error: None,
             attempt: 1,
             submitted_by: None,
+            usage: Usage::default(),
         };
         assert_eq!(mk(Status::Succeeded, Some(0), None).shell_exit_code(), 0);
         assert_eq!(mk(Status::Failed, Some(3), None).shell_exit_code(), 3);
@@ -340,6 +372,7 @@ mod tests {
 }"#;
         let r: JobResult = serde_json::from_str(old).unwrap();
         assert_eq!(r.submitted_by, None);
+        assert_eq!(r.usage, Usage::default(), "no usage keys: unknown");
         assert_eq!(r.shell_exit_code(), 0);
 
         for submitter in [r#"{"uid": 65534, "name": null}"#, r#"{"uid": 65534}"#] {
@@ -369,5 +402,8 @@ mod tests {
             serde_json::json!({"uid": 65534, "name": null}),
             "an unknown name is written as null, so the keys never vary"
         );
+        for key in ["cpu_user_ms", "cpu_system_ms", "max_rss_bytes"] {
+            assert_eq!(v[key], serde_json::Value::Null, "{key}: unknown is null");
+        }
     }
 }

@@ -21,7 +21,7 @@ use nix::sys::signal::{Signal, killpg};
 use super::spawn::{Child, Spawner, Spec};
 use crate::spool::job::{Job, JobBody};
 use crate::spool::result::Submitter;
-use crate::spool::{JobId, JobResult, Status, Timestamp};
+use crate::spool::{JobId, JobResult, Status, Timestamp, Usage};
 
 /// Everything a job run needs.
 #[derive(Debug)]
@@ -133,7 +133,7 @@ impl JobProcess {
         }
     }
 
-    fn try_wait(&mut self) -> io::Result<Option<ExitStatus>> {
+    fn try_wait(&mut self) -> io::Result<Option<(ExitStatus, Usage)>> {
         let r = self.child.try_wait();
         // An error means the process cannot be followed any more: treat
         // it as gone rather than signal a pid that may have been reused.
@@ -200,6 +200,11 @@ impl LogSink {
 }
 
 /// What became of a followed job.
+#[expect(
+    clippy::large_enum_variant,
+    reason = "returned once per job by the slot that followed it and consumed at once; nearly \
+              every job ends in the large variant, so boxing it would add an allocation per job"
+)]
 pub enum Outcome {
     /// It ended (or could not start): its result.
     Done(JobResult),
@@ -267,6 +272,7 @@ pub fn execute(
                 error: Some(msg),
                 attempt: run.job.attempt,
                 submitted_by: run.submitted_by,
+                usage: Usage::default(),
             });
         }
     };
@@ -305,7 +311,7 @@ pub fn follow(mut f: Followed, interrupt: &EventFd, handover: &AtomicBool) -> Ou
     // Pipe reads rarely exceed a page or two; the slot thread's stack
     // holds the buffer, so a job costs no allocation for it.
     let mut buf = [0u8; 16 * 1024];
-    let status: io::Result<ExitStatus> = loop {
+    let status: io::Result<(ExitStatus, Usage)> = loop {
         let timeout = match f.kill.deadline {
             Some(deadline) if f.kill.phase != Phase::Killed => {
                 poll_timeout(deadline.saturating_duration_since(Instant::now()))
@@ -377,7 +383,7 @@ pub fn follow(mut f: Followed, interrupt: &EventFd, handover: &AtomicBool) -> Ou
 
 impl Followed {
     /// The result of a job whose process has ended (or was lost track of).
-    fn finish(self, status: io::Result<ExitStatus>, buf: &mut [u8]) -> JobResult {
+    fn finish(self, status: io::Result<(ExitStatus, Usage)>, buf: &mut [u8]) -> JobResult {
         let Followed {
             id,
             attempt,
@@ -405,7 +411,7 @@ impl Followed {
             }
         }
         let (truncated, log_error) = sink.finish();
-        let result = |status, exit_code, signal: Option<Signal>, error| JobResult {
+        let result = |status, exit_code, signal: Option<Signal>, error, usage| JobResult {
             id: id.to_string(),
             status,
             exit_code,
@@ -418,12 +424,13 @@ impl Followed {
             error,
             attempt,
             submitted_by: submitted_by.clone(),
+            usage,
         };
-        let status = match status {
+        let (status, usage) = match status {
             Ok(s) => s,
             Err(e) => {
                 let msg = format!("lost track of the job process: {e}");
-                return result(Status::Failed, None, None, Some(msg));
+                return result(Status::Failed, None, None, Some(msg), Usage::default());
             }
         };
         let exit_code = status.code();
@@ -441,6 +448,7 @@ impl Followed {
                     humantime::format_duration(timeout),
                     kill_signal.map_or("nothing", Signal::as_str)
                 )),
+                usage,
             ),
             Some(KillReason::Interrupt) => result(
                 Status::Interrupted,
@@ -450,18 +458,21 @@ impl Followed {
                     "the worker was stopping and the job outlived the stop grace; sent {}",
                     kill_signal.map_or("nothing", Signal::as_str)
                 )),
+                usage,
             ),
             None if status.success() => result(
                 Status::Succeeded,
                 exit_code,
                 None,
                 log_note.map(|n| n.trim_start_matches("; ").to_owned()),
+                usage,
             ),
             None => result(
                 Status::Failed,
                 exit_code,
                 signal,
                 log_note.map(|n| n.trim_start_matches("; ").to_owned()),
+                usage,
             ),
         }
     }

@@ -1118,6 +1118,7 @@ impl Worker {
             ),
             attempt: job.map_or(1, |j| j.attempt),
             submitted_by,
+            usage: crate::spool::Usage::default(),
         };
         let settled = settle(
             &self.spool,
@@ -1184,7 +1185,7 @@ fn archive_nameless(spool: &Spool, path: &Path, reason: &str, report: bool) -> b
 /// One log line per recorded result, with the fields an operator filters on
 /// and the audit trail: the id in the message, who submitted the job (from
 /// the result), and what it ran (`command`, when known: not for a result
-/// the last worker kept while the disk was full).
+/// the last worker kept while the disk was full), and what it used.
 fn log_result(r: &JobResult, command: Option<&CommandDigest>) {
     let exit = r
         .exit_code
@@ -1194,11 +1195,16 @@ fn log_result(r: &JobResult, command: Option<&CommandDigest>) {
     let submitter = r.submitted_by.as_ref().and_then(|s| s.name.as_deref());
     let cmd = command.map(|c| c.excerpt.as_str());
     let cmd_sha256 = command.map(|c| c.sha256.as_str());
+    let (cpu_user_ms, cpu_system_ms, max_rss_bytes) = (
+        r.usage.cpu_user_ms,
+        r.usage.cpu_system_ms,
+        r.usage.max_rss_bytes,
+    );
     match r.status {
         Status::Succeeded => info!(
             message_id = message_id::JOB_FINISHED,
             cmd_id = %r.id, cmd_status = %r.status, exit_code = %exit, duration_ms = r.duration_ms,
-            submitter_uid, submitter, cmd, cmd_sha256,
+            submitter_uid, submitter, cmd, cmd_sha256, cpu_user_ms, cpu_system_ms, max_rss_bytes,
             "job {} finished: succeeded", r.id
         ),
         _ => {
@@ -1211,7 +1217,7 @@ fn log_result(r: &JobResult, command: Option<&CommandDigest>) {
             warn!(
                 message_id = message_id::JOB_FINISHED,
                 cmd_id = %r.id, cmd_status = %r.status, exit_code = %exit, signal, duration_ms = r.duration_ms,
-                submitter_uid, submitter, cmd, cmd_sha256,
+                submitter_uid, submitter, cmd, cmd_sha256, cpu_user_ms, cpu_system_ms, max_rss_bytes,
                 "job {} finished: {outcome}", r.id
             );
         }

@@ -3,9 +3,10 @@
 //! A job is started with `posix_spawn` (a `vfork`-style clone, as
 //! `std::process::Command` uses too), from an environment built once per
 //! configuration rather than captured and copied at every spawn, and it is
-//! waited for through a pidfd by the slot thread that started it. The
-//! pidfd also means no `SIGCHLD` handler: a child's exit costs the worker
-//! one readiness event, not a signal delivery. A job with a `cwd` goes through
+//! followed through a pidfd by the slot thread that started it, then
+//! reaped with `wait4` for its resource usage. The pidfd also means no
+//! `SIGCHLD` handler: a child's exit costs the worker one readiness event,
+//! not a signal delivery. A job with a `cwd` goes through
 //! `std::process::Command`, which can change directory in the child.
 
 use std::collections::BTreeMap;
@@ -22,8 +23,10 @@ use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
 use nix::spawn::{PosixSpawnAttr, PosixSpawnFileActions, PosixSpawnFlags, posix_spawn};
 use nix::sys::signal::{SigSet, Signal, killpg};
-use nix::sys::wait::{Id, WaitPidFlag, WaitStatus, waitid, waitpid};
+use nix::sys::wait::waitpid;
 use nix::unistd::Pid;
+
+use crate::spool::Usage;
 
 /// Variables of the worker's own environment that must not leak into jobs:
 /// they describe the worker's relation to systemd, not the job's.
@@ -233,26 +236,55 @@ impl Child {
         self.pidfd.as_fd()
     }
 
-    /// Reaps the process if it has ended.
-    pub fn try_wait(&self) -> io::Result<Option<ExitStatus>> {
+    /// Reaps the process if it has ended: how it ended, and what it and
+    /// the descendants it waited for used.
+    pub fn try_wait(&self) -> io::Result<Option<(ExitStatus, Usage)>> {
         loop {
-            match waitid(
-                Id::PIDFd(self.pidfd.as_fd()),
-                WaitPidFlag::WEXITED | WaitPidFlag::WNOHANG,
-            ) {
-                Ok(WaitStatus::Exited(_, code)) => {
-                    return Ok(Some(ExitStatus::from_raw(code << 8)));
-                }
-                Ok(WaitStatus::Signaled(_, sig, core)) => {
-                    return Ok(Some(ExitStatus::from_raw(
-                        (sig as i32) | if core { 0x80 } else { 0 },
-                    )));
-                }
-                Ok(_) => return Ok(None),
+            match wait4_nohang(self.pid) {
                 Err(Errno::EINTR) => {}
-                Err(e) => return Err(e.into()),
+                r => return r.map_err(io::Error::from),
             }
         }
+    }
+}
+
+/// `wait4(pid, WNOHANG)`: the exit status and resource usage of `pid`, a
+/// child of this process, if it has ended. Neither nix nor rustix offers
+/// the rusage of one child (`getrusage(RUSAGE_CHILDREN)` sums every child
+/// the process ever reaped, so it cannot tell parallel jobs apart).
+fn wait4_nohang(pid: Pid) -> Result<Option<(ExitStatus, Usage)>, Errno> {
+    use nix::libc;
+    #[allow(unsafe_code)]
+    // SAFETY: `status` and `usage` are locals that live across the call and
+    // are valid to write: `wait4` fills them and keeps no pointer to them.
+    // An all-zero `rusage` is a valid value (it is only integers).
+    let (ret, status, usage) = unsafe {
+        let mut status: libc::c_int = 0;
+        let mut usage: libc::rusage = std::mem::zeroed();
+        let ret = libc::wait4(pid.as_raw(), &mut status, libc::WNOHANG, &mut usage);
+        (ret, status, usage)
+    };
+    match Errno::result(ret)? {
+        0 => Ok(None),
+        _ => Ok(Some((ExitStatus::from_raw(status), usage_of(&usage)))),
+    }
+}
+
+/// The result's usage fields from a `rusage` (`ru_maxrss` is in KiB).
+fn usage_of(ru: &nix::libc::rusage) -> Usage {
+    let ms = |tv: &nix::libc::timeval| {
+        let secs = u64::try_from(tv.tv_sec).unwrap_or(0);
+        let micros = u64::try_from(tv.tv_usec).unwrap_or(0);
+        secs.saturating_mul(1000).saturating_add(micros / 1000)
+    };
+    Usage {
+        cpu_user_ms: Some(ms(&ru.ru_utime)),
+        cpu_system_ms: Some(ms(&ru.ru_stime)),
+        max_rss_bytes: Some(
+            u64::try_from(ru.ru_maxrss)
+                .unwrap_or(0)
+                .saturating_mul(1024),
+        ),
     }
 }
 
@@ -297,7 +329,7 @@ mod tests {
             }
         }
         loop {
-            if let Some(status) = child.try_wait().unwrap() {
+            if let Some((status, _)) = child.try_wait().unwrap() {
                 return (status, String::from_utf8(bytes).unwrap());
             }
             let mut fds = [PollFd::new(child.exit_fd(), PollFlags::POLLIN)];

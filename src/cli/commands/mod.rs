@@ -155,7 +155,23 @@ pub fn print_result(client: &Client, r: &JobResult) {
     if let Some(e) = &r.error {
         println!("error:     {e}");
     }
+    if let Some(usage) = usage_line(&r.usage) {
+        println!("usage:     {usage}");
+    }
     println!("attempt:   {}", r.attempt);
+}
+
+/// What a run used, for people: `cpu 12 ms user + 3 ms system, peak 4.0 MiB`.
+fn usage_line(u: &crate::spool::Usage) -> Option<String> {
+    let (user, system) = (u.cpu_user_ms?, u.cpu_system_ms?);
+    let mut line = format!("cpu {user} ms user + {system} ms system");
+    if let Some(rss) = u.max_rss_bytes {
+        // Precision for people, not arithmetic.
+        #[allow(clippy::cast_precision_loss)]
+        let mib = rss as f64 / f64::from(1u32 << 20);
+        line.push_str(&format!(", peak memory {mib:.1} MiB"));
+    }
+    Some(line)
 }
 
 /// Prints a result in the requested form and returns the job's shell exit code.
