@@ -174,9 +174,10 @@ impl Handover {
 /// memfd, a lock, a job's pipe or log. Each number the state names is
 /// taken once, by the one piece of code that reads that field.
 ///
-/// The one `unsafe` block of the crate: Rust cannot know who owns an
-/// inherited descriptor number. It refuses numbers that cannot be such a
-/// descriptor (standard streams, negative) or that are not open.
+/// One of the crate's two `unsafe` blocks (the other reaps a job with
+/// `wait4`): Rust cannot know who owns an inherited descriptor number. It
+/// refuses numbers that cannot be such a descriptor (standard streams,
+/// negative) or that are not open.
 pub fn adopt_fd(fd: i32) -> io::Result<OwnedFd> {
     if fd < 3 {
         return Err(io::Error::other(format!(
