@@ -135,6 +135,11 @@ pub struct Config {
     /// can write to `pending/`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub submit_group: Option<String>,
+    /// How far each job is kept from the worker and from other jobs:
+    /// `"auto"` (the default: the strongest level this host supports),
+    /// `"process"` (refuse to start without it) or `"none"`. See
+    /// [`Isolation`].
+    pub isolation: Isolation,
     /// Where alerts and repair reports go; none when absent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub notify: Option<NotifyConfig>,
@@ -156,6 +161,33 @@ pub struct NotifyConfig {
     /// Attempts in all. Default 3.
     #[serde(default = "default_notify_attempts")]
     pub attempts: NonZeroU32,
+}
+
+/// The `isolation` setting: what the worker asks of the kernel for each job.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Isolation {
+    /// The strongest level this host supports; the worker says at start
+    /// (journal) when that is less than the strongest there is.
+    #[default]
+    Auto,
+    /// Each job in a Landlock domain of its own (Linux 6.12 or later,
+    /// Landlock ABI 6): it cannot signal, `ptrace`, or read the memory or
+    /// environment of the worker or of another job. The worker refuses to
+    /// start when the kernel cannot do this.
+    Process,
+    /// Jobs are ordinary children of the worker, under its user.
+    None,
+}
+
+impl fmt::Display for Isolation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Isolation::Auto => "auto",
+            Isolation::Process => "process",
+            Isolation::None => "none",
+        })
+    }
 }
 
 /// The notifier's message format.
@@ -195,6 +227,7 @@ impl Default for Config {
             log_retention_days: NonZeroU32::new(30).expect("non-zero"),
             archive_retention_days: NonZeroU32::new(90).expect("non-zero"),
             submit_group: None,
+            isolation: Isolation::Auto,
             notify: None,
         }
     }

@@ -36,6 +36,9 @@ pub mod message_id {
     pub const WORKER_STOPPING: &str = "6d9dc82b228d4dd6889568ee5e1bcd0a";
     /// The worker hands over to a replaced binary (an upgrade); its jobs run on.
     pub const WORKER_HANDOVER: &str = "1ba935c23dad45bbb37d67da76a4423a";
+    /// The worker runs jobs with less isolation than the strongest there
+    /// is (`isolation = "auto"` on a kernel without what it needs).
+    pub const ISOLATION_LIMITED: &str = "a7c8adaac2274f2da292100641fb0448";
     /// An alert (a unit failed, the spool's disk is full) with no
     /// notifier to send it to, or whose notifier failed: this entry, at
     /// priority err, is the alert.

@@ -12,12 +12,13 @@ use std::fs::{self, File, OpenOptions, TryLockError};
 use std::io::{self, Read};
 use std::os::unix::fs::{MetadataExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 use tracing::{debug, error, info, warn};
 
 use super::exec;
+use super::isolation::Confinement;
 use super::spawn::Spawner;
 use crate::config::Config;
 use crate::logging::{CommandDigest, message_id};
@@ -40,7 +41,7 @@ pub(super) struct ClaimCtx {
 }
 
 impl ClaimCtx {
-    pub fn new(spool: Spool, config: &Config) -> Self {
+    pub fn new(spool: Spool, config: &Config, confinement: Arc<Confinement>) -> Self {
         ClaimCtx {
             spool,
             shell: config.shell.clone(),
@@ -49,7 +50,7 @@ impl ClaimCtx {
             log_max_bytes: config.log_max_bytes.get(),
             max_job_bytes: config.max_job_bytes.get(),
             submitters: Submitters::new(config.submit_group.as_deref()),
-            spawner: Spawner::new(),
+            spawner: Spawner::new(confinement),
         }
     }
 }

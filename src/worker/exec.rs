@@ -703,19 +703,21 @@ mod tests {
     /// Starts `sh -c <command>` as the worker starts a job.
     fn start(command: &str) -> Child {
         let env = BTreeMap::new();
-        let (child, _output) = Spawner::new()
-            .spawn(&Spec {
-                shell: Path::new("/bin/sh"),
-                args: [OsStr::new("-c"), OsStr::new(command)],
-                argc: 2,
-                env: &env,
-                extra_env: [
-                    ("AI_CMD_EXECUTOR_JOB_ID", "t"),
-                    ("AI_CMD_EXECUTOR_ATTEMPT", "1"),
-                ],
-                cwd: None,
-            })
-            .expect("starting the job");
+        let (child, _output) = Spawner::new(std::sync::Arc::new(
+            super::super::isolation::Confinement::none(),
+        ))
+        .spawn(&Spec {
+            shell: Path::new("/bin/sh"),
+            args: [OsStr::new("-c"), OsStr::new(command)],
+            argc: 2,
+            env: &env,
+            extra_env: [
+                ("AI_CMD_EXECUTOR_JOB_ID", "t"),
+                ("AI_CMD_EXECUTOR_ATTEMPT", "1"),
+            ],
+            cwd: None,
+        })
+        .expect("starting the job");
         child
     }
 

@@ -10,6 +10,7 @@
 mod claim;
 mod exec;
 pub mod handover;
+pub mod isolation;
 mod record;
 mod settle;
 mod slots;
@@ -44,6 +45,7 @@ use crate::spool::{
 use crate::systemd::notify::Notifier;
 
 use claim::ClaimCtx;
+use isolation::Confinement;
 use record::{Record, RecordSender, Recorder};
 pub use settle::{Settled, settle};
 use slots::{Shared, State, ToLoop};
@@ -105,16 +107,22 @@ pub fn run(opts: WorkerOptions, inherited: handover::Inherited) -> Result<Exit, 
         let spool = Spool::new(opts.spool.clone());
         let (to_loop, inbox) = unbounded_channel();
         let config = &opts.loaded.config;
+        let (confinement, weaker) =
+            Confinement::new(config.isolation).map_err(|e| WorkerError::Setup {
+                what: "isolating jobs",
+                source: io::Error::other(e),
+            })?;
+        let confinement = Arc::new(confinement);
         let shared = Arc::new(Shared::new(
             spool.clone(),
-            ClaimCtx::new(spool.clone(), config),
+            ClaimCtx::new(spool.clone(), config, Arc::clone(&confinement)),
             config.max_parallel.get(),
             config.max_attempts.get(),
             to_loop,
         ));
         let recorder = Recorder::start(spool, Arc::clone(&shared))
             .map_err(setup("starting the result recorder"))?;
-        let mut worker = Worker::new(opts, Arc::clone(&shared), recorder);
+        let mut worker = Worker::new(opts, Arc::clone(&shared), recorder, confinement, weaker);
         let served = worker.serve(inbox, inherited).await?;
         // Every slot is idle now; a failed loop leaves them, and the
         // process exit ends them.
@@ -228,10 +236,20 @@ struct Worker {
     handover_to: Option<PathBuf>,
     /// A stop that arrived during the hand-over, for the new worker.
     stop_signal: Option<String>,
+    /// How jobs are isolated (fixed at start), and why that is less than
+    /// the strongest level when `isolation = "auto"` settled for less.
+    confinement: Arc<Confinement>,
+    weaker: Option<String>,
 }
 
 impl Worker {
-    fn new(opts: WorkerOptions, shared: Arc<Shared>, recorder: Recorder) -> Self {
+    fn new(
+        opts: WorkerOptions,
+        shared: Arc<Shared>,
+        recorder: Recorder,
+        confinement: Arc<Confinement>,
+        weaker: Option<String>,
+    ) -> Self {
         let record_tx = recorder.sender();
         Worker {
             spool: Spool::new(opts.spool),
@@ -257,6 +275,8 @@ impl Worker {
             serving: None,
             handover_to: None,
             stop_signal: None,
+            confinement,
+            weaker,
         }
     }
 
@@ -331,10 +351,18 @@ impl Worker {
         self.rescan();
         self.shared.lock().reports_status = self.notifier.enabled();
         self.ensure_slots()?;
+        if let Some(why) = self.weaker.take() {
+            warn!(
+                message_id = message_id::ISOLATION_LIMITED,
+                isolation = self.confinement.level().as_str(),
+                "jobs are not isolated from the worker and from each other: {why}; set isolation = \"none\" to accept that without this warning"
+            );
+        }
         info!(
             message_id = message_id::WORKER_READY,
             spool = %self.spool.root().display(),
             max_parallel = self.config.max_parallel.get(),
+            isolation = self.confinement.level().as_str(),
             watchdog = self.notifier.watchdog_interval().map(|d| humantime::format_duration(d * 2).to_string()).unwrap_or_else(|| "off".into()),
             "worker ready; {} job(s) queued{}",
             self.shared.lock().queue.len(),
@@ -815,10 +843,21 @@ impl Worker {
                 if loaded.config.spool.is_some() && loaded.config.spool != self.config.spool {
                     warn!("the spool cannot change on reload; restart the worker to move it");
                 }
-                let spool = self.config.spool.clone();
+                if loaded.config.isolation != self.config.isolation {
+                    warn!(
+                        "isolation = \"{}\" takes effect when the worker next starts; it stays \"{}\" until then",
+                        loaded.config.isolation, self.config.isolation
+                    );
+                }
+                let (spool, isolation) = (self.config.spool.clone(), self.config.isolation);
                 self.config = loaded.config;
                 self.config.spool = spool;
-                let ctx = ClaimCtx::new(self.spool.clone(), &self.config);
+                self.config.isolation = isolation;
+                let ctx = ClaimCtx::new(
+                    self.spool.clone(),
+                    &self.config,
+                    Arc::clone(&self.confinement),
+                );
                 {
                     let mut st = self.shared.lock();
                     st.ctx = Arc::new(ctx);

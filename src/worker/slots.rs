@@ -1133,7 +1133,11 @@ mod tests {
             let config = Config::default();
             let shared = Arc::new(Shared::new(
                 spool.clone(),
-                ClaimCtx::new(spool.clone(), &config),
+                ClaimCtx::new(
+                    spool.clone(),
+                    &config,
+                    Arc::new(super::super::isolation::Confinement::none()),
+                ),
                 1,
                 3,
                 to_loop,

@@ -26,6 +26,7 @@ use nix::sys::signal::{SigSet, Signal, killpg};
 use nix::sys::wait::waitpid;
 use nix::unistd::Pid;
 
+use super::isolation::Confinement;
 use crate::spool::Usage;
 
 /// Variables of the worker's own environment that must not leak into jobs:
@@ -40,13 +41,14 @@ const PRIVATE_ENV: [&str; 6] = [
 ];
 
 /// What every job is started with: its environment before the job's own
-/// variables, and `/dev/null` for its stdin.
+/// variables, `/dev/null` for its stdin, and its isolation.
 pub(super) struct Spawner {
     /// The worker's environment less [`PRIVATE_ENV`], as pairs.
     base: Vec<(OsString, OsString)>,
     /// The same, as `KEY=VALUE` strings for `posix_spawn`.
     base_c: Vec<CString>,
     dev_null: io::Result<File>,
+    confinement: std::sync::Arc<Confinement>,
 }
 
 /// What to start.
@@ -63,8 +65,9 @@ pub(super) struct Spec<'a> {
 }
 
 impl Spawner {
-    /// Takes the worker's environment and opens `/dev/null`.
-    pub fn new() -> Self {
+    /// Takes the worker's environment and opens `/dev/null`; jobs are
+    /// started under `confinement`.
+    pub fn new(confinement: std::sync::Arc<Confinement>) -> Self {
         let base: Vec<(OsString, OsString)> = std::env::vars_os()
             .filter(|(k, _)| !PRIVATE_ENV.iter().any(|p| OsStr::new(p) == k))
             .collect();
@@ -76,6 +79,7 @@ impl Spawner {
             base,
             base_c,
             dev_null: File::open("/dev/null"),
+            confinement,
         }
     }
 
@@ -98,15 +102,15 @@ impl Spawner {
         // Our copy of the write end is closed as soon as the child has it,
         // so the reader sees end-of-file once the job's processes close
         // theirs.
-        let pid = match spec.cwd {
+        let pid = self.confinement.start(|| match spec.cwd {
             None => {
                 let pid = self.posix_spawn(spec, dev_null, &wr);
                 drop(wr);
-                pid?
+                pid
             }
             // `Command` takes its stdin by value: a duplicate of ours.
-            Some(cwd) => self.command_spawn(spec, cwd, dev_null.try_clone()?, wr)?,
-        };
+            Some(cwd) => self.command_spawn(spec, cwd, dev_null.try_clone()?, wr),
+        })?;
         let child = Child::track(pid)?;
         Ok((child, File::from(rd)))
     }
@@ -358,7 +362,7 @@ mod tests {
 
     #[test]
     fn both_paths_give_the_same_environment_group_and_status() {
-        let spawner = Spawner::new();
+        let spawner = Spawner::new(std::sync::Arc::new(Confinement::none()));
         let shell = PathBuf::from("/bin/sh");
         let mut env = BTreeMap::new();
         env.insert("JOB_VAR".to_owned(), "x y".to_owned());
@@ -378,7 +382,7 @@ mod tests {
 
     #[test]
     fn a_signal_is_reported_and_a_missing_shell_is_an_error() {
-        let spawner = Spawner::new();
+        let spawner = Spawner::new(std::sync::Arc::new(Confinement::none()));
         let env = BTreeMap::new();
         let shell = PathBuf::from("/bin/sh");
         let (status, _) = run(&spawner, &spec(&shell, "kill -TERM $$", &env, None));
