@@ -14,7 +14,6 @@ mod common;
 #[allow(dead_code)]
 mod sandbox;
 
-use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::panic::{self, AssertUnwindSafe};
 use std::path::{Path, PathBuf};
@@ -28,77 +27,58 @@ use serde_json::Value;
 
 /// Jobs a fresh daemon runs (submitted through its CLI) before its idle window.
 const IDLE_WARMUP_JOBS: usize = 20;
-/// How long the sandbox's PID 1 must use no CPU before measuring in it.
-const SANDBOX_QUIET: Duration = Duration::from_secs(2);
 /// Environment variable that turns this binary into the in-sandbox client.
 const INNER_ENV: &str = "AICE_PEERS_CLIENT";
 /// The tools, in the order they are measured.
 const TOOLS: [&str; 3] = ["ai-cmd-executor", "pueue", "systemd-run"];
-
-/// Knobs read from the environment.
-struct Settings {
-    knobs: Knobs,
-    tools: Vec<String>, // BENCH_TOOLS
-}
 
 /// Runs the comparison, or the in-sandbox client when [`INNER_ENV`] is set.
 fn main() -> ExitCode {
     if let Ok(mode) = std::env::var(INNER_ENV) {
         return inner::main(&mode);
     }
-    let settings = || {
-        let knobs = Knobs::from_env(60.0)?;
-        let line = knobs.line();
+    run_bench("ai-cmd-executor peer comparison", || {
+        let knobs = Knobs::from_env(60.0, "")?;
         let tools = env_list("BENCH_TOOLS", &TOOLS)?;
-        Ok((Settings { knobs, tools }, line))
-    };
-    run_bench("ai-cmd-executor peer comparison", settings, |settings| {
-        let env = DaemonEnv::capture();
-        println!(
-            "daemon environment (ai-cmd-executor, pueued and clients): {}",
-            env.backtrace_line()
-        );
-        let columns: Vec<Column> = TOOLS
-            .into_iter()
-            .map(|tool| {
-                section(tool);
-                info("loadavg 1/5/15 min at start", load_average());
-                if !settings.tools.iter().any(|t| t == tool) {
-                    let why = format!("not in BENCH_TOOLS={}", settings.tools.join(","));
-                    return Ok(Column::skipped(tool, why));
-                }
-                measure(tool, || match tool {
-                    "ai-cmd-executor" => aice::measure(&settings, &env),
-                    "pueue" => pueue::measure(&settings, &env),
-                    _ => systemd::measure(&settings),
+        let env = DaemonEnv::shell();
+        let line = env.backtrace_line();
+        println!("daemon environment (ai-cmd-executor, pueued and clients): {line}");
+        let mut columns = Vec::new();
+        for tool in TOOLS {
+            section(tool);
+            info("loadavg 1/5/15 min at start", load_average());
+            let outcome = if !tools.iter().any(|t| t == tool) {
+                Err(Skip(format!("not in BENCH_TOOLS={}", tools.join(","))).into())
+            } else {
+                let measure = AssertUnwindSafe(|| match tool {
+                    "ai-cmd-executor" => {
+                        let version = version_of(Command::new(worker_bin()).arg("--version"));
+                        let start = |p, env: &DaemonEnv| Fixture::start(None, Some(p), env);
+                        measure_queue(&knobs, env.clone(), version, &AICE_PATHS, start)
+                    }
+                    "pueue" => pueue::measure(&knobs, &env),
+                    _ => systemd::measure(&knobs),
+                });
+                panic::catch_unwind(measure).unwrap_or_else(|panic| {
+                    let text = panic.downcast_ref::<&str>().map(|s| s.to_string());
+                    bail!(
+                        "{}",
+                        panic
+                            .downcast_ref::<String>()
+                            .cloned()
+                            .or(text)
+                            .unwrap_or_default()
+                    )
                 })
-            })
-            .collect::<Result<_>>()?;
+            };
+            check_interrupted()?;
+            columns.push(Column::new(tool, outcome));
+        }
         section("Table");
-        print_table(&settings, &env, &columns);
-        Ok(columns.iter().all(|c| !matches!(c.state, State::Failed(_))))
+        print_table(&knobs, &env, &columns);
+        let failed = |c: &Column| matches!(c.figures, Err(("FAILED", _)));
+        Ok(!columns.iter().any(failed))
     })
-}
-
-/// Runs one tool's measurement; a failure (error or panic) becomes a failed
-/// column, a [`Skip`] a skipped one, an interruption ends the benchmark.
-fn measure(name: &str, f: impl FnOnce() -> Result<Figures>) -> Result<Column> {
-    let outcome = panic::catch_unwind(AssertUnwindSafe(f));
-    check_interrupted()?;
-    let why = match outcome {
-        Ok(Ok(figures)) => return Ok(Column::new(name, State::Measured, figures)),
-        Ok(Err(err)) => match err.downcast::<Skip>() {
-            Ok(Skip(why)) => return Ok(Column::skipped(name, why)),
-            Err(err) => format!("{err:#}"),
-        },
-        Err(panic) => panic
-            .downcast_ref::<String>()
-            .cloned()
-            .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-            .unwrap_or_else(|| "panic".to_owned()),
-    };
-    println!("  FAILED {name}: {why}");
-    Ok(Column::new(name, State::Failed(why), Figures::default()))
 }
 
 /// The error a tool's measurement returns when the tool cannot run here.
@@ -113,103 +93,105 @@ fn sample_gap(i: usize) -> Duration {
     Duration::from_millis(2 + (i as u64 * 193) % 300)
 }
 
-/// Parses an RFC 3339 time with a `Z` (ai-cmd-executor) or `±HH:MM` offset (pueue).
-fn parse_time(s: &str) -> Result<SystemTime> {
-    let bad = || anyhow!("not an RFC 3339 time: {s:?}");
-    let (local, off) = s
-        .split_at_checked(s.len().saturating_sub(6))
-        .unwrap_or((s, ""));
-    let t = match off.as_bytes() {
-        [sign @ (b'+' | b'-'), _, _, b':', _, _] => {
-            let secs = off[1..3].parse::<u64>()? * 3600 + off[4..6].parse::<u64>()? * 60;
-            let t = humantime::parse_rfc3339_weak(local).map_err(|_| bad())?;
-            let shift = Duration::from_secs(secs);
-            if *sign == b'+' { t - shift } else { t + shift }
+// --- Figures of one tool, and the raw reference ---
+
+/// A tool's column in the table: its figures, or why it has none
+/// (`SKIPPED` or `FAILED`, and the reason).
+struct Column {
+    name: &'static str,
+    figures: Result<Box<Figures>, (&'static str, String)>,
+}
+
+impl Column {
+    /// The column of a tool's outcome, with a notice when it has no figures.
+    fn new(name: &'static str, outcome: Result<Figures>) -> Self {
+        let figures = outcome
+            .map(Box::new)
+            .map_err(|err| match err.downcast::<Skip>() {
+                Ok(Skip(why)) => ("SKIPPED", why),
+                Err(err) => ("FAILED", format!("{err:#}")),
+            });
+        if let Err((word, why)) = &figures {
+            println!("  {word} {name}: {why}");
         }
-        _ => humantime::parse_rfc3339_weak(s).map_err(|_| bad())?,
-    };
-    Ok(t)
+        Self { name, figures }
+    }
 }
 
-// ---------------------------------------------------------------------------
-// Figures of one tool, and the raw reference
-// ---------------------------------------------------------------------------
-
-/// Whether a tool was measured; why not.
-enum State {
-    Measured,
-    Skipped(String),
-    Failed(String),
-}
-
-/// A tool's figures (each `None` when not applicable or not measured).
+/// A tool's figures (each `None` when not applicable).
 #[derive(Default)]
 struct Figures {
     version: String,
-    backtrace: String,                 // RUST_BACKTRACE of the daemon
-    raw_span: [Option<(f64, f64)>; 2], // raw rate before and after, per P
-    raw: [Option<f64>; 2],             // the reference: their mean
-    rate: [Option<f64>; 2],
-    rate_cli: [Option<f64>; 2],  // ai-cmd-executor: one `submit` per job
-    latency_cli: Option<Stats>,  // submit-to-start through the CLI
-    latency_drop: Option<Stats>, // ai-cmd-executor: file dropped by rename
-    idle: [Option<Idle>; 2],     // the shell's RUST_BACKTRACE, the other
+    backtrace: String,            // RUST_BACKTRACE of the daemon
+    raw: [Option<(f64, f64)>; 2], // per P: raw rate before and after; the reference is the mean
+    rate: [[Option<f64>; 2]; 2],  // [path][P]: the tool's own path; ai-cmd-executor's CLI
+    latency: [Option<Stats>; 2],  // submit-to-start: by rename (ai-cmd-executor); through the CLI
+    idle: [Option<Idle>; 2],      // the shell's RUST_BACKTRACE, the other setting
 }
 
 impl Figures {
     /// Figures with the version printed.
     fn new(version: String, backtrace: String) -> Self {
         info("version", &version);
+        let (raw, rate, latency, idle) = Default::default();
         Self {
             version,
             backtrace,
-            ..Self::default()
+            raw,
+            rate,
+            latency,
+            idle,
         }
     }
 
-    /// Records and prints a throughput figure (`cli`: one CLI per job, info).
-    fn rate(&mut self, i: usize, cli: bool, how: &str, rate: f64) {
-        let label = format!("throughput P={}, {how}", PARALLELISM[i]);
-        info(&label, format!("{rate:.1} jobs/s"));
-        let rates = if cli {
-            &mut self.rate_cli
-        } else {
-            &mut self.rate
-        };
-        rates[i] = Some(rate);
+    fn reference(&self, i: usize) -> Option<f64> {
+        self.raw[i].map(|(before, after)| (before + after) / 2.0)
     }
 
-    /// Measures the raw rate after the tool's throughput runs and makes the
-    /// mean of `before` and that the reference; prints the ratios.
-    fn bracket_raw(&mut self, n: usize, before: [f64; 2]) -> Result<()> {
-        let after = raw_reference(n, "after")?;
-        for (i, p) in PARALLELISM.into_iter().enumerate() {
-            let reference = (before[i] + after[i]) / 2.0;
-            self.raw_span[i] = Some((before[i], after[i]));
-            self.raw[i] = Some(reference);
-            for (what, rate) in [("", self.rate[i]), (", one CLI per job", self.rate_cli[i])] {
-                if let Some(rate) = rate {
-                    let label = format!("ratio to raw (mean before/after), P={p}{what}");
-                    let ratio = rate / reference;
-                    info(
-                        &label,
-                        format!("{ratio:.3} (reference {reference:.1} jobs/s)"),
-                    );
-                }
+    /// `jobs/s (ratio to raw)` of path `k` at `PARALLELISM[i]`.
+    fn rate_cell(&self, k: usize, i: usize) -> Option<String> {
+        let rate = self.rate[k][i]?;
+        Some(format!("{rate:.1} ({:.3})", rate / self.reference(i)?))
+    }
+
+    /// Runs `run(k, p)` (jobs/s) for each path `k` (named in `paths`) and P,
+    /// then measures the raw rate again; the mean of `before` and that is
+    /// the reference.
+    fn throughput(
+        &mut self,
+        n: usize,
+        before: [f64; 2],
+        paths: &[&str],
+        mut run: impl FnMut(usize, usize) -> Result<f64>,
+    ) -> Result<()> {
+        for (k, how) in paths.iter().enumerate() {
+            for (i, p) in PARALLELISM.into_iter().enumerate() {
+                let rate = run(k, p)?;
+                info(
+                    &format!("throughput P={p}, {how}"),
+                    format!("{rate:.1} jobs/s"),
+                );
+                self.rate[k][i] = Some(rate);
             }
         }
+        let after = raw_reference(n, "after")?;
+        self.raw = [0, 1].map(|i| Some((before[i], after[i])));
+        Ok(())
+    }
+
+    /// Records and prints submit-to-start latencies, through the CLI or not.
+    fn latency(&mut self, cli: bool, label: &str, samples: Vec<f64>) -> Result<()> {
+        let stats = Stats::of(samples)?;
+        info(label, stats.line());
+        self.latency[usize::from(cli)] = Some(stats);
         Ok(())
     }
 
     /// Runs `idle` with the shell's environment and with the other setting.
-    fn idle(
-        &mut self,
-        env: &DaemonEnv,
-        mut idle: impl FnMut(&DaemonEnv) -> Result<Idle>,
-    ) -> Result<()> {
-        for (slot, env) in self.idle.iter_mut().zip([env, &env.other_backtrace()]) {
+    fn idle(&mut self, env: &DaemonEnv, idle: impl Fn(&DaemonEnv) -> Result<Idle>) -> Result<()> {
+        for (slot, env) in self.idle.iter_mut().zip([env.clone(), env.other()]) {
             group(&format!("idle, {}", env.backtrace()));
-            *slot = Some(print_idle(idle(env)?));
+            *slot = Some(print_idle(idle(&env)?));
         }
         Ok(())
     }
@@ -217,8 +199,7 @@ impl Figures {
 
 /// Prints an idle window's RSS and wake-ups.
 fn print_idle(idle: Idle) -> Idle {
-    let rss = format!("{:.2} MiB", idle.rss_kib as f64 / 1024.0);
-    info("idle VmRSS (end of window)", rss);
+    info("idle VmRSS (end of window)", mib(idle.rss_kib));
     info("idle wake-ups (ctx switches, all threads)", idle.wakeups);
     idle
 }
@@ -228,168 +209,150 @@ fn print_idle(idle: Idle) -> Idle {
 fn raw_reference(n: usize, when: &str) -> Result<[f64; 2]> {
     let mut out = [0.0; 2];
     for (slot, p) in out.iter_mut().zip(PARALLELISM) {
-        *slot = RawRun::measure(n, p)?.rate;
+        *slot = LoopRun::raw(n, p)?.rate;
         let label = format!("raw bash -c true, P={p}, {when} this tool's runs");
         info(&label, format!("{:.1} jobs/s", *slot));
     }
     Ok(out)
 }
 
-/// One tool's column in the table.
-struct Column {
-    name: String,
-    state: State,
-    figures: Figures,
-}
+// --- ai-cmd-executor and pueue: a daemon with a queue ---
 
-impl Column {
-    /// A column.
-    fn new(name: &str, state: State, figures: Figures) -> Self {
-        let name = name.to_owned();
-        Self {
-            name,
-            state,
-            figures,
-        }
-    }
-
-    /// A column for a tool that was not run, with the notice printed.
-    fn skipped(name: &str, why: String) -> Self {
-        println!("  SKIPPED {name}: {why}");
-        Self::new(name, State::Skipped(why), Figures::default())
+/// A fresh, warmed-up daemon with a queue: ai-cmd-executor's worker on a
+/// spool in the temp dir, or pueued.
+trait Queue {
+    type Id;
+    /// Submits job number `i` (`bash -c true`), through the tool's CLI when `cli`.
+    fn submit(&mut self, i: usize, cli: bool) -> Result<Self::Id>;
+    /// Waits until the jobs `ids` have succeeded; returns when the last one
+    /// ended, as the tool's throughput counts it, and when each one started.
+    fn wait(&mut self, ids: &[Self::Id]) -> Result<(SystemTime, Vec<SystemTime>)>;
+    fn daemon(&mut self) -> &mut Daemon;
+    fn submit_n(&mut self, n: usize, cli: bool) -> Result<Vec<Self::Id>> {
+        (0..n).map(|i| self.submit(i, cli)).collect()
     }
 }
 
-// ---------------------------------------------------------------------------
-// ai-cmd-executor
-// ---------------------------------------------------------------------------
+/// Measures everything for a queue that `start(p, env)` starts, for each
+/// path in `paths` (`(cli, how)`): throughput from just before the first
+/// submission to the end of the last job; latency of single jobs into an
+/// idle daemon, the paths alternating so that all see the same conditions,
+/// from just before the submission to the job's start; then the idle
+/// windows, each after [`IDLE_WARMUP_JOBS`] jobs through the CLI.
+fn measure_queue<Q: Queue>(
+    knobs: &Knobs,
+    env: DaemonEnv,
+    version: String,
+    paths: &[(bool, &str)],
+    start: impl Fn(usize, &DaemonEnv) -> Result<Q>,
+) -> Result<Figures> {
+    let env = &env;
+    let mut fig = Figures::new(version, env.backtrace());
+    let n = knobs.jobs;
+    let before = raw_reference(n, "before")?;
+    let hows: Vec<&str> = paths.iter().map(|&(_, how)| how).collect();
+    fig.throughput(n, before, &hows, |k, p| {
+        let mut q = start(p, env)?;
+        let t0 = SystemTime::now();
+        let ids = q.submit_n(n, paths[k].0)?;
+        let (end, _) = q.wait(&ids)?;
+        Ok(n as f64 * 1e3 / signed_ms(end, t0))
+    })?;
 
-mod aice {
-    //! The worker under test, on a spool in the temp dir.
-
-    use super::*;
-
-    /// `n` jobs at `max_parallel = p`, by rename or one `submit` each:
-    /// first submission to last result, in jobs/s.
-    fn throughput(n: usize, p: usize, cli: bool, env: &DaemonEnv) -> Result<f64> {
-        let mut fx = Fixture::start(None, Some(p), env)?;
-        let tag = if cli { "cli" } else { "drop" };
-        let ids: Vec<String> = (0..n).map(|i| format!("tp-{tag}{p}-{i:06}")).collect();
-        let start = Instant::now();
-        for id in &ids {
-            fx.submit_via(id, cli, env)?;
-        }
-        let last = fx
-            .wait(&mut ids.iter().cloned().collect())
-            .with_context(|| format!("throughput run P={p} in {}", fx.spool.display()))?;
-        for id in &ids {
-            fx.succeeded(id)?;
-        }
-        Ok(n as f64 / (last - start).as_secs_f64())
+    let mut q = start(1, env)?;
+    flush_disk();
+    let mut samples = [Vec::new(), Vec::new()];
+    for i in 0..knobs.latency_samples * paths.len() {
+        let cli = paths[i % paths.len()].0;
+        thread::sleep(sample_gap(i / paths.len()));
+        let t0 = SystemTime::now();
+        let id = q.submit(i, cli)?;
+        let (_, starts) = q.wait(&[id])?;
+        samples[usize::from(cli)].push(signed_ms(starts[0], t0));
     }
+    for &(cli, how) in paths {
+        let samples = std::mem::take(&mut samples[usize::from(cli)]);
+        fig.latency(cli, &format!("submit -> start, {how}"), samples)?;
+    }
+    drop(q);
 
-    /// Measures everything for ai-cmd-executor.
-    pub(super) fn measure(settings: &Settings, env: &DaemonEnv) -> Result<Figures> {
-        let version = version_of(Command::new(worker_bin()).arg("--version"));
-        let mut fig = Figures::new(version, env.backtrace());
-        let n = settings.knobs.jobs;
-        let raw = raw_reference(n, "before")?;
-        for (cli, how) in [
-            (false, "jobs dropped by rename"),
-            (true, "one `submit` CLI per job"),
-        ] {
-            for (i, p) in PARALLELISM.into_iter().enumerate() {
-                fig.rate(i, cli, how, throughput(n, p, cli, env)?);
-            }
-        }
-        fig.bracket_raw(n, raw)?;
-
-        // Latency: the two paths alternate, so that both see the same conditions.
-        let mut fx = Fixture::start(None, Some(1), env)?;
+    fig.idle(env, |env| {
+        let mut q = start(1, env)?;
+        let ids = q.submit_n(IDLE_WARMUP_JOBS, true)?;
+        q.wait(&ids)?;
         flush_disk();
-        let mut samples = [Vec::new(), Vec::new()];
-        for i in 0..settings.knobs.latency_samples * 2 {
-            let (cli, id) = (i % 2 == 1, format!("lat-{i:05}"));
-            thread::sleep(sample_gap(i / 2));
-            let t0 = SystemTime::now();
-            fx.submit_via(&id, cli, env)?;
-            fx.wait(&mut HashSet::from([id.clone()]))
-                .with_context(|| format!("latency sample {id}"))?;
-            samples[usize::from(cli)].push(signed_ms(fx.succeeded(&id)?.0, t0));
-        }
-        let [by_drop, by_cli] = samples.map(Stats::of);
-        let (by_drop, by_cli) = (by_drop?, by_cli?);
-        info("submit -> started_at, file drop", by_drop.line());
-        info("submit -> started_at, `submit` CLI", by_cli.line());
-        fig.latency_drop = Some(by_drop);
-        fig.latency_cli = Some(by_cli);
-        drop(fx);
-
-        fig.idle(env, |env| {
-            let mut fx = Fixture::start(None, Some(1), env)?;
-            let ids: Vec<String> = (0..IDLE_WARMUP_JOBS).map(|i| format!("idle-{i}")).collect();
-            for id in &ids {
-                fx.cli_submit(id, env)?;
-            }
-            fx.wait(&mut ids.iter().cloned().collect())?;
-            flush_disk();
-            fx.worker.idle(settings.knobs.idle)
-        })?;
-        Ok(fig)
-    }
+        q.daemon().idle(knobs.idle)
+    })?;
+    Ok(fig)
 }
 
-// ---------------------------------------------------------------------------
-// pueue
-// ---------------------------------------------------------------------------
+/// ai-cmd-executor's two paths: a file dropped by rename, the `submit` CLI.
+const AICE_PATHS: [(bool, &str); 2] = [
+    (false, "jobs dropped by rename"),
+    (true, "one `submit` CLI per job"),
+];
+
+impl Queue for Fixture {
+    type Id = String;
+
+    fn submit(&mut self, i: usize, cli: bool) -> Result<String> {
+        let id = format!("j{i:06}");
+        Fixture::submit(self, &id, cli).map(|()| id)
+    }
+
+    /// The end is when the last result file was observed (inotify).
+    fn wait(&mut self, ids: &[String]) -> Result<(SystemTime, Vec<SystemTime>)> {
+        let seen = Fixture::wait(self, &mut ids.iter().cloned().collect())?;
+        let started = ids.iter().map(|id| Ok(self.succeeded(id)?.0));
+        Ok((
+            SystemTime::now() - seen.elapsed(),
+            started.collect::<Result<_>>()?,
+        ))
+    }
+
+    fn daemon(&mut self) -> &mut Daemon {
+        &mut self.worker
+    }
+}
 
 mod pueue {
     //! pueue, installed by `scripts/bench.sh peers` (`cargo install pueue`).
 
     use super::*;
 
-    /// One task as `pueue status --json` shows it.
-    struct Task {
-        done: bool,
-        success: bool,
-        start: Option<SystemTime>,
-        end: Option<SystemTime>,
-        raw: Value,
-    }
-
     /// A `pueued` with its own config and directories, warmed up.
     ///
     /// Fields drop in order: the daemon stops before its directory goes.
-    struct Fixture<'a> {
+    struct Pueue {
         daemon: Daemon,
-        client: &'a Path,
-        env: &'a DaemonEnv,
+        client: PathBuf,
+        env: DaemonEnv,
         config: PathBuf,
         _root: RunDir,
     }
 
-    impl<'a> Fixture<'a> {
+    impl Pueue {
         /// Starts `pueued -c FILE` (foreground), sets `parallel p`, runs a warm-up task.
-        fn start(client: &'a Path, env: &'a DaemonEnv, p: usize) -> Result<Self> {
+        fn start(client: &Path, env: &DaemonEnv, p: usize) -> Result<Self> {
             let root = RunDir::new("peers-pueue-", None)?;
             let dir = root.path();
-            let config = dir.join("pueue.yml");
+            let (data, run) = (dir.join("data"), dir.join("run"));
             // Every tool runs `bash -c true`: pueue's default shell is `sh -c`.
             let yaml = format!(
                 "shared:\n  pueue_directory: {data:?}\n  runtime_directory: {run:?}\n  \
                  use_unix_socket: true\n  unix_socket_path: {sock:?}\n\
                  daemon:\n  shell_command: [\"bash\", \"-c\", \"{{{{ pueue_command_string }}}}\"]\n",
-                data = dir.join("data"),
-                run = dir.join("run"),
-                sock = dir.join("run").join("pueue.socket"),
+                sock = run.join("pueue.socket"),
             );
-            fs::create_dir(dir.join("data"))?;
-            fs::create_dir(dir.join("run"))?;
+            fs::create_dir(data)?;
+            fs::create_dir(run)?;
+            let config = dir.join("pueue.yml");
             fs::write(&config, yaml)?;
             let mut cmd = Command::new(client.with_file_name("pueued"));
             env.apply(&mut cmd).arg("-c").arg(&config);
             let daemon = Daemon::spawn("pueued", cmd, &dir.join("pueued.log"))?;
-            let mut fx = Self {
+            let (client, env) = (client.to_owned(), env.clone());
+            let mut q = Self {
                 daemon,
                 client,
                 env,
@@ -398,18 +361,18 @@ mod pueue {
             };
             let what = "pueued to answer `pueue status`";
             poll_until(what, READY_TIMEOUT, Duration::from_millis(20), || {
-                fx.daemon.check_alive()?;
-                Ok(fx.run(&["status", "--json"]).is_ok().then_some(()))
+                q.daemon.check_alive()?;
+                Ok(q.run(&["status", "--json"]).is_ok().then_some(()))
             })?;
-            fx.run(&["parallel", &p.to_string()])?;
-            let id = fx.add()?;
-            fx.wait_done(&[id], Duration::from_millis(20))?;
-            Ok(fx)
+            q.run(&["parallel", &p.to_string()])?;
+            let id = q.submit(0, true)?;
+            q.wait(&[id])?;
+            Ok(q)
         }
 
         /// Runs `pueue -c CONFIG ARGS…`, which must succeed; returns its stdout.
         fn run(&self, args: &[&str]) -> Result<String> {
-            let mut cmd = Command::new(self.client);
+            let mut cmd = Command::new(&self.client);
             run_ok(
                 self.env
                     .apply(&mut cmd)
@@ -418,95 +381,78 @@ mod pueue {
                     .args(args),
             )
         }
+    }
 
-        /// `pueue add --print-task-id -- true`; returns the task id.
-        fn add(&self) -> Result<u64> {
+    impl Queue for Pueue {
+        type Id = u64;
+
+        /// `pueue add --print-task-id -- true`.
+        fn submit(&mut self, _: usize, _: bool) -> Result<u64> {
             let out = self.run(&["add", "--print-task-id", "--", "true"])?;
-            out.trim()
-                .parse()
-                .with_context(|| format!("pueue add printed {out:?}, not a task id"))
+            let id = out.trim().parse();
+            id.with_context(|| format!("pueue add printed {out:?}, not a task id"))
         }
 
-        /// All tasks, from `pueue status --json`.
-        fn tasks(&self) -> Result<BTreeMap<u64, Task>> {
-            let out = self.run(&["status", "--json"])?;
-            let state: Value = serde_json::from_str(&out).context("parsing pueue status --json")?;
-            let tasks = state
-                .get("tasks")
-                .and_then(Value::as_object)
-                .ok_or_else(|| anyhow!("pueue status --json has no `tasks` object"))?;
-            let time = |v: Option<&Value>| v.and_then(Value::as_str).map(parse_time).transpose();
-            let mut out = BTreeMap::new();
-            for (id, task) in tasks {
-                let id: u64 = id.parse().with_context(|| format!("task id {id:?}"))?;
-                let status = task.get("status");
-                let done = status.and_then(|s| s.get("Done"));
-                let started = done.or(status.and_then(|s| s.get("Running")));
-                let result = done.and_then(|d| d.get("result")).and_then(Value::as_str);
-                let task = Task {
-                    done: done.is_some(),
-                    success: result == Some("Success"),
-                    start: time(started.and_then(|s| s.get("start")))?,
-                    end: time(done.and_then(|d| d.get("end")))?,
-                    raw: task.clone(),
-                };
-                out.insert(id, task);
-            }
-            Ok(out)
-        }
-
-        /// Polls `pueue status --json` (pauses growing to `max_nap`) until
-        /// every task in `ids` is done and succeeded; returns all tasks.
-        fn wait_done(&mut self, ids: &[u64], max_nap: Duration) -> Result<BTreeMap<u64, Task>> {
+        /// Polls `pueue status --json` (pauses growing to 50 ms for one
+        /// task, 1 s for more); the end is the latest `end` among the tasks.
+        fn wait(&mut self, ids: &[u64]) -> Result<(SystemTime, Vec<SystemTime>)> {
+            let max_nap = Duration::from_millis(if ids.len() == 1 { 50 } else { 1000 });
             let (mut last_count, mut last_progress) = (0, Instant::now());
             poll_until("pueue tasks", Duration::MAX, max_nap, || {
                 self.daemon.check_alive()?;
-                let tasks = self.tasks()?;
-                let mut done = 0;
+                let out = self.run(&["status", "--json"])?;
+                let state: Value = serde_json::from_str(&out).context("pueue status --json")?;
+                let mut times = Vec::new();
                 for id in ids {
-                    let task = tasks
-                        .get(id)
-                        .ok_or_else(|| anyhow!("pueue lost task {id}"))?;
-                    ensure!(
-                        !task.done || task.success,
-                        "pueue task {id} failed: {}",
-                        task.raw
-                    );
-                    done += usize::from(task.done);
+                    let task = &state["tasks"][id.to_string()];
+                    let done = &task["status"]["Done"];
+                    if !done.is_null() {
+                        ensure!(
+                            done["result"] == "Success",
+                            "pueue task {id} failed: {task}"
+                        );
+                        times.push((parse_time(&done["start"])?, parse_time(&done["end"])?));
+                    }
                 }
-                if done > last_count {
-                    (last_count, last_progress) = (done, Instant::now());
+                if times.len() > last_count {
+                    (last_count, last_progress) = (times.len(), Instant::now());
                 }
                 ensure!(
                     last_progress.elapsed() <= STALL_TIMEOUT,
-                    "no pueue task finished for {STALL_TIMEOUT:?}; {done} of {} done{}",
+                    "no pueue task finished for {STALL_TIMEOUT:?}; {last_count} of {} done{}",
                     ids.len(),
                     self.daemon.log_tail()
                 );
-                Ok((done == ids.len()).then_some(tasks))
+                let end = times.iter().map(|&(_, end)| end).max();
+                let end = end.filter(|_| times.len() == ids.len());
+                Ok(end.map(|end| (end, times.iter().map(|&(start, _)| start).collect())))
             })
+        }
+
+        fn daemon(&mut self) -> &mut Daemon {
+            &mut self.daemon
         }
     }
 
-    /// `n` tasks at `parallel p`: before the first `add` to the last `end`, in jobs/s.
-    fn throughput(client: &Path, env: &DaemonEnv, n: usize, p: usize) -> Result<f64> {
-        let mut fx = Fixture::start(client, env, p)?;
-        let t0 = SystemTime::now();
-        let ids = (0..n).map(|_| fx.add()).collect::<Result<Vec<_>>>()?;
-        let tasks = fx.wait_done(&ids, Duration::from_secs(1))?;
-        let last = ids
-            .iter()
-            .filter_map(|id| tasks.get(id)?.end)
-            .max()
-            .ok_or_else(|| anyhow!("no task has an end time"))?;
-        let secs = signed_ms(last, t0) / 1e3;
-        ensure!(secs > 0.0, "last task ended before the first add");
-        Ok(n as f64 / secs)
+    /// Parses an RFC 3339 time with a `Z` or `±HH:MM` offset (pueue's).
+    fn parse_time(v: &Value) -> Result<SystemTime> {
+        let s = v.as_str().ok_or_else(|| anyhow!("not a time: {v}"))?;
+        let bad = || anyhow!("not an RFC 3339 time: {s:?}");
+        let (local, off) = s
+            .split_at_checked(s.len().saturating_sub(6))
+            .unwrap_or((s, ""));
+        let [sign @ (b'+' | b'-'), _, _, b':', _, _] = off.as_bytes() else {
+            return humantime::parse_rfc3339_weak(s).map_err(|_| bad());
+        };
+        let secs = off[1..3].parse::<u64>()? * 3600 + off[4..6].parse::<u64>()? * 60;
+        let t = humantime::parse_rfc3339_weak(local).map_err(|_| bad())?;
+        let shift = Duration::from_secs(secs);
+        Ok(if *sign == b'+' { t - shift } else { t + shift })
     }
 
     /// Measures everything for pueue (`BENCH_PUEUE`: the client; `pueued`
     /// is taken from the same directory).
-    pub(super) fn measure(settings: &Settings, env: &DaemonEnv) -> Result<Figures> {
+    pub(super) fn measure(knobs: &Knobs, env: &DaemonEnv) -> Result<Figures> {
         let Some(client) = std::env::var_os("BENCH_PUEUE").filter(|v| !v.is_empty()) else {
             let why = "BENCH_PUEUE is not set (scripts/bench.sh peers installs pueue and sets it)";
             return Err(Skip(why.to_owned()).into());
@@ -517,58 +463,15 @@ mod pueue {
                 return Err(Skip(format!("{} does not exist", bin.display())).into());
             }
         }
-        let mut fig = Figures::new(
-            version_of(Command::new(&client).arg("--version")),
-            env.backtrace(),
-        );
+        let version = version_of(Command::new(&client).arg("--version"));
         info("client", client.display());
-        let n = settings.knobs.jobs;
-        let raw = raw_reference(n, "before")?;
-        for (i, p) in PARALLELISM.into_iter().enumerate() {
-            fig.rate(
-                i,
-                false,
-                "one `pueue add` per job",
-                throughput(&client, env, n, p)?,
-            );
-        }
-        fig.bracket_raw(n, raw)?;
-
-        let mut fx = Fixture::start(&client, env, 1)?;
-        flush_disk();
-        let mut lat = Vec::new();
-        for i in 0..settings.knobs.latency_samples {
-            thread::sleep(sample_gap(i));
-            let t0 = SystemTime::now();
-            let id = fx.add()?;
-            let tasks = fx.wait_done(&[id], Duration::from_millis(50))?;
-            let start = tasks.get(&id).and_then(|t| t.start);
-            lat.push(signed_ms(
-                start.ok_or_else(|| anyhow!("task {id} has no start time"))?,
-                t0,
-            ));
-        }
-        let stats = Stats::of(lat)?;
-        info("submit -> start, `pueue add`", stats.line());
-        fig.latency_cli = Some(stats);
-        drop(fx);
-
-        fig.idle(env, |env| {
-            let mut fx = Fixture::start(&client, env, 1)?;
-            let ids = (0..IDLE_WARMUP_JOBS)
-                .map(|_| fx.add())
-                .collect::<Result<Vec<_>>>()?;
-            fx.wait_done(&ids, Duration::from_millis(100))?;
-            flush_disk();
-            fx.daemon.idle(settings.knobs.idle)
-        })?;
-        Ok(fig)
+        let paths = [(true, "one `pueue add` per job")];
+        let start = |p, env: &DaemonEnv| Pueue::start(&client, env, p);
+        measure_queue(knobs, env.clone(), version, &paths, start)
     }
 }
 
-// ---------------------------------------------------------------------------
-// systemd-run in the tier-3 sandbox
-// ---------------------------------------------------------------------------
+// --- systemd-run in the tier-3 sandbox ---
 
 mod systemd {
     //! systemd-run against a throwaway systemd (PID 1 of an nspawn container).
@@ -577,64 +480,45 @@ mod systemd {
     use sandbox::Sandbox;
 
     /// Runs this binary inside the sandbox as the client in `mode`; returns
-    /// the number or list it printed under `key`.
+    /// the JSON value it printed.
     fn inner_client(sb: &Sandbox, exe: &Path, mode: &str, n: usize, p: usize) -> Result<Value> {
         check_interrupted()?;
-        let script = format!(
-            "{INNER_ENV}={mode} AICE_PEERS_N={n} AICE_PEERS_P={p} exec '{}'",
-            exe.display()
-        );
-        let out = sb.sh(&script);
+        let exe = exe.display();
+        let out = sb.sh(&format!(
+            "{INNER_ENV}={mode} AICE_PEERS_N={n} AICE_PEERS_P={p} exec '{exe}'"
+        ));
         check_interrupted()?;
-        let stdout = String::from_utf8_lossy(&out.stdout);
-        let stderr = String::from_utf8_lossy(&out.stderr);
-        let (status, out_err) = (out.status, format!("{}{}", stdout.trim(), stderr.trim()));
+        let [stdout, stderr] = [&out.stdout, &out.stderr].map(|o| String::from_utf8_lossy(o));
+        let (status, output) = (out.status, format!("{}{}", stdout.trim(), stderr.trim()));
         ensure!(
             status.success(),
-            "in-sandbox client `{mode}` failed ({status}): {out_err}"
+            "in-sandbox client `{mode}` failed ({status}): {output}"
         );
         let line = stdout.lines().last().unwrap_or("");
-        serde_json::from_str(line)
-            .with_context(|| format!("in-sandbox client `{mode}` printed {line:?}"))
+        serde_json::from_str(line).with_context(|| format!("client `{mode}` printed {line:?}"))
     }
 
     /// The host pid of the sandbox's PID 1: the child named `systemd` of our
     /// child `systemd-nspawn`.
     fn sandbox_pid1() -> Result<u32> {
-        let child = |parent: u32, name: &str| -> Result<u32> {
-            for entry in fs::read_dir("/proc")?.flatten() {
-                let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-                    continue;
-                };
-                let Ok(stat) = fs::read_to_string(format!("/proc/{pid}/stat")) else {
-                    continue;
-                };
-                let Some((head, rest)) = stat.rsplit_once(')') else {
-                    continue;
-                };
-                let comm = head.split_once('(').map_or("", |(_, c)| c);
-                let ppid = rest.split_whitespace().nth(1).and_then(|p| p.parse().ok());
-                if ppid == Some(parent) && comm == name {
-                    return Ok(pid);
-                }
-            }
-            bail!("no {name} child of pid {parent}")
+        let is_child = |pid: u32, parent: u32, name: &str| -> Option<()> {
+            let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+            let (head, rest) = stat.rsplit_once(')')?;
+            let ppid: u32 = rest.split_whitespace().nth(1)?.parse().ok()?;
+            (ppid == parent && head.split_once('(')?.1 == name).then_some(())
+        };
+        let pids: Vec<u32> = fs::read_dir("/proc")?
+            .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
+            .collect();
+        let child = |parent: u32, name: &str| {
+            let found = pids
+                .iter()
+                .find(|&&pid| is_child(pid, parent, name).is_some());
+            found
+                .copied()
+                .ok_or_else(|| anyhow!("no {name} child of pid {parent}"))
         };
         child(child(std::process::id(), "systemd-nspawn")?, "systemd")
-    }
-
-    /// `RUST_BACKTRACE` in the environment of `pid`.
-    fn backtrace_of(pid: u32) -> String {
-        match fs::read(format!("/proc/{pid}/environ")) {
-            Ok(env) => env
-                .split(|&b| b == 0)
-                .find_map(|kv| kv.strip_prefix(b"RUST_BACKTRACE="))
-                .map_or_else(
-                    || "RUST_BACKTRACE unset (PID 1: env from nspawn)".to_owned(),
-                    |v| format!("RUST_BACKTRACE={}", String::from_utf8_lossy(v)),
-                ),
-            Err(e) => format!("unknown ({e})"),
-        }
     }
 
     /// utime + stime of `pid`, in ms.
@@ -643,18 +527,16 @@ mod systemd {
     }
 
     /// Measures everything for systemd-run.
-    pub(super) fn measure(settings: &Settings) -> Result<Figures> {
+    pub(super) fn measure(knobs: &Knobs) -> Result<Figures> {
         let exe = std::env::current_exe().context("locating this benchmark binary")?;
-        let exe_dir = exe
-            .parent()
-            .ok_or_else(|| anyhow!("{} has no parent", exe.display()))?;
+        let exe_dir = exe.parent().context("the benchmark binary's directory")?;
         if !nix::unistd::geteuid().is_root() {
             let why = "not running as root (the tier-3 sandbox needs root: run scripts/bench.sh peers as root)";
             return Err(Skip(why.to_owned()).into());
         }
         // The raw reference is taken before the boot, on the same quiet machine.
-        let n = settings.knobs.jobs;
-        let raw = raw_reference(n, "before")?;
+        let n = knobs.jobs;
+        let before = raw_reference(n, "before")?;
         let Some(sb) = Sandbox::boot("peers", &[exe_dir]) else {
             let why = "the tier-3 sandbox cannot boot here (see the NOTICE above: \
                        systemd-nspawn, nsenter or systemd missing)";
@@ -662,70 +544,71 @@ mod systemd {
         };
         let version = sb.ok("systemctl --version | head -n 1");
         let pid1 = sandbox_pid1()?;
+        let environ = fs::read(format!("/proc/{pid1}/environ")).unwrap_or_default();
+        let backtrace = environ
+            .split(|&b| b == 0)
+            .find_map(|kv| kv.strip_prefix(b"RUST_BACKTRACE="));
+        let backtrace = backtrace.map(String::from_utf8_lossy).map_or_else(
+            || "RUST_BACKTRACE unset (PID 1: env from nspawn)".to_owned(),
+            |v| format!("RUST_BACKTRACE={v}"),
+        );
         let version = format!("{version} (systemd-run in an nspawn container)");
-        let mut fig = Figures::new(version, backtrace_of(pid1));
+        let mut fig = Figures::new(version, backtrace);
         info("sandbox PID 1 (host pid)", pid1);
         // Let the boot's last jobs finish, and PID 1 go quiet, before measuring.
-        let what = "the sandbox's job queue to empty";
-        poll_until(what, READY_TIMEOUT, Duration::from_millis(100), || {
-            let out = sb.sh("systemctl list-jobs --no-legend");
-            Ok((out.status.success() && out.stdout.trim_ascii().is_empty()).then_some(()))
-        })?;
+        let (what, list_jobs) = (
+            "the sandbox's job queue to empty",
+            "systemctl list-jobs --no-legend",
+        );
+        sb.wait_until(what, READY_TIMEOUT, list_jobs, str::is_empty);
         let settle_start = Instant::now();
         let mut last = (cpu_ms(pid1)?, Instant::now());
-        let quiet = Duration::from_millis(200);
-        let what = "the sandbox's PID 1 to go quiet";
-        let settled = poll_until(what, Duration::from_secs(60), quiet, || {
+        let (what, nap) = (
+            "the sandbox's PID 1 to go quiet",
+            Duration::from_millis(200),
+        );
+        let settled = poll_until(what, Duration::from_secs(60), nap, || {
             let now = cpu_ms(pid1)?;
             if now != last.0 {
                 last = (now, Instant::now());
             }
-            Ok((last.1.elapsed() >= SANDBOX_QUIET).then_some(()))
+            Ok((last.1.elapsed() >= Duration::from_secs(2)).then_some(()))
         });
         match settled {
-            Ok(()) => info(
-                "sandbox quiet (PID 1 used no CPU for 2 s) after",
-                format!("{:.1} s", settle_start.elapsed().as_secs_f64()),
-            ),
+            Ok(()) => {
+                let after = format!("{:.1} s", settle_start.elapsed().as_secs_f64());
+                info("sandbox quiet (PID 1 used no CPU for 2 s) after", after);
+            }
             Err(e) => {
                 check_interrupted()?;
                 println!("  WARNING: measuring anyway: {e:#}");
             }
         }
         let number = |v: Value| v.as_f64().ok_or_else(|| anyhow!("not a number: {v}"));
-        for (i, p) in PARALLELISM.into_iter().enumerate() {
+        let how = "P client threads of systemd-run --wait";
+        fig.throughput(n, before, &[how], |_, p| {
             let inside = number(inner_client(&sb, &exe, "raw", n, p)?)?;
             let label = format!("raw bash -c true inside the sandbox, P={p} (info)");
             info(&label, format!("{inside:.1} jobs/s"));
             let cpu0 = cpu_ms(pid1)?;
             let rate = number(inner_client(&sb, &exe, "systemd-run", n, p)?)?;
-            fig.rate(
-                i,
-                false,
-                &format!("{p} client thread(s) of systemd-run --wait"),
-                rate,
-            );
             let per_job = (cpu_ms(pid1)? - cpu0) / n as f64;
             info("  PID 1 CPU per job", format!("{per_job:.2} ms"));
-        }
-        // The "after" reference is taken on the host with the sandbox idle.
-        fig.bracket_raw(n, raw)?;
+            Ok(rate)
+        })?;
 
         flush_disk();
-        let v = inner_client(&sb, &exe, "latency", settings.knobs.latency_samples, 1)?;
+        let v = inner_client(&sb, &exe, "latency", knobs.latency_samples, 1)?;
         let samples = v.as_array().ok_or_else(|| anyhow!("not a list: {v}"))?;
-        let stats = Stats::of(samples.iter().cloned().map(number).collect::<Result<_>>()?)?;
-        info(
-            "submit -> ExecMainStartTimestamp, `systemd-run`",
-            stats.line(),
-        );
-        fig.latency_cli = Some(stats);
+        let samples = samples.iter().cloned().map(number).collect::<Result<_>>()?;
+        let label = "submit -> ExecMainStartTimestamp, `systemd-run`";
+        fig.latency(true, label, samples)?;
 
         group("idle: the sandbox's PID 1");
         inner_client(&sb, &exe, "systemd-run", IDLE_WARMUP_JOBS, 1)?;
         flush_disk();
-        thread::sleep(IDLE_SETTLE);
-        let idle = idle_window(pid1, settings.knobs.idle, &mut || {
+        thread::sleep(Duration::from_secs(1));
+        let idle = idle_window(pid1, knobs.idle, &mut || {
             check_interrupted()?;
             let alive = Path::new(&format!("/proc/{pid1}")).exists();
             ensure!(alive, "the sandbox's PID 1 exited");
@@ -733,15 +616,12 @@ mod systemd {
         })?;
         // PID 1 is not a Rust program and nspawn gives it its own
         // environment: one window stands for both settings.
-        let idle = print_idle(idle);
-        fig.idle = [Some(idle.clone()), Some(idle)];
+        fig.idle = [Some(print_idle(idle)); 2];
         Ok(fig)
     }
 }
 
-// ---------------------------------------------------------------------------
-// The in-sandbox client
-// ---------------------------------------------------------------------------
+// --- The in-sandbox client ---
 
 mod inner {
     //! This binary, run inside the sandbox (`AICE_PEERS_CLIENT=mode`), as the
@@ -751,18 +631,29 @@ mod inner {
 
     use super::*;
 
-    /// Overall deadline of one client run.
-    const DEADLINE: Duration = Duration::from_secs(1800);
-
     /// Runs `mode` and prints its JSON; exits 1 with the error on failure.
     pub(super) fn main(mode: &str) -> ExitCode {
         // A hung systemd-run must not hang the benchmark.
         thread::spawn(|| {
-            thread::sleep(DEADLINE);
-            eprintln!("in-sandbox client: deadline of {DEADLINE:?} passed");
+            thread::sleep(Duration::from_secs(1800));
+            eprintln!("in-sandbox client: deadline of 30 min passed");
             std::process::exit(3);
         });
-        match run(mode) {
+        let (n, p): (usize, usize) = (
+            env_or("AICE_PEERS_N", 1).unwrap_or(1),
+            env_or("AICE_PEERS_P", 1).unwrap_or(1),
+        );
+        let value: Result<Value> = match mode {
+            "raw" => LoopRun::raw(n, p).map(|r| r.rate.into()),
+            "systemd-run" => {
+                let args = "--wait --quiet --collect -- /bin/bash -c true".split(' ');
+                let job = |_, _| run_ok(Command::new("systemd-run").args(args.clone())).map(drop);
+                split_loop(n, p, job).map(|t| (n as f64 / t.as_secs_f64()).into())
+            }
+            "latency" => latency(n).map(Value::from),
+            _ => Err(anyhow!("unknown mode")),
+        };
+        match value {
             Ok(v) => println!("{v}"),
             Err(e) => {
                 eprintln!("in-sandbox client `{mode}`: {e:#}");
@@ -772,26 +663,10 @@ mod inner {
         ExitCode::SUCCESS
     }
 
-    /// Dispatches on the mode.
-    fn run(mode: &str) -> Result<Value> {
-        let n: usize = env_or("AICE_PEERS_N", 0)?;
-        let p: usize = env_or("AICE_PEERS_P", 1)?;
-        ensure!(
-            n >= 1 && p >= 1,
-            "AICE_PEERS_N and AICE_PEERS_P must be set"
-        );
-        match mode {
-            "raw" => Ok(RawRun::measure(n, p)?.rate.into()),
-            "systemd-run" => {
-                let args = "--wait --quiet --collect -- /bin/bash -c true".split(' ');
-                let elapsed = split_loop(n, p, |_, _| {
-                    run_ok(Command::new("systemd-run").args(args.clone())).map(drop)
-                })?;
-                Ok((n as f64 / elapsed.as_secs_f64()).into())
-            }
-            "latency" => Ok(latency(n)?.into()),
-            _ => bail!("unknown mode {mode:?}"),
-        }
+    /// Property `key` in the output of `systemctl show`.
+    fn prop<'a>(show: &'a str, key: &str) -> Option<&'a str> {
+        show.lines()
+            .find_map(|l| l.strip_prefix(key)?.strip_prefix('='))
     }
 
     /// `n` samples of submit-to-start: `CLOCK_MONOTONIC` before spawning
@@ -799,6 +674,7 @@ mod inner {
     /// and container share the clock). `RemainAfterExit=yes` keeps the
     /// unit's properties until it is stopped after the sample.
     fn latency(n: usize) -> Result<Vec<f64>> {
+        let props = "-p ExecMainStartTimestampMonotonic -p ExecMainExitTimestampMonotonic -p ExecMainStatus";
         let mut out = Vec::with_capacity(n);
         for i in 0..n {
             thread::sleep(sample_gap(i));
@@ -806,39 +682,24 @@ mod inner {
             let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)?;
             let t0_us = ts.tv_sec() as f64 * 1e6 + ts.tv_nsec() as f64 / 1e3;
             let mut cmd = Command::new("systemd-run");
-            cmd.args([
-                "--quiet",
-                "-p",
-                "RemainAfterExit=yes",
-                &format!("--unit={unit}"),
-            ]);
-            run_ok(cmd.args(["--", "/bin/bash", "-c", "true"]))?;
+            let args = format!("--quiet -p RemainAfterExit=yes --unit={unit} -- /bin/bash -c true");
+            run_ok(cmd.args(args.split(' ')))?;
             let what = &format!("{unit} to exit");
-            let props = poll_until(what, READY_TIMEOUT, Duration::from_millis(20), || {
-                let mut show = Command::new("systemctl");
-                show.args(["show", &unit, "-p", "ExecMainStartTimestampMonotonic"]);
-                show.args([
-                    "-p",
-                    "ExecMainExitTimestampMonotonic",
-                    "-p",
-                    "ExecMainStatus",
-                ]);
-                let props: HashMap<String, String> = run_ok(&mut show)?
-                    .lines()
-                    .filter_map(|l| l.split_once('='))
-                    .map(|(k, v)| (k.to_owned(), v.to_owned()))
-                    .collect();
-                let exited = props
-                    .get("ExecMainExitTimestampMonotonic")
-                    .is_some_and(|v| v != "0" && !v.is_empty());
-                Ok(exited.then_some(props))
+            let show = poll_until(what, READY_TIMEOUT, Duration::from_millis(20), || {
+                let show = run_ok(
+                    Command::new("systemctl")
+                        .args(["show", &unit])
+                        .args(props.split(' ')),
+                )?;
+                let exit = prop(&show, "ExecMainExitTimestampMonotonic");
+                Ok(exit
+                    .is_some_and(|v| v != "0" && !v.is_empty())
+                    .then_some(show))
             })?;
-            let ok = props.get("ExecMainStatus").is_some_and(|v| v == "0");
-            ensure!(ok, "{unit} did not exit 0: {props:?}");
-            let start: f64 = props
-                .get("ExecMainStartTimestampMonotonic")
-                .and_then(|v| v.parse().ok())
-                .ok_or_else(|| anyhow!("{unit}: no start timestamp: {props:?}"))?;
+            let ok = prop(&show, "ExecMainStatus") == Some("0");
+            ensure!(ok, "{unit} did not exit 0: {show}");
+            let start = prop(&show, "ExecMainStartTimestampMonotonic").and_then(|v| v.parse().ok());
+            let start: f64 = start.ok_or_else(|| anyhow!("{unit}: no start timestamp: {show}"))?;
             out.push((start - t0_us) / 1e3);
             run_ok(Command::new("systemctl").args(["stop", &unit]))?;
         }
@@ -846,179 +707,150 @@ mod inner {
     }
 }
 
-// ---------------------------------------------------------------------------
-// The table
-// ---------------------------------------------------------------------------
+// --- The table ---
+
+/// A table cell from a tool's figures.
+type Cell<'a> = &'a dyn Fn(&Figures) -> Option<String>;
+/// A figure compared across the tools.
+type Get<'a> = &'a dyn Fn(&Figures) -> Option<f64>;
 
 /// Prints the comparison table in Markdown: a row per figure, with the raw
 /// cell, a cell per tool (ai-cmd-executor first), the target and the verdict.
-fn print_table(settings: &Settings, env: &DaemonEnv, cols: &[Column]) {
-    let mut heads = vec!["figure".to_owned(), "raw `bash -c true`".to_owned()];
-    heads.extend(cols.iter().map(|c| c.name.clone()));
-    heads.extend(["target for ai-cmd-executor".into(), "met?".into()]);
-    let idle_secs = settings.knobs.idle.as_secs_f64();
-    let blank = |c: &Column| match &c.state {
-        State::Measured => "–".to_owned(),
-        State::Skipped(_) => "skipped".to_owned(),
-        State::Failed(_) => "failed".to_owned(),
+fn print_table(knobs: &Knobs, env: &DaemonEnv, cols: &[Column]) {
+    let idle_secs = knobs.idle.as_secs_f64();
+    let aice = cols[0].figures.as_deref().ok();
+    let mut rows: Vec<Vec<String>> = Vec::new();
+    let mut add = |label: &str, raw: Option<String>, cell: Cell, tail: [String; 2]| {
+        let cells = cols.iter().map(|c| match &c.figures {
+            Ok(f) => cell(f).unwrap_or_else(|| "–".into()),
+            Err((word, _)) => word.to_lowercase(),
+        });
+        let raw = raw.unwrap_or_else(|| "–".into());
+        rows.push(
+            [label.to_owned(), raw]
+                .into_iter()
+                .chain(cells)
+                .chain(tail)
+                .collect(),
+        );
     };
-    // A row: the raw cell, then `f` of each tool.
-    let row = |label: String, raw: String, f: &dyn Fn(&Figures) -> Option<String>| {
-        let cells = cols
-            .iter()
-            .map(|c| f(&c.figures).unwrap_or_else(|| blank(c)));
-        let mut r: Vec<String> = [label.trim().to_owned(), raw]
-            .into_iter()
-            .chain(cells)
-            .collect();
-        r.extend([String::new(), String::new()]);
-        r
-    };
-    let aice = cols.first().map(|c| &c.figures);
-
-    // Whether no measured peer is better than ai-cmd-executor on `get`
-    // (a tie counts, and is named; `None` when no peer was measured),
-    // and the comparison in words.
-    let ahead = |get: &dyn Fn(&Figures) -> Option<f64>, higher: bool| -> (Option<bool>, String) {
-        let Some(mine) = aice.and_then(get) else {
-            return (Some(false), "not measured".to_owned());
-        };
-        let mut groups: [Vec<&str>; 4] = Default::default();
-        for peer in cols.iter().skip(1) {
-            let k = match get(&peer.figures) {
-                Some(theirs) if theirs == mine => 1,
-                Some(theirs) if (mine > theirs) == higher => 0,
-                Some(_) => 2,
-                None => 3,
-            };
-            groups[k].push(&peer.name);
+    // The verdict: ai-cmd-executor's own target (`own`: whether it is met,
+    // and the words before the comparison), and no measured peer better on
+    // `get` (a tie counts, and is named).
+    let judge = |get: Get, higher: bool, own: Option<(bool, String)>| {
+        let (mut ok, mut why) = (Some(false), "not measured".to_owned());
+        if let Some(mine) = aice.and_then(get) {
+            let mut groups: [Vec<&str>; 4] = Default::default();
+            for peer in &cols[1..] {
+                let k = match peer.figures.as_deref().ok().and_then(get) {
+                    Some(theirs) if theirs == mine => 1,
+                    Some(theirs) if (mine > theirs) == higher => 0,
+                    Some(_) => 2,
+                    None => 3,
+                };
+                groups[k].push(peer.name);
+            }
+            let words = [
+                "ahead of",
+                "level with",
+                "behind",
+                "not compared with (not measured)",
+            ];
+            let parts = words
+                .iter()
+                .zip(&groups)
+                .filter(|(_, names)| !names.is_empty());
+            let parts: Vec<_> = parts
+                .map(|(w, names)| format!("{w} {}", names.join(", ")))
+                .collect();
+            let compared = groups[..3].iter().any(|g| !g.is_empty());
+            (ok, why) = (compared.then_some(groups[2].is_empty()), parts.join("; "));
         }
-        let words = [
-            "ahead of",
-            "level with",
-            "behind",
-            "not compared with (not measured)",
-        ];
-        let parts: Vec<String> = words
-            .iter()
-            .zip(&groups)
-            .filter(|(_, names)| !names.is_empty())
-            .map(|(word, names)| format!("{word} {}", names.join(", ")))
-            .collect();
-        let compared = groups[..3].iter().any(|g| !g.is_empty());
-        (compared.then_some(groups[2].is_empty()), parts.join("; "))
-    };
-    let judged = |mut r: Vec<String>, target: &str, ok: Option<bool>, why: String| {
+        if let Some((met, words)) = own {
+            ok = if met { ok } else { Some(false) };
+            why = format!("{words}{why}");
+        }
         let word = match ok {
             Some(true) => "MET",
             Some(false) => "MISSED",
             None => "UNCHECKED (no peer measured)",
         };
-        let n = r.len();
-        (r[n - 2], r[n - 1]) = (target.to_owned(), format!("{word}: {why}"));
-        r
+        format!("{word}: {why}")
     };
-    // `own` (a target of ai-cmd-executor alone) and then the comparison.
-    let both = |own: bool, peers: Option<bool>| if own { peers } else { Some(false) };
 
-    let mut env_row = row("daemon environment".into(), "–".into(), &|f| {
-        Some(f.backtrace.clone())
-    });
-    for (cell, c) in env_row.iter_mut().skip(2).zip(cols) {
-        if !matches!(c.state, State::Measured) {
-            *cell = blank(c);
-        }
-    }
-    env_row[cols.len() + 2] = "same for all".to_owned();
-    let mut rows = vec![env_row];
-
+    let tail = ["same for all".to_owned(), String::new()];
+    add(
+        "daemon environment",
+        None,
+        &|f| Some(f.backtrace.clone()),
+        tail,
+    );
     for (i, p) in PARALLELISM.into_iter().enumerate() {
-        let span = |f: &Figures| f.raw_span[i].map(|(b, a)| format!("{b:.1} / {a:.1}"));
-        let raw = aice.and_then(span).unwrap_or_else(|| "–".to_owned());
-        rows.push(row(
-            format!("raw rate before / after the tool, P={p} (jobs/s)"),
-            raw,
-            &span,
-        ));
+        let span = |f: &Figures| f.raw[i].map(|(b, a)| format!("{b:.1} / {a:.1}"));
+        let label = format!("raw rate before / after the tool, P={p} (jobs/s)");
+        add(&label, aice.and_then(span), &span, Default::default());
         let raw = aice
-            .and_then(|f| f.raw[i])
-            .map_or("–".to_owned(), |r| format!("{r:.1} (1.000)"));
-        let r = row(
-            format!("throughput P={p}, jobs/s (ratio to raw)"),
-            raw,
-            &|f| Some(format!("{:.1} ({:.3})", f.rate[i]?, f.rate[i]? / f.raw[i]?)),
+            .and_then(|f| f.reference(i))
+            .map(|r| format!("{r:.1} (1.000)"));
+        let ratio = aice.and_then(|f| Some(f.rate[0][i]? / f.reference(i)?));
+        let words = format!(
+            "{} of raw, ",
+            ratio.map_or("–".into(), |r| format!("{r:.3}"))
         );
-        let ratio = aice.and_then(|f| Some(f.rate[i]? / f.raw[i]?));
-        let (is_ahead, why) = ahead(&|f| f.rate[i], true);
-        let ok = both(ratio.is_some_and(|r| r >= TARGET_RATIO), is_ahead);
-        let ratio = ratio.map_or("–".to_owned(), |r| format!("{r:.3}"));
-        rows.push(judged(
-            r,
-            &format!(">= {TARGET_RATIO} of raw, ahead"),
-            ok,
-            format!("{ratio} of raw, {why}"),
-        ));
+        let own = (ratio.is_some_and(|r| r >= TARGET_RATIO), words);
+        let tail = [
+            format!(">= {TARGET_RATIO} of raw, ahead"),
+            judge(&|f| f.rate[0][i], true, Some(own)),
+        ];
+        add(
+            &format!("throughput P={p}, jobs/s (ratio to raw)"),
+            raw,
+            &|f| f.rate_cell(0, i),
+            tail,
+        );
     }
     for (i, p) in PARALLELISM.into_iter().enumerate() {
-        rows.push(row(
-            format!("  (info) P={p}, one `submit` CLI process per job"),
-            "–".into(),
-            &|f| {
-                Some(format!(
-                    "{:.1} ({:.3})",
-                    f.rate_cli[i]?,
-                    f.rate_cli[i]? / f.raw[i]?
-                ))
-            },
-        ));
+        let label = format!("(info) P={p}, one `submit` CLI process per job");
+        add(&label, None, &|f| f.rate_cell(1, i), Default::default());
     }
-    for (label, get) in [
-        ("p50", (|s: &Stats| s.p50) as fn(&Stats) -> f64),
-        ("p99", |s| s.p99),
-    ] {
-        let r = row(
-            format!("submit -> start {label}, ms (CLI per job)"),
-            "–".into(),
-            &|f| f.latency_cli.map(|s| format!("{:.2}", get(&s))),
+    for (q, name) in ["p50", "p99"].into_iter().enumerate() {
+        let get = |f: &Figures| f.latency[1].map(|s| [s.p50, s.p99][q]);
+        let tail = ["ahead".to_owned(), judge(&get, false, None)];
+        let cell = |f: &Figures| get(f).map(|v| format!("{v:.2}"));
+        add(
+            &format!("submit -> start {name}, ms (CLI per job)"),
+            None,
+            &cell,
+            tail,
         );
-        let (ok, why) = ahead(&|f| f.latency_cli.map(|s| get(&s)), false);
-        rows.push(judged(r, "ahead", ok, why));
     }
-    rows.push(row(
-        "  (info) p50 / p99, ms, file dropped by rename".into(),
-        "–".into(),
-        &|f| {
-            f.latency_drop
-                .map(|s| format!("{:.2} / {:.2}", s.p50, s.p99))
-        },
-    ));
-
-    let settings_labels = [
+    let label = "(info) p50 / p99, ms, file dropped by rename";
+    let by_drop = |f: &Figures| f.latency[0].map(|s| format!("{:.2} / {:.2}", s.p50, s.p99));
+    add(label, None, &by_drop, Default::default());
+    let settings = [
         format!("{}, as the shell has it", env.backtrace()),
-        env.other_backtrace().backtrace(),
+        env.other().backtrace(),
     ];
-    for (k, setting) in settings_labels.iter().enumerate() {
-        let idle = move |f: &Figures| f.idle[k].clone();
+    for (k, setting) in settings.iter().enumerate() {
         let labels = [
             "idle RSS of the daemon, MiB".to_owned(),
             format!("idle CPU time in {idle_secs:.0} s, ms"),
             format!("idle wake-ups in {idle_secs:.0} s (ctx switches)"),
         ];
-        for (j, label) in labels.into_iter().enumerate() {
-            let get = move |i: &Idle| [i.rss_kib as f64 / 1024.0, i.cpu_ms, i.wakeups as f64][j];
+        for (j, label) in labels.iter().enumerate() {
+            let get = |f: &Figures| {
+                f.idle[k].map(|i| [i.rss_kib as f64 / 1024.0, i.cpu_ms, i.wakeups as f64][j])
+            };
+            let zero = aice.and_then(|f| f.idle[k]).is_some_and(|i| i.wakeups == 0);
+            let own = (zero, format!("{}; ", if zero { "none" } else { "some" }));
+            let (target, own) = match j {
+                2 => ("0 (no heartbeat outside systemd), ahead", Some(own)),
+                _ => ("ahead", None),
+            };
+            let tail = [target.to_owned(), judge(&get, false, own)];
             let digits = if j == 0 { 2 } else { 0 };
-            let r = row(format!("{label} [{setting}]"), "–".into(), &|f| {
-                idle(f).map(|i| format!("{:.digits$}", get(&i)))
-            });
-            let (ok, why) = ahead(&|f| idle(f).map(|i| get(&i)), false);
-            if j < 2 {
-                rows.push(judged(r, "ahead", ok, why));
-                continue;
-            }
-            let zero = aice.and_then(idle).is_some_and(|i| i.wakeups == 0);
-            let why = format!("{}; {why}", if zero { "none" } else { "some" });
-            let target = "0 (no heartbeat outside systemd), ahead";
-            rows.push(judged(r, target, both(zero, ok), why));
+            let cell = |f: &Figures| get(f).map(|v| format!("{v:.digits$}"));
+            add(&format!("{label} [{setting}]"), None, &cell, tail);
         }
     }
 
@@ -1028,7 +860,7 @@ fn print_table(settings: &Settings, env: &DaemonEnv, cols: &[Column]) {
              each idle window ({idle_secs:.0} s) on a fresh daemon after {IDLE_WARMUP_JOBS} jobs \
              submitted through its CLI (systemd-run: one window of the sandbox's PID 1, shown \
              for both settings); CPU time has the 10 ms resolution of /proc/<pid>/stat.",
-            settings.knobs.jobs, settings.knobs.latency_samples
+            knobs.jobs, knobs.latency_samples
         ),
         format!(
             "Each ratio is against that tool's raw reference: the mean of the raw rates measured \
@@ -1039,10 +871,9 @@ fn print_table(settings: &Settings, env: &DaemonEnv, cols: &[Column]) {
             env.backtrace_line()
         ),
     ];
-    notes.extend(cols.iter().map(|c| match &c.state {
-        State::Measured => format!("{}: {}", c.name, c.figures.version),
-        State::Skipped(why) => format!("{} skipped: {why}", c.name),
-        State::Failed(why) => format!("{} FAILED: {why}", c.name),
+    notes.extend(cols.iter().map(|c| match &c.figures {
+        Ok(f) => format!("{}: {}", c.name, f.version),
+        Err((word, why)) => format!("{} {word}: {why}", c.name),
     }));
     let esc = |s: &str| s.replace('|', "\\|");
     let line = |r: &[String]| {
@@ -1050,8 +881,14 @@ fn print_table(settings: &Settings, env: &DaemonEnv, cols: &[Column]) {
             .map(|c| format!(" {} |", esc(c)))
             .collect::<String>()
     };
-    println!("|{}", line(&heads));
-    println!("|{}", " --- |".repeat(heads.len()));
+    let heads = ["figure", "raw `bash -c true`"]
+        .into_iter()
+        .chain(cols.iter().map(|c| c.name));
+    let heads: Vec<String> = heads
+        .chain(["target for ai-cmd-executor", "met?"])
+        .map(Into::into)
+        .collect();
+    println!("|{}\n|{}", line(&heads), " --- |".repeat(heads.len()));
     rows.iter().for_each(|r| println!("|{}", line(r)));
     println!();
     notes.iter().for_each(|n| println!("- {}", esc(n)));

@@ -25,7 +25,7 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::{Context as _, Result, ensure};
 use common::*;
 
-/// Write+fsync probes for the durability floor, and the probe's size.
+/// Write+fsync probes for the durability floor.
 const FSYNC_SAMPLES: usize = 100;
 /// Size of the write+fsync probe file (about the size of a result file).
 const FSYNC_PROBE_BYTES: usize = 300;
@@ -38,12 +38,8 @@ const FILE_WORK_BATCH: usize = 32;
 const LATENCY_GAP: Duration = Duration::from_millis(2);
 /// Number of warm-up jobs before the idle window.
 const IDLE_WARMUP_JOBS: usize = 100;
-/// How long the malformed idle warm-up job may stay in `pending/`/`running/`.
-const MALFORMED_TIMEOUT: Duration = Duration::from_secs(10);
-/// Target: p50 of drop -> `started_at`, in ms.
-const TARGET_START_P50_MS: f64 = 0.5;
-/// Target: p50 of result latency minus bare spawn, in ms.
-const TARGET_OVERHEAD_P50_MS: f64 = 0.5;
+/// Target: p50 of drop -> `started_at`, and of result latency minus bare spawn, in ms.
+const TARGET_LATENCY_P50_MS: f64 = 0.5;
 /// Target: idle VmRSS, in KiB (8 MiB).
 const TARGET_RSS_KIB: u64 = 8 * 1024;
 
@@ -57,415 +53,273 @@ struct Location {
 /// the temp dir and, when it exists, `/dev/shm`.
 fn locations() -> Result<Vec<Location>> {
     let spec = std::env::var("BENCH_SPOOLS").unwrap_or_default();
-    let mut pairs: Vec<(String, PathBuf)> = Vec::new();
-    for pair in spec.split(';').filter(|p| !p.trim().is_empty()) {
-        let (label, dir) = pair
-            .split_once('=')
-            .with_context(|| format!("BENCH_SPOOLS entry {pair:?} is not label=dir"))?;
-        pairs.push((label.trim().to_owned(), PathBuf::from(dir.trim())));
+    let default = format!("disk={};tmpfs=/dev/shm", std::env::temp_dir().display());
+    let given = !spec.trim().is_empty();
+    let mut out = Vec::new();
+    for pair in (if given { &spec } else { &default }).split(';') {
+        let (label, dir) = pair.split_once('=').unwrap_or(("", pair));
+        let base = PathBuf::from(dir.trim());
+        if !base.is_dir() {
+            ensure!(!given, "BENCH_SPOOLS: {pair:?} is not label=directory");
+            continue;
+        }
+        let label = format!("{}: {} ({})", label.trim(), base.display(), fs_of(&base).1);
+        out.push(Location { label, base });
     }
-    if pairs.is_empty() {
-        pairs.push(("disk".into(), std::env::temp_dir()));
-        pairs.extend(
-            Path::new("/dev/shm")
-                .is_dir()
-                .then(|| ("tmpfs".into(), "/dev/shm".into())),
-        );
-    }
-    pairs
-        .into_iter()
-        .map(|(label, base)| {
-            let shown = base.display();
-            ensure!(base.is_dir(), "BENCH_SPOOLS: {shown} is not a directory");
-            let label = format!("{label}: {} ({})", base.display(), fs_type(&base));
-            Ok(Location { label, base })
-        })
-        .collect()
+    Ok(out)
 }
 
 /// Runs the sections asked for; exits non-zero only when the worker failed.
 fn main() -> ExitCode {
-    let settings = || {
-        let knobs = Knobs::from_env(30.0)?;
+    run_bench("ai-cmd-executor benchmark", || {
         let rounds: usize = env_or("BENCH_ROUNDS", 5)?;
+        let knobs = Knobs::from_env(30.0, &format!(" BENCH_ROUNDS={rounds}"))?;
         ensure!(rounds >= 1, "BENCH_ROUNDS must be at least 1");
         let sections = env_list("BENCH_SECTIONS", &["throughput", "latency", "idle"])?;
-        let line = format!("{} BENCH_ROUNDS={rounds}", knobs.line());
-        Ok(((knobs, rounds, sections, locations()?), line))
-    };
-    run_bench(
-        "ai-cmd-executor benchmark",
-        settings,
-        |(knobs, rounds, sections, locations)| {
-            for loc in &locations {
-                println!("spool:   {}", loc.label);
-            }
-            let env = DaemonEnv::capture();
-            let inherited = env.with_backtrace(env.get("RUST_BACKTRACE").as_deref());
-            let wants = |x: &str| sections.iter().any(|s| s == x);
-            if wants("throughput") {
-                section(&format!("1. Throughput: {} jobs of `true`", knobs.jobs));
-                for p in PARALLELISM {
-                    throughput(&locations, knobs.jobs, p, rounds, &inherited)?;
-                }
-            }
-            if wants("latency") {
-                let n = knobs.latency_samples;
-                section(&format!(
-                    "2. Latency: {n} jobs dropped one at a time into an idle worker (P=1)"
-                ));
-                for loc in &locations {
-                    latency(loc, n, &inherited)?;
-                }
-            }
-            if wants("idle") {
-                let secs = knobs.idle.as_secs_f64();
-                section(&format!(
-                    "3. Idle: {secs:.0} s window after {IDLE_WARMUP_JOBS} jobs + 1 malformed job"
-                ));
-                for backtrace in [None, Some("1")] {
-                    idle(&env.with_backtrace(backtrace), knobs.idle)?;
-                }
-            }
-            Ok(true)
-        },
-    )
-}
-
-// ---------------------------------------------------------------------------
-// 1. Throughput
-// ---------------------------------------------------------------------------
-
-/// A fresh directory under `base` with the spool layout the contract loops use.
-fn contract_dir(base: &Path) -> Result<RunDir> {
-    let root = RunDir::new("ai-cmd-bench-contract-", Some(base))?;
-    for sub in ["tmp", "pending", "running", "completed", "logs"] {
-        fs::create_dir(root.path().join(sub))?;
-    }
-    Ok(root)
-}
-
-/// The contract loop: `n` jobs over `p` threads, each doing inline what the
-/// spool contract asks of a submitter and a worker (the job file written
-/// and renamed into `pending/`, read back and renamed into `running/`, a
-/// log given to `bash -c true` as its output, a result written, fsynced and
-/// renamed into `completed/`, the `running/` file removed). No daemon, no
-/// queue: what the file system charges any implementation of the contract.
-/// Returns jobs/s and the `bash` children's CPU time per job in ms.
-fn contract_throughput(base: &Path, n: usize, p: usize) -> Result<(f64, f64)> {
-    let root = contract_dir(base)?;
-    let dir = root.path();
-    let cpu_before = CpuTimes::of("self")?;
-    let elapsed = split_loop(n, p, |t, i| {
-        let id = format!("c{t}-{i:06}");
-        let (log, running) = submit_and_claim(dir, &id)?;
-        bash_true(Some(log))?;
-        let (result, staged) = write_result(dir, &id)?;
-        result.sync_all()?;
-        drop(result);
-        put_in_place(dir, &id, &staged, &running)
-    })?;
-    let (_, child_ms) = CpuTimes::of("self")?.ms_since(cpu_before);
-    Ok((n as f64 / elapsed.as_secs_f64(), child_ms / n as f64))
-}
-
-/// The file-work loop: the machine's CPU time per job, in ms, for the
-/// contract loop's file work with no process, over `p` threads, each
-/// staging up to [`FILE_WORK_BATCH`] results with their write-back started
-/// before it syncs and renames them (as the worker's recorder does).
-fn file_work_cpu(base: &Path, n: usize, p: usize) -> Result<f64> {
-    let root = contract_dir(base)?;
-    let dir = root.path();
-    let machine_before = MachineCpu::now()?;
-    // One call per thread: thread `t` does its share of the `n` in batches.
-    split_loop(p, p, |t, _| {
-        let share = n / p + usize::from(t < n % p);
-        let mut staged = Vec::with_capacity(FILE_WORK_BATCH);
-        for start in (0..share).step_by(FILE_WORK_BATCH) {
-            for i in start..share.min(start + FILE_WORK_BATCH) {
-                let id = format!("f{t}-{i:06}");
-                let (_log, running) = submit_and_claim(dir, &id)?;
-                let (result, tmp) = write_result(dir, &id)?;
-                // Starts the write-back, as `ai_cmd_executor::spool::Staged` does.
-                let advice = nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED;
-                let _ = nix::fcntl::posix_fadvise(&result, 0, 0, advice);
-                staged.push((id, result, tmp, running));
-            }
-            for (id, result, tmp, running) in staged.drain(..) {
-                result.sync_all()?;
-                drop(result);
-                put_in_place(dir, &id, &tmp, &running)?;
+        let locations = locations()?;
+        for loc in &locations {
+            println!("spool:   {}", loc.label);
+        }
+        let env = DaemonEnv::shell();
+        let wants = |x: &str| sections.iter().any(|s| s == x);
+        if wants("throughput") {
+            section(&format!("1. Throughput: {} jobs of `true`", knobs.jobs));
+            for p in PARALLELISM {
+                throughput(&locations, knobs.jobs, p, rounds, &env)?;
             }
         }
-        Ok(())
-    })?;
-    Ok(MachineCpu::now()?.busy_ms_since(machine_before) / n as f64)
+        if wants("latency") {
+            let n = knobs.latency_samples;
+            section(&format!(
+                "2. Latency: {n} jobs dropped one at a time into an idle worker (P=1)"
+            ));
+            for loc in &locations {
+                latency(loc, n, &env)?;
+            }
+        }
+        if wants("idle") {
+            let secs = knobs.idle.as_secs_f64();
+            section(&format!(
+                "3. Idle: {secs:.0} s window after {IDLE_WARMUP_JOBS} jobs + 1 malformed job"
+            ));
+            for backtrace in [None, Some("1")] {
+                idle(&DaemonEnv::with_backtrace(backtrace), knobs.idle)?;
+            }
+        }
+        Ok(true)
+    })
 }
 
-/// The contract's file work for job `id` up to its process; returns the
-/// job's log and its `running/` path.
-fn submit_and_claim(dir: &Path, id: &str) -> Result<(File, PathBuf)> {
-    check_interrupted()?;
-    let name = format!("{id}.json");
-    let [tmp, pending, running] = ["tmp", "pending", "running"].map(|d| dir.join(d).join(&name));
-    fs::write(&tmp, TRUE_JOB)?;
-    fs::rename(&tmp, &pending)?;
-    ensure!(
-        fs::read(&pending)? == TRUE_JOB,
-        "the job file read back differs"
-    );
-    fs::rename(&pending, &running)?;
-    let log = File::options()
-        .write(true)
-        .create_new(true)
-        .open(dir.join("logs").join(format!("{id}.log")))?;
-    Ok((log, running))
+// --- 1. Throughput ---
+
+/// The contract loop (`spawn`) or the file-work loop: `n` jobs over `p`
+/// threads in a fresh directory under `base`, each doing what the spool
+/// contract asks of a submitter and a worker: the job file written and
+/// renamed into `pending/`, read back and renamed into `running/`, a log
+/// created (given to `bash -c true` as its output when `spawn`), a result
+/// written, fsynced and renamed into `completed/`, the `running/` file
+/// removed. No daemon, no queue: what the file system charges any
+/// implementation of the contract. The file-work loop runs no process and
+/// stages up to [`FILE_WORK_BATCH`] results per thread with their write-back
+/// started before it syncs and renames them, as the worker's recorder does.
+fn contract_loop(base: &Path, n: usize, p: usize, spawn: bool) -> Result<LoopRun> {
+    let root = RunDir::new("ai-cmd-bench-contract-", Some(base))?;
+    let dir = root.path();
+    for sub in ["tmp", "pending", "running", "completed", "logs"] {
+        fs::create_dir(dir.join(sub))?;
+    }
+    let batch = if spawn { 1 } else { FILE_WORK_BATCH };
+    // One call per thread: thread `t` does its share of the `n` in batches.
+    LoopRun::time(n, "self", || {
+        split_loop(p, p, |t, _| {
+            let share = n / p + usize::from(t < n % p);
+            let mut staged = Vec::with_capacity(batch);
+            for i in 0..share {
+                check_interrupted()?;
+                let name = format!("{t}-{i:06}.json");
+                let [tmp, pending, running] =
+                    ["tmp", "pending", "running"].map(|d| dir.join(d).join(&name));
+                fs::write(&tmp, TRUE_JOB)?;
+                fs::rename(&tmp, &pending)?;
+                ensure!(
+                    fs::read(&pending)? == TRUE_JOB,
+                    "the job file read back differs"
+                );
+                fs::rename(&pending, &running)?;
+                let log = File::create_new(dir.join("logs").join(format!("{name}.log")))?;
+                if spawn {
+                    bash_true(Some(log))?;
+                }
+                let tmp = dir.join("completed").join(format!(".{name}.tmp"));
+                let mut result = File::create(&tmp)?;
+                result.write_all(&[b' '; RESULT_BYTES])?;
+                if !spawn {
+                    // Starts the write-back, as `ai_cmd_executor::spool::Staged` does.
+                    let advice = nix::fcntl::PosixFadviseAdvice::POSIX_FADV_DONTNEED;
+                    let _ = nix::fcntl::posix_fadvise(&result, 0, 0, advice);
+                }
+                staged.push((name, result, tmp, running));
+                if staged.len() == batch || i + 1 == share {
+                    for (name, result, tmp, running) in staged.drain(..) {
+                        result.sync_all()?;
+                        drop(result);
+                        fs::rename(tmp, dir.join("completed").join(name))?;
+                        fs::remove_file(running)?;
+                    }
+                }
+            }
+            Ok(())
+        })
+    })
 }
 
-/// A result of a real result's size in a temporary file in `completed/`,
-/// not yet synced.
-fn write_result(dir: &Path, id: &str) -> Result<(File, PathBuf)> {
-    let tmp = dir.join("completed").join(format!(".{id}.json.tmp"));
-    let mut result = File::create(&tmp)?;
-    result.write_all(&[b' '; RESULT_BYTES])?;
-    Ok((result, tmp))
-}
-
-/// Renames a synced result into place and removes the job's `running/` file.
-fn put_in_place(dir: &Path, id: &str, tmp: &Path, running: &Path) -> Result<()> {
-    fs::rename(tmp, dir.join("completed").join(format!("{id}.json")))?;
-    Ok(fs::remove_file(running)?)
-}
-
-/// One location's figures over the rounds (one entry per round).
-#[derive(Default)]
-struct Rounds {
-    rates: Vec<f64>,
-    ratios: Vec<f64>,
-    contract_rates: Vec<f64>,
-    contract_ratios: Vec<f64>,
-    contract_bash: Vec<f64>,
-    file_work: Vec<f64>,
-    ceilings: Vec<f64>,
-    last: Option<WorkerRun>,
+/// One round's figures in one location.
+struct Round {
+    worker: LoopRun,
+    contract: LoopRun,
+    file_work_ms: f64, // the file-work loop's machine CPU per job
+    reference: f64,    // mean of the raw rates just before and after
+    ceiling: f64,      // the CPU ceiling, as a ratio to `reference`
 }
 
 /// Throughput at parallelism `p` in every location over `rounds` rounds
 /// (see the module documentation), then the report.
-fn throughput(
-    locations: &[Location],
-    n: usize,
-    p: usize,
-    rounds: usize,
-    env: &DaemonEnv,
-) -> Result<()> {
+fn throughput(locs: &[Location], n: usize, p: usize, rounds: usize, env: &DaemonEnv) -> Result<()> {
     group(&format!("P={p}"));
-    let mut raws: Vec<RawRun> = Vec::new();
-    let mut per: Vec<Rounds> = locations.iter().map(|_| Rounds::default()).collect();
+    let mut raws = Vec::new();
+    let mut per: Vec<Vec<Round>> = locs.iter().map(|_| Vec::new()).collect();
+    let mut last_runs = vec![Vec::new(); locs.len()];
     for _ in 0..rounds {
-        let mut before = RawRun::measure(n, p)?;
-        raws.push(before);
-        for (loc, r) in locations.iter().zip(&mut per) {
-            let (contract, contract_bash_ms) = contract_throughput(&loc.base, n, p)?;
-            let file_work_ms = file_work_cpu(&loc.base, n, p)?;
-            let run = worker_throughput(&loc.base, n, p, env)?;
-            let after = RawRun::measure(n, p)?;
+        raws.push(LoopRun::raw(n, p)?);
+        for (k, loc) in locs.iter().enumerate() {
+            let contract = contract_loop(&loc.base, n, p, true)?;
+            let file_work_ms = contract_loop(&loc.base, n, p, false)?.busy_ms;
+            let (worker, runs) = worker_throughput(&loc.base, n, p, env)?;
+            let before = raws[raws.len() - 1];
+            let after = LoopRun::raw(n, p)?;
             raws.push(after);
             let reference = (before.rate + after.rate) / 2.0;
             let raw_busy_ms = (before.busy_ms + after.busy_ms) / 2.0;
-            let capacity = after.cpus as f64 * 1000.0 / (raw_busy_ms + file_work_ms);
-            r.ratios.push(run.rate() / reference);
-            r.rates.push(run.rate());
-            r.contract_ratios.push(contract / reference);
-            r.contract_rates.push(contract);
-            r.contract_bash.push(contract_bash_ms);
-            r.file_work.push(file_work_ms);
-            r.ceilings.push(capacity / reference);
-            r.last = Some(run);
-            before = after;
+            let ceiling = after.cpus as f64 * 1000.0 / (raw_busy_ms + file_work_ms) / reference;
+            let round = Round {
+                worker,
+                contract,
+                file_work_ms,
+                reference,
+                ceiling,
+            };
+            per[k].push(round);
+            last_runs[k] = runs;
         }
     }
-    let of_raws = |f: fn(&RawRun) -> f64| raws.iter().map(f).collect::<Vec<_>>();
-    infos(&[
-        (
-            &format!("raw bash -c true loop ({p} thread(s)), median"),
-            format!("{:.1} jobs/s", median(&of_raws(|r| r.rate))),
-        ),
-        (
-            "  raw, each run",
-            format!("{} jobs/s", list(&of_raws(|r| r.rate), 0)),
-        ),
-        (
-            "  bash CPU per job (raw loop)",
-            ms(median(&of_raws(|r| r.child_ms))),
-        ),
-        (
-            "  machine CPU per job (raw loop, all CPUs)",
-            ms(median(&of_raws(|r| r.busy_ms))),
-        ),
-        (
-            "  CPUs idle during the raw loop, each run",
-            list(&of_raws(|r| r.idle * 100.0), 1) + " %",
-        ),
-    ]);
-    for (loc, r) in locations.iter().zip(&per) {
-        let worker = format!("worker, max_parallel={p}, {}", loc.label);
-        info(&worker, format!("{:.1} jobs/s", median(&r.rates)));
-        let ratio = median(&r.ratios);
-        let target = format!(">= {TARGET_RATIO}");
-        check(
-            "ratio worker/raw (median of rounds)",
-            format!("{ratio:.3}"),
-            target,
-            ratio >= TARGET_RATIO,
+    let raw = |f: fn(&LoopRun) -> f64| raws.iter().map(f).collect::<Vec<_>>();
+    let rates = raw(|r| r.rate);
+    let label = format!("raw bash -c true loop ({p} thread(s)), median");
+    info(&label, format!("{:.1} jobs/s", median(&rates)));
+    info("  raw, each run", format!("{} jobs/s", list(&rates, 0)));
+    info(
+        "  bash CPU per job (raw loop)",
+        ms(median(&raw(|r| r.child_ms))),
+    );
+    info(
+        "  machine CPU per job (raw loop, all CPUs)",
+        ms(median(&raw(|r| r.busy_ms))),
+    );
+    let idle = list(&raw(|r| r.idle * 100.0), 1);
+    info("  CPUs idle during the raw loop, each run", idle + " %");
+    let target = format!(">= {TARGET_RATIO}");
+    for ((loc, rounds), runs) in locs.iter().zip(&per).zip(&last_runs) {
+        let of = |f: fn(&Round) -> f64| rounds.iter().map(f).collect::<Vec<_>>();
+        let med = |f: fn(&Round) -> f64| median(&of(f));
+        let rate = format!("{:.1} jobs/s", med(|r| r.worker.rate));
+        info(&format!("worker, max_parallel={p}, {}", loc.label), rate);
+        let ratio = med(|r| r.worker.rate / r.reference);
+        let (value, ok) = (format!("{ratio:.3}"), ratio >= TARGET_RATIO);
+        check("ratio worker/raw (median of rounds)", value, &target, ok);
+        info(
+            "  ratio, each round",
+            list(&of(|r| r.worker.rate / r.reference), 3),
         );
-        let (contract, contract_ratio) = (median(&r.contract_rates), median(&r.contract_ratios));
-        let of_ceiling = median(&quotients(&r.ratios, &r.ceilings));
-        infos(&[
-            ("  ratio, each round", list(&r.ratios, 3)),
-            (
-                "  contract loop (same file work inline, no daemon), median",
-                format!("{contract:.1} jobs/s, {contract_ratio:.3} of raw"),
-            ),
-            (
-                "  ratio contract loop/raw, each round",
-                list(&r.contract_ratios, 3),
-            ),
-            (
-                "  bash CPU per job in the contract loop (median)",
-                ms(median(&r.contract_bash)),
-            ),
-            (
-                "  ratio worker/contract loop (median of rounds)",
-                format!("{:.3}", median(&quotients(&r.rates, &r.contract_rates))),
-            ),
-            (
-                "  contract file work alone (no process, batched), CPU per job",
-                format!(
-                    "{} (each round: {} ms)",
-                    ms(median(&r.file_work)),
-                    list(&r.file_work, 3)
-                ),
-            ),
-            (
-                "  CPU ceiling: CPUs / (raw + file work CPU), of raw, each round",
-                list(&r.ceilings, 3),
-            ),
-            (
-                "  CPU ceiling (median); worker/ceiling (median)",
-                format!("{:.3}; {of_ceiling:.3}", median(&r.ceilings)),
-            ),
-        ]);
-        if let Some(run) = &r.last {
-            note("details of the last round:");
-            run.print_details();
+        let contract_ratio = med(|r| r.contract.rate / r.reference);
+        let contract = format!(
+            "{:.1} jobs/s, {contract_ratio:.3} of raw",
+            med(|r| r.contract.rate)
+        );
+        info(
+            "  contract loop (same file work inline, no daemon), median",
+            contract,
+        );
+        let contract_ratios = list(&of(|r| r.contract.rate / r.reference), 3);
+        info("  ratio contract loop/raw, each round", contract_ratios);
+        let worker_per_contract = format!("{:.3}", med(|r| r.worker.rate / r.contract.rate));
+        info(
+            "  ratio worker/contract loop (median of rounds)",
+            worker_per_contract,
+        );
+        let file_work = of(|r| r.file_work_ms);
+        let file_work = format!(
+            "{} (each round: {} ms)",
+            ms(median(&file_work)),
+            list(&file_work, 3)
+        );
+        info(
+            "  contract file work alone (no process, batched), CPU per job",
+            file_work,
+        );
+        let ceilings = list(&of(|r| r.ceiling), 3);
+        info(
+            "  CPU ceiling: CPUs / (raw + file work CPU), of raw, each round",
+            ceilings,
+        );
+        let of_ceiling = med(|r| r.worker.rate / r.reference / r.ceiling);
+        let ceiling = format!("{:.3}; {of_ceiling:.3}", med(|r| r.ceiling));
+        info("  CPU ceiling (median); worker/ceiling (median)", ceiling);
+        note("details of the last round:");
+        let w = rounds.last().expect("at least one round").worker;
+        info("    worker's own CPU per job", ms(w.own_ms));
+        info("    bash CPU per job (worker's children)", ms(w.child_ms));
+        info(
+            "    CPUs idle during the drain",
+            format!("{:.1} %", w.idle * 100.0),
+        );
+        if p == 1 && runs.len() > 1 {
+            let mut runs = runs.clone();
+            runs.sort_by_key(|&(s, _)| s);
+            let g = Stats::of(runs.windows(2).map(|w| signed_ms(w[1].0, w[0].1)).collect())?;
+            let gap = format!("{:.3}/{:.3} ms", g.p50, g.p99);
+            info("    gap finished_at -> next started_at p50/p99", gap);
         }
     }
     Ok(())
 }
 
-/// One timed batch of jobs through a worker.
-struct WorkerRun {
-    jobs: usize,
-    parallel: usize,
-    elapsed: Duration,                   // first drop to last result
-    dropped: Duration,                   // time to drop all jobs
-    runs: Vec<(SystemTime, SystemTime)>, // started_at, finished_at
-    overflows: usize,                    // inotify queue overflows
-    worker_cpu_ms: f64,
-    jobs_cpu_ms: f64, // the worker's reaped children
-    idle: f64,        // share of the machine's CPU time idle in the drain
-}
-
-impl WorkerRun {
-    /// Jobs per second.
-    fn rate(&self) -> f64 {
-        self.jobs as f64 / self.elapsed.as_secs_f64()
-    }
-
-    /// Prints timing details derived from the results' own timestamps.
-    fn print_details(&self) {
-        let per_job = |v: f64| ms(v / self.jobs as f64);
-        let busy_ms: f64 = self.runs.iter().map(|&(s, f)| signed_ms(f, s)).sum();
-        let wall_ms = self.elapsed.as_secs_f64() * 1e3;
-        infos(&[
-            ("    first drop -> last result", ms(wall_ms)),
-            (
-                &format!("    time to drop all {} jobs", self.jobs),
-                ms(self.dropped.as_secs_f64() * 1e3),
-            ),
-            ("    mean started_at -> finished_at", per_job(busy_ms)),
-            (
-                "    mean concurrency (sum of run times / wall)",
-                format!("{:.2}", busy_ms / wall_ms),
-            ),
-            ("    worker's own CPU per job", per_job(self.worker_cpu_ms)),
-            (
-                "    bash CPU per job (worker's children)",
-                per_job(self.jobs_cpu_ms),
-            ),
-            (
-                "    CPUs idle during the drain",
-                format!("{:.1} %", self.idle * 100.0),
-            ),
-        ]);
-        if self.parallel == 1 && self.runs.len() > 1 {
-            let mut runs = self.runs.clone();
-            runs.sort_by_key(|&(s, _)| s);
-            let gaps: Vec<f64> = runs.windows(2).map(|w| signed_ms(w[1].0, w[0].1)).collect();
-            if let Ok(g) = Stats::of(gaps) {
-                let gap = format!("{:.3}/{:.3} ms", g.p50, g.p99);
-                info("    gap finished_at -> next started_at p50/p99", gap);
-            }
-        }
-        if self.overflows > 0 {
-            note(&format!(
-                "inotify queue overflowed {} time(s); completion times fell back to directory scans",
-                self.overflows
-            ));
-        }
-    }
-}
-
 /// Drops `n` jobs as fast as possible into a fresh worker with
-/// `max_parallel = p` on a spool under `base`, and times them.
-fn worker_throughput(base: &Path, n: usize, p: usize, env: &DaemonEnv) -> Result<WorkerRun> {
+/// `max_parallel = p` on a spool under `base`: the drain (first drop to
+/// last result, with the worker's CPU), and each job's run times.
+fn worker_throughput(
+    base: &Path,
+    n: usize,
+    p: usize,
+    env: &DaemonEnv,
+) -> Result<(LoopRun, Vec<(SystemTime, SystemTime)>)> {
     let mut fx = Fixture::start(Some(base), Some(p), env)?;
     let ids: Vec<String> = (0..n).map(|i| format!("tp{p}-{i:06}")).collect();
-    let pid = fx.worker.pid();
-    let cpu_before = CpuTimes::of(pid)?;
-    let machine_before = MachineCpu::now()?;
-    let start = Instant::now();
-    for id in &ids {
-        fx.submit(id, TRUE_JOB)?;
-    }
-    let dropped = start.elapsed();
-    let last = fx
-        .wait(&mut ids.iter().cloned().collect())
-        .with_context(|| format!("throughput run P={p} in {}", fx.spool.display()))?;
-    let idle = MachineCpu::now()?.idle_share_since(machine_before);
-    let (worker_cpu_ms, jobs_cpu_ms) = CpuTimes::of(pid)?.ms_since(cpu_before);
+    let run = LoopRun::time(n, fx.worker.pid(), || {
+        let start = Instant::now();
+        ids.iter().try_for_each(|id| fx.submit(id, false))?;
+        let last = fx.wait(&mut ids.iter().cloned().collect());
+        Ok(
+            last.with_context(|| format!("throughput run P={p} in {}", fx.spool.display()))?
+                - start,
+        )
+    })?;
     // Checked after the timed part: every job must have succeeded.
-    let runs = ids
-        .iter()
-        .map(|id| fx.succeeded(id))
-        .collect::<Result<_>>()?;
-    Ok(WorkerRun {
-        jobs: n,
-        parallel: p,
-        elapsed: last - start,
-        dropped,
-        runs,
-        overflows: fx.overflows(),
-        worker_cpu_ms,
-        jobs_cpu_ms,
-        idle,
-    })
+    let runs = ids.iter().map(|id| fx.succeeded(id));
+    let runs = runs.collect::<Result<_>>()?;
+    Ok((run, runs))
 }
 
-// ---------------------------------------------------------------------------
-// 2. Latency
-// ---------------------------------------------------------------------------
+// --- 2. Latency ---
 
 /// Single-job latency on a spool in `loc`. The bare spawn reference is
 /// interleaved with the worker samples, each after the same idle gap: on a
@@ -474,139 +328,97 @@ fn latency(loc: &Location, samples: usize, env: &DaemonEnv) -> Result<()> {
     group(&loc.label);
     let mut fx = Fixture::start(Some(&loc.base), Some(1), env)?;
     info("spool", fx.spool.display());
-    let (mut to_start, mut to_result, mut run, mut record, mut bare) =
-        (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    // Bare spawn, drop -> started_at, drop -> result file, run, finished_at -> result file.
+    let mut v: [Vec<f64>; 5] = Default::default();
     for i in 0..samples {
         let id = format!("lat-{i:05}");
         thread::sleep(LATENCY_GAP);
         let t = Instant::now();
         bash_true(None)?;
-        bare.push(t.elapsed().as_secs_f64() * 1e3);
+        v[0].push(t.elapsed().as_secs_f64() * 1e3);
         thread::sleep(LATENCY_GAP);
-        fx.submit(&id, TRUE_JOB)?;
+        fx.submit(&id, false)?;
         let (dropped_mono, dropped_wall) = (Instant::now(), SystemTime::now());
-        let seen = fx
-            .wait(&mut HashSet::from([id.clone()]))
-            .with_context(|| format!("latency sample {i} ({})", loc.label))?;
+        let seen = fx.wait(&mut HashSet::from([id.clone()]));
+        let seen =
+            seen.with_context(|| format!("latency sample {i} ({})", loc.label))? - dropped_mono;
         let (started, finished) = fx.succeeded(&id)?;
-        to_start.push(signed_ms(started, dropped_wall));
-        to_result.push((seen - dropped_mono).as_secs_f64() * 1e3);
-        run.push(signed_ms(finished, started));
-        record.push(signed_ms(dropped_wall + (seen - dropped_mono), finished));
+        v[1].push(signed_ms(started, dropped_wall));
+        v[2].push(seen.as_secs_f64() * 1e3);
+        v[3].push(signed_ms(finished, started));
+        v[4].push(signed_ms(dropped_wall + seen, finished));
     }
-    let bare = Stats::of(bare)?;
-    let overhead = Stats::of(to_result.iter().map(|r| r - bare.p50).collect())?;
-    let (to_start, to_result) = (Stats::of(to_start)?, Stats::of(to_result)?);
-    let target = format!("< {TARGET_START_P50_MS} ms");
-    let ok = to_start.p50 < TARGET_START_P50_MS;
-    check("(a) drop -> started_at p50", ms(to_start.p50), target, ok);
-    infos(&[
-        ("(a) drop -> started_at p99", ms(to_start.p99)),
-        ("(b) drop -> result file p50", ms(to_result.p50)),
-        ("(b) drop -> result file p99", ms(to_result.p99)),
-        ("(b) drop -> result file max", ms(to_result.max)),
-        ("bare bash -c true spawn+wait p50", ms(bare.p50)),
-        ("bare bash -c true spawn+wait p99", ms(bare.p99)),
-    ]);
-    let target = format!("< {TARGET_OVERHEAD_P50_MS} ms");
-    let ok = overhead.p50 < TARGET_OVERHEAD_P50_MS;
-    check(
-        "(c) result latency - bare spawn p50",
-        ms(overhead.p50),
-        target,
-        ok,
+    let bare = Stats::of(v[0].clone())?;
+    let overhead = Stats::of(v[2].iter().map(|r| r - bare.p50).collect())?;
+    let [_, to_start, to_result, run, record] = v.map(Stats::of);
+    let (to_start, to_result) = (to_start?, to_result?);
+    let (target, limit) = (
+        format!("< {TARGET_LATENCY_P50_MS} ms"),
+        TARGET_LATENCY_P50_MS,
     );
-    infos(&[
-        ("(c) result latency - bare spawn p99", ms(overhead.p99)),
-        (
-            "  breakdown of (b): started_at -> finished_at p50",
-            ms(Stats::of(run)?.p50),
-        ),
-        (
-            "  breakdown of (b): finished_at -> result file p50",
-            ms(Stats::of(record)?.p50),
-        ),
-    ]);
+    let (p50, ok) = (ms(to_start.p50), to_start.p50 < limit);
+    check("(a) drop -> started_at p50", p50, &target, ok);
+    info("(a) drop -> started_at p99", ms(to_start.p99));
+    info("(b) drop -> result file p50", ms(to_result.p50));
+    info("(b) drop -> result file p99", ms(to_result.p99));
+    info("(b) drop -> result file max", ms(to_result.max));
+    info("bare bash -c true spawn+wait p50", ms(bare.p50));
+    info("bare bash -c true spawn+wait p99", ms(bare.p99));
+    let (p50, ok) = (ms(overhead.p50), overhead.p50 < limit);
+    check("(c) result latency - bare spawn p50", p50, &target, ok);
+    info("(c) result latency - bare spawn p99", ms(overhead.p99));
+    let label = "  breakdown of (b): started_at -> finished_at p50";
+    info(label, ms(run?.p50));
+    let label = "  breakdown of (b): finished_at -> result file p50";
+    info(label, ms(record?.p50));
 
-    // The durability floor: create, then write and fsync, a small file there.
-    let (mut creates, mut syncs) = (Vec::new(), Vec::new());
+    // The durability floor: write and fsync a small file there.
+    let mut syncs = Vec::new();
     for i in 0..FSYNC_SAMPLES {
         let path = fx.root.path().join(format!("fsync-probe-{i}"));
-        let t0 = Instant::now();
         let mut f = File::create(&path)?;
-        let t1 = Instant::now();
+        let t = Instant::now();
         f.write_all(&[b'x'; FSYNC_PROBE_BYTES])?;
         f.sync_all()?;
-        syncs.push(t1.elapsed().as_secs_f64() * 1e3);
-        creates.push((t1 - t0).as_secs_f64() * 1e3);
+        syncs.push(t.elapsed().as_secs_f64() * 1e3);
         fs::remove_file(&path)?;
     }
     let fsync = Stats::of(syncs)?;
-    infos(&[
-        (
-            &format!("write+fsync {FSYNC_PROBE_BYTES} B, same fs p50"),
-            ms(fsync.p50),
-        ),
-        (
-            &format!("write+fsync {FSYNC_PROBE_BYTES} B, same fs p99"),
-            ms(fsync.p99),
-        ),
-        (
-            "create (open O_CREAT) of that file p50",
-            ms(Stats::of(creates)?.p50),
-        ),
-    ]);
+    let label = format!("write+fsync {FSYNC_PROBE_BYTES} B, same fs");
+    info(&format!("{label} p50"), ms(fsync.p50));
+    info(&format!("{label} p99"), ms(fsync.p99));
     Ok(())
 }
 
-// ---------------------------------------------------------------------------
-// 3. Idle
-// ---------------------------------------------------------------------------
+// --- 3. Idle ---
 
 /// An idle worker's memory, CPU and wake-ups after a warm-up (a malformed
 /// job, then [`IDLE_WARMUP_JOBS`] regular ones), with environment `env`.
 fn idle(env: &DaemonEnv, window: Duration) -> Result<()> {
     group(&env.backtrace());
     let mut fx = Fixture::start(None, None, env)?;
-    fx.submit("malformed", b"{not json")?;
-    let ids: HashSet<String> = (0..IDLE_WARMUP_JOBS)
-        .map(|i| format!("idle-{i:04}"))
-        .collect();
-    for id in &ids {
-        fx.submit(id, TRUE_JOB)?;
-    }
-    fx.wait(&mut ids.clone()).context("idle warm-up")?;
-    let left = |fx: &Fixture| {
-        ["pending", "running"]
-            .iter()
-            .any(|d| fx.spool.join(d).join("malformed.json").exists())
-    };
-    let what = "the malformed job";
-    let waited = poll_until(what, MALFORMED_TIMEOUT, Duration::from_millis(5), || {
-        fx.worker.check_alive()?;
-        Ok((!left(&fx)).then_some(()))
-    });
-    let outcome = match (waited, fx.result("malformed")) {
-        (Err(_), _) => format!("still in pending/ or running/ after {MALFORMED_TIMEOUT:?}"),
-        (Ok(()), Ok(r)) => format!("result status {:?}", r.status),
-        (Ok(()), Err(_)) => "no readable result in completed/".to_owned(),
-    };
-    check_interrupted()?;
-    info("malformed job outcome", outcome);
+    fx.drop_file("malformed", b"{not json")?;
+    let ids = (0..IDLE_WARMUP_JOBS).map(|i| format!("idle-{i:04}"));
+    let mut ids: HashSet<String> = ids.collect();
+    ids.iter().try_for_each(|id| fx.submit(id, false))?;
+    ids.insert("malformed".into());
+    fx.wait(&mut ids).context("idle warm-up")?;
+    let status = &fx.result("malformed")?["status"];
+    info("malformed job outcome", format!("result status {status}"));
     let idle = fx.worker.idle(window)?;
-    let rss = format!("{:.2} MiB", idle.rss_kib as f64 / 1024.0);
-    let target = format!("< {} MiB", TARGET_RSS_KIB / 1024);
+    let (rss, target) = (idle.rss_kib, format!("< {} MiB", TARGET_RSS_KIB / 1024));
     check(
         "VmRSS after window",
-        rss,
-        target,
-        idle.rss_kib < TARGET_RSS_KIB,
+        mib(rss),
+        &target,
+        rss < TARGET_RSS_KIB,
     );
+    let wakeups = idle.wakeups;
     check(
         "wake-ups (ctx switches, all threads)",
-        idle.wakeups,
-        "= 0".into(),
-        idle.wakeups == 0,
+        wakeups,
+        "= 0",
+        wakeups == 0,
     );
     Ok(())
 }

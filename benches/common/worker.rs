@@ -10,7 +10,6 @@ use std::io;
 use std::os::fd::AsFd as _;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-use std::sync::OnceLock;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
@@ -26,27 +25,15 @@ pub const TRUE_JOB: &[u8] = br#"{"command": "true"}"#;
 
 /// The worker binary to measure: `BENCH_WORKER` (to compare two builds),
 /// else the one cargo built for this bench.
-pub fn worker_bin() -> &'static str {
-    static BIN: OnceLock<String> = OnceLock::new();
-    BIN.get_or_init(|| {
-        std::env::var("BENCH_WORKER")
-            .ok()
-            .filter(|v| !v.is_empty())
-            .unwrap_or_else(|| env!("CARGO_BIN_EXE_ai-cmd-executor").to_owned())
-    })
+pub fn worker_bin() -> String {
+    let bench_worker = std::env::var("BENCH_WORKER").ok().filter(|v| !v.is_empty());
+    bench_worker.unwrap_or_else(|| env!("CARGO_BIN_EXE_ai-cmd-executor").to_owned())
 }
 
-/// Modification time of the worker binary, to detect a rebuild during the run.
-pub fn binary_mtime() -> Option<SystemTime> {
-    fs::metadata(worker_bin()).and_then(|m| m.modified()).ok()
-}
-
-/// The fields of a result file the benchmarks use.
-pub struct JobResult {
-    pub status: String,
-    pub ok: bool,
-    pub raw: Value,
-    pub times: Option<(SystemTime, SystemTime)>,
+/// The job id of a result file name (`<id>.json`, not a dot-prefixed temp file).
+fn result_id(name: &str) -> Option<&str> {
+    name.strip_suffix(".json")
+        .filter(|_| !name.starts_with('.'))
 }
 
 /// A worker running on its own fresh spool, warmed up.
@@ -55,7 +42,8 @@ pub struct JobResult {
 /// directory is put aside (see [`RunDir`]).
 pub struct Fixture {
     pub worker: Daemon,
-    watcher: ResultWatcher,
+    inotify: Inotify,
+    env: DaemonEnv,
     pub spool: PathBuf,
     pub root: RunDir,
 }
@@ -83,141 +71,72 @@ impl Fixture {
         let what = "the worker to create its spool";
         poll_until(what, READY_TIMEOUT, Duration::from_millis(5), || {
             worker.check_alive()?;
-            let ready = ["tmp", "pending", "completed"]
-                .iter()
-                .all(|d| spool.join(d).is_dir());
-            Ok(ready.then_some(()))
+            let dirs = ["tmp", "pending", "completed"];
+            Ok(dirs.iter().all(|d| spool.join(d).is_dir()).then_some(()))
         })?;
-        let watcher = ResultWatcher::new(&spool.join("completed"))?;
+        let inotify = Inotify::init().context("inotify_init")?;
+        let completed = spool.join("completed");
+        let watch = inotify.watches().add(&completed, WatchMask::MOVED_TO);
+        watch.with_context(|| format!("watching {}", completed.display()))?;
+        let env = env.clone();
         let mut fx = Self {
             worker,
-            watcher,
+            inotify,
+            env,
             spool,
             root,
         };
-        fx.submit("warmup", TRUE_JOB)?;
+        fx.submit("warmup", false)?;
         fx.wait(&mut HashSet::from(["warmup".to_owned()]))
             .context("waiting for the warm-up job")?;
         fx.succeeded("warmup")?;
         Ok(fx)
     }
 
-    /// Submits a job: writes `body` to `tmp/<id>` and renames it to `pending/<id>.json`.
-    pub fn submit(&self, id: &str, body: &[u8]) -> Result<()> {
+    /// Submits job `id` (`true`): through `ai-cmd-executor submit --spool
+    /// DIR --id ID -- true` when `cli`, else by writing [`TRUE_JOB`] to
+    /// `tmp/<id>` and renaming it to `pending/<id>.json`.
+    pub fn submit(&self, id: &str, cli: bool) -> Result<()> {
+        if cli {
+            let mut cmd = Command::new(worker_bin());
+            let cmd = self.env.apply(&mut cmd).arg("submit").arg("--spool");
+            return run_ok(cmd.arg(&self.spool).args(["--id", id, "--", "true"])).map(drop);
+        }
+        self.drop_file(id, TRUE_JOB)
+    }
+
+    /// Writes `body` to `tmp/<id>` and renames it to `pending/<id>.json`.
+    pub fn drop_file(&self, id: &str, body: &[u8]) -> Result<()> {
         let tmp = self.spool.join("tmp").join(id);
         fs::write(&tmp, body).with_context(|| format!("writing {}", tmp.display()))?;
         let dst = self.spool.join("pending").join(format!("{id}.json"));
         fs::rename(&tmp, &dst).with_context(|| format!("renaming into {}", dst.display()))
     }
 
-    /// Submits job `id` through `ai-cmd-executor submit --spool DIR --id ID -- true`.
-    pub fn cli_submit(&self, id: &str, env: &DaemonEnv) -> Result<()> {
-        let mut cmd = Command::new(worker_bin());
-        env.apply(&mut cmd)
-            .arg("submit")
-            .arg("--spool")
-            .arg(&self.spool);
-        run_ok(cmd.args(["--id", id, "--", "true"])).map(drop)
-    }
-
-    /// [`Self::cli_submit`] when `cli`, else [`Self::submit`] of [`TRUE_JOB`].
-    pub fn submit_via(&self, id: &str, cli: bool, env: &DaemonEnv) -> Result<()> {
-        if cli {
-            self.cli_submit(id, env)
-        } else {
-            self.submit(id, TRUE_JOB)
-        }
-    }
-
-    /// Waits until every id in `pending` has a result, removing ids as their
-    /// results appear; returns the instant the last one was observed.
-    pub fn wait(&mut self, pending: &mut HashSet<String>) -> Result<Instant> {
-        self.watcher.wait_all(&mut self.worker, pending)
-    }
-
-    /// Inotify queue overflows seen so far.
-    pub fn overflows(&self) -> usize {
-        self.watcher.overflows
-    }
-
-    /// Reads and parses the result of job `id`.
-    pub fn result(&self, id: &str) -> Result<JobResult> {
+    /// The parsed result of job `id`.
+    pub fn result(&self, id: &str) -> Result<Value> {
         let path = self.spool.join("completed").join(format!("{id}.json"));
-        let text =
-            fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))?;
-        let raw: Value =
-            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-        let time = |key: &str| {
-            raw.get(key)?
-                .as_str()
-                .and_then(|s| humantime::parse_rfc3339(s).ok())
-        };
-        let status = raw
-            .get("status")
-            .and_then(Value::as_str)
-            .unwrap_or("<missing>");
-        Ok(JobResult {
-            ok: status == "succeeded" && raw.get("exit_code").and_then(Value::as_i64) == Some(0),
-            status: status.to_owned(),
-            times: time("started_at").zip(time("finished_at")),
-            raw,
-        })
+        let text = fs::read_to_string(&path);
+        let text = text.with_context(|| format!("reading {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
     }
 
     /// `(started_at, finished_at)` of job `id`, which must have succeeded.
     pub fn succeeded(&self, id: &str) -> Result<(SystemTime, SystemTime)> {
         let r = self.result(id)?;
-        ensure!(r.ok, "job {id} (`true`) did not succeed: {}", r.raw);
-        r.times
-            .ok_or_else(|| anyhow!("job {id}: missing or invalid started_at/finished_at"))
-    }
-}
-
-/// The job id of a result file name (`<id>.json`, not a dot-prefixed temp file).
-fn result_id(name: &str) -> Option<&str> {
-    name.strip_suffix(".json")
-        .filter(|_| !name.starts_with('.'))
-}
-
-/// Watches `completed/` for results (IN_MOVED_TO of `<id>.json`).
-struct ResultWatcher {
-    inotify: Inotify,
-    buf: Vec<u8>,
-    dir: PathBuf,
-    overflows: usize,
-}
-
-impl ResultWatcher {
-    /// Starts watching `dir`.
-    fn new(dir: &Path) -> Result<Self> {
-        let inotify = Inotify::init().context("inotify_init")?;
-        inotify
-            .watches()
-            .add(dir, WatchMask::MOVED_TO)
-            .with_context(|| format!("watching {}", dir.display()))?;
-        Ok(Self {
-            inotify,
-            buf: vec![0; 64 * 1024],
-            dir: dir.to_owned(),
-            overflows: 0,
-        })
+        let ok = r["status"] == "succeeded" && r["exit_code"] == 0;
+        ensure!(ok, "job {id} (`true`) did not succeed: {r}");
+        let time = |key: &str| humantime::parse_rfc3339(r[key].as_str()?).ok();
+        let times = time("started_at").zip(time("finished_at"));
+        times.ok_or_else(|| anyhow!("job {id}: missing or invalid started_at/finished_at"))
     }
 
-    /// Removes from `pending` the ids whose results are in the directory.
-    fn rescan(&self, pending: &mut HashSet<String>) -> Result<()> {
-        for entry in fs::read_dir(&self.dir)? {
-            if let Some(id) = entry?.file_name().to_str().and_then(result_id) {
-                pending.remove(id);
-            }
-        }
-        Ok(())
-    }
-
-    /// See [`Fixture::wait`]. Fails when the worker exits or no awaited
-    /// result appears for [`STALL_TIMEOUT`].
-    fn wait_all(&mut self, worker: &mut Daemon, pending: &mut HashSet<String>) -> Result<Instant> {
-        let mut done_at = Instant::now();
-        let mut last_progress = Instant::now();
+    /// Waits until every id in `pending` has a result (IN_MOVED_TO of
+    /// `<id>.json` in `completed/`), removing ids as their results appear;
+    /// returns the instant the last one was observed. Fails when the worker
+    /// exits or no awaited result appears for [`STALL_TIMEOUT`].
+    pub fn wait(&mut self, pending: &mut HashSet<String>) -> Result<Instant> {
+        let (mut done_at, mut buf) = (Instant::now(), [0u8; 64 * 1024]);
         while !pending.is_empty() {
             check_interrupted()?;
             let mut fds = [PollFd::new(self.inotify.as_fd(), PollFlags::POLLIN)];
@@ -228,41 +147,41 @@ impl ResultWatcher {
             };
             let now = Instant::now();
             if !ready {
-                worker.check_alive()?;
-                if last_progress.elapsed() > STALL_TIMEOUT {
+                self.worker.check_alive()?;
+                if done_at.elapsed() > STALL_TIMEOUT {
                     let mut missing: Vec<&String> = pending.iter().collect();
                     missing.sort();
                     missing.truncate(5);
+                    let (n, tail) = (pending.len(), self.worker.log_tail());
                     bail!(
-                        "no result for {STALL_TIMEOUT:?}; {} result(s) still missing (e.g. {missing:?}){}",
-                        pending.len(),
-                        worker.log_tail()
+                        "no result for {STALL_TIMEOUT:?}; {n} still missing (e.g. {missing:?}){tail}"
                     );
                 }
                 continue;
             }
             let before = pending.len();
-            let events = match self.inotify.read_events(&mut self.buf) {
+            let events = match self.inotify.read_events(&mut buf) {
                 Ok(events) => events,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
                 Err(e) => return Err(e).context("reading inotify events"),
             };
             let mut overflow = false;
             for event in events {
-                if event.mask.contains(EventMask::Q_OVERFLOW) {
-                    overflow = true;
-                } else if let Some(id) = event.name.and_then(|n| n.to_str()).and_then(result_id) {
+                overflow |= event.mask.contains(EventMask::Q_OVERFLOW);
+                if let Some(id) = event.name.and_then(|n| n.to_str()).and_then(result_id) {
                     pending.remove(id);
                 }
             }
             if overflow {
                 // Events were lost: fall back to listing the directory.
-                self.overflows += 1;
-                self.rescan(pending)?;
+                for entry in fs::read_dir(self.spool.join("completed"))? {
+                    if let Some(id) = entry?.file_name().to_str().and_then(result_id) {
+                        pending.remove(id);
+                    }
+                }
             }
             if pending.len() < before {
                 done_at = now;
-                last_progress = now;
             }
         }
         Ok(done_at)
