@@ -180,13 +180,20 @@ pub enum Isolation {
     None,
 }
 
-impl fmt::Display for Isolation {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+impl Isolation {
+    /// The name used in the config and the journal.
+    pub fn as_str(self) -> &'static str {
+        match self {
             Isolation::Auto => "auto",
             Isolation::Process => "process",
             Isolation::None => "none",
-        })
+        }
+    }
+}
+
+impl fmt::Display for Isolation {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
     }
 }
 

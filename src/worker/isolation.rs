@@ -28,26 +28,6 @@ use landlock::{
 
 use crate::config::Isolation;
 
-/// The isolation in effect, as reported at start, by `status` and by
-/// `diagnose`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Level {
-    /// Jobs are ordinary children of the worker.
-    None,
-    /// A Landlock domain per job (signals, ptrace, /proc).
-    Process,
-}
-
-impl Level {
-    /// The name used in the config, the journal and `status`.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Level::None => "none",
-            Level::Process => "process",
-        }
-    }
-}
-
 /// What the worker applies to each job, prepared once per configuration.
 pub struct Confinement {
     /// The ruleset each job's thread restricts itself with; `None` at
@@ -89,12 +69,12 @@ impl Confinement {
         }
     }
 
-    /// The level in effect.
-    pub fn level(&self) -> Level {
+    /// The level in effect: `Process` or `None`, never `Auto`.
+    pub fn level(&self) -> Isolation {
         if self.ruleset.is_some() {
-            Level::Process
+            Isolation::Process
         } else {
-            Level::None
+            Isolation::None
         }
     }
 
@@ -150,7 +130,7 @@ mod tests {
     #[test]
     fn none_runs_on_this_thread_and_reports_none() {
         let c = Confinement::none();
-        assert_eq!(c.level(), Level::None);
+        assert_eq!(c.level(), Isolation::None);
         let here = std::thread::current().id();
         assert_eq!(c.start(|| Ok(std::thread::current().id())).unwrap(), here);
     }
@@ -160,7 +140,7 @@ mod tests {
         match Confinement::new(Isolation::Process) {
             Ok((c, why)) => {
                 assert!(why.is_none());
-                assert_eq!(c.level(), Level::Process);
+                assert_eq!(c.level(), Isolation::Process);
                 let here = std::thread::current().id();
                 let there = c.start(|| Ok(std::thread::current().id())).unwrap();
                 assert_ne!(there, here, "the confined thread is a new one");
@@ -171,7 +151,7 @@ mod tests {
             Err(why) => {
                 assert!(why.contains("Landlock"), "{why}");
                 let (c, why) = Confinement::new(Isolation::Auto).unwrap();
-                assert_eq!(c.level(), Level::None);
+                assert_eq!(c.level(), Isolation::None);
                 assert!(why.is_some());
             }
         }
