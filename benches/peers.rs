@@ -1,11 +1,9 @@
 //! The worker against its peers, pueue and `systemd-run` (in the tier-3
-//! sandbox, with this binary as the client inside: [`inner`]), beside the
-//! raw `bash -c true` loop measured right before and after each tool's
-//! runs: throughput at P=1/P=2, submit-to-start p50/p99, and idle RSS, CPU
-//! and wake-ups with the shell's `RUST_BACKTRACE` and the other setting.
-//! BENCHMARKS.md describes each tool's method and the knobs. A peer that
-//! cannot run is skipped with the reason; a failed tool makes the exit
-//! status non-zero, the others still run.
+//! sandbox, with this binary as the client inside: [`inner`]), each beside
+//! the raw `bash -c true` loop measured right before and after its runs
+//! (BENCHMARKS.md has each tool's method and the knobs). A peer that cannot
+//! run is skipped with the reason; a failed tool makes the exit status
+//! non-zero, the others still run.
 
 #![warn(missing_docs)]
 
@@ -54,21 +52,15 @@ fn main() -> ExitCode {
                     "ai-cmd-executor" => {
                         let version = version_of(Command::new(worker_bin()).arg("--version"));
                         let start = |p, env: &DaemonEnv| Fixture::start(None, Some(p), env);
-                        measure_queue(&knobs, env.clone(), version, &AICE_PATHS, start)
+                        measure_queue(&knobs, &env, version, &AICE_PATHS, start)
                     }
                     "pueue" => pueue::measure(&knobs, &env),
                     _ => systemd::measure(&knobs),
                 });
                 panic::catch_unwind(measure).unwrap_or_else(|panic| {
                     let text = panic.downcast_ref::<&str>().map(|s| s.to_string());
-                    bail!(
-                        "{}",
-                        panic
-                            .downcast_ref::<String>()
-                            .cloned()
-                            .or(text)
-                            .unwrap_or_default()
-                    )
+                    let text = panic.downcast_ref::<String>().cloned().or(text);
+                    bail!("{}", text.unwrap_or_default())
                 })
             };
             check_interrupted()?;
@@ -95,22 +87,19 @@ fn sample_gap(i: usize) -> Duration {
 
 // --- Figures of one tool, and the raw reference ---
 
-/// A tool's column in the table: its figures, or why it has none
-/// (`SKIPPED` or `FAILED`, and the reason).
+/// A tool's column in the table: its figures, or `SKIPPED`/`FAILED` and the reason.
 struct Column {
     name: &'static str,
-    figures: Result<Box<Figures>, (&'static str, String)>,
+    figures: Result<Figures, (&'static str, String)>,
 }
 
 impl Column {
     /// The column of a tool's outcome, with a notice when it has no figures.
     fn new(name: &'static str, outcome: Result<Figures>) -> Self {
-        let figures = outcome
-            .map(Box::new)
-            .map_err(|err| match err.downcast::<Skip>() {
-                Ok(Skip(why)) => ("SKIPPED", why),
-                Err(err) => ("FAILED", format!("{err:#}")),
-            });
+        let figures = outcome.map_err(|err| match err.downcast::<Skip>() {
+            Ok(Skip(why)) => ("SKIPPED", why),
+            Err(err) => ("FAILED", format!("{err:#}")),
+        });
         if let Err((word, why)) = &figures {
             println!("  {word} {name}: {why}");
         }
@@ -133,14 +122,10 @@ impl Figures {
     /// Figures with the version printed.
     fn new(version: String, backtrace: String) -> Self {
         info("version", &version);
-        let (raw, rate, latency, idle) = Default::default();
         Self {
             version,
             backtrace,
-            raw,
-            rate,
-            latency,
-            idle,
+            ..Default::default()
         }
     }
 
@@ -154,23 +139,20 @@ impl Figures {
         Some(format!("{rate:.1} ({:.3})", rate / self.reference(i)?))
     }
 
-    /// Runs `run(k, p)` (jobs/s) for each path `k` (named in `paths`) and P,
-    /// then measures the raw rate again; the mean of `before` and that is
-    /// the reference.
+    /// Runs `run(cli, p)` (jobs/s) for each path `(cli, how)` and P, then the
+    /// raw loop again: the reference is the mean of `before` and that.
     fn throughput(
         &mut self,
         n: usize,
         before: [f64; 2],
-        paths: &[&str],
-        mut run: impl FnMut(usize, usize) -> Result<f64>,
+        paths: &[(bool, &str)],
+        mut run: impl FnMut(bool, usize) -> Result<f64>,
     ) -> Result<()> {
-        for (k, how) in paths.iter().enumerate() {
+        for (k, &(cli, how)) in paths.iter().enumerate() {
             for (i, p) in PARALLELISM.into_iter().enumerate() {
-                let rate = run(k, p)?;
-                info(
-                    &format!("throughput P={p}, {how}"),
-                    format!("{rate:.1} jobs/s"),
-                );
+                let rate = run(cli, p)?;
+                let label = format!("throughput P={p}, {how}");
+                info(&label, format!("{rate:.1} jobs/s"));
                 self.rate[k][i] = Some(rate);
             }
         }
@@ -178,34 +160,15 @@ impl Figures {
         self.raw = [0, 1].map(|i| Some((before[i], after[i])));
         Ok(())
     }
-
-    /// Records and prints submit-to-start latencies, through the CLI or not.
-    fn latency(&mut self, cli: bool, label: &str, samples: Vec<f64>) -> Result<()> {
-        let stats = Stats::of(samples)?;
-        info(label, stats.line());
-        self.latency[usize::from(cli)] = Some(stats);
-        Ok(())
-    }
-
-    /// Runs `idle` with the shell's environment and with the other setting.
-    fn idle(&mut self, env: &DaemonEnv, idle: impl Fn(&DaemonEnv) -> Result<Idle>) -> Result<()> {
-        for (slot, env) in self.idle.iter_mut().zip([env.clone(), env.other()]) {
-            group(&format!("idle, {}", env.backtrace()));
-            *slot = Some(print_idle(idle(&env)?));
-        }
-        Ok(())
-    }
 }
 
-/// Prints an idle window's RSS and wake-ups.
 fn print_idle(idle: Idle) -> Idle {
     info("idle VmRSS (end of window)", mib(idle.rss_kib));
     info("idle wake-ups (ctx switches, all threads)", idle.wakeups);
     idle
 }
 
-/// The raw rate at every parallelism, printed (`when`: before or after the
-/// tool's throughput runs).
+/// The raw rate at every P, printed (`when`: before or after the tool's throughput runs).
 fn raw_reference(n: usize, when: &str) -> Result<[f64; 2]> {
     let mut out = [0.0; 2];
     for (slot, p) in out.iter_mut().zip(PARALLELISM) {
@@ -218,8 +181,7 @@ fn raw_reference(n: usize, when: &str) -> Result<[f64; 2]> {
 
 // --- ai-cmd-executor and pueue: a daemon with a queue ---
 
-/// A fresh, warmed-up daemon with a queue: ai-cmd-executor's worker on a
-/// spool in the temp dir, or pueued.
+/// A fresh, warmed-up daemon with a queue: ai-cmd-executor's worker, or pueued.
 trait Queue {
     type Id;
     /// Submits job number `i` (`bash -c true`), through the tool's CLI when `cli`.
@@ -233,28 +195,23 @@ trait Queue {
     }
 }
 
-/// Measures everything for a queue that `start(p, env)` starts, for each
-/// path in `paths` (`(cli, how)`): throughput from just before the first
-/// submission to the end of the last job; latency of single jobs into an
-/// idle daemon, the paths alternating so that all see the same conditions,
-/// from just before the submission to the job's start; then the idle
-/// windows, each after [`IDLE_WARMUP_JOBS`] jobs through the CLI.
+/// Measures a queue that `start(p, env)` starts, on each path `(cli, how)`:
+/// throughput, latency of single jobs into an idle daemon (the paths
+/// alternating), idle windows.
 fn measure_queue<Q: Queue>(
     knobs: &Knobs,
-    env: DaemonEnv,
+    env: &DaemonEnv,
     version: String,
     paths: &[(bool, &str)],
     start: impl Fn(usize, &DaemonEnv) -> Result<Q>,
 ) -> Result<Figures> {
-    let env = &env;
     let mut fig = Figures::new(version, env.backtrace());
     let n = knobs.jobs;
     let before = raw_reference(n, "before")?;
-    let hows: Vec<&str> = paths.iter().map(|&(_, how)| how).collect();
-    fig.throughput(n, before, &hows, |k, p| {
+    fig.throughput(n, before, paths, |cli, p| {
         let mut q = start(p, env)?;
         let t0 = SystemTime::now();
-        let ids = q.submit_n(n, paths[k].0)?;
+        let ids = q.submit_n(n, cli)?;
         let (end, _) = q.wait(&ids)?;
         Ok(n as f64 * 1e3 / signed_ms(end, t0))
     })?;
@@ -271,18 +228,21 @@ fn measure_queue<Q: Queue>(
         samples[usize::from(cli)].push(signed_ms(starts[0], t0));
     }
     for &(cli, how) in paths {
-        let samples = std::mem::take(&mut samples[usize::from(cli)]);
-        fig.latency(cli, &format!("submit -> start, {how}"), samples)?;
+        let stats = Stats::of(std::mem::take(&mut samples[usize::from(cli)]))?;
+        info(&format!("submit -> start, {how}"), stats.line());
+        fig.latency[usize::from(cli)] = Some(stats);
     }
     drop(q);
 
-    fig.idle(env, |env| {
-        let mut q = start(1, env)?;
+    // The idle windows: with the shell's environment and the other setting.
+    for (slot, env) in fig.idle.iter_mut().zip([env.clone(), env.other()]) {
+        group(&format!("idle, {}", env.backtrace()));
+        let mut q = start(1, &env)?;
         let ids = q.submit_n(IDLE_WARMUP_JOBS, true)?;
         q.wait(&ids)?;
         flush_disk();
-        q.daemon().idle(knobs.idle)
-    })?;
+        *slot = Some(print_idle(q.daemon().idle(knobs.idle)?));
+    }
     Ok(fig)
 }
 
@@ -304,10 +264,8 @@ impl Queue for Fixture {
     fn wait(&mut self, ids: &[String]) -> Result<(SystemTime, Vec<SystemTime>)> {
         let seen = Fixture::wait(self, &mut ids.iter().cloned().collect())?;
         let started = ids.iter().map(|id| Ok(self.succeeded(id)?.0));
-        Ok((
-            SystemTime::now() - seen.elapsed(),
-            started.collect::<Result<_>>()?,
-        ))
+        let started = started.collect::<Result<_>>()?;
+        Ok((SystemTime::now() - seen.elapsed(), started))
     }
 
     fn daemon(&mut self) -> &mut Daemon {
@@ -320,9 +278,8 @@ mod pueue {
 
     use super::*;
 
-    /// A `pueued` with its own config and directories, warmed up.
-    ///
-    /// Fields drop in order: the daemon stops before its directory goes.
+    /// A `pueued` with its own config and directories, warmed up. Fields
+    /// drop in order: the daemon stops before its directory goes.
     struct Pueue {
         daemon: Daemon,
         client: PathBuf,
@@ -351,11 +308,10 @@ mod pueue {
             let mut cmd = Command::new(client.with_file_name("pueued"));
             env.apply(&mut cmd).arg("-c").arg(&config);
             let daemon = Daemon::spawn("pueued", cmd, &dir.join("pueued.log"))?;
-            let (client, env) = (client.to_owned(), env.clone());
             let mut q = Self {
                 daemon,
-                client,
-                env,
+                client: client.to_owned(),
+                env: env.clone(),
                 config,
                 _root: root,
             };
@@ -373,13 +329,8 @@ mod pueue {
         /// Runs `pueue -c CONFIG ARGS…`, which must succeed; returns its stdout.
         fn run(&self, args: &[&str]) -> Result<String> {
             let mut cmd = Command::new(&self.client);
-            run_ok(
-                self.env
-                    .apply(&mut cmd)
-                    .arg("-c")
-                    .arg(&self.config)
-                    .args(args),
-            )
+            self.env.apply(&mut cmd).arg("-c").arg(&self.config);
+            run_ok(cmd.args(args))
         }
     }
 
@@ -407,10 +358,8 @@ mod pueue {
                     let task = &state["tasks"][id.to_string()];
                     let done = &task["status"]["Done"];
                     if !done.is_null() {
-                        ensure!(
-                            done["result"] == "Success",
-                            "pueue task {id} failed: {task}"
-                        );
+                        let ok = done["result"] == "Success";
+                        ensure!(ok, "pueue task {id} failed: {task}");
                         times.push((parse_time(&done["start"])?, parse_time(&done["end"])?));
                     }
                 }
@@ -438,9 +387,8 @@ mod pueue {
     fn parse_time(v: &Value) -> Result<SystemTime> {
         let s = v.as_str().ok_or_else(|| anyhow!("not a time: {v}"))?;
         let bad = || anyhow!("not an RFC 3339 time: {s:?}");
-        let (local, off) = s
-            .split_at_checked(s.len().saturating_sub(6))
-            .unwrap_or((s, ""));
+        let at = s.len().saturating_sub(6);
+        let (local, off) = s.split_at_checked(at).unwrap_or((s, ""));
         let [sign @ (b'+' | b'-'), _, _, b':', _, _] = off.as_bytes() else {
             return humantime::parse_rfc3339_weak(s).map_err(|_| bad());
         };
@@ -450,24 +398,22 @@ mod pueue {
         Ok(if *sign == b'+' { t - shift } else { t + shift })
     }
 
-    /// Measures everything for pueue (`BENCH_PUEUE`: the client; `pueued`
-    /// is taken from the same directory).
+    /// Measures pueue (`BENCH_PUEUE`: the client; `pueued` is taken from beside it).
     pub(super) fn measure(knobs: &Knobs, env: &DaemonEnv) -> Result<Figures> {
         let Some(client) = std::env::var_os("BENCH_PUEUE").filter(|v| !v.is_empty()) else {
             let why = "BENCH_PUEUE is not set (scripts/bench.sh peers installs pueue and sets it)";
             return Err(Skip(why.to_owned()).into());
         };
         let client = PathBuf::from(client);
-        for bin in [client.clone(), client.with_file_name("pueued")] {
-            if !bin.is_file() {
-                return Err(Skip(format!("{} does not exist", bin.display())).into());
-            }
+        let bins = [client.clone(), client.with_file_name("pueued")];
+        if let Some(bin) = bins.iter().find(|bin| !bin.is_file()) {
+            return Err(Skip(format!("{} does not exist", bin.display())).into());
         }
         let version = version_of(Command::new(&client).arg("--version"));
         info("client", client.display());
         let paths = [(true, "one `pueue add` per job")];
         let start = |p, env: &DaemonEnv| Pueue::start(&client, env, p);
-        measure_queue(knobs, env.clone(), version, &paths, start)
+        measure_queue(knobs, env, version, &paths, start)
     }
 }
 
@@ -479,27 +425,22 @@ mod systemd {
     use super::*;
     use sandbox::Sandbox;
 
-    /// Runs this binary inside the sandbox as the client in `mode`; returns
-    /// the JSON value it printed.
+    /// Runs this binary in the sandbox as the client in `mode`; returns the JSON it printed.
     fn inner_client(sb: &Sandbox, exe: &Path, mode: &str, n: usize, p: usize) -> Result<Value> {
         check_interrupted()?;
         let exe = exe.display();
-        let out = sb.sh(&format!(
-            "{INNER_ENV}={mode} AICE_PEERS_N={n} AICE_PEERS_P={p} exec '{exe}'"
-        ));
+        let cmd = format!("{INNER_ENV}={mode} AICE_PEERS_N={n} AICE_PEERS_P={p} exec '{exe}'");
+        let out = sb.sh(&cmd);
         check_interrupted()?;
         let [stdout, stderr] = [&out.stdout, &out.stderr].map(|o| String::from_utf8_lossy(o));
         let (status, output) = (out.status, format!("{}{}", stdout.trim(), stderr.trim()));
-        ensure!(
-            status.success(),
-            "in-sandbox client `{mode}` failed ({status}): {output}"
-        );
+        let ok = status.success();
+        ensure!(ok, "in-sandbox client `{mode}` failed ({status}): {output}");
         let line = stdout.lines().last().unwrap_or("");
         serde_json::from_str(line).with_context(|| format!("client `{mode}` printed {line:?}"))
     }
 
-    /// The host pid of the sandbox's PID 1: the child named `systemd` of our
-    /// child `systemd-nspawn`.
+    /// The host pid of the sandbox's PID 1: the `systemd` child of our `systemd-nspawn` child.
     fn sandbox_pid1() -> Result<u32> {
         let is_child = |pid: u32, parent: u32, name: &str| -> Option<()> {
             let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
@@ -511,22 +452,17 @@ mod systemd {
             .filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok())
             .collect();
         let child = |parent: u32, name: &str| {
-            let found = pids
-                .iter()
-                .find(|&&pid| is_child(pid, parent, name).is_some());
-            found
-                .copied()
-                .ok_or_else(|| anyhow!("no {name} child of pid {parent}"))
+            let found = pids.iter().find(|&&p| is_child(p, parent, name).is_some());
+            let missing = || anyhow!("no {name} child of pid {parent}");
+            found.copied().ok_or_else(missing)
         };
         child(child(std::process::id(), "systemd-nspawn")?, "systemd")
     }
 
-    /// utime + stime of `pid`, in ms.
     fn cpu_ms(pid: u32) -> Result<f64> {
-        Ok(ticks_ms(CpuTimes::of(pid)?.own))
+        Ok(ticks_ms(cpu_ticks(pid)?[0]))
     }
 
-    /// Measures everything for systemd-run.
     pub(super) fn measure(knobs: &Knobs) -> Result<Figures> {
         let exe = std::env::current_exe().context("locating this benchmark binary")?;
         let exe_dir = exe.parent().context("the benchmark binary's directory")?;
@@ -545,28 +481,22 @@ mod systemd {
         let version = sb.ok("systemctl --version | head -n 1");
         let pid1 = sandbox_pid1()?;
         let environ = fs::read(format!("/proc/{pid1}/environ")).unwrap_or_default();
-        let backtrace = environ
-            .split(|&b| b == 0)
-            .find_map(|kv| kv.strip_prefix(b"RUST_BACKTRACE="));
-        let backtrace = backtrace.map(String::from_utf8_lossy).map_or_else(
-            || "RUST_BACKTRACE unset (PID 1: env from nspawn)".to_owned(),
-            |v| format!("RUST_BACKTRACE={v}"),
-        );
+        let mut vars = environ.split(|&b| b == 0);
+        let backtrace = match vars.find_map(|kv| kv.strip_prefix(b"RUST_BACKTRACE=")) {
+            Some(v) => format!("RUST_BACKTRACE={}", String::from_utf8_lossy(v)),
+            None => "RUST_BACKTRACE unset (PID 1: env from nspawn)".to_owned(),
+        };
         let version = format!("{version} (systemd-run in an nspawn container)");
         let mut fig = Figures::new(version, backtrace);
         info("sandbox PID 1 (host pid)", pid1);
         // Let the boot's last jobs finish, and PID 1 go quiet, before measuring.
-        let (what, list_jobs) = (
-            "the sandbox's job queue to empty",
-            "systemctl list-jobs --no-legend",
-        );
+        let what = "the sandbox's job queue to empty";
+        let list_jobs = "systemctl list-jobs --no-legend";
         sb.wait_until(what, READY_TIMEOUT, list_jobs, str::is_empty);
         let settle_start = Instant::now();
         let mut last = (cpu_ms(pid1)?, Instant::now());
-        let (what, nap) = (
-            "the sandbox's PID 1 to go quiet",
-            Duration::from_millis(200),
-        );
+        let what = "the sandbox's PID 1 to go quiet";
+        let nap = Duration::from_millis(200);
         let settled = poll_until(what, Duration::from_secs(60), nap, || {
             let now = cpu_ms(pid1)?;
             if now != last.0 {
@@ -574,19 +504,16 @@ mod systemd {
             }
             Ok((last.1.elapsed() >= Duration::from_secs(2)).then_some(()))
         });
-        match settled {
-            Ok(()) => {
-                let after = format!("{:.1} s", settle_start.elapsed().as_secs_f64());
-                info("sandbox quiet (PID 1 used no CPU for 2 s) after", after);
-            }
-            Err(e) => {
-                check_interrupted()?;
-                println!("  WARNING: measuring anyway: {e:#}");
-            }
+        if let Err(e) = settled {
+            check_interrupted()?;
+            println!("  WARNING: measuring anyway: {e:#}");
+        } else {
+            let after = format!("{:.1} s", settle_start.elapsed().as_secs_f64());
+            info("sandbox quiet (PID 1 used no CPU for 2 s) after", after);
         }
         let number = |v: Value| v.as_f64().ok_or_else(|| anyhow!("not a number: {v}"));
         let how = "P client threads of systemd-run --wait";
-        fig.throughput(n, before, &[how], |_, p| {
+        fig.throughput(n, before, &[(true, how)], |_, p| {
             let inside = number(inner_client(&sb, &exe, "raw", n, p)?)?;
             let label = format!("raw bash -c true inside the sandbox, P={p} (info)");
             info(&label, format!("{inside:.1} jobs/s"));
@@ -601,8 +528,10 @@ mod systemd {
         let v = inner_client(&sb, &exe, "latency", knobs.latency_samples, 1)?;
         let samples = v.as_array().ok_or_else(|| anyhow!("not a list: {v}"))?;
         let samples = samples.iter().cloned().map(number).collect::<Result<_>>()?;
+        let stats = Stats::of(samples)?;
         let label = "submit -> ExecMainStartTimestamp, `systemd-run`";
-        fig.latency(true, label, samples)?;
+        info(label, stats.line());
+        fig.latency[1] = Some(stats);
 
         group("idle: the sandbox's PID 1");
         inner_client(&sb, &exe, "systemd-run", IDLE_WARMUP_JOBS, 1)?;
@@ -624,10 +553,9 @@ mod systemd {
 // --- The in-sandbox client ---
 
 mod inner {
-    //! This binary, run inside the sandbox (`AICE_PEERS_CLIENT=mode`), as the
-    //! systemd-run client: one process in the container, so that each job
+    //! This binary in the sandbox (`AICE_PEERS_CLIENT=mode`), as the client
+    //! printing one JSON value: one process in the container, so that each job
     //! costs one `systemd-run` spawn, as each pueue job costs one `pueue add`.
-    //! Prints one JSON value.
 
     use super::*;
 
@@ -639,10 +567,7 @@ mod inner {
             eprintln!("in-sandbox client: deadline of 30 min passed");
             std::process::exit(3);
         });
-        let (n, p): (usize, usize) = (
-            env_or("AICE_PEERS_N", 1).unwrap_or(1),
-            env_or("AICE_PEERS_P", 1).unwrap_or(1),
-        );
+        let [n, p] = ["AICE_PEERS_N", "AICE_PEERS_P"].map(|v| env_or(v, 1).unwrap_or(1));
         let value: Result<Value> = match mode {
             "raw" => LoopRun::raw(n, p).map(|r| r.rate.into()),
             "systemd-run" => {
@@ -653,14 +578,11 @@ mod inner {
             "latency" => latency(n).map(Value::from),
             _ => Err(anyhow!("unknown mode")),
         };
-        match value {
-            Ok(v) => println!("{v}"),
-            Err(e) => {
-                eprintln!("in-sandbox client `{mode}`: {e:#}");
-                return ExitCode::FAILURE;
-            }
-        }
-        ExitCode::SUCCESS
+        let Err(e) = value.map(|v| println!("{v}")) else {
+            return ExitCode::SUCCESS;
+        };
+        eprintln!("in-sandbox client `{mode}`: {e:#}");
+        ExitCode::FAILURE
     }
 
     /// Property `key` in the output of `systemctl show`.
@@ -681,20 +603,15 @@ mod inner {
             let unit = format!("aice-peers-lat-{i}.service");
             let ts = nix::time::clock_gettime(nix::time::ClockId::CLOCK_MONOTONIC)?;
             let t0_us = ts.tv_sec() as f64 * 1e6 + ts.tv_nsec() as f64 / 1e3;
-            let mut cmd = Command::new("systemd-run");
             let args = format!("--quiet -p RemainAfterExit=yes --unit={unit} -- /bin/bash -c true");
-            run_ok(cmd.args(args.split(' ')))?;
+            run_ok(Command::new("systemd-run").args(args.split(' ')))?;
             let what = &format!("{unit} to exit");
             let show = poll_until(what, READY_TIMEOUT, Duration::from_millis(20), || {
-                let show = run_ok(
-                    Command::new("systemctl")
-                        .args(["show", &unit])
-                        .args(props.split(' ')),
-                )?;
+                let mut cmd = Command::new("systemctl");
+                let show = run_ok(cmd.args(["show", &unit]).args(props.split(' ')))?;
                 let exit = prop(&show, "ExecMainExitTimestampMonotonic");
-                Ok(exit
-                    .is_some_and(|v| v != "0" && !v.is_empty())
-                    .then_some(show))
+                let exited = exit.is_some_and(|v| v != "0" && !v.is_empty());
+                Ok(exited.then_some(show))
             })?;
             let ok = prop(&show, "ExecMainStatus") == Some("0");
             ensure!(ok, "{unit} did not exit 0: {show}");
@@ -718,31 +635,25 @@ type Get<'a> = &'a dyn Fn(&Figures) -> Option<f64>;
 /// cell, a cell per tool (ai-cmd-executor first), the target and the verdict.
 fn print_table(knobs: &Knobs, env: &DaemonEnv, cols: &[Column]) {
     let idle_secs = knobs.idle.as_secs_f64();
-    let aice = cols[0].figures.as_deref().ok();
+    let aice = cols[0].figures.as_ref().ok();
     let mut rows: Vec<Vec<String>> = Vec::new();
     let mut add = |label: &str, raw: Option<String>, cell: Cell, tail: [String; 2]| {
         let cells = cols.iter().map(|c| match &c.figures {
             Ok(f) => cell(f).unwrap_or_else(|| "–".into()),
             Err((word, _)) => word.to_lowercase(),
         });
-        let raw = raw.unwrap_or_else(|| "–".into());
-        rows.push(
-            [label.to_owned(), raw]
-                .into_iter()
-                .chain(cells)
-                .chain(tail)
-                .collect(),
-        );
+        let mut row = vec![label.to_owned(), raw.unwrap_or_else(|| "–".into())];
+        row.extend(cells.chain(tail));
+        rows.push(row);
     };
-    // The verdict: ai-cmd-executor's own target (`own`: whether it is met,
-    // and the words before the comparison), and no measured peer better on
-    // `get` (a tie counts, and is named).
+    // The verdict: ai-cmd-executor's own target (`own`: whether it is met, and the
+    // words before the comparison), and no measured peer better on `get` (ties named).
     let judge = |get: Get, higher: bool, own: Option<(bool, String)>| {
         let (mut ok, mut why) = (Some(false), "not measured".to_owned());
         if let Some(mine) = aice.and_then(get) {
             let mut groups: [Vec<&str>; 4] = Default::default();
             for peer in &cols[1..] {
-                let k = match peer.figures.as_deref().ok().and_then(get) {
+                let k = match peer.figures.as_ref().ok().and_then(get) {
                     Some(theirs) if theirs == mine => 1,
                     Some(theirs) if (mine > theirs) == higher => 0,
                     Some(_) => 2,
@@ -750,21 +661,13 @@ fn print_table(knobs: &Knobs, env: &DaemonEnv, cols: &[Column]) {
                 };
                 groups[k].push(peer.name);
             }
-            let words = [
-                "ahead of",
-                "level with",
-                "behind",
-                "not compared with (not measured)",
-            ];
-            let parts = words
-                .iter()
-                .zip(&groups)
-                .filter(|(_, names)| !names.is_empty());
-            let parts: Vec<_> = parts
-                .map(|(w, names)| format!("{w} {}", names.join(", ")))
-                .collect();
+            let unmeasured = "not compared with (not measured)";
+            let words = ["ahead of", "level with", "behind", unmeasured];
+            let parts = words.iter().zip(&groups).filter(|(_, n)| !n.is_empty());
+            let parts = parts.map(|(w, n)| format!("{w} {}", n.join(", ")));
             let compared = groups[..3].iter().any(|g| !g.is_empty());
-            (ok, why) = (compared.then_some(groups[2].is_empty()), parts.join("; "));
+            ok = compared.then_some(groups[2].is_empty());
+            why = parts.collect::<Vec<_>>().join("; ");
         }
         if let Some((met, words)) = own {
             ok = if met { ok } else { Some(false) };
@@ -779,35 +682,21 @@ fn print_table(knobs: &Knobs, env: &DaemonEnv, cols: &[Column]) {
     };
 
     let tail = ["same for all".to_owned(), String::new()];
-    add(
-        "daemon environment",
-        None,
-        &|f| Some(f.backtrace.clone()),
-        tail,
-    );
+    let backtrace = |f: &Figures| Some(f.backtrace.clone());
+    add("daemon environment", None, &backtrace, tail);
     for (i, p) in PARALLELISM.into_iter().enumerate() {
         let span = |f: &Figures| f.raw[i].map(|(b, a)| format!("{b:.1} / {a:.1}"));
         let label = format!("raw rate before / after the tool, P={p} (jobs/s)");
         add(&label, aice.and_then(span), &span, Default::default());
-        let raw = aice
-            .and_then(|f| f.reference(i))
-            .map(|r| format!("{r:.1} (1.000)"));
+        let reference = aice.and_then(|f| f.reference(i));
+        let raw = reference.map(|r| format!("{r:.1} (1.000)"));
         let ratio = aice.and_then(|f| Some(f.rate[0][i]? / f.reference(i)?));
-        let words = format!(
-            "{} of raw, ",
-            ratio.map_or("–".into(), |r| format!("{r:.3}"))
-        );
+        let words = ratio.map_or("–".into(), |r| format!("{r:.3}")) + " of raw, ";
         let own = (ratio.is_some_and(|r| r >= TARGET_RATIO), words);
-        let tail = [
-            format!(">= {TARGET_RATIO} of raw, ahead"),
-            judge(&|f| f.rate[0][i], true, Some(own)),
-        ];
-        add(
-            &format!("throughput P={p}, jobs/s (ratio to raw)"),
-            raw,
-            &|f| f.rate_cell(0, i),
-            tail,
-        );
+        let verdict = judge(&|f| f.rate[0][i], true, Some(own));
+        let tail = [format!(">= {TARGET_RATIO} of raw, ahead"), verdict];
+        let label = format!("throughput P={p}, jobs/s (ratio to raw)");
+        add(&label, raw, &|f| f.rate_cell(0, i), tail);
     }
     for (i, p) in PARALLELISM.into_iter().enumerate() {
         let label = format!("(info) P={p}, one `submit` CLI process per job");
@@ -817,20 +706,14 @@ fn print_table(knobs: &Knobs, env: &DaemonEnv, cols: &[Column]) {
         let get = |f: &Figures| f.latency[1].map(|s| [s.p50, s.p99][q]);
         let tail = ["ahead".to_owned(), judge(&get, false, None)];
         let cell = |f: &Figures| get(f).map(|v| format!("{v:.2}"));
-        add(
-            &format!("submit -> start {name}, ms (CLI per job)"),
-            None,
-            &cell,
-            tail,
-        );
+        let label = format!("submit -> start {name}, ms (CLI per job)");
+        add(&label, None, &cell, tail);
     }
     let label = "(info) p50 / p99, ms, file dropped by rename";
     let by_drop = |f: &Figures| f.latency[0].map(|s| format!("{:.2} / {:.2}", s.p50, s.p99));
     add(label, None, &by_drop, Default::default());
-    let settings = [
-        format!("{}, as the shell has it", env.backtrace()),
-        env.other().backtrace(),
-    ];
+    let shell = format!("{}, as the shell has it", env.backtrace());
+    let settings = [shell, env.other().backtrace()];
     for (k, setting) in settings.iter().enumerate() {
         let labels = [
             "idle RSS of the daemon, MiB".to_owned(),
@@ -876,18 +759,10 @@ fn print_table(knobs: &Knobs, env: &DaemonEnv, cols: &[Column]) {
         Err((word, why)) => format!("{} {word}: {why}", c.name),
     }));
     let esc = |s: &str| s.replace('|', "\\|");
-    let line = |r: &[String]| {
-        r.iter()
-            .map(|c| format!(" {} |", esc(c)))
-            .collect::<String>()
-    };
-    let heads = ["figure", "raw `bash -c true`"]
-        .into_iter()
-        .chain(cols.iter().map(|c| c.name));
-    let heads: Vec<String> = heads
-        .chain(["target for ai-cmd-executor", "met?"])
-        .map(Into::into)
-        .collect();
+    let line = |r: &[String]| String::from_iter(r.iter().map(|c| format!(" {} |", esc(c))));
+    let mut heads = vec!["figure".to_owned(), "raw `bash -c true`".into()];
+    heads.extend(cols.iter().map(|c| c.name.into()));
+    heads.extend(["target for ai-cmd-executor".into(), "met?".into()]);
     println!("|{}\n|{}", line(&heads), " --- |".repeat(heads.len()));
     rows.iter().for_each(|r| println!("|{}", line(r)));
     println!();

@@ -19,10 +19,11 @@
 #       table BENCHMARKS.md carries, in Markdown.
 #
 #   --quick  smoke run: BENCH_JOBS=100 BENCH_IDLE_SECS=5 BENCH_ROUNDS=1
-#            BENCH_LATENCY_SAMPLES=20
+#            BENCH_LATENCY_SAMPLES=20 BENCH_BURST=1000
 #
 # The environment is passed through: BENCH_JOBS (1000), BENCH_IDLE_SECS (30,
-# peers 60), BENCH_LATENCY_SAMPLES (200), BENCH_ROUNDS (5), BENCH_SECTIONS,
+# peers 60), BENCH_LATENCY_SAMPLES (200), BENCH_ROUNDS (5), BENCH_BURST (the
+# idle section's burst, 20000), BENCH_SECTIONS,
 # BENCH_SPOOLS, BENCH_TOOLS, BENCH_WORKER, RUST_BACKTRACE (the daemons get
 # the shell's). Build and run hold /var/tmp/bench.lock, so that they never
 # overlap another measurement. Writes nothing outside target/ and temp dirs.
@@ -44,7 +45,7 @@ for arg in "$@"; do
     esac
 done
 if [ "$quick" = 1 ]; then
-    export BENCH_JOBS=100 BENCH_IDLE_SECS=5 BENCH_ROUNDS=1 BENCH_LATENCY_SAMPLES=20
+    export BENCH_JOBS=100 BENCH_IDLE_SECS=5 BENCH_ROUNDS=1 BENCH_LATENCY_SAMPLES=20 BENCH_BURST=1000
 fi
 
 cd "$(dirname "$0")/.."
@@ -73,7 +74,6 @@ elif [ -z "${BENCH_SPOOLS:-}" ]; then
         echo "bench.sh: skipping the journaled ext4 spool (needs root and mkfs.ext4)" >&2
     elif [ "$ext4" = 1 ]; then
         work="$(mktemp -d /var/tmp/ai-cmd-bench-ext4.XXXXXX)"
-        trap 'umount "$work/mnt" 2>/dev/null || true; rm -rf "$work"' EXIT
         # mkfs gives a 32 GiB image the 256 MiB journal of a server's root
         # (a 1 GiB one gets 32 MiB, which fills every ~1500 fsynced results
         # and stalls the worker on checkpoints). Sparse, lazily initialised.
@@ -86,6 +86,19 @@ elif [ -z "${BENCH_SPOOLS:-}" ]; then
     [ -d /dev/shm ] && spools="$spools;tmpfs=/dev/shm"
     export BENCH_SPOOLS="$spools"
 fi
+if [ "$bench" = throughput ] && [ "$(id -u)" = 0 ] && [ -z "${BENCH_FULL_BASE:-}" ]; then
+    # isolation = "full" needs a spool whose parents the worker's user
+    # cannot write, as the package's: a tmpfs of root's (mode 0755) under
+    # /run, where the section runs the worker as nobody.
+    full="$(mktemp -d /run/ai-cmd-bench-full.XXXXXX)"
+    mount -t tmpfs -o mode=0755,size=2g tmpfs "$full"
+    export BENCH_FULL_BASE="$full"
+fi
+cleanup() {
+    if [ -n "${work:-}" ]; then umount "$work/mnt" 2>/dev/null || true; rm -rf "$work"; fi
+    if [ -n "${full:-}" ]; then umount "$full" 2>/dev/null || true; rmdir "$full" 2>/dev/null || true; fi
+}
+trap cleanup EXIT
 
-# Not exec: the trap removes the loop device afterwards.
+# Not exec: the trap removes the loop device and the tmpfs afterwards.
 flock "$lock" cargo bench --bench "$bench"

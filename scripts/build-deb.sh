@@ -11,7 +11,8 @@ target="${CARGO_TARGET_DIR:-target}"
 cargo build --release --locked
 rm -rf target/assets
 "$target/release/ai-cmd-executor" generate-assets target/assets >/dev/null
-gzip -9n target/assets/man/ai-cmd-executor.1 target/assets/man/ai-cmd-executor-protocol.7
+gzip -9n target/assets/man/ai-cmd-executor.1 target/assets/man/ai-cmd-executor-mcp.1 \
+    target/assets/man/ai-cmd-executor-protocol.7
 deb=$(cargo deb --no-build --locked "$@" | tail -n 1)
 # cargo-deb writes no md5sums control file; dpkg --verify and debsums read
 # it from the package. Add one, for every file but the conffiles, as

@@ -2,8 +2,9 @@
 # The whole test suite. On a fresh Debian 12 machine with a Rust toolchain
 # (rustup), this installs what the tests need, then runs formatting and lint
 # checks, builds and lints the .deb, runs the unit, integration and system
-# tests (tiers 1, 2 and 3) and the Python client's tests against the real
-# binary, and prints one summary line.
+# tests (tiers 1, 2 and 3), the Python client's tests and the MCP server's
+# (driven by the official Python SDK) against the real binary, and prints
+# one summary line.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -16,6 +17,8 @@ if ! command -v cargo >/dev/null; then
 fi
 missing=()
 command -v python3 >/dev/null || missing+=(python3)
+# The MCP server is driven by the official Python SDK, in a virtualenv.
+python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 # Tier 3 boots a throwaway systemd with systemd-nspawn (needs root).
 command -v systemd-nspawn >/dev/null || missing+=(systemd-container)
 command -v systemd-analyze >/dev/null || missing+=(systemd)
@@ -59,6 +62,13 @@ for component in rustfmt clippy; do
     fi
 done
 command -v cargo-deb >/dev/null || cargo install cargo-deb --locked
+# The MCP client of tests/mcp: the official SDK from PyPI, pinned.
+mcp_venv=target/mcp-venv
+if ! "$mcp_venv/bin/python" -c 'import mcp' 2>/dev/null; then
+    rm -rf "$mcp_venv"
+    python3 -m venv "$mcp_venv"
+    "$mcp_venv/bin/pip" install -q 'mcp==2.3.0'
+fi
 
 # --- checks and tests ----------------------------------------------------
 echo "== cargo fmt --check"
@@ -90,6 +100,9 @@ echo "== Python client tests (against the real worker)"
 python=0
 AI_CMD_EXECUTOR_BIN="$PWD/target/debug/ai-cmd-executor" \
     python3 -m unittest discover -s clients/python 2>&1 | tee -a "$out" || python=$?
+echo "== MCP server tests (the official Python SDK against the real binary)"
+AI_CMD_EXECUTOR_BIN="$PWD/target/debug/ai-cmd-executor" \
+    "$mcp_venv/bin/python" -m unittest discover -s tests/mcp 2>&1 | tee -a "$out" || python=$?
 sum() { grep -oE "[0-9]+ $1" "$out" | awk '{n += $1} END {print n + 0}'; }
 passed=$(sum passed); failed=$(sum failed); ignored=$(sum ignored)
 py_ran=$(grep -oE '^Ran [0-9]+ tests?' "$out" | awk '{n += $2} END {print n + 0}')

@@ -65,9 +65,75 @@ pub enum ClientError {
         /// Where the job was when the client gave up.
         state: &'static str,
     },
+    /// The job has finished: there is nothing to cancel.
+    #[error("job {0} has already finished; there is nothing to cancel")]
+    Finished(JobId),
+    /// Only its submitter or root may cancel a job.
+    #[error("job {id} was submitted by uid {owner}; only its submitter or root may cancel it")]
+    NotYours {
+        /// The job.
+        id: JobId,
+        /// Its submitter (the owner of its job file).
+        owner: u32,
+    },
+    /// Nothing is known of this id: not queued, not running, no result.
+    #[error("no job {0} in this spool (not pending, not running, no result)")]
+    Unknown(JobId),
+    /// The spool's file system has no room (or the user's quota is spent)
+    /// for the job file; nothing was queued.
+    #[error(
+        "the spool's file system is full: {}: {source}; nothing was queued (free space on it; `ai-cmd-executor cleanup`, as the spool owner or root, packs old logs and deletes expired archives)",
+        .spool.display()
+    )]
+    Full {
+        /// The spool.
+        spool: PathBuf,
+        /// ENOSPC or EDQUOT.
+        source: io::Error,
+    },
     /// A spool file operation failed.
     #[error(transparent)]
     Spool(#[from] SpoolError),
+}
+
+/// The length of `bytes` without an incomplete UTF-8 character at its end
+/// (at most 3 bytes are dropped: a character's start and what followed).
+fn whole_chars(bytes: &[u8]) -> usize {
+    let n = bytes.len();
+    for back in 1..=3.min(n) {
+        let b = bytes[n - back];
+        if b & 0xC0 != 0x80 {
+            // The last character's first byte: how long it should be.
+            let len = match b {
+                0xC0..=0xDF => 2,
+                0xE0..=0xEF => 3,
+                0xF0..=0xF7 => 4,
+                _ => 1,
+            };
+            return if len > back { n - back } else { n };
+        }
+    }
+    n
+}
+
+/// How long after its file went to `archive/rejected/` a job without a
+/// result yet is taken as being rejected (its result on the way), not as
+/// unknown.
+const REJECTING: Duration = Duration::from_secs(10);
+
+/// A piece of a job's latest log, read by offset (see
+/// [`Client::read_log`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LogChunk {
+    /// The bytes from the offset asked for, ending on a whole UTF-8
+    /// character unless the log ends there.
+    pub bytes: Vec<u8>,
+    /// Where the next read starts: the offset plus `bytes.len()`.
+    pub next_offset: u64,
+    /// Whether the job had finished when the log was read: then the log
+    /// is whole, and a read from `next_offset` returns nothing new
+    /// (until the job runs again).
+    pub finished: bool,
 }
 
 /// A job to submit.
@@ -118,6 +184,26 @@ impl Submission {
     pub fn with_timeout(mut self, secs: NonZeroU64) -> Self {
         if let Payload::Json(spec) = &mut self.payload {
             spec.timeout_secs = Some(secs);
+        }
+        self
+    }
+
+    /// Names the client in the job file (`submitted_via`; JSON jobs only:
+    /// a script job is recorded as `file`).
+    pub fn via(mut self, via: crate::spool::job::SubmittedVia) -> Self {
+        if let Payload::Json(spec) = &mut self.payload {
+            spec.submitted_via = Some(via);
+        }
+        self
+    }
+
+    /// Sets resource limits (JSON jobs only; scripts get the configured
+    /// defaults).
+    pub fn with_limits(mut self, limits: crate::spool::limits::Limits) -> Self {
+        if let Payload::Json(spec) = &mut self.payload
+            && !limits.is_empty()
+        {
+            spec.limits = Some(limits);
         }
         self
     }
@@ -258,6 +344,13 @@ impl Client {
         };
         if let Err(e) = write() {
             let _ = fs::remove_file(&tmp);
+            let full = [nix::libc::ENOSPC, nix::libc::EDQUOT];
+            if e.raw_os_error().is_some_and(|n| full.contains(&n)) {
+                return Err(ClientError::Full {
+                    spool: self.spool.root().to_owned(),
+                    source: e,
+                });
+            }
             return Err(SpoolError::io("writing", &tmp, e).into());
         }
         let dest = self.spool.pending().join(job_file_name(&id, kind));
@@ -284,6 +377,108 @@ impl Client {
         Ok(self.spool.latest_log(id)?)
     }
 
+    /// Asks the worker to cancel `id`: a pending job is withdrawn, a running
+    /// one stopped (TERM, then KILL after `kill_grace`, its whole process
+    /// tree), and its result says `cancelled`. Writes the request
+    /// `cancel/<id>` (through `tmp/` and a rename, as a job file); a request
+    /// already there stands. Only the job's submitter or root may cancel it:
+    /// anyone else is refused here, and by the worker. Returns once the
+    /// request is written; [`Client::wait`] gives the result.
+    pub fn cancel(&self, id: &JobId) -> Result<(), ClientError> {
+        use std::os::unix::fs::MetadataExt as _;
+        let Some((_, path)) = self.spool.find_queued(id) else {
+            return match self.state(id)? {
+                JobState::Unknown => Err(ClientError::Unknown(id.clone())),
+                _ => Err(ClientError::Finished(id.clone())),
+            };
+        };
+        let me = nix::unistd::geteuid().as_raw();
+        if let Ok(meta) = fs::symlink_metadata(&path)
+            && me != 0
+            && meta.uid() != me
+        {
+            return Err(ClientError::NotYours {
+                id: id.clone(),
+                owner: meta.uid(),
+            });
+        }
+        let dir = self.spool.cancel();
+        match fs::metadata(&dir) {
+            Ok(m) if m.is_dir() => {}
+            _ => return Err(ClientError::NotASpool(self.spool.root().to_owned())),
+        }
+        let tmp = self.spool.tmp().join(format!(
+            ".cancel-{id}.{}.{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o640)
+            .open(&tmp)
+            .map_err(|e| match e.kind() {
+                io::ErrorKind::PermissionDenied => ClientError::Denied(self.spool.tmp()),
+                _ => SpoolError::io("writing", &tmp, e).into(),
+            })?;
+        let done = rename_noreplace(&tmp, &dir.join(id.as_str()));
+        let _ = fs::remove_file(&tmp);
+        match done {
+            Ok(_) => Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => Err(ClientError::Denied(dir)),
+            Err(e) => Err(SpoolError::io("requesting a cancel in", dir, e).into()),
+        }
+    }
+
+    /// Up to `max_bytes` of the latest log of `id` from byte `offset`, while
+    /// the job runs or after: a reader that passes each `next_offset` back
+    /// gets every byte once. A chunk that would end inside a UTF-8
+    /// character ends before it, unless the log is complete and ends
+    /// there. A pending job has no log yet: an empty chunk. An id this
+    /// spool knows nothing of is [`ClientError::Unknown`].
+    pub fn read_log(
+        &self,
+        id: &JobId,
+        offset: u64,
+        max_bytes: usize,
+    ) -> Result<LogChunk, ClientError> {
+        use std::io::{Read, Seek, SeekFrom};
+        // Read the state first: a job finished by then has its whole log.
+        let finished = match self.state(id)? {
+            JobState::Unknown => return Err(ClientError::Unknown(id.clone())),
+            JobState::Pending => {
+                return Ok(LogChunk {
+                    bytes: Vec::new(),
+                    next_offset: offset,
+                    finished: false,
+                });
+            }
+            JobState::Running => false,
+            JobState::Finished(_) => true,
+        };
+        let mut bytes = Vec::new();
+        if let Some(path) = self.latest_log(id)? {
+            let mut file =
+                fs::File::open(&path).map_err(|e| SpoolError::io("opening", &path, e))?;
+            file.seek(SeekFrom::Start(offset))
+                .and_then(|_| {
+                    file.take(u64::try_from(max_bytes).unwrap_or(u64::MAX))
+                        .read_to_end(&mut bytes)
+                })
+                .map_err(|e| SpoolError::io("reading", &path, e))?;
+            let at_end = bytes.len() < max_bytes;
+            if !(finished && at_end) {
+                bytes.truncate(whole_chars(&bytes));
+            }
+        }
+        let next_offset = offset + bytes.len() as u64;
+        Ok(LogChunk {
+            bytes,
+            next_offset,
+            finished,
+        })
+    }
+
     /// Where `id` is now. Looks in `pending/`, then `running/`, then
     /// `completed/`: the worker writes the result before it removes the
     /// running file, so this order never misses a job in flight.
@@ -293,8 +488,31 @@ impl Client {
             Some((QueueState::Running, _)) => JobState::Running,
             None => match self.spool.read_result(id)? {
                 Some(r) => JobState::Finished(r),
+                None if self.being_rejected(id) => JobState::Pending,
                 None => JobState::Unknown,
             },
+        })
+    }
+
+    /// Whether the worker is rejecting `id` right now: its file went to
+    /// `archive/rejected/` (as `<id>.<kind>.<stamp>`) within the last
+    /// [`REJECTING`], and the result follows it.
+    fn being_rejected(&self, id: &JobId) -> bool {
+        let Ok(entries) = fs::read_dir(self.spool.archive_rejected()) else {
+            return false;
+        };
+        let now = Timestamp::now();
+        entries.flatten().any(|e| {
+            let name = e.file_name();
+            let Some(rest) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix(id.as_str()))
+                .and_then(|r| r.strip_prefix(".json.").or_else(|| r.strip_prefix(".sh.")))
+            else {
+                return false;
+            };
+            Timestamp::from_file_stamp(rest.get(..23).unwrap_or(rest))
+                .is_some_and(|t| now.since(t) < REJECTING)
         })
     }
 
@@ -313,8 +531,15 @@ impl Client {
         timeout: Option<Duration>,
     ) -> Result<JobResult, ClientError> {
         let start = Instant::now();
-        // Watch before the first look, so no change falls between the two.
-        let mut watch = DirWatch::new(&[(&self.spool.completed(), WatchMask::MOVED_TO)]).ok();
+        // Watch before the first look, so no change falls between the two:
+        // the result arriving, and the job file leaving running/ after it
+        // (a look between the two sees the job still running).
+        let running = self.spool.running();
+        let mut watch = DirWatch::new(&[
+            (&self.spool.completed(), WatchMask::MOVED_TO),
+            (&running, WatchMask::DELETE | WatchMask::MOVED_FROM),
+        ])
+        .ok();
         loop {
             let state = self.state(id)?;
             if let JobState::Finished(r) = &state
@@ -435,8 +660,35 @@ pub fn generate_id() -> JobId {
 
 /// Blocks until something changes in a set of watched paths, or a timeout.
 pub struct DirWatch {
-    inotify: Inotify,
+    /// Always `Some` until dropped.
+    inotify: Option<Inotify>,
     buf: Vec<u8>,
+}
+
+/// Closing an inotify descriptor waits for the kernel's SRCU grace period
+/// (measured here: up to 12 ms), which a waiter that has its answer should
+/// not pay: a long-lived caller (the MCP server) answers, and one thread of
+/// the process closes the descriptors behind it.
+impl Drop for DirWatch {
+    fn drop(&mut self) {
+        use std::sync::{OnceLock, mpsc};
+        static CLOSER: OnceLock<Option<mpsc::Sender<Inotify>>> = OnceLock::new();
+        let Some(inotify) = self.inotify.take() else {
+            return;
+        };
+        let closer = CLOSER.get_or_init(|| {
+            let (tx, rx) = mpsc::channel::<Inotify>();
+            std::thread::Builder::new()
+                .name("inotify-close".into())
+                .spawn(move || rx.into_iter().for_each(drop))
+                .ok()
+                .map(|_| tx)
+        });
+        // Without the thread, or should it have gone, it closes here.
+        if let Some(tx) = closer {
+            let _ = tx.send(inotify);
+        }
+    }
 }
 
 impl DirWatch {
@@ -447,7 +699,7 @@ impl DirWatch {
             inotify.watches().add(p, *mask)?;
         }
         Ok(DirWatch {
-            inotify,
+            inotify: Some(inotify),
             buf: vec![0; 4096],
         })
     }
@@ -457,13 +709,16 @@ impl DirWatch {
     pub fn wait(&mut self, timeout: Duration) -> io::Result<()> {
         let ms = PollTimeout::try_from(timeout.as_millis().min(i32::MAX as u128) as i32)
             .unwrap_or(PollTimeout::MAX);
-        let mut fds = [PollFd::new(self.inotify.as_fd(), PollFlags::POLLIN)];
+        let Some(inotify) = &mut self.inotify else {
+            return Ok(());
+        };
+        let mut fds = [PollFd::new(inotify.as_fd(), PollFlags::POLLIN)];
         match poll(&mut fds, ms) {
             Ok(_) | Err(nix::errno::Errno::EINTR) => {}
             Err(e) => return Err(e.into()),
         }
         loop {
-            match self.inotify.read_events(&mut self.buf) {
+            match inotify.read_events(&mut self.buf) {
                 Ok(events) => {
                     if events.count() == 0 {
                         return Ok(());
@@ -479,6 +734,79 @@ impl DirWatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_chunk_never_ends_inside_a_character() {
+        let text = "aé€😀".as_bytes(); // 1, 2, 3 and 4 bytes
+        assert_eq!(whole_chars(text), text.len());
+        for cut in 0..=text.len() {
+            let n = whole_chars(&text[..cut]);
+            assert!(std::str::from_utf8(&text[..n]).is_ok(), "cut {cut}: {n}");
+            assert!(cut - n < 4, "cut {cut}: {n}");
+        }
+        // Bytes that are not UTF-8 at all are passed on, to be replaced.
+        assert_eq!(whole_chars(b"ab\xff"), 3);
+        assert_eq!(whole_chars(b"\x80\x80\x80\x80"), 4);
+    }
+
+    #[test]
+    fn a_job_being_rejected_is_pending_not_unknown() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::new(dir.path().join("spool"));
+        spool.ensure_layout().unwrap();
+        let client = Client::new(spool.root());
+        fs::create_dir_all(spool.archive_rejected()).unwrap();
+        let now = Timestamp::now().file_stamp();
+        fs::write(
+            spool.archive_rejected().join(format!("fresh.json.{now}")),
+            "",
+        )
+        .unwrap();
+        fs::write(
+            spool
+                .archive_rejected()
+                .join("stale.sh.20200101T000000.000000Z"),
+            "",
+        )
+        .unwrap();
+        let state = |id: &str| client.state(&id.parse().unwrap()).unwrap().name();
+        assert_eq!(state("fresh"), "pending");
+        assert_eq!(state("stale"), "unknown");
+        assert_eq!(state("fres"), "unknown");
+    }
+
+    #[test]
+    fn logs_read_by_offset_give_every_byte_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let spool = Spool::new(dir.path().join("spool"));
+        spool.ensure_layout().unwrap();
+        let client = Client::new(spool.root());
+        let id: JobId = "j1".parse().unwrap();
+        let err = client.read_log(&id, 0, 10).unwrap_err();
+        assert!(matches!(err, ClientError::Unknown(_)), "{err}");
+        // Running: a log being written, cut inside "é".
+        fs::write(spool.running().join("j1.json"), "{}").unwrap();
+        let log_dir = spool.log_dir(&id);
+        fs::create_dir_all(&log_dir).unwrap();
+        let log = log_dir.join("j1@20261201T000000.000000Z.log");
+        fs::write(&log, "héllo").unwrap();
+        let a = client.read_log(&id, 0, 2).unwrap();
+        assert_eq!(
+            (a.bytes.as_slice(), a.next_offset, a.finished),
+            (&b"h"[..], 1, false)
+        );
+        let b = client.read_log(&id, a.next_offset, 100).unwrap();
+        assert_eq!((b.bytes.as_slice(), b.next_offset), ("éllo".as_bytes(), 6));
+        // Finished: the rest, then nothing new.
+        fs::write(&log, "héllo world\n").unwrap();
+        fs::remove_file(spool.running().join("j1.json")).unwrap();
+        let r = JobResult::not_run("j1", crate::spool::Status::Failed, "x".into(), 1, None);
+        spool.write_result(&r).unwrap();
+        let c = client.read_log(&id, b.next_offset, 100).unwrap();
+        assert_eq!((c.bytes.as_slice(), c.finished), (&b" world\n"[..], true));
+        let d = client.read_log(&id, c.next_offset, 100).unwrap();
+        assert_eq!((d.bytes.len(), d.next_offset, d.finished), (0, 13, true));
+    }
 
     #[test]
     fn generated_ids_are_valid_and_distinct() {

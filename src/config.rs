@@ -14,6 +14,11 @@ use std::time::Duration;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::spool::job::{MAX_ATTEMPTS, MAX_TIMEOUT_SECS};
+use crate::spool::limits::LimitsConfig;
+
+fn is_unset(l: &LimitsConfig) -> bool {
+    *l == LimitsConfig::default()
+}
 
 /// Where the worker and the CLI look for the configuration by default.
 pub const DEFAULT_CONFIG_PATH: &str = "/etc/ai-cmd-executor/config.toml";
@@ -140,6 +145,10 @@ pub struct Config {
     /// `"process"` (refuse to start without it) or `"none"`. See
     /// [`Isolation`].
     pub isolation: Isolation,
+    /// Per-job resource limits: the defaults of a job that sets none, and
+    /// `[limits.ceiling]`, the most a job may ask for. None by default.
+    #[serde(skip_serializing_if = "is_unset")]
+    pub limits: LimitsConfig,
     /// Where alerts and repair reports go; none when absent.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub notify: Option<NotifyConfig>,
@@ -171,6 +180,13 @@ pub enum Isolation {
     /// (journal) when that is less than the strongest there is.
     #[default]
     Auto,
+    /// `Process`, and the spool is out of the jobs' reach: they can read
+    /// it but create, change, rename or delete nothing in it (Landlock file
+    /// rules). That needs a spool whose parent directories the worker's
+    /// user cannot write (the package's `/var/lib/ai-cmd-executor`): the
+    /// rules cannot tell the spool's own entry in such a directory from
+    /// the rest of it. The worker refuses to start when it cannot do this.
+    Full,
     /// Each job in a Landlock domain of its own (Linux 6.12 or later,
     /// Landlock ABI 6): it cannot signal, `ptrace`, or read the memory or
     /// environment of the worker or of another job. The worker refuses to
@@ -185,6 +201,7 @@ impl Isolation {
     pub fn as_str(self) -> &'static str {
         match self {
             Isolation::Auto => "auto",
+            Isolation::Full => "full",
             Isolation::Process => "process",
             Isolation::None => "none",
         }
@@ -235,6 +252,7 @@ impl Default for Config {
             archive_retention_days: NonZeroU32::new(90).expect("non-zero"),
             submit_group: None,
             isolation: Isolation::Auto,
+            limits: LimitsConfig::default(),
             notify: None,
         }
     }
@@ -411,6 +429,9 @@ impl Config {
                 "spool",
                 format!("spool must be an absolute path, not {spool:?}"),
             );
+        }
+        if let Err(message) = self.limits.check() {
+            return invalid("limits", message);
         }
         if let Some(file) = self.notify.as_ref().and_then(|n| n.url_file.as_ref())
             && !file.is_absolute()

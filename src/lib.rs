@@ -23,6 +23,7 @@ pub mod install;
 pub mod logging;
 /// Maintenance: stale pending files, log packing, archive retention.
 pub mod maintenance;
+pub mod mcp;
 /// Alerts: Slack or generic JSON webhooks.
 pub mod notifier;
 /// Root's tools act in the spool as its owner.

@@ -45,6 +45,13 @@ pub mod message_id {
     pub const ALERT: &str = "33b79da6b9f849f79917cfbd9e654133";
 }
 
+/// A program's fatal error, `program: cause: root cause`, on stderr at
+/// priority err (see [`eprint_err`]): what each binary's `main` prints.
+pub fn eprint_failure(program: &str, e: &anyhow::Error) {
+    let root: &(dyn std::error::Error + 'static) = e.as_ref();
+    eprint_err(&format!("{program}: {}", crate::error::chain(root)));
+}
+
 /// Writes `text` to stderr. When stderr is the journal (systemd connected
 /// it: `JOURNAL_STREAM` names it), each line carries the `<3>` prefix
 /// journald reads as priority err, so `journalctl -p err` and `systemctl

@@ -21,11 +21,7 @@ fn main() -> ExitCode {
             // The cause chain on one line, each cause once; no backtrace is
             // captured (RUST_BACKTRACE may be set in the environment). At
             // priority err in the journal, where an alert finds it.
-            let root: &(dyn std::error::Error + 'static) = e.as_ref();
-            ai_cmd_executor::logging::eprint_err(&format!(
-                "ai-cmd-executor: {}",
-                ai_cmd_executor::error::chain(root)
-            ));
+            ai_cmd_executor::logging::eprint_failure("ai-cmd-executor", &e);
             ExitCode::FAILURE
         }
     }

@@ -1013,6 +1013,9 @@ mod tests {
             attempt: 1,
             submitted_by: None,
             usage: crate::spool::Usage::default(),
+            limits: None,
+            submitted_via: None,
+            cancelled_by: None,
         };
         s.write_result(&earlier).unwrap();
         let secret = d.path().join("secret");

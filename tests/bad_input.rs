@@ -231,6 +231,31 @@ fn a_direct_drop_still_being_written_waits_for_its_writer() {
     drop(w);
 }
 
+/// A finished but bad job file renamed into `pending/` just before the
+/// worker began to watch gets no event; its first scan finds it changed
+/// moments ago and leaves it as possibly half-written. It is looked at
+/// again once settled (5 s), not at the next periodic rescan (5 minutes
+/// by default), and rejected.
+#[test]
+fn a_bad_file_found_by_the_first_scan_is_rejected_once_settled() {
+    let spool = Spool::new();
+    ai_cmd_executor::spool::Spool::new(spool.root())
+        .ensure_layout()
+        .unwrap();
+    fs::write(
+        spool.path("tmp/early-bad"),
+        r#"{"command":"true","no_such_key":1}"#,
+    )
+    .unwrap();
+    fs::rename(
+        spool.path("tmp/early-bad"),
+        spool.path("pending/early-bad.json"),
+    )
+    .unwrap();
+    let _w = spool.start("");
+    assert_rejected(&spool, "early-bad", "unknown field `no_such_key`");
+}
+
 /// A `cwd` the job cannot run in is rejected with the directory named, not
 /// reported as the shell failing to start; `submit --wait` exits 126.
 #[test]

@@ -31,6 +31,12 @@ fn submit_wait_result_log_and_list() {
     assert!(out.status.success());
     let r: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(r["exit_code"], 3);
+    assert_eq!(r["submitted_via"], "cli", "{r}");
+    assert_eq!(
+        r["submitted_by"]["uid"],
+        nix::unistd::geteuid().as_raw(),
+        "{r}"
+    );
 
     let out = spool.cli(&["log", "hello"]);
     assert_eq!(stdout(&out), "hi\n");
@@ -226,10 +232,25 @@ fn log_follow_streams_until_the_job_ends() {
             (text == "one\n").then_some(())
         })
     });
+    // A second reader picks up where a first one stopped (byte 4).
+    let resumed = Command::new(BIN)
+        .args(["--spool", spool.root().to_str().unwrap()])
+        .args(["log", "--follow", "--from", "4", "stream"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
     fs::write(&gate, "").unwrap();
     let out = follower.wait_with_output().unwrap();
     assert!(out.status.success());
     assert_eq!(stdout(&out), "one\ntwo\n");
+    let out = resumed.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(stdout(&out), "two\n");
+    let at = |from: &str| spool.cli(&["log", "--from", from, "stream"]);
+    assert_eq!(stdout(&at("2")), "e\ntwo\n");
+    let past = at("100");
+    assert!(past.status.success(), "{past:?}");
+    assert_eq!(stdout(&past), "", "past the end: nothing");
 }
 
 #[test]
@@ -516,4 +537,50 @@ fn a_job_that_could_not_start_exits_127() {
             .contains("could not start the job"),
         "{r}"
     );
+}
+
+/// `mcp` hands over to `ai-cmd-executor-mcp` beside the binary (the
+/// worker does not map the MCP SDK); without it, the error says where it
+/// was looked for. With it, the process `mcp` started is the server.
+#[test]
+fn mcp_starts_the_server_installed_beside_it() {
+    let spool = Spool::new();
+    let alone = tempfile::tempdir().unwrap();
+    let copy = alone.path().join("ai-cmd-executor");
+    fs::copy(BIN, &copy).unwrap();
+    let out = Command::new(&copy)
+        .args(["--spool", spool.root().to_str().unwrap(), "mcp"])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1), "{}", stderr(&out));
+    let text = stderr(&out);
+    let expected = format!(
+        "starting the MCP server {}",
+        alone.path().join("ai-cmd-executor-mcp").display()
+    );
+    assert!(text.contains(&expected), "{text}");
+
+    // The real one answers `initialize` on stdout, in the same process.
+    let mut child = Command::new(BIN)
+        .args(["--spool", spool.root().to_str().unwrap(), "mcp"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let init = r#"{"jsonrpc":"2.0","id":1,"method":"initialize","params":{"protocolVersion":"2025-06-18","capabilities":{},"clientInfo":{"name":"t","version":"1"}}}"#;
+    use std::io::{BufRead, Write};
+    let mut stdin = child.stdin.take().unwrap();
+    writeln!(stdin, "{init}").unwrap();
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert!(line.contains("\"serverInfo\""), "{line}");
+    let exe = fs::read_link(format!("/proc/{}/exe", child.id())).unwrap();
+    assert!(exe.ends_with("ai-cmd-executor-mcp"), "{}", exe.display());
+    drop(stdin);
+    let end = child.wait_with_output().unwrap();
+    assert!(end.status.success(), "{}", stderr(&end));
 }

@@ -282,7 +282,7 @@ fn in_the_spools_group_or_with_the_read_acl_a_healthy_worker_is_ok() {
         .arg("-c")
         .arg(format!(
             "set -e
-             setfacl -m u:{MONITOR}:rx {s} {s}/tmp {s}/pending {s}/running
+             setfacl -m u:{MONITOR}:rx {s} {s}/tmp {s}/pending {s}/running {s}/cancel
              setfacl -d -m u:{MONITOR}:r {s}
              find {s} -maxdepth 1 -type f -name '.*.lock' -exec setfacl -m u:{MONITOR}:r {{}} +"
         ))
@@ -566,7 +566,7 @@ fn nagios4_runs_the_plugin_unchanged_as_its_own_user() {
     //    a restart of the worker.
     sb.ok(&format!(
         "deluser --quiet nagios ai-cmd
-         setfacl -m u:nagios:rx {SPOOL} {SPOOL}/tmp {SPOOL}/pending {SPOOL}/running
+         setfacl -m u:nagios:rx {SPOOL} {SPOOL}/tmp {SPOOL}/pending {SPOOL}/running {SPOOL}/cancel
          setfacl -d -m u:nagios:r {SPOOL}
          find {SPOOL} -maxdepth 1 -type f -name '.*.lock' -exec setfacl -m u:nagios:r {{}} +
          systemd-tmpfiles --create ai-cmd-executor.conf

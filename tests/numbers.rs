@@ -39,6 +39,8 @@ fn fields_lists_every_numeric_job_field() {
         cwd: Some("/".into()),
         on_interrupt: OnInterrupt::Retry,
         attempt: NonZeroU32::new(1),
+        limits: None,
+        submitted_via: None,
     };
     let value = serde_json::to_value(&spec).unwrap();
     let mut numeric: Vec<&str> = value

@@ -81,7 +81,34 @@ fn assert_installed_and_working(sb: &Sandbox, bin: &str, tag: &str) {
         sb.ok(&format!("runuser -u agent -- {bin} log probe-{tag}")),
         "ai-cmd"
     );
+    // An agent's MCP session, as the member: `mcp` starts the server
+    // installed beside the binary, and the worker runs the command.
+    sb.write("/tmp/mcp-probe.py", MCP_PROBE);
+    assert_eq!(
+        sb.ok(&format!(
+            "runuser -u agent -- python3 /tmp/mcp-probe.py {bin}"
+        )),
+        "succeeded ai-cmd mcp"
+    );
 }
+
+/// One `run_command` over stdio, as an MCP client sends it; prints the
+/// result's status, output and `submitted_via`.
+const MCP_PROBE: &str = r#"
+import json, subprocess, sys
+p = subprocess.Popen([sys.argv[1], "mcp"], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+def send(m):
+    p.stdin.write((json.dumps(m) + "\n").encode())
+    p.stdin.flush()
+send({"jsonrpc": "2.0", "id": 1, "method": "initialize", "params": {"protocolVersion": "2024-11-05", "capabilities": {}, "clientInfo": {"name": "probe", "version": "0"}}})
+assert b'"serverInfo"' in p.stdout.readline()
+send({"jsonrpc": "2.0", "method": "notifications/initialized"})
+send({"jsonrpc": "2.0", "id": 2, "method": "tools/call", "params": {"name": "run_command", "arguments": {"command": "id -un", "wait_secs": 60}}})
+r = json.loads(p.stdout.readline())["result"]["structuredContent"]
+p.stdin.close()
+p.wait(timeout=30)
+print(r["status"], r["output"].strip(), r["submitted_via"])
+"#;
 
 #[test]
 fn deb_install_upgrade_remove_purge() {
@@ -405,8 +432,23 @@ fn root_follows_no_link_that_a_job_or_member_planted() {
     assert!(py.contains("succeeded"), "{py}");
 
     // 1. The reported escalation: a member's job makes tmp/ a link to /etc;
-    //    the health timer's service runs `health --fix` as root.
-    let out = agent(&format!("cd {SPOOL} && mv tmp tmp.old && ln -s /etc tmp"));
+    //    the health timer's service runs `health --fix` as root. At the
+    //    package's default isolation (full) the kernel refuses the job ...
+    let plant = format!("cd {SPOOL} && mv tmp tmp.old && ln -s /etc tmp");
+    let refused = sb.sh(&format!(
+        "runuser -u agent -- ai-cmd-executor submit --wait --wait-timeout 60 -- '{plant}'"
+    ));
+    let said = String::from_utf8_lossy(&refused.stdout);
+    assert!(said.contains("status:    failed"), "{said}");
+    sb.ok(&format!(
+        "test -d {SPOOL}/tmp && test ! -L {SPOOL}/tmp && test ! -e {SPOOL}/tmp.old"
+    ));
+    // ... but root's tools must not rely on that (a kernel without Landlock
+    // ABI 6 gives none): from here on, jobs run at isolation "process".
+    sb.ok("sed -i 's/^#isolation = \"auto\"/isolation = \"process\"/' /etc/ai-cmd-executor/config.toml");
+    sb.ok(&format!("systemctl restart {SERVICE}"));
+    wait_active(&sb, SERVICE);
+    let out = agent(&plant);
     assert!(out.contains("succeeded"), "{out}");
     let since = sb.ok("date +%s");
     sb.sh("systemctl start ai-cmd-executor-health.service");
@@ -451,7 +493,9 @@ fn root_follows_no_link_that_a_job_or_member_planted() {
     ));
     sb.write(
         "/etc/ai-cmd-executor/config.toml",
-        &format!("spool = \"{SPOOL}\"\nstale_pending_after = \"1s\"\nlog_retention_days = 1\n"),
+        &format!(
+            "spool = \"{SPOOL}\"\nstale_pending_after = \"1s\"\nlog_retention_days = 1\nisolation = \"process\"\n"
+        ),
     );
     agent(&format!(
         "cd {SPOOL} && mkdir -p logs/00 && ln -s /srv/victim/secret logs/00/x@20200101T000000.000000Z.log \

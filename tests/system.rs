@@ -69,6 +69,27 @@ fn service_runs_jobs_reloads_logs_to_the_journal_and_stops_cleanly() {
         "{result}"
     );
 
+    // 4b. The packaged layout gets the strongest isolation: the spool is
+    // out of a job's reach (it reads its result, and changes nothing).
+    let ready = journal(&sb, &format!("MESSAGE_ID={}", message_id::WORKER_READY));
+    assert!(ready.iter().any(|e| e["ISOLATION"] == "full"), "{ready:?}");
+    // Nor can it stop the worker.
+    let main_pid = sb.prop(SERVICE, "MainPID");
+    let out = sb.ok(&format!(
+        "runuser -u agent -- {BIN_INSIDE} submit --id tamper --wait -- \
+         'kill -9 $PPID || echo refused; echo forged > {SPOOL}/completed/who.json || echo refused; rm {SPOOL}/completed/who.json || echo refused'"
+    ));
+    assert!(out.contains("status:    succeeded"), "{out}");
+    let log = sb.ok(&format!("runuser -u agent -- {BIN_INSIDE} log tamper"));
+    assert_eq!(log.matches("refused").count(), 3, "{log}");
+    assert_eq!(sb.prop(SERVICE, "MainPID"), main_pid);
+    assert_eq!(sb.prop(SERVICE, "NRestarts"), "0");
+    let result = sb.ok(&format!("cat {SPOOL}/completed/who.json"));
+    assert!(
+        !result.contains("forged") && result.contains("\"exit_code\": 0"),
+        "{result}"
+    );
+
     // 5. Journal fields are queryable as written.
     let entries = common::wait_for("journal entries for CMD_ID=who", DEADLINE, || {
         let e = journal(&sb, "CMD_ID=who");

@@ -43,10 +43,15 @@ fn result_record_has_every_contract_field() {
             "signal",
             "started_at",
             "status",
-            "submitted_by"
+            "submitted_by",
+            "submitted_via"
         ]
     );
     assert_eq!(r["id"], "fields");
+    assert_eq!(
+        r["submitted_via"], "file",
+        "a job file that names no client"
+    );
     assert_eq!(r["status"], "failed");
     assert_eq!(r["exit_code"], 7);
     assert_eq!(r["signal"], serde_json::Value::Null);

@@ -1,30 +1,31 @@
-//! The one harness behind both benchmarks (`throughput.rs`, `peers.rs`):
-//! the runner ([`run_bench`]: header, lock, interrupts, clean-up, exit
-//! status), the report format, the environment knobs, the timed loops, the
-//! `/proc` readers and the statistics. The worker under test and its spool
-//! are in [`worker`]; daemons and the idle window in [`daemon`].
+//! The one harness behind both benchmarks (`throughput.rs`, `peers.rs`),
+//! in the sections marked below, from the runner ([`run_bench`]) to the
+//! worker under test ([`Fixture`]).
 
 #![allow(dead_code)] // each benchmark uses its own part
 
-pub mod daemon;
-pub mod worker;
-
-pub use daemon::*;
-pub use worker::*;
-
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fmt::Display;
 use std::fs::{self, File};
 use std::io::{self, Write as _};
-use std::path::Path;
-use std::process::{Command, ExitCode, Stdio};
+use std::os::fd::AsFd as _;
+use std::os::unix::process::CommandExt as _;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitCode, Stdio};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Mutex, PoisonError};
 use std::thread;
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::{Context as _, Result, anyhow, bail, ensure};
+use inotify::{EventMask, Inotify, WatchMask};
+use nix::errno::Errno;
+use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
+use nix::sys::signal::{Signal, kill};
+use nix::unistd::Pid;
+use serde_json::Value;
 use tempfile::TempDir;
+use tokio::runtime::Builder;
 use tokio::signal::unix::{SignalKind, signal};
 
 /// How long a daemon may take to come up (and run a warm-up job).
@@ -46,12 +47,7 @@ pub fn run_bench(title: &str, body: impl FnOnce() -> Result<bool>) -> ExitCode {
     let outcome = (|| -> Result<bool> {
         install_interrupt_handler()?;
         // scripts/bench.sh holds the lock already (it takes it before building).
-        let mut lock = File::options();
-        let lock = lock
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(BENCH_LOCK);
+        let lock = File::options().append(true).create(true).open(BENCH_LOCK);
         let lock = lock.context(BENCH_LOCK)?;
         if let Err(fs::TryLockError::WouldBlock) = lock.try_lock() {
             println!("note: {BENCH_LOCK} is held (by scripts/bench.sh, presumably)");
@@ -64,19 +60,13 @@ pub fn run_bench(title: &str, body: impl FnOnce() -> Result<bool>) -> ExitCode {
         let ok = body()?;
         println!("\nload:    loadavg 1/5/15 min {} (at end)", load_average());
         println!("total time: {:.0} s", started.elapsed().as_secs_f64());
-        let (pass, miss) = (
-            PASSED.load(Ordering::Relaxed),
-            MISSED.load(Ordering::Relaxed),
-        );
-        println!(
-            "\n== Summary: {pass} PASS, {miss} MISS (the benchmark reports; it does not assert)"
-        );
+        let [pass, miss] = [&PASSED, &MISSED].map(|n| n.load(Ordering::Relaxed));
+        let why = "(the benchmark reports; it does not assert)";
+        println!("\n== Summary: {pass} PASS, {miss} MISS {why}");
         Ok(ok)
     })();
-    FINISHED_RUN_DIRS
-        .lock()
-        .unwrap_or_else(PoisonError::into_inner)
-        .clear();
+    let dirs = FINISHED_RUN_DIRS.lock();
+    dirs.unwrap_or_else(PoisonError::into_inner).clear();
     let _ = io::stdout().flush();
     match outcome {
         Ok(true) => return ExitCode::SUCCESS,
@@ -94,8 +84,7 @@ pub struct Knobs {
 }
 
 impl Knobs {
-    /// Reads the knobs (the idle window defaults to `idle_secs`) and prints
-    /// them with `more`.
+    /// Reads the knobs (the idle window defaults to `idle_secs`), prints them with `more`.
     pub fn from_env(idle_secs: f64, more: &str) -> Result<Self> {
         let idle = env_or("BENCH_IDLE_SECS", idle_secs)?;
         let knobs = Self {
@@ -104,10 +93,8 @@ impl Knobs {
             latency_samples: env_or("BENCH_LATENCY_SAMPLES", 200)?,
         };
         let positive = knobs.jobs > 0 && knobs.latency_samples > 0 && idle > 0.0;
-        ensure!(
-            positive,
-            "BENCH_JOBS, BENCH_IDLE_SECS and BENCH_LATENCY_SAMPLES must be positive"
-        );
+        let names = "BENCH_JOBS, BENCH_IDLE_SECS and BENCH_LATENCY_SAMPLES";
+        ensure!(positive, "{names} must be positive");
         println!(
             "settings: BENCH_JOBS={} BENCH_IDLE_SECS={idle} BENCH_LATENCY_SAMPLES={}{more}",
             knobs.jobs, knobs.latency_samples
@@ -118,23 +105,18 @@ impl Knobs {
 
 /// Parses environment variable `name`, or returns `default` when it is unset or empty.
 pub fn env_or<T: std::str::FromStr<Err: Display>>(name: &str, default: T) -> Result<T> {
-    match std::env::var(name) {
-        Ok(v) if !v.trim().is_empty() => v
-            .trim()
-            .parse()
-            .map_err(|e| anyhow!("invalid {name}={v:?}: {e}")),
-        _ => Ok(default),
+    let v = std::env::var(name).unwrap_or_default();
+    match v.trim() {
+        "" => Ok(default),
+        t => t.parse().map_err(|e| anyhow!("invalid {name}={v:?}: {e}")),
     }
 }
 
 /// The comma-separated list in `name`, each one of `allowed` (all when unset).
 pub fn env_list(name: &str, allowed: &[&str]) -> Result<Vec<String>> {
     let v = std::env::var(name).unwrap_or_default();
-    let list: Vec<&str> = v
-        .split(',')
-        .map(str::trim)
-        .filter(|x| !x.is_empty())
-        .collect();
+    let mut list: Vec<&str> = v.split(',').map(str::trim).collect();
+    list.retain(|x| !x.is_empty());
     if let Some(x) = list.iter().find(|x| !allowed.contains(x)) {
         bail!("{name}: unknown {x:?} (one of {})", allowed.join(", "));
     }
@@ -197,21 +179,12 @@ pub static INTERRUPTED: AtomicBool = AtomicBool::new(false);
 /// fail and every guard is dropped on the way out. tokio's signal streams
 /// need no `unsafe` and block no signal, which children would inherit.
 fn install_interrupt_handler() -> Result<()> {
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()?;
-    let kinds = [
-        ("SIGINT", SignalKind::interrupt()),
-        ("SIGTERM", SignalKind::terminate()),
-    ];
-    for (name, kind) in kinds.into_iter().chain([("SIGHUP", SignalKind::hangup())]) {
-        let mut stream = {
-            let _in_runtime = rt.enter();
-            signal(kind)?
-        };
+    let rt = Builder::new_current_thread().enable_all().build()?;
+    for sig in [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP] {
+        let mut stream = rt.block_on(async { signal(SignalKind::from_raw(sig as i32)) })?;
         rt.spawn(async move {
             while stream.recv().await.is_some() {
-                eprintln!("\n{name} received: stopping");
+                eprintln!("\n{sig} received: stopping");
                 INTERRUPTED.store(true, Ordering::Relaxed);
             }
         });
@@ -280,30 +253,17 @@ fn tmpdir_line() -> String {
     format!("{} on {mount} ({ty})", dir.display())
 }
 
-/// The file system holding `dir`: its source and mount options, and its
-/// type, saying whether an ext4 has a journal.
+/// The file system holding `dir`: source and mount options, and type (with an ext4's journal).
 pub fn fs_of(dir: &Path) -> (String, String) {
-    let mut findmnt = Command::new("findmnt");
-    let out = run_ok(
-        findmnt
-            .args(["-n", "-o", "FSTYPE,SOURCE,OPTIONS", "-T"])
-            .arg(dir),
-    );
+    let args = ["-n", "-o", "FSTYPE,SOURCE,OPTIONS", "-T"];
+    let out = run_ok(Command::new("findmnt").args(args).arg(dir));
     let out = out.unwrap_or_default();
-    let [ty, source, options] = {
-        let mut f = out.split_whitespace();
-        [(); 3].map(|()| f.next().unwrap_or("?"))
-    };
+    let mut fields = out.split_whitespace();
+    let [ty, source, options] = [(); 3].map(|()| fields.next().unwrap_or("?"));
     let dev = source.rsplit('/').next().unwrap_or_default();
     let ty = match fs::read_to_string(format!("/sys/fs/ext4/{dev}/journal_task")) {
-        Ok(j) if ty == "ext4" => format!(
-            "ext4{}",
-            if j.trim() == "<none>" {
-                ", no journal"
-            } else {
-                " with journal"
-            }
-        ),
+        Ok(j) if ty == "ext4" && j.trim() == "<none>" => "ext4, no journal".to_owned(),
+        Ok(_) if ty == "ext4" => "ext4 with journal".to_owned(),
         _ => ty.to_owned(),
     };
     (format!("{source} {options}"), ty)
@@ -325,11 +285,9 @@ impl Stats {
     pub fn of(mut samples: Vec<f64>) -> Result<Self> {
         ensure!(!samples.is_empty(), "no samples");
         samples.sort_by(f64::total_cmp);
-        let rank = |p: f64| {
-            let r = (p / 100.0 * samples.len() as f64).ceil() as usize;
-            samples[r.clamp(1, samples.len()) - 1]
-        };
-        let (min, max, n) = (samples[0], samples[samples.len() - 1], samples.len());
+        let n = samples.len();
+        let rank = |p: f64| samples[((p / 100.0 * n as f64).ceil() as usize).clamp(1, n) - 1];
+        let (min, max) = (samples[0], samples[n - 1]);
         Ok(Self {
             p50: rank(50.0),
             p99: rank(99.0),
@@ -340,14 +298,10 @@ impl Stats {
     }
 
     pub fn line(&self) -> String {
-        let Self {
-            p50,
-            p99,
-            min,
-            max,
-            n,
-        } = self;
-        format!("p50 {p50:.3} ms, p99 {p99:.3} ms (min {min:.3}, max {max:.3}, n={n})")
+        format!(
+            "p50 {:.3} ms, p99 {:.3} ms (min {:.3}, max {:.3}, n={})",
+            self.p50, self.p99, self.min, self.max, self.n
+        )
     }
 }
 
@@ -355,12 +309,7 @@ impl Stats {
 pub fn median(v: &[f64]) -> f64 {
     let mut s = v.to_vec();
     s.sort_by(f64::total_cmp);
-    let m = s.len() / 2;
-    if s.len() % 2 == 1 {
-        s[m]
-    } else {
-        (s[m - 1] + s[m]) / 2.0
-    }
+    (s[(s.len() - 1) / 2] + s[s.len() / 2]) / 2.0
 }
 
 /// `later - earlier` in milliseconds, negative when `later` is earlier.
@@ -379,19 +328,15 @@ pub fn thread_switches(pid: u32) -> Result<HashMap<u32, (String, u64)>> {
     for entry in fs::read_dir(format!("/proc/{pid}/task"))? {
         let entry = entry?;
         // A thread may exit between listing and reading: skip it.
-        let (Some(tid), Ok(status)) = (
-            entry.file_name().to_str().and_then(|s| s.parse().ok()),
-            fs::read_to_string(entry.path().join("status")),
-        ) else {
+        let tid = entry.file_name().to_str().and_then(|s| s.parse().ok());
+        let (Some(tid), Ok(status)) = (tid, fs::read_to_string(entry.path().join("status"))) else {
             continue;
         };
         let switches = ["voluntary_ctxt_switches:", "nonvoluntary_ctxt_switches:"]
             .map(|key| status_field(&status, key).unwrap_or(0));
         let name = status.lines().find_map(|l| l.strip_prefix("Name:"));
-        out.insert(
-            tid,
-            (name.unwrap_or("?").trim().to_owned(), switches.iter().sum()),
-        );
+        let name = name.unwrap_or("?").trim().to_owned();
+        out.insert(tid, (name, switches.iter().sum()));
     }
     Ok(out)
 }
@@ -412,83 +357,44 @@ pub fn ticks_ms(ticks: u64) -> f64 {
     ticks as f64 * 10.0
 }
 
-/// CPU time of a process, from `/proc/<pid>/stat`, in clock ticks.
-#[derive(Clone, Copy)]
-pub struct CpuTimes {
-    pub own: u64,      // utime + stime, all threads
-    pub children: u64, // cutime + cstime of the reaped children
+/// CPU time of a process so far, from `/proc/<pid>/stat`, in clock ticks:
+/// `[own, children]` (utime + stime of all threads, cutime + cstime of the
+/// reaped children).
+pub fn cpu_ticks(pid: impl Display) -> Result<[u64; 2]> {
+    let path = format!("/proc/{pid}/stat");
+    let stat = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
+    // Fields after the parenthesised command name start at field 3;
+    // utime, stime, cutime and cstime are fields 14 to 17.
+    let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
+    let f = rest.split_whitespace().skip(14 - 3).take(4);
+    let f: Vec<u64> = f.map_while(|v| v.parse().ok()).collect();
+    ensure!(f.len() == 4, "malformed {path}");
+    Ok([f[0] + f[1], f[2] + f[3]])
 }
 
-impl CpuTimes {
-    pub fn of(pid: impl Display) -> Result<Self> {
-        let path = format!("/proc/{pid}/stat");
-        let stat = fs::read_to_string(&path).with_context(|| format!("reading {path}"))?;
-        // Fields after the parenthesised command name start at field 3;
-        // utime, stime, cutime and cstime are fields 14 to 17.
-        let rest = stat.rsplit_once(')').map_or("", |(_, rest)| rest);
-        let f = rest.split_whitespace().skip(14 - 3).take(4);
-        let f: Vec<u64> = f.map_while(|v| v.parse().ok()).collect();
-        ensure!(f.len() == 4, "malformed {path}");
-        Ok(Self {
-            own: f[0] + f[1],
-            children: f[2] + f[3],
-        })
-    }
-
-    /// `(own, children)` CPU time since `earlier`, in ms.
-    pub fn ms_since(self, earlier: Self) -> (f64, f64) {
-        let own = self.own.saturating_sub(earlier.own);
-        (
-            ticks_ms(own),
-            ticks_ms(self.children.saturating_sub(earlier.children)),
-        )
-    }
+/// `later - earlier` of two pairs of counters, floored at 0.
+pub fn ticks_since(later: [u64; 2], earlier: [u64; 2]) -> [u64; 2] {
+    [0, 1].map(|i| later[i].saturating_sub(earlier[i]))
 }
 
-/// The whole machine's CPU time so far (all CPUs), in ticks, from `/proc/stat`.
-#[derive(Clone, Copy)]
-pub struct MachineCpu {
-    idle: u64,  // idle + iowait
-    total: u64, // user nice system idle iowait irq softirq steal (guest is in user)
-    pub cpus: usize,
-}
-
-impl MachineCpu {
-    pub fn now() -> Result<Self> {
-        let stat = fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
-        let line = stat.lines().next().and_then(|l| l.strip_prefix("cpu "));
-        let f = line.unwrap_or_default().split_whitespace();
-        let f: Vec<u64> = f.map_while(|v| v.parse().ok()).collect();
-        ensure!(f.len() >= 8, "/proc/stat: no full cpu line");
-        let cpu_n = |l: &&str| {
-            l.strip_prefix("cpu")
-                .is_some_and(|r| r.starts_with(char::is_numeric))
-        };
-        let cpus = stat.lines().filter(cpu_n).count().max(1);
-        Ok(MachineCpu {
-            idle: f[3] + f[4],
-            total: f[..8].iter().sum(),
-            cpus,
-        })
-    }
-
-    /// `(busy ms on all CPUs, idle share)` since `earlier`.
-    pub fn since(self, earlier: MachineCpu) -> (f64, f64) {
-        let total = self.total.saturating_sub(earlier.total);
-        let idle = self.idle.saturating_sub(earlier.idle);
-        (
-            ticks_ms(total.saturating_sub(idle)),
-            idle as f64 / total.max(1) as f64,
-        )
-    }
+/// The whole machine's CPU time so far, from `/proc/stat`, in ticks:
+/// `[idle + iowait, total]` (user nice system idle iowait irq softirq
+/// steal; guest is in user), and the number of CPUs.
+fn machine_cpu() -> Result<([u64; 2], usize)> {
+    let stat = fs::read_to_string("/proc/stat").context("reading /proc/stat")?;
+    let line = stat.lines().next().and_then(|l| l.strip_prefix("cpu "));
+    let f = line.unwrap_or_default().split_whitespace();
+    let f: Vec<u64> = f.map_while(|v| v.parse().ok()).collect();
+    ensure!(f.len() >= 8, "/proc/stat: no full cpu line");
+    let per_cpu = |l: &&str| l.starts_with("cpu") && !l.starts_with("cpu ");
+    let cpus = stat.lines().filter(per_cpu).count().max(1);
+    Ok(([f[3] + f[4], f[..8].iter().sum()], cpus))
 }
 
 // --- Run directories and loops ---
 
-/// The temporary directory of one run, deleted only when the benchmark ends:
-/// ext4 without a journal passes over inodes freed in the last minutes when
-/// it allocates one (`recently_deleted()`), so deleting a run's files
-/// between runs would make later runs measure the benchmark's clean-up.
+/// The temporary directory of one run, deleted only when the benchmark ends
+/// (ext4 without a journal slows down after recent deletions).
 pub struct RunDir(Option<TempDir>);
 
 /// Run directories dropped so far, deleted when [`run_bench`] ends.
@@ -516,6 +422,11 @@ impl Drop for RunDir {
     }
 }
 
+/// Thread `t`'s share of `n` jobs split over `p` threads.
+pub fn share(n: usize, p: usize, t: usize) -> usize {
+    n / p + usize::from(t < n % p)
+}
+
 /// Runs `job(thread, index)` `n` times split over `p` threads; returns the wall time.
 pub fn split_loop(
     n: usize,
@@ -526,9 +437,7 @@ pub fn split_loop(
     let start = Instant::now();
     thread::scope(|s| {
         let handles: Vec<_> = (0..p)
-            .map(|t| {
-                s.spawn(move || (0..n / p + usize::from(t < n % p)).try_for_each(|i| job(t, i)))
-            })
+            .map(|t| s.spawn(move || (0..share(n, p, t)).try_for_each(|i| job(t, i))))
             .collect();
         handles
             .into_iter()
@@ -545,12 +454,9 @@ pub fn bash_true(out: Option<File>) -> Result<()> {
         None => (Stdio::null(), Stdio::null()),
     };
     let mut cmd = Command::new("bash");
-    let status = cmd
-        .args(["-c", "true"])
-        .stdin(Stdio::null())
-        .stdout(stdout)
-        .stderr(stderr);
-    let status = status.status().context("running bash -c true")?;
+    cmd.args(["-c", "true"]).stdin(Stdio::null());
+    let status = cmd.stdout(stdout).stderr(stderr).status();
+    let status = status.context("running bash -c true")?;
     ensure!(status.success(), "bash -c true failed: {status}");
     Ok(())
 }
@@ -560,18 +466,13 @@ pub fn run_ok(cmd: &mut Command) -> Result<String> {
     check_interrupted()?;
     let out = cmd.stdin(Stdio::null()).output();
     let out = out.with_context(|| format!("running {cmd:?}"))?;
-    let err = String::from_utf8_lossy(&out.stderr);
-    ensure!(
-        out.status.success(),
-        "{cmd:?} failed ({}): {}",
-        out.status,
-        err.trim()
-    );
+    let (status, err) = (out.status, String::from_utf8_lossy(&out.stderr));
+    let err = err.trim();
+    ensure!(status.success(), "{cmd:?} failed ({status}): {err}");
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }
 
-/// What one timed loop of `n` jobs cost: the raw loop (the limit every
-/// ratio is taken against), the contract loops, a worker's drain.
+/// What a timed loop of `n` jobs cost: the raw one (every ratio's limit), a contract loop, a drain.
 #[derive(Clone, Copy)]
 pub struct LoopRun {
     pub rate: f64,     // jobs/s
@@ -583,32 +484,404 @@ pub struct LoopRun {
 }
 
 impl LoopRun {
-    /// Times `run` (which returns the wall time of its `n` jobs), with the
+    /// Times `f` (which returns the wall time of its `n` jobs), with the
     /// CPU time of process `pid` (a number, or `self`) and of the machine.
-    pub fn time(
-        n: usize,
-        pid: impl Display,
-        run: impl FnOnce() -> Result<Duration>,
-    ) -> Result<Self> {
-        let (cpu_before, machine_before) = (CpuTimes::of(&pid)?, MachineCpu::now()?);
-        let elapsed = run()?;
-        let machine = MachineCpu::now()?;
-        let (own_ms, child_ms) = CpuTimes::of(&pid)?.ms_since(cpu_before);
-        let (busy_ms, idle) = machine.since(machine_before);
-        let per_job = |ms: f64| ms / n as f64;
+    pub fn time(n: usize, pid: impl Display, f: impl FnOnce() -> Result<Duration>) -> Result<Self> {
+        let (cpu_before, (machine_before, _)) = (cpu_ticks(&pid)?, machine_cpu()?);
+        let elapsed = f()?;
+        let (machine, cpus) = machine_cpu()?;
+        let [own, children] = ticks_since(cpu_ticks(&pid)?, cpu_before);
+        let [idle, total] = ticks_since(machine, machine_before);
+        let per_job = |ticks: u64| ticks_ms(ticks) / n as f64;
         Ok(Self {
             rate: n as f64 / elapsed.as_secs_f64(),
-            own_ms: per_job(own_ms),
-            child_ms: per_job(child_ms),
-            busy_ms: per_job(busy_ms),
-            idle,
-            cpus: machine.cpus,
+            own_ms: per_job(own),
+            child_ms: per_job(children),
+            busy_ms: per_job(total.saturating_sub(idle)),
+            idle: idle as f64 / total.max(1) as f64,
+            cpus,
         })
     }
 
-    /// The raw loop: `n` runs of `bash -c true` over `p` threads, each a
-    /// tight spawn+wait loop.
+    /// The raw loop: `n` runs of `bash -c true` over `p` threads, each a tight spawn+wait loop.
     pub fn raw(n: usize, p: usize) -> Result<Self> {
         Self::time(n, "self", || split_loop(n, p, |_, _| bash_true(None)))
+    }
+}
+
+// --- Daemons: their environment, a guard, the idle window ---
+
+/// The environment a daemon and its clients are started with: the shell's,
+/// as inherited through cargo (`.1`), or that one with `RUST_BACKTRACE` set
+/// to `.0` or removed (and `RUST_LIB_BACKTRACE` removed).
+#[derive(Clone)]
+pub struct DaemonEnv(Option<String>, bool);
+
+impl DaemonEnv {
+    pub fn shell() -> Self {
+        Self(std::env::var("RUST_BACKTRACE").ok(), true)
+    }
+
+    pub fn with_backtrace(value: Option<&str>) -> Self {
+        Self(value.map(str::to_owned), false)
+    }
+
+    /// The other `RUST_BACKTRACE` setting: unset if it is set, `1` if not.
+    pub fn other(&self) -> Self {
+        Self::with_backtrace(self.0.is_none().then_some("1"))
+    }
+
+    pub fn apply<'a>(&self, cmd: &'a mut Command) -> &'a mut Command {
+        if !self.1 {
+            match &self.0 {
+                Some(v) => cmd.env("RUST_BACKTRACE", v),
+                None => cmd.env_remove("RUST_BACKTRACE"),
+            };
+            cmd.env_remove("RUST_LIB_BACKTRACE");
+        }
+        cmd
+    }
+
+    /// `RUST_BACKTRACE=value`, or `RUST_BACKTRACE unset`.
+    pub fn backtrace(&self) -> String {
+        show("RUST_BACKTRACE", self.0.as_deref())
+    }
+
+    /// `RUST_BACKTRACE` and `RUST_LIB_BACKTRACE`, for the header.
+    pub fn backtrace_line(&self) -> String {
+        let lib = std::env::var("RUST_LIB_BACKTRACE").ok().filter(|_| self.1);
+        let lib = show("RUST_LIB_BACKTRACE", lib.as_deref());
+        format!("{}, {lib}", self.backtrace())
+    }
+}
+
+fn show(name: &str, value: Option<&str>) -> String {
+    value.map_or_else(|| format!("{name} unset"), |v| format!("{name}={v}"))
+}
+
+/// Guard around a daemon the benchmark started, in its own process group (a
+/// Ctrl-C at the terminal reaches only the benchmark, which then stops it in
+/// order). Dropping it sends SIGTERM, waits up to 5 s, then SIGKILLs and reaps it.
+pub struct Daemon {
+    name: String,
+    child: Child,
+    log: PathBuf,
+}
+
+impl Daemon {
+    /// Starts `cmd` with stdin from /dev/null and output to `log`.
+    pub fn spawn(name: &str, mut cmd: Command, log: &Path) -> Result<Self> {
+        let out = File::create(log).with_context(|| format!("creating {}", log.display()))?;
+        let cmd = cmd.stdin(Stdio::null()).stdout(out.try_clone()?);
+        let child = cmd.stderr(out).process_group(0).spawn();
+        let child = child.with_context(|| format!("starting {name}"))?;
+        let (name, log) = (name.to_owned(), log.to_owned());
+        Ok(Self { name, child, log })
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// Fails if the daemon has exited or the benchmark was interrupted.
+    pub fn check_alive(&mut self) -> Result<()> {
+        check_interrupted()?;
+        if let Some(status) = self.child.try_wait()? {
+            let (name, tail) = (&self.name, self.log_tail());
+            bail!("{name} exited unexpectedly ({status}){tail}");
+        }
+        Ok(())
+    }
+
+    /// Waits a second, then measures the daemon over an idle `window`.
+    pub fn idle(&mut self, window: Duration) -> Result<Idle> {
+        thread::sleep(Duration::from_secs(1));
+        self.check_alive()?;
+        idle_window(self.pid(), window, &mut || self.check_alive())
+    }
+
+    /// The last lines of the daemon's output, for an error message.
+    pub fn log_tail(&self) -> String {
+        let text = fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        let tail = lines[lines.len().saturating_sub(20)..].join("\n");
+        let (name, log) = (&self.name, self.log.display());
+        format!("\n--- last output of {name} ({log}) ---\n{tail}")
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            let _ = kill(Pid::from_raw(self.child.id() as i32), Signal::SIGTERM);
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                match self.child.try_wait() {
+                    Ok(None) => thread::sleep(Duration::from_millis(5)),
+                    _ => return,
+                }
+            }
+            eprintln!("{} ignored SIGTERM for 5 s; sending SIGKILL", self.name);
+            let _ = self.child.kill();
+        }
+        let _ = self.child.wait();
+    }
+}
+
+/// Flushes dirty pages to disk (`sync`), so that a phase does not pay for
+/// the writeback of the one before it; prints how long that took.
+pub fn flush_disk() {
+    let start = Instant::now();
+    nix::unistd::sync();
+    let took = ms(start.elapsed().as_secs_f64() * 1e3);
+    info("sync (writeback of the previous phase)", took);
+}
+
+/// First line of `cmd --version`-like output, or why there is none.
+pub fn version_of(cmd: &mut Command) -> String {
+    run_ok(cmd).map_or_else(
+        |e| format!("unknown ({e:#})"),
+        |out| out.lines().next().unwrap_or("").trim().to_owned(),
+    )
+}
+
+#[derive(Clone, Copy)]
+pub struct Idle {
+    pub rss_kib: u64, // VmRSS at the end of the window
+    pub cpu_ms: f64,  // utime+stime over the window
+    pub wakeups: u64, // voluntary + involuntary context switches, all threads
+}
+
+/// Measures `pid` over an idle `window` and prints it: RSS at the end, CPU
+/// time and the context switches of all threads, sampled every 100 ms so
+/// that threads that come and go count (reading /proc wakes nothing).
+pub fn idle_window(
+    pid: u32,
+    window: Duration,
+    check: &mut dyn FnMut() -> Result<()>,
+) -> Result<Idle> {
+    let cpu_before = cpu_ticks(pid)?;
+    let start = thread_switches(pid)?;
+    // Each thread's name, count at the last sample that saw it, and whether the last one did.
+    let mut seen: HashMap<u32, (String, u64, bool)> = HashMap::new();
+    let (end, mut snapshot) = (Instant::now() + window, start.clone());
+    loop {
+        seen.values_mut().for_each(|t| t.2 = false);
+        for (tid, (name, n)) in snapshot {
+            seen.insert(tid, (name, n, true));
+        }
+        if Instant::now() >= end {
+            break;
+        }
+        thread::sleep(Duration::from_millis(100).min(end - Instant::now()));
+        check()?;
+        snapshot = thread_switches(pid)?;
+    }
+    let cpu_ms = ticks_ms(ticks_since(cpu_ticks(pid)?, cpu_before)[0]);
+    // Threads created during the window count from 0; one that exited woke at least once to do so.
+    let woke = |tid: &u32, &(_, last, alive): &(String, u64, bool)| {
+        let n = last.saturating_sub(start.get(tid).map_or(0, |(_, first)| *first));
+        if alive { n } else { n.max(1) }
+    };
+    let wakeups = seen.iter().map(|(tid, t)| woke(tid, t)).sum();
+    let idle = Idle {
+        rss_kib: rss_kib(pid)?,
+        cpu_ms,
+        wakeups,
+    };
+    let alive = seen.values().filter(|t| t.2).count();
+    let secs = window.as_secs_f64();
+    let label = format!("idle CPU time (utime+stime) in {secs:.0} s");
+    info(&label, format!("{cpu_ms:.0} ms"));
+    let threads = format!("{} / {alive}", start.len());
+    info("threads at window start / end", threads);
+    let mut noisy: Vec<_> = seen.iter().filter(|(tid, t)| woke(tid, t) > 0).collect();
+    noisy.sort_by_key(|(tid, _)| **tid);
+    for (tid, t) in noisy {
+        let state = match (!start.contains_key(tid), t.2) {
+            (true, true) => ", created during window",
+            (true, false) => ", created and exited during window",
+            (false, false) => ", exited during window",
+            (false, true) => "",
+        };
+        let (name, n) = (&t.0, woke(tid, t));
+        note(&format!("thread {tid} ({name}) woke {n} time(s){state}"));
+    }
+    Ok(idle)
+}
+
+// --- The worker under test, driven through its public interface only ---
+
+pub const TRUE_JOB: &[u8] = br#"{"command": "true"}"#;
+
+/// The worker binary to measure: `BENCH_WORKER` (to compare two builds), else cargo's.
+pub fn worker_bin() -> String {
+    let bench_worker = std::env::var("BENCH_WORKER").ok().filter(|v| !v.is_empty());
+    bench_worker.unwrap_or_else(|| env!("CARGO_BIN_EXE_ai-cmd-executor").to_owned())
+}
+
+/// The job id of a result file name (`<id>.json`, not a dot-prefixed temp file).
+fn result_id(name: &str) -> Option<&str> {
+    name.strip_suffix(".json")
+        .filter(|_| !name.starts_with('.'))
+}
+
+/// A worker running on its own fresh spool, warmed up. Fields drop in order:
+/// the worker stops before the spool directory is put aside (see [`RunDir`]).
+pub struct Fixture {
+    pub worker: Daemon,
+    inotify: Inotify,
+    env: DaemonEnv,
+    pub spool: PathBuf,
+    pub root: RunDir,
+}
+
+impl Fixture {
+    /// Starts a worker (`run`, in the foreground) on a fresh spool under
+    /// `base` (or the temp dir) with environment `env` and `max_parallel =
+    /// parallel` (no config file when `None`); waits for a warm-up job.
+    pub fn start(base: Option<&Path>, parallel: Option<usize>, env: &DaemonEnv) -> Result<Self> {
+        let config = parallel.map(|p| format!("max_parallel = {p}\n"));
+        Self::start_as(base, config, env, None)
+    }
+
+    /// [`Fixture::start`] with the configuration file `config`, the worker
+    /// run as user and group `user` (who then owns the spool) when given.
+    pub fn start_as(
+        base: Option<&Path>,
+        config: Option<String>,
+        env: &DaemonEnv,
+        user: Option<u32>,
+    ) -> Result<Self> {
+        use std::os::unix::fs::PermissionsExt as _;
+        let root = RunDir::new("ai-cmd-bench-", base)?;
+        let spool = root.path().join("spool");
+        fs::create_dir(&spool)?;
+        let mut cmd = Command::new(worker_bin());
+        env.apply(&mut cmd).arg("run").arg("--spool").arg(&spool);
+        if let Some(text) = config {
+            let config = root.path().join("worker.toml");
+            fs::write(&config, text)?;
+            cmd.arg("--config").arg(config);
+        }
+        if let Some(id) = user {
+            fs::set_permissions(root.path(), fs::Permissions::from_mode(0o755))?;
+            std::os::unix::fs::chown(&spool, Some(id), Some(id))?;
+            cmd.uid(id).gid(id);
+        }
+        let mut worker = Daemon::spawn("ai-cmd-executor", cmd, &root.path().join("worker.log"))?;
+        let what = "the worker to create its spool";
+        poll_until(what, READY_TIMEOUT, Duration::from_millis(5), || {
+            worker.check_alive()?;
+            let dirs = ["tmp", "pending", "completed"];
+            Ok(dirs.iter().all(|d| spool.join(d).is_dir()).then_some(()))
+        })?;
+        let inotify = Inotify::init().context("inotify_init")?;
+        let completed = spool.join("completed");
+        let watch = inotify.watches().add(&completed, WatchMask::MOVED_TO);
+        watch.with_context(|| format!("watching {}", completed.display()))?;
+        let mut fx = Self {
+            worker,
+            inotify,
+            env: env.clone(),
+            spool,
+            root,
+        };
+        fx.submit("warmup", false)?;
+        fx.wait(&mut HashSet::from(["warmup".to_owned()]))
+            .context("waiting for the warm-up job")?;
+        fx.succeeded("warmup")?;
+        Ok(fx)
+    }
+
+    /// Submits job `id` (`true`): through the `submit` CLI when `cli`, else
+    /// as [`TRUE_JOB`] by [`Fixture::drop_file`].
+    pub fn submit(&self, id: &str, cli: bool) -> Result<()> {
+        if cli {
+            let mut cmd = Command::new(worker_bin());
+            let cmd = self.env.apply(&mut cmd).arg("submit").arg("--spool");
+            return run_ok(cmd.arg(&self.spool).args(["--id", id, "--", "true"])).map(drop);
+        }
+        self.drop_file(id, TRUE_JOB)
+    }
+
+    /// Writes `body` to `tmp/<id>` and renames it to `pending/<id>.json`.
+    pub fn drop_file(&self, id: &str, body: &[u8]) -> Result<()> {
+        let tmp = self.spool.join("tmp").join(id);
+        fs::write(&tmp, body).with_context(|| format!("writing {}", tmp.display()))?;
+        let dst = self.spool.join("pending").join(format!("{id}.json"));
+        fs::rename(&tmp, &dst).with_context(|| format!("renaming into {}", dst.display()))
+    }
+
+    pub fn result(&self, id: &str) -> Result<Value> {
+        let path = self.spool.join("completed").join(format!("{id}.json"));
+        let text = fs::read_to_string(&path);
+        let text = text.with_context(|| format!("reading {}", path.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))
+    }
+
+    /// `(started_at, finished_at)` of job `id`, which must have succeeded.
+    pub fn succeeded(&self, id: &str) -> Result<(SystemTime, SystemTime)> {
+        let r = self.result(id)?;
+        let ok = r["status"] == "succeeded" && r["exit_code"] == 0;
+        ensure!(ok, "job {id} (`true`) did not succeed: {r}");
+        let time = |key: &str| humantime::parse_rfc3339(r[key].as_str()?).ok();
+        let times = time("started_at").zip(time("finished_at"));
+        times.ok_or_else(|| anyhow!("job {id}: missing or invalid started_at/finished_at"))
+    }
+
+    /// Waits until every id in `pending` has a result (IN_MOVED_TO of `<id>.json`
+    /// in `completed/`), removing them as they come; returns when the last one
+    /// came. Fails when the worker exits or nothing comes for [`STALL_TIMEOUT`].
+    pub fn wait(&mut self, pending: &mut HashSet<String>) -> Result<Instant> {
+        let (mut done_at, mut buf) = (Instant::now(), [0u8; 64 * 1024]);
+        while !pending.is_empty() {
+            check_interrupted()?;
+            let mut fds = [PollFd::new(self.inotify.as_fd(), PollFlags::POLLIN)];
+            let ready = match poll(&mut fds, PollTimeout::from(100u16)) {
+                Ok(n) => n > 0,
+                Err(Errno::EINTR) => false,
+                Err(e) => return Err(e).context("poll on inotify"),
+            };
+            let now = Instant::now();
+            if !ready {
+                self.worker.check_alive()?;
+                if done_at.elapsed() > STALL_TIMEOUT {
+                    let mut missing: Vec<&String> = pending.iter().collect();
+                    missing.sort();
+                    missing.truncate(5);
+                    let (n, tail) = (pending.len(), self.worker.log_tail());
+                    bail!(
+                        "no result for {STALL_TIMEOUT:?}; {n} still missing (e.g. {missing:?}){tail}"
+                    );
+                }
+                continue;
+            }
+            let before = pending.len();
+            let events = match self.inotify.read_events(&mut buf) {
+                Ok(events) => events,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => continue,
+                Err(e) => return Err(e).context("reading inotify events"),
+            };
+            let mut overflow = false;
+            for event in events {
+                overflow |= event.mask.contains(EventMask::Q_OVERFLOW);
+                if let Some(id) = event.name.and_then(|n| n.to_str()).and_then(result_id) {
+                    pending.remove(id);
+                }
+            }
+            if overflow {
+                // Events were lost: fall back to listing the directory.
+                for entry in fs::read_dir(self.spool.join("completed"))? {
+                    if let Some(id) = entry?.file_name().to_str().and_then(result_id) {
+                        pending.remove(id);
+                    }
+                }
+            }
+            if pending.len() < before {
+                done_at = now;
+            }
+        }
+        Ok(done_at)
     }
 }

@@ -49,6 +49,11 @@ __all__ = [
     "SUBDIRS",
     "STATUSES",
     "RESULT_KEYS",
+    "LIMIT_KEYS",
+    "read_log",
+    "cancel",
+    "UnknownJob",
+    "AlreadyFinished",
 ]
 
 #: Environment variable that overrides the default spool location.
@@ -67,7 +72,7 @@ SYSTEM_SPOOL = "/var/lib/ai-cmd-executor"
 #: Directory name used below ``$XDG_STATE_HOME`` for non-root users.
 APP_NAME = "ai-cmd-executor"
 #: Sub-directories of a spool root.
-SUBDIRS = ("tmp", "pending", "running", "completed", "logs", "archive")
+SUBDIRS = ("tmp", "pending", "cancel", "running", "completed", "logs", "archive")
 #: Suffixes of job files in ``pending/`` and ``running/``.
 JOB_SUFFIXES = (".json", ".sh")
 #: Possible values of a result's ``"status"``.  ``"expired"``: the job never
@@ -76,7 +81,7 @@ JOB_SUFFIXES = (".json", ".sh")
 #: (``cleanup``, ``health --fix``) archived it (``"error"`` says so; submit it
 #: again to run it).  The CLI's ``wait`` exits 75 for it (EX_TEMPFAIL).
 STATUSES = frozenset({
-    "succeeded", "failed", "timed_out", "interrupted", "rejected", "expired",
+    "succeeded", "failed", "timed_out", "interrupted", "rejected", "expired", "cancelled",
 })
 #: The exact key set of a result (as returned by :func:`check_results`,
 #: :func:`wait` and :meth:`Spool.read_result`).  ``"submitted_by"`` is
@@ -87,18 +92,35 @@ STATUSES = frozenset({
 #: (the peak resident memory of one process, in bytes) say what the job's
 #: process and the commands it waited for used; they are None for a job that
 #: did not run, one whose end a crash hid, and in results written before
-#: they existed.
+#: they existed.  ``"limits"`` is None for a run without resource limits,
+#: else ``{"memory_max": bytes, "tasks_max": int, "cpu_max": "50%",
+#: "enforced_by": {key: how}}`` with the keys of the limits it had.
+#: ``"submitted_via"`` is how the job was submitted: ``"python"`` (this
+#: module), ``"cli"``, ``"mcp"`` or ``"file"`` (a job file written directly,
+#: and every script job); None for a job file that could not be read.
 RESULT_KEYS = frozenset({
     "id", "status", "exit_code", "signal", "started_at", "finished_at",
     "duration_ms", "log", "output_truncated", "error", "attempt",
-    "submitted_by", "cpu_user_ms", "cpu_system_ms", "max_rss_bytes",
+    "submitted_by", "cpu_user_ms", "cpu_system_ms", "max_rss_bytes", "limits",
+    "submitted_via", "cancelled_by",
 })
-#: Keys a result written by an older worker may lack; they read as None.
-_LATER_KEYS = ("submitted_by", "cpu_user_ms", "cpu_system_ms", "max_rss_bytes")
+#: Keys a result may lack (written by an older worker, or a run without
+#: limits); they read as None.
+_LATER_KEYS = (
+    "submitted_by", "cpu_user_ms", "cpu_system_ms", "max_rss_bytes", "limits", "submitted_via",
+    "cancelled_by",
+)
+#: The keys of a job's ``"limits"``.
+LIMIT_KEYS = ("memory_max", "tasks_max", "cpu_max")
 #: Allowed values of a job's ``"on_interrupt"``.
 ON_INTERRUPT_VALUES = ("fail", "retry")
 #: Worker's default limit on a job file's size (it is configurable there).
 DEFAULT_MAX_JOB_BYTES = 1024 * 1024
+#: How long after its file went to ``archive/rejected/`` a job without a
+#: result yet counts as being rejected (``"pending"``), not unknown.
+REJECTING_SECS = 10.0
+#: What :func:`read_log` reads at most by default, in bytes.
+DEFAULT_READ_BYTES = 64 * 1024
 #: Tolerance subtracted from the remembered submit time by :meth:`Spool.wait`.
 SUBMIT_TOLERANCE_SECS = 1.0
 #: First and maximum poll interval of :meth:`Spool.wait`, in seconds.
@@ -243,6 +265,10 @@ class NotASpool(FileNotFoundError):
 
 class UnknownJob(LookupError):
     """No job has this id: it is not pending, running or finished."""
+
+
+class AlreadyFinished(Exception):
+    """The job has finished: there is nothing to cancel."""
 
 
 def _check_text(what: str, value: object) -> str:
@@ -398,20 +424,27 @@ class Spool:
         env: Optional[Mapping[str, str]] = None,
         cwd: Optional[str] = None,
         on_interrupt: Optional[str] = None,
+        limits: Optional[Mapping[str, Any]] = None,
     ) -> str:
         """Queue ``bash -c <command>`` as ``pending/<id>.json``; return the id.
 
         *cmd_id* defaults to a generated unique id.  Optional keys are only
         written when given: *timeout_secs* (positive int; an integral float
         such as ``60.0`` is written as ``60``), *env* (str -> str),
-        *cwd* (absolute path) and *on_interrupt* (``"fail"`` or ``"retry"``).
+        *cwd* (absolute path), *on_interrupt* (``"fail"`` or ``"retry"``)
+        and *limits* (a mapping with any of ``"memory_max"`` (bytes, or a
+        size such as ``"512M"``), ``"tasks_max"`` (int) and ``"cpu_max"``
+        (a share of one CPU such as 0.5, or ``"50%"``); the worker checks the
+        values and rejects the job, naming the key, if one is bad or above
+        the host's ceiling).
 
         Raises ValueError for an invalid id or option value, TypeError for
         wrongly typed arguments, FileExistsError if ``pending/<id>.json`` or
         ``pending/<id>.sh`` already exists.  Creates ``tmp/`` and ``pending/``
         if they are missing.
         """
-        job: Dict[str, Any] = {"command": _check_text("command", command)}
+        job: Dict[str, Any] = {"command": _check_text("command", command),
+                               "submitted_via": "python"}
         if timeout_secs is not None:
             if isinstance(timeout_secs, float) and timeout_secs.is_integer():
                 timeout_secs = int(timeout_secs)  # tolerate 60.0 from older callers
@@ -442,6 +475,15 @@ class Spool:
                     "on_interrupt must be 'fail' or 'retry', got %r" % (on_interrupt,)
                 )
             job["on_interrupt"] = on_interrupt
+        if limits is not None:
+            if not isinstance(limits, Mapping):
+                raise TypeError("limits must be a mapping such as {'memory_max': '512M'}")
+            unknown = sorted(set(limits) - set(LIMIT_KEYS))
+            if unknown:
+                raise ValueError(
+                    "unknown limits %s; the keys are %s" % (unknown, ", ".join(LIMIT_KEYS))
+                )
+            job["limits"] = dict(limits)
         data = (json.dumps(job, ensure_ascii=False, indent=2) + "\n").encode("utf-8")
         return self._publish(cmd_id, ".json", data)
 
@@ -473,6 +515,58 @@ class Spool:
                 raise FileExistsError(
                     errno.EEXIST, "job %r is already queued" % cmd_id, path
                 )
+
+    def cancel(self, cmd_id: str) -> None:
+        """Ask the worker to cancel *cmd_id*: withdrawn if pending, stopped if running.
+
+        A running job gets SIGTERM, then SIGKILL after the worker's
+        ``kill_grace``, with everything it started; its result then has
+        status ``"cancelled"`` and ``"cancelled_by"``.  Writes the request
+        ``cancel/<id>`` (through ``tmp/`` and a rename); returns once it is
+        written (:meth:`wait` gives the result).  Only the job's submitter
+        or root may cancel it: PermissionError for anyone else (the worker
+        refuses them too).  Raises UnknownJob for an unknown id and
+        AlreadyFinished for a finished job.
+        """
+        validate_id(cmd_id)
+        found = None
+        for state in ("pending", "running"):
+            for path in self._job_paths(state, cmd_id):
+                try:
+                    found = os.lstat(path)
+                    break
+                except FileNotFoundError:
+                    continue
+            if found is not None:
+                break
+        if found is None:
+            if self.state(cmd_id) is None:
+                raise UnknownJob("no job %r in %s" % (cmd_id, self.path))
+            raise AlreadyFinished("job %r has already finished; there is nothing to cancel" % cmd_id)
+        me = os.geteuid()
+        if me != 0 and found.st_uid != me:
+            raise PermissionError(
+                "job %r was submitted by uid %d; only its submitter or root may cancel it"
+                % (cmd_id, found.st_uid))
+        self.check()
+        tmp_path = os.path.join(
+            self.subdir("tmp"), ".cancel-%s.%d.%s" % (cmd_id, os.getpid(), secrets.token_hex(8)))
+        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0)
+        os.close(os.open(tmp_path, flags, 0o640))
+        target = os.path.join(self.subdir("cancel"), cmd_id)
+        try:
+            # Renamed in, as the worker watches for; a request already there
+            # stands (another user's cannot be replaced in the sticky
+            # directory).
+            if not os.path.lexists(target):
+                os.rename(tmp_path, target)
+        except PermissionError:
+            pass
+        finally:
+            try:
+                os.unlink(tmp_path)
+            except FileNotFoundError:
+                pass
 
     def _publish(self, cmd_id: Optional[str], suffix: str, data: bytes) -> str:
         """Write *data* to ``tmp/``, fsync it and rename it to ``pending/<id><suffix>``.
@@ -534,7 +628,29 @@ class Spool:
         for state in ("pending", "running"):
             if any(os.path.lexists(p) for p in self._job_paths(state, cmd_id)):
                 return state
-        return "completed" if os.path.exists(self.result_path(cmd_id)) else None
+        if os.path.exists(self.result_path(cmd_id)):
+            return "completed"
+        # Being rejected: its file went to archive/rejected/ moments ago and
+        # its result follows.
+        return "pending" if self._being_rejected(cmd_id) else None
+
+    def _being_rejected(self, cmd_id: str) -> bool:
+        """Whether ``archive/rejected/<id>.<kind>.<stamp>`` is under 10 s old."""
+        try:
+            names = os.listdir(os.path.join(self.path, "archive", "rejected"))
+        except OSError:
+            return False
+        now = _dt.datetime.now(_dt.timezone.utc)
+        for name in names:
+            for kind in (".json.", ".sh."):
+                prefix = cmd_id + kind
+                stamp = name[len(prefix):len(prefix) + 23] if name.startswith(prefix) else ""
+                if _LOG_STAMP.fullmatch(stamp):
+                    at = _dt.datetime.strptime(stamp, "%Y%m%dT%H%M%S.%fZ").replace(
+                        tzinfo=_dt.timezone.utc)
+                    if (now - at).total_seconds() < REJECTING_SECS:
+                        return True
+        return False
 
     def read_result(self, cmd_id: str) -> Optional[Dict[str, Any]]:
         """Return the parsed ``completed/<id>.json`` or None if it does not exist.
@@ -695,6 +811,54 @@ class Spool:
         return None
 
 
+    def read_log(
+        self, cmd_id: str, offset: int = 0, max_bytes: int = DEFAULT_READ_BYTES
+    ) -> Tuple[str, int, bool]:
+        """Return ``(text, next_offset, finished)``: the latest log of *cmd_id* from byte *offset*.
+
+        At most *max_bytes* are read, and *text* never ends inside a UTF-8
+        character (unless the finished log does); other invalid UTF-8 is
+        replaced.  Pass *next_offset* to the next call to read on: while
+        the job runs, each byte is returned once.  *finished* is True once
+        the job had finished before the log was read: then the log is
+        whole.  A pending job gives ``("", offset, False)``.  Raises
+        KeyError for an id the spool knows nothing of.
+        """
+        validate_id(cmd_id)
+        if isinstance(offset, bool) or not isinstance(offset, int) or offset < 0:
+            raise ValueError("offset must be a non-negative int, got %r" % (offset,))
+        if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes <= 0:
+            raise ValueError("max_bytes must be a positive int, got %r" % (max_bytes,))
+        # The state first: a job finished by then has its whole log.
+        state = self.state(cmd_id)
+        if state is None:
+            raise KeyError("no job %r in %s (not pending, not running, no result)"
+                           % (cmd_id, self.path))
+        if state == "pending":
+            return "", offset, False
+        finished = state == "completed"
+        data = b""
+        path = self.latest_log_path(cmd_id)
+        if path is not None:
+            with open(path, "rb") as f:
+                f.seek(offset)
+                data = f.read(max_bytes)
+            if not (finished and len(data) < max_bytes):
+                data = data[:_whole_chars(data)]
+        return data.decode("utf-8", errors="replace"), offset + len(data), finished
+
+
+def _whole_chars(data: bytes) -> int:
+    """Length of *data* without an incomplete UTF-8 character at its end."""
+    n = len(data)
+    for back in range(1, min(3, n) + 1):
+        b = data[n - back]
+        if b & 0xC0 != 0x80:
+            size = 2 if 0xC0 <= b <= 0xDF else 3 if 0xE0 <= b <= 0xEF else 4 if 0xF0 <= b <= 0xF7 else 1
+            return n - back if size > back else n
+    return n
+
+
 _LOG_STAMP = re.compile(r"\d{8}T\d{6}\.\d{6}Z")
 
 
@@ -737,6 +901,7 @@ def create_bash_command(
     cwd: Optional[str] = None,
     on_interrupt: Optional[str] = None,
     spool: SpoolArg = None,
+    limits: Optional[Mapping[str, Any]] = None,
 ) -> str:
     """Queue ``bash -c <cmd>`` and return the job id.  See :meth:`Spool.submit`.
 
@@ -744,7 +909,13 @@ def create_bash_command(
     already queued in ``pending/``.
     """
     return _spool(spool).submit(
-        cmd, cmd_id, timeout_secs=timeout_secs, env=env, cwd=cwd, on_interrupt=on_interrupt
+        cmd,
+        cmd_id,
+        timeout_secs=timeout_secs,
+        env=env,
+        cwd=cwd,
+        on_interrupt=on_interrupt,
+        limits=limits,
     )
 
 
@@ -776,6 +947,27 @@ def get_latest_log(cmd_id: str, spool: SpoolArg = None) -> Optional[str]:
     See :meth:`Spool.latest_log`.
     """
     return _spool(spool).latest_log(cmd_id)
+
+
+def read_log(
+    cmd_id: str,
+    offset: int = 0,
+    max_bytes: int = DEFAULT_READ_BYTES,
+    spool: SpoolArg = None,
+) -> Tuple[str, int, bool]:
+    """Return ``(text, next_offset, finished)`` of the latest log from *offset*.
+
+    See :meth:`Spool.read_log`.
+    """
+    return _spool(spool).read_log(cmd_id, offset, max_bytes)
+
+
+def cancel(cmd_id: str, spool: SpoolArg = None) -> None:
+    """Ask the worker to cancel *cmd_id* (withdraw it, or stop it and all it started).
+
+    See :meth:`Spool.cancel`.
+    """
+    _spool(spool).cancel(cmd_id)
 
 
 def get_state(cmd_id: str, spool: SpoolArg = None) -> Optional[str]:

@@ -91,6 +91,7 @@ class FakeWorker:
             "cpu_user_ms": 1,
             "cpu_system_ms": 0,
             "max_rss_bytes": 3 << 20,
+            "submitted_via": "python",
         }
         result.update(overrides)
         tmp = os.path.join(self.root, "tmp", ".result-%s" % cmd_id)
@@ -99,6 +100,10 @@ class FakeWorker:
             f.flush()
             os.fsync(f.fileno())
         os.rename(tmp, os.path.join(self.root, "completed", cmd_id + ".json"))
+        # As the worker does, a run without limits has no "limits" key in
+        # the file; the client reads it as None.
+        result.setdefault("limits", None)
+        result.setdefault("cancelled_by", None)
         return result
 
     def finish(self, name: str) -> None:
@@ -259,7 +264,7 @@ class SubmitTest(SpoolTestCase):
         """Only "command" is written when no options are given."""
         cmd_id = ace.create_bash_command("echo hi", "j1", spool=self.root)
         self.assertEqual(cmd_id, "j1")
-        self.assertEqual(self.read_json("pending", "j1.json"), {"command": "echo hi"})
+        self.assertEqual(self.read_json("pending", "j1.json"), {"command": "echo hi", "submitted_via": "python"})
         self.assertEqual(os.listdir(self.path("tmp")), [])
         self.assertEqual(ace.get_state("j1", spool=self.root), "pending")
 
@@ -272,19 +277,23 @@ class SubmitTest(SpoolTestCase):
         self.assertEqual(self.read_json("pending", "j2.json"), {
             "command": "make test", "timeout_secs": 90,
             "env": {"A": "1", "B_2": "x y"}, "cwd": "/tmp", "on_interrupt": "retry",
+            "submitted_via": "python",
         })
         ace.create_bash_command("x", "j3", on_interrupt="fail", spool=self.root)
         self.assertEqual(self.read_json("pending", "j3.json")["on_interrupt"], "fail")
         ace.create_bash_command("x", "j4", timeout_secs=60.0, spool=self.root)
         with open(self.path("pending", "j4.json")) as f:
             self.assertIn('"timeout_secs": 60\n', f.read())
+        limits = {"memory_max": "512M", "tasks_max": 64, "cpu_max": 0.5}
+        ace.create_bash_command("x", "j5", limits=limits, spool=self.root)
+        self.assertEqual(self.read_json("pending", "j5.json")["limits"], limits)
 
     def test_positional_legacy_signature(self) -> None:
         """The legacy positional order (cmd, cmd_id, timeout_secs, env, cwd, on_interrupt, spool) works."""
         ace.create_bash_command("true", "pos", 5, {"K": "v"}, "/", "fail", self.root)
         self.assertEqual(self.read_json("pending", "pos.json"), {
             "command": "true", "timeout_secs": 5, "env": {"K": "v"}, "cwd": "/",
-            "on_interrupt": "fail",
+            "on_interrupt": "fail", "submitted_via": "python",
         })
 
     def test_generated_id(self) -> None:
@@ -322,6 +331,8 @@ class SubmitTest(SpoolTestCase):
             (ValueError, dict(env={"A": "a\x00"})),
             (ValueError, dict(cwd="relative/dir")),
             (ValueError, dict(on_interrupt="ignore")),
+            (TypeError, dict(limits=["memory_max"])),
+            (ValueError, dict(limits={"memory": "1G"})),
         ]
         for exc, kwargs in cases:
             kwargs = dict(kwargs)
@@ -338,7 +349,7 @@ class SubmitTest(SpoolTestCase):
             ace.create_bash_command("echo second", "dup", spool=self.root)
         with self.assertRaises(FileExistsError):
             ace.create_bash_script("echo second", "dup", spool=self.root)
-        self.assertEqual(self.read_json("pending", "dup.json"), {"command": "echo first"})
+        self.assertEqual(self.read_json("pending", "dup.json"), {"command": "echo first", "submitted_via": "python"})
         self.assertEqual(os.listdir(self.path("tmp")), [])
 
         ace.create_bash_script("echo s", "dup2", spool=self.root)
@@ -356,7 +367,7 @@ class SubmitTest(SpoolTestCase):
         ace.create_bash_command("echo 1", "again", spool=self.root)
         FakeWorker(self.root).claim("again.json")
         ace.create_bash_command("echo 2", "again", spool=self.root)
-        self.assertEqual(self.read_json("pending", "again.json"), {"command": "echo 2"})
+        self.assertEqual(self.read_json("pending", "again.json"), {"command": "echo 2", "submitted_via": "python"})
 
     def test_rename_is_the_publication(self) -> None:
         """The file is complete in tmp/ and is published by one rename into pending/."""
@@ -369,7 +380,7 @@ class SubmitTest(SpoolTestCase):
             self.assertEqual(dst, self.path("pending", "atomic.json"))
             self.assertFalse(os.path.lexists(dst))
             with open(src, "rb") as f:
-                self.assertEqual(json.loads(f.read()), {"command": "echo x" * 1000})
+                self.assertEqual(json.loads(f.read()), {"command": "echo x" * 1000, "submitted_via": "python"})
             return real_rename(src, dst)
 
         with mock.patch.object(ace.os, "rename", side_effect=spy):
@@ -399,7 +410,7 @@ class SubmitTest(SpoolTestCase):
                     try:
                         with open(self.path("pending", name), "rb") as f:
                             job = json.loads(f.read().decode("utf-8"))
-                        if job != {"command": big}:
+                        if job != {"command": big, "submitted_via": "python"}:
                             errors.append(name)
                     except Exception as exc:  # partial/empty file
                         errors.append("%s: %r" % (name, exc))
@@ -471,9 +482,9 @@ class ResultsAndLogsTest(SpoolTestCase):
         worker = FakeWorker(self.root)
         written = worker.write_result("old")
         path = os.path.join(self.root, "completed", "old.json")
-        later = ("submitted_by", "cpu_user_ms", "cpu_system_ms", "max_rss_bytes")
+        later = ace._LATER_KEYS
         for key in later:
-            del written[key]
+            written.pop(key, None)
         with open(path, "w") as f:
             json.dump(written, f)
         got = ace.check_results("old", spool=self.root)
@@ -540,6 +551,48 @@ class ResultsAndLogsTest(SpoolTestCase):
         worker = FakeWorker(self.root)
         worker.write_log("bin", dt.datetime.now(dt.timezone.utc), b"ok \xff\xfe end\n")
         self.assertEqual(ace.get_latest_log("bin", spool=self.root), "ok \ufffd\ufffd end\n")
+
+    def test_a_job_being_rejected_is_not_unknown(self) -> None:
+        """Moved to archive/rejected/ moments ago, before its result: pending, not unknown."""
+        rejected = self.path("archive", "rejected")
+        os.makedirs(rejected, exist_ok=True)
+        now = dt.datetime.now(dt.timezone.utc)
+        open(os.path.join(rejected, "fresh.json." + now.strftime("%Y%m%dT%H%M%S.%fZ")), "w").close()
+        old = now - dt.timedelta(minutes=5)
+        open(os.path.join(rejected, "stale.sh." + old.strftime("%Y%m%dT%H%M%S.%fZ")), "w").close()
+        self.assertEqual(ace.get_state("fresh", spool=self.root), "pending")
+        self.assertIsNone(ace.get_state("stale", spool=self.root))
+        self.assertIsNone(ace.get_state("fres", spool=self.root))
+        with self.assertRaises(ace.UnknownJob):
+            ace.wait("stale", timeout=0, spool=self.root)
+
+    def test_read_log_by_offset(self) -> None:
+        """Chunks from each next_offset give every byte once, never half a character."""
+        with self.assertRaises(KeyError):
+            ace.read_log("ghost", spool=self.root)
+        ace.create_bash_command("true", "rl", spool=self.root)
+        self.assertEqual(ace.read_log("rl", 7, spool=self.root), ("", 7, False))
+        worker = FakeWorker(self.root)
+        worker.claim("rl.json")
+        now = dt.datetime.now(dt.timezone.utc)
+        rel = worker.write_log("rl", now, "héllo".encode("utf-8"))
+        self.assertEqual(ace.read_log("rl", 0, 2, spool=self.root), ("h", 1, False))
+        self.assertEqual(ace.read_log("rl", 1, 100, spool=self.root), ("éllo", 6, False))
+        with open(os.path.join(self.root, rel), "ab") as f:
+            f.write(b" w\xc3")  # a character cut by the writer, for now
+        self.assertEqual(ace.read_log("rl", 6, 100, spool=self.root), (" w", 8, False))
+        with open(os.path.join(self.root, rel), "ab") as f:
+            f.write(b"\xb6rld \xff\n")
+        worker.write_result("rl")
+        worker.finish("rl.json")
+        self.assertEqual(ace.read_log("rl", 8, 100, spool=self.root),
+                         ("\u00f6rld \ufffd\n", 16, True))
+        self.assertEqual(ace.read_log("rl", 16, 100, spool=self.root), ("", 16, True))
+        for bad in (-1, 1.5, True):
+            with self.assertRaises(ValueError):
+                ace.read_log("rl", bad, spool=self.root)
+        with self.assertRaises(ValueError):
+            ace.read_log("rl", 0, 0, spool=self.root)
 
 
 class WaitTest(SpoolTestCase):
@@ -795,15 +848,18 @@ class EndToEndTest(unittest.TestCase):
         self.assertGreaterEqual(result["attempt"], 1)
         # This process wrote the job file, so it is the submitter.
         self.assertEqual(result["submitted_by"]["uid"], os.geteuid(), result)
+        if result["status"] != "rejected":
+            self.assertIn(result["submitted_via"], ("python", "file"), result)
         self.assertIn("name", result["submitted_by"], result)
         # A job that ran says what it used; one that did not, nothing.
+        ran = result["log"] is not None
         for key in ("cpu_user_ms", "cpu_system_ms", "max_rss_bytes"):
-            if result["status"] == "rejected":
+            if not ran:
                 self.assertIsNone(result[key], (key, result))
             else:
                 self.assertIsInstance(result[key], int, (key, result))
                 self.assertGreaterEqual(result[key], 0, (key, result))
-        if result["status"] != "rejected":
+        if ran:
             self.assertGreater(result["max_rss_bytes"], 0, result)
 
     def test_failed_job(self) -> None:
@@ -821,6 +877,70 @@ class EndToEndTest(unittest.TestCase):
                          ace.Spool(self.root).latest_log_path(cmd_id))
         self.assertEqual(ace.check_results(cmd_id, spool=self.root), result)
         self.assertEqual(ace.get_state(cmd_id, spool=self.root), "completed")
+
+    def test_cancel(self) -> None:
+        """A running job is stopped, a pending one withdrawn; both end cancelled."""
+        gate = os.path.join(os.path.dirname(self.root), "gate")
+        running = ace.create_bash_command(
+            "while [ ! -e %s ]; do sleep 0.01; done" % gate, spool=self.root)
+        wait_until(lambda: ace.get_state(running, spool=self.root) == "running",
+                   what="the job to run")
+        queued = ace.create_bash_command("echo never", spool=self.root)
+        ace.cancel(queued, spool=self.root)
+        ace.cancel(running, spool=self.root)
+        for cmd_id in (queued, running):
+            result = self.wait(cmd_id)
+            self.check_result_shape(result, cmd_id)
+            self.assertEqual(result["status"], "cancelled", result)
+            self.assertEqual(result["cancelled_by"]["uid"], os.geteuid(), result)
+        with self.assertRaises(ace.AlreadyFinished):
+            ace.cancel(running, spool=self.root)
+        with self.assertRaises(ace.UnknownJob):
+            ace.cancel("no-such-job", spool=self.root)
+
+    def test_read_log_follows_a_running_job(self) -> None:
+        """Polling read_log while a job writes returns its output once, in order."""
+        gate = os.path.join(os.path.dirname(self.root), "gate")
+        cmd_id = ace.create_bash_command(
+            "for i in $(seq 1 200); do echo \"line $i é\"; done; "
+            "while [ ! -e %s ]; do sleep 0.01; done; echo end" % gate,
+            spool=self.root,
+        )
+        text, offset, finished = "", 0, False
+        deadline = time.monotonic() + DEADLINE_SECS
+        while not finished:
+            self.assertLess(time.monotonic(), deadline, text[-200:])
+            chunk, offset, finished = ace.read_log(cmd_id, offset, 100, spool=self.root)
+            text += chunk
+            if text.endswith("line 200 é\n") and not os.path.exists(gate):
+                self.assertFalse(finished)
+                open(gate, "w").close()
+            if not chunk:
+                time.sleep(0.01)
+        want = "".join("line %d é\n" % i for i in range(1, 201)) + "end\n"
+        self.assertEqual(text, want)
+        self.assertEqual(offset, len(want.encode("utf-8")))
+
+    def test_limits_are_applied_and_named(self) -> None:
+        """A job over its ``limits`` fails with them named; bad values are rejected."""
+        cmd_id = ace.create_bash_command(
+            "while :; do :; done", timeout_secs=4, limits={"cpu_max": "25%"},
+            spool=self.root,
+        )
+        result = self.wait(cmd_id)
+        self.check_result_shape(result, cmd_id)
+        self.assertEqual(result["status"], "failed", result)
+        self.assertEqual(result["signal"], "SIGXCPU", result)
+        self.assertEqual(result["limits"]["cpu_max"], "25%", result)
+        self.assertEqual(result["limits"]["enforced_by"]["cpu_max"], "RLIMIT_CPU 1s per process"
+                         + ("; root can raise it" if os.geteuid() == 0 else ""), result)
+        self.assertTrue(result["error"].startswith("cpu limit 25% reached"), result)
+        bad = ace.create_bash_command("true", limits={"memory_max": "lots"}, spool=self.root)
+        result = self.wait(bad)
+        self.check_result_shape(result, bad)
+        self.assertEqual(result["status"], "rejected", result)
+        self.assertIn('"memory_max" must be', result["error"])
+        self.assertIsNone(result["limits"], result)
 
     def test_succeeded_job(self) -> None:
         """A job with env and cwd succeeds with exit code 0."""

@@ -127,14 +127,16 @@ pub enum Command {
     Run(RunArgs),
     /// Queue a shell command (or a script with --file) and print its id.
     #[command(
-        after_help = "Examples:\n  ai-cmd-executor submit --id build-7 --timeout 600 -- 'make -j4'\n  ai-cmd-executor submit --wait --cwd /src -- 'make test'\n  ai-cmd-executor submit --file deploy.sh"
+        after_help = "Examples:\n  ai-cmd-executor submit --id build-7 --timeout 600 -- 'make -j4'\n  ai-cmd-executor submit --wait --cwd /src -- 'make test'\n  ai-cmd-executor submit --memory-max 2G --tasks-max 256 -- 'npm ci'\n  ai-cmd-executor submit --file deploy.sh"
     )]
     Submit(SubmitArgs),
     /// Show the latest result of a job.
     #[command(after_help = "Example:\n  ai-cmd-executor result build-7 --json")]
     Result(ResultArgs),
     /// Print the latest log of a job.
-    #[command(after_help = "Example:\n  ai-cmd-executor log build-7 --follow")]
+    #[command(
+        after_help = "Examples:\n  ai-cmd-executor log build-7 --follow\n  ai-cmd-executor log build-7 --from 4096    the output after its first 4096 bytes"
+    )]
     Log(LogArgs),
     /// Wait for a job to finish; exit with its exit code.
     #[command(after_help = "Example:\n  ai-cmd-executor wait build-7 --timeout 3600 && echo built")]
@@ -142,6 +144,16 @@ pub enum Command {
     /// List pending, running and completed jobs.
     #[command(after_help = "Example:\n  ai-cmd-executor list --state running")]
     List(ListArgs),
+    /// Cancel a job: withdraw it if pending, stop it (and all it started) if running.
+    #[command(
+        after_help = "Only the job's submitter or root may cancel it. Exit 0 once it is cancelled, 1 if it ended otherwise first.\nExample:\n  ai-cmd-executor cancel build-7"
+    )]
+    Cancel(CancelArgs),
+    /// Serve the Model Context Protocol on stdin/stdout, for AI agents.
+    #[command(
+        after_help = "A client of the spool, run by the agent's MCP client as the agent's user; the worker runs every job.\nExample (an MCP client's configuration):\n  {\"mcpServers\": {\"shell\": {\"command\": \"ai-cmd-executor\", \"args\": [\"mcp\"]}}}"
+    )]
+    Mcp,
     /// Install the service (systemd units, or the cron fallback), the
     /// service user, the spool and the default configuration.
     Install(InstallArgs),
@@ -325,8 +337,17 @@ pub struct SubmitArgs {
     /// Put the job back in the queue if the worker dies while it runs.
     #[arg(long)]
     pub retry_on_interrupt: bool,
+    /// Most memory of each of the job's processes, e.g. 512M or 2G [default: the config's limits].
+    #[arg(long, value_name = "SIZE", value_parser = crate::spool::limits::Bytes::parse)]
+    pub memory_max: Option<crate::spool::limits::Bytes>,
+    /// Most processes and threads the job may add [default: the config's limits].
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u32).range(1..=i64::from(crate::spool::limits::MAX_TASKS)))]
+    pub tasks_max: Option<u32>,
+    /// Most CPU, as a share of one CPU (0.5) or a percentage (50%) [default: the config's limits].
+    #[arg(long, value_name = "SHARE", value_parser = crate::spool::limits::CpuQuota::parse)]
+    pub cpu_max: Option<crate::spool::limits::CpuQuota>,
     /// Submit this bash script file as a `.sh` job instead of a command.
-    #[arg(long, value_name = "SCRIPT", conflicts_with_all = ["command", "env", "cwd", "retry_on_interrupt", "timeout"])]
+    #[arg(long, value_name = "SCRIPT", conflicts_with_all = ["command", "env", "cwd", "retry_on_interrupt", "timeout", "memory_max", "tasks_max", "cpu_max"])]
     pub file: Option<PathBuf>,
     /// Wait for the job to finish, print its result and exit with its exit code.
     #[arg(long)]
@@ -363,6 +384,26 @@ pub struct LogArgs {
     /// Keep printing output as the job writes it, until it finishes.
     #[arg(long, short)]
     pub follow: bool,
+    /// Start at this byte of the log (what an earlier read printed is
+    /// skipped; past the end, nothing is printed).
+    #[arg(long, value_name = "BYTE", default_value_t = 0)]
+    pub from: u64,
+}
+
+/// `cancel` options.
+#[derive(Debug, Args)]
+pub struct CancelArgs {
+    /// The job id.
+    pub id: String,
+    /// Return once the request is written, without waiting for the job to end.
+    #[arg(long)]
+    pub no_wait: bool,
+    /// Wait at most this many seconds for the job to end [default: 60].
+    #[arg(long, value_name = "SECS", conflicts_with = "no_wait")]
+    pub timeout: Option<u64>,
+    /// Print the raw result record.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `wait` options.
@@ -442,6 +483,8 @@ impl Cli {
             Command::Log(a) => commands::log::run(&ctx, a),
             Command::Wait(a) => commands::wait::run(&ctx, a),
             Command::List(a) => commands::list::run(&ctx, a),
+            Command::Cancel(a) => commands::cancel::run(&ctx, a),
+            Command::Mcp => commands::mcp::run(&ctx),
             Command::Config {
                 action: ConfigAction::Check { quiet },
             } => commands::config::check(&ctx, quiet),

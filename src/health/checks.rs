@@ -83,7 +83,9 @@ pub async fn run_checks(ctx: &Ctx, scope: Scope) -> Vec<Finding> {
     if scope == Scope::Full {
         out.push(check_process(ctx, &service, held));
         out.push(check_journal());
-        out.push(check_probe(ctx, &service, held).await);
+        let (probe, isolation) = check_probe(ctx, &service, held).await;
+        out.push(probe);
+        out.extend(isolation);
     }
     out
 }
@@ -1520,11 +1522,91 @@ fn check_journal() -> Finding {
     }
 }
 
+/// The end-to-end probe, and what the probe job measured of its own
+/// isolation (when it ran).
 async fn check_probe(
     ctx: &Ctx,
     service: &Result<ServiceInfo, String>,
     held: Option<&Hold>,
-) -> Finding {
+) -> (Finding, Option<Finding>) {
+    let (probe, log) = run_probe(ctx, service, held).await;
+    let isolation = log.as_deref().map(|log| check_isolation(ctx, log));
+    (probe, isolation)
+}
+
+/// What the probe job runs besides echoing its token: whether it can
+/// signal its parent (the worker) and create an entry in the spool (a
+/// directory in `tmp/`, removed at once).
+pub fn probe_isolation_script(spool: &Path) -> String {
+    let tmp = shell_quote(
+        &spool
+            .join("tmp")
+            .join(".probe-isolation-$$")
+            .to_string_lossy(),
+    );
+    format!(
+        "if kill -0 $PPID 2>/dev/null; then echo 'probe: worker reachable'; else echo 'probe: worker guarded'; fi\n\
+         if mkdir {tmp} 2>/dev/null; then rmdir {tmp}; echo 'probe: spool writable'; else echo 'probe: spool guarded'; fi"
+    )
+}
+
+/// `s` in single quotes for the shell, with `$$` left outside them.
+fn shell_quote(s: &str) -> String {
+    let quoted = format!("'{}'", s.replace('\'', r"'\''"));
+    quoted.replace("$$", "'$$'")
+}
+
+/// What a probe log says of the job's isolation: `(worker guarded, spool
+/// guarded)`, or `None` if it says nothing (an older probe).
+pub fn probe_isolation(log: &str) -> Option<(bool, bool)> {
+    let worker = if log.contains("probe: worker guarded") {
+        true
+    } else if log.contains("probe: worker reachable") {
+        false
+    } else {
+        return None;
+    };
+    Some((worker, log.contains("probe: spool guarded")))
+}
+
+/// `jobs.isolation`: what the probe job could reach, against what the
+/// configuration asks.
+fn check_isolation(ctx: &Ctx, log: &str) -> Finding {
+    use crate::config::Isolation;
+    let Some((worker, spool)) = probe_isolation(log) else {
+        return unknown("jobs.isolation", "the probe job's log does not say");
+    };
+    let said = match (worker, spool) {
+        (true, true) => "a job can neither signal the worker nor change the spool (isolation full)",
+        (true, false) => {
+            "a job cannot signal the worker, but can change the spool (isolation process)"
+        }
+        (false, true) => "a job can signal the worker, but cannot change the spool",
+        (false, false) => "a job can signal the worker and change the spool (isolation none)",
+    };
+    let asked = ctx.config.isolation;
+    let level = match asked {
+        Isolation::Auto if !(worker && spool) => Level::Warning,
+        Isolation::Full if !(worker && spool) => Level::Critical,
+        Isolation::Process if !worker => Level::Critical,
+        _ => Level::Ok,
+    };
+    let hint = match level {
+        Level::Ok => String::new(),
+        _ => format!(
+            "; isolation = \"{asked}\" asks for more: the worker's warning at start says why it could not (docs/OPERATING.md, \"Isolation\")"
+        ),
+    };
+    Finding::new("jobs.isolation", level, format!("{said}{hint}"))
+        .detail(json!({"worker_guarded": worker, "spool_guarded": spool}))
+}
+
+/// The probe itself; beside its finding, the probe job's log when it ran.
+async fn run_probe(
+    ctx: &Ctx,
+    service: &Result<ServiceInfo, String>,
+    held: Option<&Hold>,
+) -> (Finding, Option<String>) {
     let live = match ctx.supervision {
         Supervision::Systemd => service
             .as_ref()
@@ -1535,7 +1617,7 @@ async fn check_probe(
             .is_some(),
     };
     if !live {
-        return match held {
+        let finding = match held {
             Some(h) => Finding::new(
                 "probe.end_to_end",
                 Level::Ok,
@@ -1547,13 +1629,14 @@ async fn check_probe(
                 "no worker is running, so no probe job was submitted",
             ),
         };
+        return (finding, None);
     }
     // Submitting and reading back is spool work any member could do: as
     // root, it is done as the spool's owner (see `crate::privilege`).
     let _as_owner = match crate::privilege::lower(ctx.spool.root()) {
         Ok(l) => l,
         Err(e) => {
-            return Finding::new(
+            let f = Finding::new(
                 "probe.end_to_end",
                 Level::Critical,
                 format!(
@@ -1561,13 +1644,18 @@ async fn check_probe(
                     crate::error::chain(e.as_ref())
                 ),
             );
+            return (f, None);
         }
     };
     let client = Client::new(ctx.spool.root());
     let id = JobId::new(PROBE_ID).expect("valid id");
     let now = Timestamp::now();
     let fresh = format!("probe-{}", now.file_stamp());
-    let sub = Submission::command(format!("echo {fresh}")).with_id(id.clone());
+    let sub = Submission::command(format!(
+        "echo {fresh}\n{}",
+        probe_isolation_script(ctx.spool.root())
+    ))
+    .with_id(id.clone());
     // An earlier probe still queued is waited for instead of a new one.
     let (since, token) = match client.submit(&sub) {
         Ok(_) => (Some(now), Some(fresh)),
@@ -1576,19 +1664,21 @@ async fn check_probe(
         // Denied to root acting as the spool's owner: the spool is broken
         // (a directory replaced by a link elsewhere, say), which is critical.
         Err(e) if super::is_denied(&e) && !nix::unistd::getuid().is_root() => {
-            return Finding::cannot_read(
+            let f = Finding::cannot_read(
                 "probe.end_to_end",
                 "tmp/ and pending/ (to submit a probe job)",
                 &crate::error::chain(&e),
                 &super::spool_access_hint(ctx.spool.root()),
             );
+            return (f, None);
         }
         Err(e) => {
-            return Finding::new(
+            let f = Finding::new(
                 "probe.end_to_end",
                 Level::Critical,
                 format!("cannot submit a probe job: {}", crate::error::chain(&e)),
             );
+            return (f, None);
         }
     };
     let t0 = SystemTime::now();
@@ -1599,7 +1689,7 @@ async fn check_probe(
     .await;
     let (result, client) = match waited {
         Ok(x) => x,
-        Err(e) => return unknown("probe.end_to_end", &e.to_string()),
+        Err(e) => return (unknown("probe.end_to_end", &e.to_string()), None),
     };
     let ms = t0.elapsed().unwrap_or_default().as_millis();
     match result {
@@ -1611,34 +1701,42 @@ async fn check_probe(
                 .and_then(|p| fs::read_to_string(p).ok())
                 .unwrap_or_default();
             if token.as_ref().is_none_or(|t| log.contains(t)) {
-                Finding::new(
+                let f = Finding::new(
                     "probe.end_to_end",
                     Level::Ok,
                     format!("a probe job ran end to end in {ms} ms"),
                 )
-                .detail(json!({"ms": ms}))
+                .detail(json!({"ms": ms}));
+                (f, Some(log))
             } else {
-                Finding::new(
+                let f = Finding::new(
                     "probe.end_to_end",
                     Level::Critical,
                     "the probe job succeeded but its log lacks its output",
-                )
+                );
+                (f, None)
             }
         }
-        Ok(r) => Finding::new(
-            "probe.end_to_end",
-            Level::Critical,
-            format!(
-                "the probe job ended {}: {}",
-                r.status,
-                r.error.unwrap_or_default()
-            ),
-        ),
-        Err(e) => Finding::new(
-            "probe.end_to_end",
-            Level::Critical,
-            format!("the probe job did not finish: {}", crate::error::chain(&e)),
-        ),
+        Ok(r) => {
+            let f = Finding::new(
+                "probe.end_to_end",
+                Level::Critical,
+                format!(
+                    "the probe job ended {}: {}",
+                    r.status,
+                    r.error.unwrap_or_default()
+                ),
+            );
+            (f, None)
+        }
+        Err(e) => {
+            let f = Finding::new(
+                "probe.end_to_end",
+                Level::Critical,
+                format!("the probe job did not finish: {}", crate::error::chain(&e)),
+            );
+            (f, None)
+        }
     }
 }
 

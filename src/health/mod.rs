@@ -5,7 +5,7 @@
 //! verify). A check that cannot run says `unknown` with the reason; it never
 //! panics and never hides the others.
 
-mod checks;
+pub mod checks;
 pub mod repair;
 
 use std::fmt;

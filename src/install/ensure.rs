@@ -187,43 +187,72 @@ pub fn lock_holder(path: &Path) -> anyhow::Result<Option<i32>> {
     let locks = std::fs::read_to_string("/proc/locks").context("reading /proc/locks")?;
     let dev = meta.dev();
     let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
-    Ok(holder_in(&locks, major, minor, meta.ino()))
+    Ok(holder_in(&locks, major, minor, meta.ino(), |pid| {
+        has_open(pid, dev, meta.ino())
+    }))
+}
+
+/// Whether process `pid` has the file `dev:ino` open, as far as this
+/// process may look (its own processes, or any as root).
+fn has_open(pid: i32, dev: u64, ino: u64) -> bool {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(fds) = std::fs::read_dir(format!("/proc/{pid}/fd")) else {
+        return false;
+    };
+    fds.flatten()
+        .any(|fd| std::fs::metadata(fd.path()).is_ok_and(|m| (m.dev(), m.ino()) == (dev, ino)))
 }
 
 /// The pid of the `FLOCK` entry on `major:minor:ino` in `/proc/locks`
 /// text. On a stacked file system (overlayfs) the lock sits on the lower
-/// file's inode, whose device `stat` does not show: then the one entry with
-/// the inode number is taken, and none if several share it.
-fn holder_in(locks: &str, major: u64, minor: u64, ino: u64) -> Option<i32> {
-    let entries: Vec<(u64, u64, i32)> = locks
+/// file's inode, whose device `stat` does not show: then the only entry
+/// with the inode number, else the one entry (of those with the inode
+/// number, or of all if none has it) whose process has the file open
+/// (`holds`), and none if that leaves several.
+fn holder_in(
+    locks: &str,
+    major: u64,
+    minor: u64,
+    ino: u64,
+    holds: impl Fn(i32) -> bool,
+) -> Option<i32> {
+    // "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"; a waiter's line
+    // has "->" after the number.
+    let entries: Vec<(u64, u64, u64, i32)> = locks
         .lines()
         .filter_map(|line| {
-            // "1: FLOCK  ADVISORY  WRITE 1234 08:01:5678 0 EOF"; a
-            // waiter's line has "->" after the number.
             let f: Vec<&str> = line.split_whitespace().collect();
             if f.len() < 6 || f[1] != "FLOCK" {
                 return None;
             }
             let mut parts = f[5].split(':');
             let (ma, mi, i) = (parts.next()?, parts.next()?, parts.next()?);
-            if i.parse::<u64>().ok()? != ino {
-                return None;
-            }
             Some((
                 u64::from_str_radix(ma, 16).ok()?,
                 u64::from_str_radix(mi, 16).ok()?,
+                i.parse().ok()?,
                 f[4].parse().ok()?,
             ))
         })
         .collect();
-    if let Some(&(_, _, pid)) = entries
+    if let Some(e) = entries
         .iter()
-        .find(|(ma, mi, _)| (*ma, *mi) == (major, minor))
+        .find(|e| (e.0, e.1, e.2) == (major, minor, ino))
     {
-        return Some(pid);
+        return Some(e.3);
     }
-    match entries.as_slice() {
-        [(_, _, pid)] => Some(*pid),
+    let same: Vec<i32> = entries.iter().filter(|e| e.2 == ino).map(|e| e.3).collect();
+    if let [pid] = same.as_slice() {
+        return Some(*pid);
+    }
+    let candidates = if same.is_empty() {
+        entries.iter().map(|e| e.3).collect()
+    } else {
+        same
+    };
+    let mut holding = candidates.into_iter().filter(|&pid| holds(pid));
+    match (holding.next(), holding.next()) {
+        (Some(pid), None) => Some(pid),
         _ => None,
     }
 }
@@ -455,16 +484,28 @@ mod tests {
         let text = "1: POSIX  ADVISORY  WRITE 10 08:01:77 0 EOF\n\
                     2: FLOCK  ADVISORY  WRITE 4242 fd:01:77 0 EOF\n\
                     2: -> FLOCK  ADVISORY  WRITE 99 fd:01:77 0 EOF\n";
-        assert_eq!(holder_in(text, 0xfd, 1, 77), Some(4242));
+        let none = |_| false;
+        assert_eq!(holder_in(text, 0xfd, 1, 77, none), Some(4242));
         assert_eq!(
-            holder_in(text, 8, 2, 77),
+            holder_in(text, 8, 2, 77, none),
             Some(4242),
             "overlayfs: the one flock on the inode"
         );
-        assert_eq!(holder_in(text, 0xfd, 1, 78), None);
+        assert_eq!(holder_in(text, 0xfd, 1, 78, none), None);
         let two = "1: FLOCK  ADVISORY  WRITE 5 08:01:77 0 EOF\n\
                    2: FLOCK  ADVISORY  WRITE 6 08:02:77 0 EOF\n";
-        assert_eq!(holder_in(two, 8, 3, 77), None, "ambiguous");
+        assert_eq!(holder_in(two, 8, 3, 77, none), None, "ambiguous");
+        assert_eq!(
+            holder_in(two, 8, 3, 77, |pid| pid == 6),
+            Some(6),
+            "the one that has the file open"
+        );
+        assert_eq!(
+            holder_in(two, 8, 3, 99, |pid| pid == 5),
+            Some(5),
+            "no entry with the inode number (overlayfs xino): the one that has it open"
+        );
+        assert_eq!(holder_in(two, 8, 3, 99, |_| true), None, "ambiguous");
     }
 
     #[test]

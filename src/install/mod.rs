@@ -29,6 +29,8 @@ use files::{Local, under};
 
 /// Where the installer puts a binary it copies.
 pub const LOCAL_BINARY: &str = "/usr/local/bin/ai-cmd-executor";
+/// The MCP server `install` copies beside [`LOCAL_BINARY`].
+pub const LOCAL_MCP_SERVER: &str = "/usr/local/bin/ai-cmd-executor-mcp";
 /// The cron file.
 pub const CRON_FILE: &str = "/etc/cron.d/ai-cmd-executor";
 /// The configuration file.
@@ -292,6 +294,18 @@ fn install_binary(report: &mut Report, root: &Path) -> anyhow::Result<String> {
     }
     let bytes = fs::read(&me).with_context(|| format!("reading {}", me.display()))?;
     write_file(report, &under(root, LOCAL_BINARY), &bytes, 0o755)?;
+    // `ai-cmd-executor mcp` starts the server found beside the binary.
+    let server = me.with_file_name(crate::cli::commands::mcp::SERVER);
+    match fs::read(&server) {
+        Ok(bytes) => {
+            write_file(report, &under(root, LOCAL_MCP_SERVER), &bytes, 0o755)?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => println!(
+            "note: {} is not there, so `ai-cmd-executor mcp` will not work (cargo build --release builds it)",
+            server.display()
+        ),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", server.display())),
+    }
     Ok(LOCAL_BINARY.to_owned())
 }
 
@@ -637,7 +651,13 @@ pub fn uninstall(opts: &UninstallOptions) -> anyhow::Result<usize> {
         }
     }
     let mut remove = unit_files;
-    for f in [CRON_FILE, SYSUSERS_FILE, TMPFILES_FILE, LOCAL_BINARY] {
+    for f in [
+        CRON_FILE,
+        SYSUSERS_FILE,
+        TMPFILES_FILE,
+        LOCAL_BINARY,
+        LOCAL_MCP_SERVER,
+    ] {
         remove.push(under(&root, f));
     }
     for p in remove {

@@ -36,7 +36,7 @@ const OTHER: u16 = 0x20;
 const UNDEFINED: u32 = u32::MAX;
 
 /// The queue directories that carry the ACL.
-pub const QUEUE_DIRS: [&str; 2] = ["tmp", "pending"];
+pub const QUEUE_DIRS: [&str; 3] = ["tmp", "pending", "cancel"];
 
 /// The default ACL for a queue directory whose jobs `worker_uid` runs, in
 /// the kernel's `system.posix_acl_default` encoding.

@@ -8,6 +8,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use serde_json::Value;
 
 use super::id::JobKind;
+use super::limits::Limits;
 
 /// The longest `command` a JSON job may hold, in bytes. It is passed to
 /// `bash -c` as one argument, and Linux refuses a single argument longer
@@ -36,6 +37,21 @@ pub enum OnInterrupt {
     Fail,
     /// Put it back in `pending/` (up to `max_attempts` runs in all).
     Retry,
+}
+
+/// How a job was submitted, as the job file says (`submitted_via`): by a
+/// client that names itself, or by hand (`file`, also every script job).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SubmittedVia {
+    /// `ai-cmd-executor mcp`.
+    Mcp,
+    /// The CLI (`ai-cmd-executor submit`).
+    Cli,
+    /// The Python client.
+    Python,
+    /// A job file written directly.
+    File,
 }
 
 /// A JSON job file, `pending/<id>.json`, as the contract defines it.
@@ -69,6 +85,17 @@ pub struct JobSpec {
         deserialize_with = "de_attempt"
     )]
     pub attempt: Option<NonZeroU32>,
+    /// Resource limits, each at most the configured ceiling; the
+    /// configured defaults for those absent.
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        deserialize_with = "super::limits::de_job_limits"
+    )]
+    pub limits: Option<Limits>,
+    /// The client that wrote the file, if it says; `file` when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub submitted_via: Option<SubmittedVia>,
 }
 
 fn is_default<T: Default + PartialEq>(t: &T) -> bool {
@@ -181,6 +208,10 @@ pub struct Job {
     pub on_interrupt: OnInterrupt,
     /// Which run this is (1 for the first, at most [`MAX_ATTEMPTS`]).
     pub attempt: u32,
+    /// The limits the job asked for, if any.
+    pub limits: Option<Limits>,
+    /// How it was submitted.
+    pub submitted_via: SubmittedVia,
 }
 
 /// Why a job file was rejected.
@@ -221,6 +252,8 @@ impl Job {
             cwd: None,
             on_interrupt: OnInterrupt::Fail,
             attempt: 1,
+            limits: None,
+            submitted_via: SubmittedVia::File,
         }
     }
 
@@ -242,6 +275,8 @@ impl Job {
                     cwd: None,
                     on_interrupt: OnInterrupt::Fail,
                     attempt: 1,
+                    limits: None,
+                    submitted_via: SubmittedVia::File,
                 })
             }
             JobKind::Json => {
@@ -301,6 +336,8 @@ impl Job {
             cwd: spec.cwd,
             on_interrupt: spec.on_interrupt,
             attempt: spec.attempt.map_or(1, NonZeroU32::get),
+            limits: spec.limits,
+            submitted_via: spec.submitted_via.unwrap_or(SubmittedVia::File),
         })
     }
 
@@ -316,6 +353,9 @@ impl Job {
                 cwd: self.cwd.clone(),
                 on_interrupt: self.on_interrupt,
                 attempt: NonZeroU32::new(self.attempt),
+                limits: self.limits,
+                submitted_via: (self.submitted_via != SubmittedVia::File)
+                    .then_some(self.submitted_via),
             }),
         }
     }
@@ -332,14 +372,21 @@ mod tests {
     #[test]
     fn parses_a_full_job() {
         let job = json(
-            r#"{"command":"echo hi","timeout_secs":5,"env":{"A":"1"},"cwd":"/tmp","on_interrupt":"retry"}"#,
+            r#"{"command":"echo hi","timeout_secs":5,"env":{"A":"1"},"cwd":"/tmp","on_interrupt":"retry","limits":{"memory_max":"64M","tasks_max":16,"cpu_max":0.5},"submitted_via":"mcp"}"#,
         )
         .unwrap();
+        assert_eq!(
+            job.limits.unwrap().to_string(),
+            "memory_max 64M, tasks_max 16, cpu_max 50%"
+        );
         assert_eq!(job.body, JobBody::Command("echo hi".into()));
         assert_eq!(job.timeout_secs.unwrap().get(), 5);
         assert_eq!(job.env["A"], "1");
         assert_eq!(job.on_interrupt, OnInterrupt::Retry);
         assert_eq!(job.attempt, 1);
+        assert_eq!(job.submitted_via, SubmittedVia::Mcp);
+        let plain = json(r#"{"command":"x"}"#).unwrap();
+        assert_eq!(plain.submitted_via, SubmittedVia::File);
     }
 
     #[test]
@@ -362,6 +409,19 @@ mod tests {
                 "unknown variant",
             ),
             (r#"["command"]"#, "must be an object"),
+            (
+                r#"{"command":"x","limits":{"memory_max":"lots"}}"#,
+                "\"memory_max\" must be",
+            ),
+            (
+                r#"{"command":"x","limits":{"cpu":1}}"#,
+                "unknown field `cpu`",
+            ),
+            (r#"{"command":"x","limits":[]}"#, "must be an object"),
+            (
+                r#"{"command":"x","submitted_via":"fax"}"#,
+                "unknown variant",
+            ),
         ];
         for (input, want) in cases {
             let err = json(input).unwrap_err().to_string();
@@ -444,12 +504,13 @@ mod tests {
 
     #[test]
     fn requeue_form_round_trips() {
-        let mut job = json(r#"{"command":"x","on_interrupt":"retry"}"#).unwrap();
+        let mut job =
+            json(r#"{"command":"x","on_interrupt":"retry","limits":{"memory_max":"1G"}}"#).unwrap();
         job.attempt = 2;
         let text = serde_json::to_string(&job.to_spec().unwrap()).unwrap();
         assert_eq!(
             text,
-            r#"{"command":"x","on_interrupt":"retry","attempt":2}"#
+            r#"{"command":"x","on_interrupt":"retry","attempt":2,"limits":{"memory_max":1073741824}}"#
         );
         assert_eq!(json(&text).unwrap(), job);
     }

@@ -8,6 +8,7 @@
 pub mod acl;
 pub mod id;
 pub mod job;
+pub mod limits;
 pub mod reserve;
 pub mod result;
 pub mod safe;
@@ -67,9 +68,10 @@ impl SpoolError {
 /// group can submit; the set-group-id bit makes new files inherit the group,
 /// and the sticky bit keeps a member from removing or replacing another's
 /// file (their default ACL keeps it unreadable too: [`acl`]).
-pub const LAYOUT: [(&str, u32); 6] = [
+pub const LAYOUT: [(&str, u32); 7] = [
     ("tmp", 0o3770),
     ("pending", 0o3770),
+    ("cancel", 0o3770),
     ("running", 0o2750),
     ("completed", 0o2750),
     ("logs", 0o2750),
@@ -103,6 +105,10 @@ impl Spool {
     pub fn pending(&self) -> PathBuf {
         self.root.join("pending")
     }
+    /// `cancel/`: cancel requests, one file per job id, named by the id.
+    pub fn cancel(&self) -> PathBuf {
+        self.root.join("cancel")
+    }
     /// `running/`: jobs a worker has claimed.
     pub fn running(&self) -> PathBuf {
         self.root.join("running")
@@ -122,6 +128,10 @@ impl Spool {
     /// `archive/rejected/`: job files that were bad input.
     pub fn archive_rejected(&self) -> PathBuf {
         self.archive().join("rejected")
+    }
+    /// `archive/cancelled/`: job files withdrawn from `pending/` by a cancel.
+    pub fn archive_cancelled(&self) -> PathBuf {
+        self.archive().join("cancelled")
     }
     /// `archive/interrupted/`: job files whose run was interrupted.
     pub fn archive_interrupted(&self) -> PathBuf {
@@ -607,6 +617,9 @@ mod tests {
             attempt: 1,
             submitted_by: None,
             usage: crate::spool::Usage::default(),
+            limits: None,
+            submitted_via: None,
+            cancelled_by: None,
         };
         spool.write_result(&r).unwrap();
         assert_eq!(spool.read_result(&id).unwrap().unwrap(), r);
@@ -636,6 +649,9 @@ mod tests {
             attempt: 1,
             submitted_by: None,
             usage: crate::spool::Usage::default(),
+            limits: None,
+            submitted_via: None,
+            cancelled_by: None,
         };
         let ino = create_result(&completed, &r).unwrap().expect("written");
         let id = JobId::new("a").unwrap();

@@ -128,6 +128,9 @@ mod tests {
             attempt: 1,
             submitted_by: None,
             usage: crate::spool::Usage::default(),
+            limits: None,
+            submitted_via: None,
+            cancelled_by: None,
         }
     }
 

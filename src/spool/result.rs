@@ -23,6 +23,9 @@ pub enum Status {
     /// `stale_pending_after` while no worker served the spool, and
     /// maintenance (`cleanup`, `health --fix`) archived it.
     Expired,
+    /// Its submitter (or root) cancelled it: withdrawn from `pending/`, or
+    /// stopped while it ran (TERM, then KILL after `kill_grace`).
+    Cancelled,
 }
 
 impl Status {
@@ -35,6 +38,7 @@ impl Status {
             Status::Interrupted => "interrupted",
             Status::Rejected => "rejected",
             Status::Expired => "expired",
+            Status::Cancelled => "cancelled",
         }
     }
 }
@@ -175,6 +179,19 @@ pub struct JobResult {
     /// What the run used.
     #[serde(flatten)]
     pub usage: Usage,
+    /// The resource limits the run had and how each was enforced; absent
+    /// when it had none (and in results written before the key existed).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub limits: Option<super::limits::Applied>,
+    /// How the job was submitted (`mcp`, `cli`, `python` or `file`), as its
+    /// job file said; `None` when no job file was read (a rejected one)
+    /// and in results written before the key existed.
+    #[serde(default)]
+    pub submitted_via: Option<super::job::SubmittedVia>,
+    /// Who cancelled it (a `cancelled` result only): the owner of the
+    /// cancel request.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cancelled_by: Option<Submitter>,
 }
 
 impl JobResult {
@@ -202,6 +219,9 @@ impl JobResult {
             attempt,
             submitted_by,
             usage: Usage::default(),
+            limits: None,
+            submitted_via: None,
+            cancelled_by: None,
         }
     }
 
@@ -216,6 +236,7 @@ impl JobResult {
             Status::Expired => 75,
             Status::Rejected => 126,
             Status::Interrupted => 130,
+            Status::Cancelled => CANCELLED,
             Status::Succeeded | Status::Failed => match (self.exit_code, &self.signal) {
                 (Some(code), _) => u8::try_from(code).unwrap_or(1),
                 (None, Some(sig)) => signal_number(sig).map_or(1, |n| 128u8.saturating_add(n)),
@@ -224,6 +245,10 @@ impl JobResult {
         }
     }
 }
+
+/// The exit code for a cancelled job: 128 + SIGTERM, as a shell reports a
+/// command stopped by `kill`; see [`JobResult::shell_exit_code`].
+pub const CANCELLED: u8 = 143;
 
 /// The exit code for a job that could not be started: see
 /// [`JobResult::shell_exit_code`].
@@ -273,6 +298,17 @@ mod tests {
                 cpu_system_ms: Some(3),
                 max_rss_bytes: Some(4 << 20),
             },
+            limits: Some(crate::spool::limits::Applied {
+                memory_max: Some(crate::spool::limits::Bytes::new(64 << 20).unwrap()),
+                enforced_by: [(
+                    "memory_max".to_owned(),
+                    "RLIMIT_DATA per process".to_owned(),
+                )]
+                .into(),
+                ..Default::default()
+            }),
+            submitted_via: Some(crate::spool::job::SubmittedVia::Mcp),
+            cancelled_by: None,
         };
         let v: serde_json::Value = serde_json::to_value(&r).unwrap();
         let keys: Vec<_> = v.as_object().unwrap().keys().cloned().collect();
@@ -285,6 +321,7 @@ mod tests {
             "exit_code",
             "finished_at",
             "id",
+            "limits",
             "log",
             "max_rss_bytes",
             "output_truncated",
@@ -292,12 +329,18 @@ mod tests {
             "started_at",
             "status",
             "submitted_by",
+            "submitted_via",
         ];
         want.sort();
         let mut got = keys.clone();
         got.sort();
         assert_eq!(got, want);
         assert_eq!(v["status"], "timed_out");
+        assert_eq!(v["submitted_via"], "mcp");
+        assert_eq!(
+            v["limits"],
+            serde_json::json!({"memory_max": 67108864, "enforced_by": {"memory_max": "RLIMIT_DATA per process"}})
+        );
         assert_eq!(v["started_at"], "2026-11-18T11:06:40.000000Z");
         assert_eq!(
             v["submitted_by"],
@@ -325,6 +368,9 @@ mod tests {
             attempt: 1,
             submitted_by: None,
             usage: Usage::default(),
+            limits: None,
+            submitted_via: None,
+            cancelled_by: None,
         };
         assert_eq!(mk(Status::Succeeded, Some(0), None).shell_exit_code(), 0);
         assert_eq!(mk(Status::Failed, Some(3), None).shell_exit_code(), 3);

@@ -23,6 +23,7 @@ use super::spawn::Spawner;
 use crate::config::Config;
 use crate::logging::{CommandDigest, message_id};
 use crate::spool::job::{Job, JobBody, JobError};
+use crate::spool::limits::LimitsConfig;
 use crate::spool::result::Submitter;
 use crate::spool::{JobId, JobKind, Spool, Timestamp, move_into, open_job_file, rename_noreplace};
 
@@ -36,6 +37,8 @@ pub(super) struct ClaimCtx {
     pub log_max_bytes: u64,
     pub max_job_bytes: u64,
     pub submitters: Submitters,
+    /// Defaults and ceiling of the jobs' resource limits.
+    pub limits: LimitsConfig,
     /// Starts job processes (environment and `/dev/null` prepared once).
     pub spawner: Spawner,
 }
@@ -50,6 +53,7 @@ impl ClaimCtx {
             log_max_bytes: config.log_max_bytes.get(),
             max_job_bytes: config.max_job_bytes.get(),
             submitters: Submitters::new(config.submit_group.as_deref()),
+            limits: config.limits,
             spawner: Spawner::new(confinement),
         }
     }
@@ -203,6 +207,10 @@ pub(super) fn claim(
     if let Some(why) = job.cwd.as_deref().and_then(unusable_cwd) {
         return reject(ctx, id, &path, why, Some(submitter));
     }
+    let limits = match ctx.limits.resolve(job.limits.as_ref()) {
+        Ok(l) => l,
+        Err(why) => return reject(ctx, id, &path, why, Some(submitter)),
+    };
     let (log, log_path) = match create_log(&ctx.spool, &id) {
         Ok(x) => x,
         Err(e) => {
@@ -233,7 +241,9 @@ pub(super) fn claim(
     let timeout = job
         .timeout_secs
         .map_or(ctx.default_timeout, |s| Duration::from_secs(s.get()));
-    let run = exec::Run {
+    let mut run = exec::Run {
+        limits,
+        applied: None,
         id,
         job,
         running_path,
@@ -248,7 +258,7 @@ pub(super) fn claim(
         submitted_by: Some(submitter),
     };
     let began = run.t0;
-    let spawned = exec::spawn(&run, &ctx.spawner);
+    let spawned = exec::spawn(&mut run, &ctx.spawner);
     // Digested and logged once the job runs: it costs the slot some CPU,
     // and the job need not wait for it.
     let command = digest(&run.job, &bytes);

@@ -16,10 +16,13 @@ use std::time::{Duration, Instant};
 use nix::errno::Errno;
 use nix::poll::{PollFd, PollFlags, PollTimeout, poll};
 use nix::sys::eventfd::EventFd;
-use nix::sys::signal::{Signal, killpg};
+use nix::sys::signal::Signal;
 
+use super::reaper;
 use super::spawn::{Child, Spawner, Spec};
+use crate::spool::job::SubmittedVia;
 use crate::spool::job::{Job, JobBody};
+use crate::spool::limits::{Applied, Limits};
 use crate::spool::result::Submitter;
 use crate::spool::{JobId, JobResult, Status, Timestamp, Usage};
 
@@ -50,6 +53,10 @@ pub struct Run {
     pub t0: Instant,
     /// Who submitted it (the owner of its job file), for its result.
     pub submitted_by: Option<Submitter>,
+    /// Its resource limits (the job's, else the configured ones).
+    pub limits: Limits,
+    /// How they are enforced, once [`spawn`] has planned it.
+    pub applied: Option<Applied>,
 }
 
 /// A started job process and the (non-blocking) read end of its output
@@ -61,6 +68,18 @@ pub type Spawned = (JobProcess, File);
 pub(super) enum KillReason {
     Timeout,
     Interrupt,
+    /// Its submitter or root asked (see [`Kill::cancelled_by`]).
+    Cancel,
+}
+
+/// Why a slot's interrupt woke it, as the slot's owner tells it.
+pub(super) enum Wake {
+    /// Cancelled by this user.
+    Cancel(Submitter),
+    /// The worker is stopping and the stop grace ran out.
+    Interrupt,
+    /// Nothing for this job (a wake-up meant for one that ended first).
+    Stale,
 }
 
 /// Where the kill sequence is.
@@ -80,6 +99,8 @@ pub(super) struct Kill {
     reason: Option<KillReason>,
     /// The last signal sent.
     signal: Option<Signal>,
+    /// Who cancelled it, for [`KillReason::Cancel`].
+    cancelled_by: Option<Submitter>,
     /// When the job times out, or (terminating) gets KILL; `None` if that
     /// moment is beyond what the clock can represent (never, in effect:
     /// timeouts and graces are bounded far below it).
@@ -106,8 +127,19 @@ impl Kill {
 
     fn send(&mut self, sig: Signal) {
         self.signal = Some(sig);
-        // ESRCH: the group is already gone.
-        let _ = killpg(self.pgid, sig);
+        // The group, and whatever left it (`setsid`) below the main process.
+        reaper::signal_job(self.pgid, sig);
+    }
+
+    /// When whatever the job leaves behind must be gone: the KILL already
+    /// due if the job was being stopped, else a grace from now.
+    fn leftovers_by(&self) -> Instant {
+        let now = Instant::now();
+        match self.phase {
+            Phase::Running => now.checked_add(self.grace).unwrap_or(now),
+            Phase::Terminating => self.deadline.unwrap_or(now).min(now + self.grace),
+            Phase::Killed => now,
+        }
     }
 }
 
@@ -151,10 +183,11 @@ impl Drop for JobProcess {
         }
         // The group id is the job's pid, which cannot be reused before the
         // process is reaped, so this reaches only the job's own processes.
-        let _ = killpg(self.child.pid(), Signal::SIGKILL);
+        reaper::signal_job(self.child.pid(), Signal::SIGKILL);
         let mut fds = [PollFd::new(self.child.exit_fd(), PollFlags::POLLIN)];
         let _ = poll(&mut fds, PollTimeout::from(REAP_ON_PANIC_WAIT_MS));
         let _ = self.child.try_wait();
+        reaper::ended(self.child.pid(), Instant::now());
     }
 }
 
@@ -226,6 +259,10 @@ pub struct Followed {
     pub timeout: Duration,
     pub log_rel: String,
     pub submitted_by: Option<Submitter>,
+    /// Its limits and how they were enforced.
+    pub limits: Option<Applied>,
+    /// How it was submitted.
+    pub submitted_via: SubmittedVia,
     pub(super) child: JobProcess,
     pub(super) reader: Option<File>,
     pub(super) sink: LogSink,
@@ -245,6 +282,7 @@ pub fn execute(
     interrupt: &EventFd,
     interrupted: bool,
     handover: &AtomicBool,
+    wake: &dyn Fn(&JobId) -> Wake,
 ) -> Outcome {
     let mut sink = LogSink {
         file: run.log,
@@ -273,6 +311,9 @@ pub fn execute(
                 attempt: run.job.attempt,
                 submitted_by: run.submitted_by,
                 usage: Usage::default(),
+                limits: run.applied,
+                submitted_via: Some(run.job.submitted_via),
+                cancelled_by: None,
             });
         }
     };
@@ -283,6 +324,7 @@ pub fn execute(
             phase: Phase::Running,
             reason: None,
             signal: None,
+            cancelled_by: None,
             deadline: run.t0.checked_add(run.timeout),
         },
         id: run.id,
@@ -292,6 +334,8 @@ pub fn execute(
         timeout: run.timeout,
         log_rel: run.log_rel,
         submitted_by: run.submitted_by,
+        limits: run.applied,
+        submitted_via: run.job.submitted_via,
         child,
         reader: Some(reader),
         sink,
@@ -299,12 +343,17 @@ pub fn execute(
     if interrupted && !handover.load(Ordering::Acquire) {
         followed.kill.begin(KillReason::Interrupt);
     }
-    follow(followed, interrupt, handover)
+    follow(followed, interrupt, handover, wake)
 }
 
 /// Follows a job to its end (see [`execute`]); also where a new worker
 /// takes up a job handed over to it.
-pub fn follow(mut f: Followed, interrupt: &EventFd, handover: &AtomicBool) -> Outcome {
+pub fn follow(
+    mut f: Followed,
+    interrupt: &EventFd,
+    handover: &AtomicBool,
+    wake: &dyn Fn(&JobId) -> Wake,
+) -> Outcome {
     if handover.load(Ordering::Acquire) {
         return Outcome::Handed(Box::new(f));
     }
@@ -355,6 +404,8 @@ pub fn follow(mut f: Followed, interrupt: &EventFd, handover: &AtomicBool) -> Ou
             }
         }
         if exited {
+            // Not reaped yet: its group id is still its own.
+            reaper::main_exited(f.child.child.pid());
             match f.child.try_wait() {
                 Ok(Some(st)) => break Ok(st),
                 Ok(None) => {}
@@ -366,8 +417,21 @@ pub fn follow(mut f: Followed, interrupt: &EventFd, handover: &AtomicBool) -> Ou
             if handover.load(Ordering::Acquire) {
                 return Outcome::Handed(Box::new(f));
             }
-            if f.kill.phase == Phase::Running {
-                f.kill.begin(KillReason::Interrupt);
+            match wake(&f.id) {
+                Wake::Cancel(by) if f.kill.reason != Some(KillReason::Cancel) => {
+                    // A cancel overrides a timeout or stop in progress:
+                    // the result says who stopped it.
+                    f.kill.cancelled_by = Some(by);
+                    if f.kill.phase == Phase::Running {
+                        f.kill.begin(KillReason::Cancel);
+                    } else {
+                        f.kill.reason = Some(KillReason::Cancel);
+                    }
+                }
+                Wake::Interrupt if f.kill.phase == Phase::Running => {
+                    f.kill.begin(KillReason::Interrupt);
+                }
+                _ => {}
             }
         }
         if f.kill.phase != Phase::Killed && f.kill.due() {
@@ -378,6 +442,7 @@ pub fn follow(mut f: Followed, interrupt: &EventFd, handover: &AtomicBool) -> Ou
             }
         }
     };
+    reaper::ended(f.child.child.pid(), f.kill.leftovers_by());
     Outcome::Done(f.finish(status, &mut buf))
 }
 
@@ -392,6 +457,8 @@ impl Followed {
             timeout,
             log_rel,
             submitted_by,
+            limits,
+            submitted_via,
             reader,
             mut sink,
             kill,
@@ -425,6 +492,9 @@ impl Followed {
             attempt,
             submitted_by: submitted_by.clone(),
             usage,
+            limits: limits.clone(),
+            submitted_via: Some(submitted_via),
+            cancelled_by: None,
         };
         let (status, usage) = match status {
             Ok(s) => s,
@@ -450,6 +520,24 @@ impl Followed {
                 )),
                 usage,
             ),
+            Some(KillReason::Cancel) => {
+                let by = kill.cancelled_by.clone();
+                let who = by
+                    .as_ref()
+                    .map_or_else(|| "its submitter".to_owned(), super::who);
+                let mut r = result(
+                    Status::Cancelled,
+                    exit_code,
+                    signal,
+                    with_note(format!(
+                        "cancelled by {who}; sent {}",
+                        kill_signal.map_or("nothing", Signal::as_str)
+                    )),
+                    usage,
+                );
+                r.cancelled_by = by;
+                r
+            }
             Some(KillReason::Interrupt) => result(
                 Status::Interrupted,
                 exit_code,
@@ -467,13 +555,16 @@ impl Followed {
                 log_note.map(|n| n.trim_start_matches("; ").to_owned()),
                 usage,
             ),
-            None => result(
-                Status::Failed,
-                exit_code,
-                signal,
-                log_note.map(|n| n.trim_start_matches("; ").to_owned()),
-                usage,
-            ),
+            None => {
+                let reached = limits
+                    .as_ref()
+                    .and_then(|l| super::limits::reached(l, timeout, &status, &usage));
+                let error = match (reached, log_note) {
+                    (Some(r), note) => Some(r + note.as_deref().unwrap_or("")),
+                    (None, note) => note.map(|n| n.trim_start_matches("; ").to_owned()),
+                };
+                result(Status::Failed, exit_code, signal, error, usage)
+            }
         }
     }
 }
@@ -498,6 +589,8 @@ impl Followed {
             timeout_ms: millis(self.timeout),
             log_rel: self.log_rel,
             submitted_by: self.submitted_by,
+            limits: self.limits,
+            submitted_via: Some(self.submitted_via),
             pid,
             output_fd,
             log_fd,
@@ -516,9 +609,11 @@ impl Followed {
                 match r {
                     KillReason::Timeout => "timeout",
                     KillReason::Interrupt => "interrupt",
+                    KillReason::Cancel => "cancel",
                 }
                 .into()
             }),
+            cancelled_by: self.kill.cancelled_by,
             kill_signal: self.kill.signal.map(|s| s.as_str().to_owned()),
             kill_deadline_in_ms: self
                 .kill
@@ -546,6 +641,7 @@ impl Followed {
         let reader = w.output_fd.map(take).transpose()?.map(File::from);
         let log = File::from(take(w.log_fd)?);
         let child = Child::track(nix::unistd::Pid::from_raw(w.pid))?;
+        reaper::adopt(child.pid(), &w.id);
         let now = Instant::now();
         let t0 = now
             .checked_sub(Duration::from_millis(w.elapsed_ms))
@@ -557,6 +653,7 @@ impl Followed {
         };
         let reason = w.kill_reason.as_deref().map(|r| match r {
             "timeout" => KillReason::Timeout,
+            "cancel" => KillReason::Cancel,
             _ => KillReason::Interrupt,
         });
         Ok(Followed {
@@ -566,6 +663,7 @@ impl Followed {
                 phase,
                 reason,
                 signal: w.kill_signal.as_deref().and_then(|s| s.parse().ok()),
+                cancelled_by: w.cancelled_by,
                 deadline: w
                     .kill_deadline_in_ms
                     .and_then(|ms| now.checked_add(Duration::from_millis(ms))),
@@ -577,6 +675,8 @@ impl Followed {
             timeout: Duration::from_millis(w.timeout_ms),
             log_rel: w.log_rel,
             submitted_by: w.submitted_by,
+            limits: w.limits,
+            submitted_via: w.submitted_via.unwrap_or(SubmittedVia::File),
             child: JobProcess::new(child),
             reader,
             sink: LogSink {
@@ -608,6 +708,12 @@ pub struct WireJob {
     pub log_rel: String,
     /// Who submitted it.
     pub submitted_by: Option<Submitter>,
+    /// Its limits and how they were enforced.
+    #[serde(default)]
+    pub limits: Option<Applied>,
+    /// How it was submitted.
+    #[serde(default)]
+    pub submitted_via: Option<SubmittedVia>,
     /// Its process (and process group) id.
     pub pid: i32,
     /// The read end of its output pipe, unless that reached end-of-file.
@@ -630,6 +736,9 @@ pub struct WireJob {
     pub kill_reason: Option<String>,
     /// The last signal sent.
     pub kill_signal: Option<String>,
+    /// Who cancelled it, if someone did.
+    #[serde(default)]
+    pub cancelled_by: Option<Submitter>,
     /// When the next step of the kill sequence is due (the timeout, or
     /// KILL), from the hand-over.
     pub kill_deadline_in_ms: Option<u64>,
@@ -668,13 +777,16 @@ fn poll_timeout(left: Duration) -> PollTimeout {
 }
 
 /// Starts the job's process; see [`Spawner::spawn`].
-pub fn spawn(run: &Run, spawner: &Spawner) -> std::io::Result<Spawned> {
+pub fn spawn(run: &mut Run, spawner: &Spawner) -> std::io::Result<Spawned> {
+    let (rlimits, applied) = super::limits::plan(&run.limits, run.timeout)?;
+    run.applied = applied;
     let (args, argc) = match &run.job.body {
         JobBody::Command(c) => ([OsStr::new("-c"), OsStr::new(c.as_str())], 2),
         JobBody::Script => ([run.running_path.as_os_str(), OsStr::new("")], 1),
     };
     let attempt = run.job.attempt.to_string();
     let spawned = spawner.spawn(&Spec {
+        id: run.id.as_str(),
         shell: &run.shell,
         args,
         argc,
@@ -684,6 +796,7 @@ pub fn spawn(run: &Run, spawner: &Spawner) -> std::io::Result<Spawned> {
             ("AI_CMD_EXECUTOR_ATTEMPT", &attempt),
         ],
         cwd: run.job.cwd.as_deref(),
+        rlimits,
     });
     spawned.map(|(child, output)| (JobProcess::new(child), output))
 }
@@ -694,7 +807,7 @@ mod tests {
     use std::panic::{AssertUnwindSafe, catch_unwind};
     use std::path::Path;
 
-    use nix::sys::signal::kill;
+    use nix::sys::signal::{kill, killpg};
     use nix::unistd::Pid;
 
     use super::super::spawn::{Spawner, Spec};
@@ -707,6 +820,7 @@ mod tests {
             super::super::isolation::Confinement::none(),
         ))
         .spawn(&Spec {
+            id: "test",
             shell: Path::new("/bin/sh"),
             args: [OsStr::new("-c"), OsStr::new(command)],
             argc: 2,
@@ -716,6 +830,7 @@ mod tests {
                 ("AI_CMD_EXECUTOR_ATTEMPT", "1"),
             ],
             cwd: None,
+            rlimits: super::super::limits::Rlimits::default(),
         })
         .expect("starting the job");
         child

@@ -174,8 +174,9 @@ impl Handover {
 /// memfd, a lock, a job's pipe or log. Each number the state names is
 /// taken once, by the one piece of code that reads that field.
 ///
-/// One of the crate's two `unsafe` blocks (the other reaps a job with
-/// `wait4`): Rust cannot know who owns an inherited descriptor number. It
+/// One of the crate's three `unsafe` blocks (the others reap a job with
+/// `wait4` and call `malloc_trim`): Rust cannot know who owns an inherited
+/// descriptor number. It
 /// refuses numbers that cannot be such a descriptor (standard streams,
 /// negative) or that are not open.
 pub fn adopt_fd(fd: i32) -> io::Result<OwnedFd> {

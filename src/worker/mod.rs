@@ -11,6 +11,8 @@ mod claim;
 mod exec;
 pub mod handover;
 pub mod isolation;
+mod limits;
+mod reaper;
 mod record;
 mod settle;
 mod slots;
@@ -108,7 +110,7 @@ pub fn run(opts: WorkerOptions, inherited: handover::Inherited) -> Result<Exit, 
         let (to_loop, inbox) = unbounded_channel();
         let config = &opts.loaded.config;
         let (confinement, weaker) =
-            Confinement::new(config.isolation).map_err(|e| WorkerError::Setup {
+            Confinement::new(config.isolation, spool.root()).map_err(|e| WorkerError::Setup {
                 what: "isolating jobs",
                 source: io::Error::other(e),
             })?;
@@ -128,6 +130,10 @@ pub fn run(opts: WorkerOptions, inherited: handover::Inherited) -> Result<Exit, 
         // process exit ends them.
         worker.shutdown();
         let handing = served.is_some();
+        if !handing {
+            // What the jobs left behind is gone before the worker is.
+            reaper::finish();
+        }
         if let Some((mut sigterm, mut sigint)) = served {
             // The only thread left blocks the stop signals: one that comes
             // from now on stays pending across `execve`, for the new worker.
@@ -167,6 +173,9 @@ pub fn run(opts: WorkerOptions, inherited: handover::Inherited) -> Result<Exit, 
 /// resumed) after a write failed.
 const RETRY_FIRST: Duration = Duration::from_secs(1);
 const RETRY_MAX: Duration = Duration::from_secs(30);
+
+/// How long the worker stays idle before it gives memory back.
+const TRIM_AFTER: Duration = Duration::from_millis(200);
 
 /// The shortest time between two `STATUS=` updates of the same kind.
 const STATUS_EVERY: Duration = Duration::from_secs(1);
@@ -240,6 +249,8 @@ struct Worker {
     /// the strongest level when `isolation = "auto"` settled for less.
     confinement: Arc<Confinement>,
     weaker: Option<String>,
+    /// When the worker, idle since, gives memory back.
+    trim_at: Option<tokio::time::Instant>,
 }
 
 impl Worker {
@@ -277,6 +288,7 @@ impl Worker {
             stop_signal: None,
             confinement,
             weaker,
+            trim_at: None,
         }
     }
 
@@ -336,6 +348,7 @@ impl Worker {
             .into_event_stream(vec![0u8; 64 * 1024])
             .map_err(setup("starting inotify"))?;
         let mut watched = self.watch_pending(&events);
+        let cancel_wd = self.watch_cancel(&events);
         // Results the last worker could not write go in first, so that
         // recovery does not take their jobs for interrupted.
         self.deliver_held();
@@ -344,18 +357,24 @@ impl Worker {
             // Before recovery, which then passes over their files (locked).
             self.shared.adopt(adopted);
         }
+        // Orphans of the jobs are this process's from here on; the jobs
+        // taken over are registered (by `Followed::from_wire`).
+        reaper::start(self.config.kill_grace.get())
+            .map_err(setup("becoming the subreaper of the jobs' processes"))?;
         self.recover();
         if let Err(e) = reserve::ensure(&self.spool) {
             warn!("{e}; results held at a stop with the disk full could be lost");
         }
         self.rescan();
+        // Cancels asked while no worker ran.
+        self.cancel_waiting();
         self.shared.lock().reports_status = self.notifier.enabled();
         self.ensure_slots()?;
         if let Some(why) = self.weaker.take() {
             warn!(
                 message_id = message_id::ISOLATION_LIMITED,
                 isolation = self.confinement.level().as_str(),
-                "jobs are not isolated from the worker and from each other: {why}; set isolation = \"none\" to accept that without this warning"
+                "{why}"
             );
         }
         info!(
@@ -382,6 +401,8 @@ impl Worker {
         let mut rescan = tokio::time::interval(self.config.rescan_interval.get());
         rescan.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         rescan.reset();
+        // When to look again at files left in pending/ as not whole yet.
+        let mut recheck_at: Option<tokio::time::Instant> = None;
         if let Some(signal) = stop {
             self.begin_stop(&signal);
         }
@@ -426,11 +447,18 @@ impl Worker {
                 self.keep_held();
                 break;
             }
+            self.arm_trim();
+            let trim_at = self.trim_at;
             let stop_at = self.stop_at.filter(|_| !self.shared.lock().interrupted_all);
             let retry_at = self.retry_at;
             let status_due = self.status_due;
             tokio::select! {
                 ev = events.next() => match ev {
+                    Some(Ok(ev)) if cancel_wd.as_ref() == Some(&ev.wd) => {
+                        if let Some(name) = ev.name {
+                            self.on_cancel(name);
+                        }
+                    }
                     Some(Ok(ev)) => {
                         if ev.mask.contains(EventMask::Q_OVERFLOW) {
                             warn!("inotify queue overflowed; rescanning pending/");
@@ -455,6 +483,10 @@ impl Worker {
                 msg = inbox.recv() => match msg {
                     Some(ToLoop::Kick) => {}
                     Some(ToLoop::Paused) => self.schedule_retry(),
+                    Some(ToLoop::NotYet) => {
+                        let at = tokio::time::Instant::now() + claim::SETTLE;
+                        recheck_at = Some(recheck_at.map_or(at, |r| r.min(at)));
+                    }
                     Some(ToLoop::Failed(failed)) => {
                         let (id, record, error) = *failed;
                         self.on_failed(id, record, &error);
@@ -491,6 +523,13 @@ impl Worker {
                 () = async { tokio::time::sleep_until(status_due.expect("guarded")).await }, if status_due.is_some() => {
                     self.update_status(true);
                 }
+                () = async { tokio::time::sleep_until(trim_at.expect("guarded")).await }, if trim_at.is_some() => {
+                    self.release_memory();
+                }
+                () = async { tokio::time::sleep_until(recheck_at.expect("guarded")).await }, if recheck_at.is_some() => {
+                    recheck_at = None;
+                    self.rescan();
+                }
             }
             if !watched {
                 watched = self.rewatch(&events);
@@ -524,6 +563,173 @@ impl Worker {
                 false
             }
         }
+    }
+
+    /// Watches `cancel/` for requests (renamed in, or written and closed).
+    fn watch_cancel<T>(&self, events: &inotify::EventStream<T>) -> Option<inotify::WatchDescriptor>
+    where
+        T: AsMut<[u8]> + AsRef<[u8]>,
+    {
+        let mask = WatchMask::MOVED_TO | WatchMask::CLOSE_WRITE | WatchMask::ONLYDIR;
+        match events.watches().add(self.spool.cancel(), mask) {
+            Ok(wd) => Some(wd),
+            Err(e) => {
+                error!(
+                    "cannot watch {}: {e}; jobs cannot be cancelled until the worker restarts",
+                    self.spool.cancel().display()
+                );
+                None
+            }
+        }
+    }
+
+    /// Takes every request waiting in `cancel/`.
+    fn cancel_waiting(&mut self) {
+        let Ok(entries) = fs::read_dir(self.spool.cancel()) else {
+            return;
+        };
+        let names: Vec<OsString> = entries.flatten().map(|e| e.file_name()).collect();
+        for name in names {
+            self.on_cancel(name);
+        }
+    }
+
+    /// A cancel request `cancel/<name>`: its owner asks to cancel job
+    /// `<name>`. The request is removed whatever comes of it; the job is
+    /// withdrawn if pending, stopped if running, and only for its submitter,
+    /// root or the worker's own user.
+    fn on_cancel(&mut self, name: OsString) {
+        let path = self.spool.cancel().join(&name);
+        let shown = name.to_string_lossy().into_owned();
+        // Who asks is the owner of the request; a link is not followed.
+        let Ok(meta) = fs::symlink_metadata(&path) else {
+            return;
+        };
+        let removed = if meta.is_dir() {
+            fs::remove_dir(&path)
+        } else {
+            fs::remove_file(&path)
+        };
+        if let Err(e) = removed
+            && e.kind() != io::ErrorKind::NotFound
+        {
+            warn!("cannot remove the cancel request cancel/{shown}: {e}");
+        }
+        if !meta.is_file() {
+            warn!("cancel/{shown} is not a regular file: removed, nothing cancelled");
+            return;
+        }
+        let Ok(id) = shown.parse::<JobId>() else {
+            warn!("cancel/{shown} does not name a job id: removed, nothing cancelled");
+            return;
+        };
+        let ctx = Arc::clone(&self.shared.lock().ctx);
+        let (by, _) = ctx.submitters.owner(meta.uid());
+        let outcome = match self.shared.cancel(&id, &by) {
+            Some(done) => Some(done),
+            None => match self.withdraw(&id, &by, &ctx) {
+                Some(done) => Some(done),
+                // Claimed meanwhile, or not there at all.
+                None => self.shared.cancel(&id, &by),
+            },
+        };
+        match outcome {
+            Some(Ok(what)) => info!(cmd_id = %id, cancelled_by = by.uid, "cancel: {what}"),
+            Some(Err(why)) => {
+                warn!(cmd_id = %id, requester = by.uid, "cancel refused: {why}; the job goes on");
+            }
+            None => info!(
+                cmd_id = %id,
+                requester = by.uid,
+                "cancel: no pending or running job {id}; nothing to do"
+            ),
+        }
+    }
+
+    /// Withdraws the pending job `id` for `by`: its file goes to
+    /// `archive/cancelled/` and it gets a `cancelled` result. `None` when
+    /// no file of it is pending, or a slot has just taken it.
+    fn withdraw(
+        &mut self,
+        id: &JobId,
+        by: &Submitter,
+        ctx: &claim::ClaimCtx,
+    ) -> Option<Result<&'static str, String>> {
+        // The id is held, so that no slot claims it meanwhile.
+        if !self.shared.lock().busy.insert(id.clone()) {
+            return None;
+        }
+        let mut done = None;
+        for kind in ["json", "sh"] {
+            let path = self.spool.pending().join(format!("{id}.{kind}"));
+            let Ok(meta) = fs::symlink_metadata(&path) else {
+                continue;
+            };
+            if !slots::may_cancel(by.uid, Some(meta.uid())) {
+                done = Some(Err(slots::refusal(Some(meta.uid()))));
+                break;
+            }
+            // The result first, while the file is still in pending/ (and
+            // the id held): a client never finds the job in no state.
+            let (submitter, _) = ctx.submitters.owner(meta.uid());
+            let mut r = JobResult::not_run(
+                id,
+                Status::Cancelled,
+                format!("cancelled before it ran by {}", who(by)),
+                1,
+                Some(submitter),
+            );
+            r.cancelled_by = Some(by.clone());
+            // What the file says of itself, if it can be read.
+            let job_kind = if kind == "sh" {
+                crate::spool::JobKind::Script
+            } else {
+                crate::spool::JobKind::Json
+            };
+            let job = crate::spool::open_job_file(&path).ok().and_then(|f| {
+                let mut bytes = Vec::new();
+                io::Read::read_to_end(&mut io::Read::take(f, ctx.max_job_bytes), &mut bytes)
+                    .ok()?;
+                Job::parse(job_kind, &bytes).ok()
+            });
+            if let Some(job) = job {
+                r.submitted_via = Some(job.submitted_via);
+                r.attempt = job.attempt;
+            }
+            let max_attempts = self.config.max_attempts.get();
+            if let record::Recorded::Failed { error, .. } =
+                record::record_now(&self.spool, id.clone(), Record::Rejection(r), max_attempts)
+            {
+                done = Some(Err(format!("cannot write its result: {error}")));
+                break;
+            }
+            match crate::spool::move_into(&path, &self.spool.archive_cancelled()) {
+                Ok(_) => {
+                    done = Some(Ok("pending: withdrawn"));
+                    break;
+                }
+                // Removed by hand meanwhile: withdrawn all the same.
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                    done = Some(Ok("pending: withdrawn"));
+                    break;
+                }
+                Err(e) => {
+                    // Its result is written: it must not run. Removed, then.
+                    warn!(cmd_id = %id, "cannot move the cancelled job file to archive/cancelled/: {e}; removing it");
+                    done = Some(match fs::remove_file(&path) {
+                        Ok(()) => Ok("pending: withdrawn (its file removed)"),
+                        Err(e) => Err(format!(
+                            "its result says cancelled, but its file stays in pending/: {e}"
+                        )),
+                    });
+                    break;
+                }
+            }
+        }
+        let mut st = self.shared.lock();
+        let freed = st.release(id);
+        self.shared.wake(&st, freed);
+        done
     }
 
     /// `pending/` went away or was replaced: re-create the layout and watch
@@ -806,6 +1012,42 @@ impl Worker {
             .stopping(&format!("stopping: waiting for {running} running job(s)"));
     }
 
+    /// Once the worker has gone idle after running jobs, memory is given
+    /// back [`TRIM_AFTER`] later; work before then puts that off.
+    fn arm_trim(&mut self) {
+        let st = self.shared.lock();
+        let idle = st.untrimmed && st.quiet() && st.queue.is_empty();
+        drop(st);
+        if !idle {
+            self.trim_at = None;
+        } else if self.trim_at.is_none() {
+            self.trim_at = Some(tokio::time::Instant::now() + TRIM_AFTER);
+        }
+    }
+
+    /// Gives back what a burst of jobs left allocated: the queue's grown
+    /// collections, then the allocator's free memory (glibc keeps it, so
+    /// a worker that ran 20,000 queued jobs would otherwise stay megabytes
+    /// larger when idle).
+    fn release_memory(&mut self) {
+        self.trim_at = None;
+        let mut st = self.shared.lock();
+        if !(st.quiet() && st.queue.is_empty()) {
+            return;
+        }
+        st.untrimmed = false;
+        st.shrink();
+        drop(st);
+        self.unrecorded.shrink_to_fit();
+        #[cfg(target_env = "gnu")]
+        #[allow(unsafe_code)]
+        // SAFETY: `malloc_trim` has no preconditions: it takes the
+        // allocator's own locks and returns free pages to the kernel.
+        unsafe {
+            nix::libc::malloc_trim(0);
+        }
+    }
+
     fn reload(&mut self) {
         if self.handover_to.is_some() {
             return;
@@ -853,6 +1095,7 @@ impl Worker {
                 self.config = loaded.config;
                 self.config.spool = spool;
                 self.config.isolation = isolation;
+                reaper::set_grace(self.config.kill_grace.get());
                 let ctx = ClaimCtx::new(
                     self.spool.clone(),
                     &self.config,
@@ -1158,6 +1401,9 @@ impl Worker {
             attempt: job.map_or(1, |j| j.attempt),
             submitted_by,
             usage: crate::spool::Usage::default(),
+            limits: None,
+            submitted_via: job.map(|j| j.submitted_via),
+            cancelled_by: None,
         };
         let settled = settle(
             &self.spool,
@@ -1221,6 +1467,14 @@ fn archive_nameless(spool: &Spool, path: &Path, reason: &str, report: bool) -> b
     true
 }
 
+/// A user for messages: `alice (uid 1000)`, or `uid 1000`.
+pub(super) fn who(s: &Submitter) -> String {
+    match &s.name {
+        Some(n) => format!("{n} (uid {})", s.uid),
+        None => format!("uid {}", s.uid),
+    }
+}
+
 /// One log line per recorded result, with the fields an operator filters on
 /// and the audit trail: the id in the message, who submitted the job (from
 /// the result), and what it ran (`command`, when known: not for a result
@@ -1239,11 +1493,13 @@ fn log_result(r: &JobResult, command: Option<&CommandDigest>) {
         r.usage.cpu_system_ms,
         r.usage.max_rss_bytes,
     );
+    let limits = r.limits.as_ref().map(ToString::to_string);
+    let limits = limits.as_deref();
     match r.status {
         Status::Succeeded => info!(
             message_id = message_id::JOB_FINISHED,
             cmd_id = %r.id, cmd_status = %r.status, exit_code = %exit, duration_ms = r.duration_ms,
-            submitter_uid, submitter, cmd, cmd_sha256, cpu_user_ms, cpu_system_ms, max_rss_bytes,
+            submitter_uid, submitter, cmd, cmd_sha256, cpu_user_ms, cpu_system_ms, max_rss_bytes, limits,
             "job {} finished: succeeded", r.id
         ),
         _ => {
@@ -1256,7 +1512,7 @@ fn log_result(r: &JobResult, command: Option<&CommandDigest>) {
             warn!(
                 message_id = message_id::JOB_FINISHED,
                 cmd_id = %r.id, cmd_status = %r.status, exit_code = %exit, signal, duration_ms = r.duration_ms,
-                submitter_uid, submitter, cmd, cmd_sha256, cpu_user_ms, cpu_system_ms, max_rss_bytes,
+                submitter_uid, submitter, cmd, cmd_sha256, cpu_user_ms, cpu_system_ms, max_rss_bytes, limits,
                 "job {} finished: {outcome}", r.id
             );
         }

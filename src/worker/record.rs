@@ -15,7 +15,7 @@ use tracing::error;
 
 use super::slots::{PanicAlarm, Shared};
 use super::{Ran, log_result};
-use crate::spool::{JobId, JobResult, Spool, SpoolError, Status};
+use crate::spool::{JobId, JobResult, Spool, SpoolError};
 use crate::worker::settle::{self, Prepared, Settled};
 
 /// A result waiting to be recorded.
@@ -194,9 +194,7 @@ fn conclude(spool: &Spool, order: Order, prepared: Result<Prepared, SpoolError>)
         Prepared::Done(settled) => Ok(settled),
         Prepared::Staged(staged) => match &record {
             Record::Run(ran) => settle::finish(spool, &ran.running_path, ran.result.status, staged),
-            Record::Rejection(_) => staged
-                .commit()
-                .map(|()| Settled::Recorded(Status::Rejected)),
+            Record::Rejection(r) => staged.commit().map(|()| Settled::Recorded(r.status)),
             Record::Held(r) => staged.commit().map(|()| {
                 remove_left_job_file(spool, r);
                 Settled::Recorded(r.status)

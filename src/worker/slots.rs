@@ -62,11 +62,17 @@ pub(super) enum ToLoop {
     Kick,
     /// A thread of the worker panicked; it cannot go on.
     Panicked(&'static str),
+    /// A file found by a rescan was left in `pending/` as not whole yet
+    /// (see [`Claim::NotYet`]): look again once it has settled, in case
+    /// no event comes for it (it was renamed in before the watch began).
+    NotYet,
 }
 
 /// A job being run: what the heartbeat's overdue check and `STATUS=` need.
 pub(super) struct ActiveJob {
     pub id: JobId,
+    /// The uid of its submitter (the owner of its job file), if known.
+    pub submitter: Option<u32>,
     pub started: Instant,
     /// Timeout plus kill grace: past this the job should have been reaped.
     pub limit: Duration,
@@ -90,6 +96,9 @@ pub(super) struct Handed {
 /// One slot, as the loop sees it.
 pub(super) struct Slot {
     pub job: Option<ActiveJob>,
+    /// A cancel of the slot's job, and who asked; the slot reads it when
+    /// its interrupt wakes it (see [`Shared::wake_of`]).
+    pub cancel: Option<(JobId, Submitter)>,
     /// Set by the loop to interrupt the slot's job (the stop grace ran
     /// out). Only ever set once the worker is stopping, when no slot takes
     /// new work, so a count left by a job that ended first never reaches
@@ -124,6 +133,9 @@ pub(super) struct State {
     pub deferred: Vec<(JobId, OsString)>,
     /// Ids with a run in progress or a result being written.
     pub busy: HashSet<JobId>,
+    /// Cancels of jobs being claimed (busy, not yet running), with who
+    /// asked: the slot takes its job's when it starts it.
+    pub cancels: HashMap<JobId, Submitter>,
     pub slots: Vec<Slot>,
     /// Slots claiming or running a job, or recording its result.
     pub working: usize,
@@ -155,6 +167,9 @@ pub(super) struct State {
     /// `STATUS=` is sent (under systemd), so the loop wants to hear when
     /// the worker goes idle.
     pub reports_status: bool,
+    /// Jobs were recorded since the worker last gave memory back: the loop
+    /// wants to hear when it goes idle (see `Worker::release_memory`).
+    pub untrimmed: bool,
     /// What claims need (rebuilt on reload).
     pub ctx: Arc<ClaimCtx>,
     pub max_attempts: u32,
@@ -162,7 +177,34 @@ pub(super) struct State {
     waiting: usize,
 }
 
+/// Whether the user `requester` may cancel a job of `submitter`: its
+/// submitter, root, or the worker's own user.
+pub(super) fn may_cancel(requester: u32, submitter: Option<u32>) -> bool {
+    requester == 0 || requester == nix::unistd::geteuid().as_raw() || Some(requester) == submitter
+}
+
+/// Why a cancel was refused.
+pub(super) fn refusal(submitter: Option<u32>) -> String {
+    match submitter {
+        Some(uid) => format!("only its submitter (uid {uid}) or root may cancel it"),
+        None => "only its submitter or root may cancel it".into(),
+    }
+}
+
 impl State {
+    /// Has slot `index`'s job stopped for `by`: its interrupt wakes it,
+    /// and it reads the cancel (see [`Shared::wake_of`]).
+    fn cancel_running(&mut self, index: usize, by: Submitter) {
+        let Some(id) = self.slots[index].job.as_ref().map(|j| j.id.clone()) else {
+            return;
+        };
+        info!(cmd_id = %id, cancelled_by = by.uid, "cancelling job");
+        self.slots[index].cancel = Some((id.clone(), by));
+        if let Err(e) = self.slots[index].interrupt.write(1) {
+            error!(cmd_id = %id, "cannot wake the job's slot to cancel it: {e}");
+        }
+    }
+
     /// Queues a file name unless it is queued already.
     pub fn enqueue(&mut self, name: OsString) -> bool {
         match self.queued.entry(name) {
@@ -177,8 +219,9 @@ impl State {
 
     /// The id is free again: waiting runs of it go first, in their order.
     /// Returns how many names went back to the queue.
-    fn release(&mut self, id: &JobId) -> usize {
+    pub(super) fn release(&mut self, id: &JobId) -> usize {
         self.busy.remove(id);
+        self.cancels.remove(id);
         if self.deferred.is_empty() {
             return 0;
         }
@@ -201,7 +244,20 @@ impl State {
     /// The loop wants to hear when a slot or the worker goes idle: for
     /// `STATUS=`, or to finish a stop.
     fn watched(&self) -> bool {
-        self.reports_status || self.stopping || self.handing_over
+        self.reports_status || self.stopping || self.handing_over || self.untrimmed
+    }
+
+    /// Lets go of the room the queue's collections grew to in a burst
+    /// (20,000 queued names hold megabytes); called when the worker is idle.
+    pub fn shrink(&mut self) {
+        const KEEP: usize = 64;
+        self.queue.shrink_to(KEEP);
+        self.queued.shrink_to(KEEP);
+        self.stuck.shrink_to(KEEP);
+        self.writing.shrink_to(KEEP);
+        self.unsure.shrink_to(KEEP);
+        self.deferred.shrink_to(KEEP);
+        self.busy.shrink_to(KEEP);
     }
 
     /// No job is being claimed, run or recorded, nor waits to be taken up
@@ -277,6 +333,7 @@ impl Shared {
                 queue: VecDeque::new(),
                 queued: HashMap::new(),
                 stuck: HashMap::new(),
+                cancels: HashMap::new(),
                 writing: HashSet::new(),
                 unsure: HashSet::new(),
                 deferred: Vec::new(),
@@ -297,6 +354,7 @@ impl Shared {
                 settled: 0,
                 status_waits: false,
                 reports_status: false,
+                untrimmed: false,
                 ctx: Arc::new(ctx),
                 max_attempts,
                 waiting: 0,
@@ -360,6 +418,7 @@ impl Shared {
                 .spawn(move || shared.serve_slot(index, &fd, &recorder))?;
             st.slots.push(Slot {
                 job: None,
+                cancel: None,
                 interrupt,
             });
             started.push(handle);
@@ -382,6 +441,45 @@ impl Shared {
                 }
             }
         }
+    }
+
+    /// Why slot `index`'s interrupt woke it while it runs `id`.
+    pub fn wake_of(&self, index: usize, id: &JobId) -> exec::Wake {
+        let mut st = self.lock();
+        match st.slots[index].cancel.take() {
+            Some((cancelled, by)) if cancelled == *id => return exec::Wake::Cancel(by),
+            _ => {}
+        }
+        if st.interrupted_all {
+            exec::Wake::Interrupt
+        } else {
+            exec::Wake::Stale
+        }
+    }
+
+    /// Cancels `id` for `by` if it is running or being claimed: `Some`
+    /// with what was done, or the refusal; `None` if it is neither (it may
+    /// be pending, or gone).
+    pub fn cancel(&self, id: &JobId, by: &Submitter) -> Option<Result<&'static str, String>> {
+        let mut st = self.lock();
+        if let Some(index) = st
+            .slots
+            .iter()
+            .position(|s| s.job.as_ref().is_some_and(|j| j.id == *id))
+        {
+            let submitter = st.slots[index].job.as_ref().and_then(|j| j.submitter);
+            if !may_cancel(by.uid, submitter) {
+                return Some(Err(refusal(submitter)));
+            }
+            st.cancel_running(index, by.clone());
+            return Some(Ok("running: stopping it"));
+        }
+        if st.busy.contains(id) {
+            // Being claimed: checked against its submitter when it starts.
+            st.cancels.insert(id.clone(), by.clone());
+            return Some(Ok("starting: stopping it once started"));
+        }
+        None
     }
 
     /// Starts a hand-over: no new claims, and every running job is set
@@ -453,6 +551,7 @@ impl Shared {
             st.settled += 1;
             freed += st.release(&id);
         }
+        st.untrimmed = true;
         if counted {
             st.in_flight = st.in_flight.saturating_sub(n);
         }
@@ -599,6 +698,7 @@ impl Shared {
                 st.working += 1;
                 st.slots[index].job = Some(ActiveJob {
                     id: handed.followed.id.clone(),
+                    submitter: handed.followed.submitted_by.as_ref().map(|s| s.uid),
                     started: handed.followed.t0,
                     limit: handed
                         .followed
@@ -682,7 +782,8 @@ impl Shared {
                 let job = run.job.clone();
                 let running_path = run.running_path.clone();
                 let limit = run.timeout.saturating_add(run.kill_grace);
-                let interrupted = self.occupy(index, &id, began, limit);
+                let submitter = run.submitted_by.as_ref().map(|s| s.uid);
+                let interrupted = self.occupy(index, &id, submitter, began, limit);
                 if interrupted {
                     // It started just as the stop grace ran out.
                     info!(cmd_id = %id, "interrupting job: the stop grace has passed");
@@ -691,8 +792,10 @@ impl Shared {
                 let log_rel = run.log_rel.clone();
                 let submitted_by = run.submitted_by.clone();
                 let handover = &self.handover;
-                let outcome =
-                    contain(|| exec::execute(run, spawned, interrupt, interrupted, handover));
+                let wake = |id: &JobId| self.wake_of(index, id);
+                let outcome = contain(|| {
+                    exec::execute(run, spawned, interrupt, interrupted, handover, &wake)
+                });
                 let held = InHand {
                     job,
                     running_path,
@@ -742,8 +845,13 @@ impl Shared {
                 self.send(ToLoop::Paused);
                 None
             }
-            Claim::Dropped { id } | Claim::NotYet { id } => {
+            Claim::Dropped { id } => {
                 self.release(&id);
+                None
+            }
+            Claim::NotYet { id } => {
+                self.release(&id);
+                self.send(ToLoop::NotYet);
                 None
             }
         }
@@ -828,13 +936,29 @@ impl Shared {
 
     /// Marks slot `index` as running job `id`; returns whether the stop
     /// grace has run out (the job is to be interrupted at once).
-    fn occupy(&self, index: usize, id: &JobId, began: Instant, limit: Duration) -> bool {
+    fn occupy(
+        &self,
+        index: usize,
+        id: &JobId,
+        submitter: Option<u32>,
+        began: Instant,
+        limit: Duration,
+    ) -> bool {
         let mut st = self.lock();
         st.slots[index].job = Some(ActiveJob {
             id: id.clone(),
+            submitter,
             started: began,
             limit,
         });
+        // A cancel that came while it was being claimed.
+        if let Some(by) = st.cancels.remove(id) {
+            if may_cancel(by.uid, submitter) {
+                st.cancel_running(index, by);
+            } else {
+                warn!(cmd_id = %id, requester = by.uid, "cancel refused: {}", refusal(submitter));
+            }
+        }
         let interrupted = st.interrupted_all;
         let kick = std::mem::take(&mut st.status_waits);
         drop(st);
@@ -905,13 +1029,15 @@ impl Shared {
         let limit = followed.timeout.saturating_add(followed.kill.grace);
         let (started_at, t0) = (followed.started_at, followed.t0);
         let (log_rel, submitted_by) = (followed.log_rel.clone(), followed.submitted_by.clone());
-        let interrupted = self.occupy(index, &id, t0, limit);
+        let submitter = followed.submitted_by.as_ref().map(|s| s.uid);
+        let interrupted = self.occupy(index, &id, submitter, t0, limit);
         if interrupted && followed.kill.phase == exec::Phase::Running {
             info!(cmd_id = %id, "interrupting job: the stop grace has passed");
             let _ = interrupt.write(1);
         }
         let handover = &self.handover;
-        let outcome = contain(|| exec::follow(*followed, interrupt, handover));
+        let wake = |id: &JobId| self.wake_of(index, id);
+        let outcome = contain(|| exec::follow(*followed, interrupt, handover, &wake));
         self.after_run(index, id, outcome, held, |id, job, panic| {
             let mut r = panicked_result(id, job.attempt, panic);
             r.started_at = started_at;
@@ -943,7 +1069,14 @@ impl Shared {
             .ok()
             .flatten()
             .and_then(|p| log_started(&p))
-            .is_some_and(|started| started >= window);
+            .is_some_and(|started| started >= window)
+            // Or settled without a run since: withdrawn by a cancel.
+            || self
+                .spool
+                .read_result(id)
+                .ok()
+                .flatten()
+                .is_some_and(|r| r.status == Status::Cancelled && r.finished_at >= window);
         if elsewhere {
             debug!(cmd_id = %id, "the job file was claimed by another worker");
         }
@@ -1144,6 +1277,7 @@ mod tests {
             ));
             shared.lock().slots.push(Slot {
                 job: None,
+                cancel: None,
                 interrupt: Arc::new(EventFd::new().unwrap()),
             });
             let recorder = Recorder::start(spool.clone(), Arc::clone(&shared)).unwrap();
@@ -1259,6 +1393,7 @@ mod tests {
             *stage = Stage::Claimed;
             rig.shared.lock().slots[0].job = Some(ActiveJob {
                 id: JobId::new("late").unwrap(),
+                submitter: None,
                 started: Instant::now(),
                 limit: Duration::from_secs(1),
             });

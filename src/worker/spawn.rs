@@ -13,11 +13,12 @@ use std::collections::BTreeMap;
 use std::ffi::{CStr, CString, OsStr, OsString};
 use std::fs::File;
 use std::io;
-use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::process::{CommandExt, ExitStatusExt};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
+use std::sync::Arc;
 
 use nix::errno::Errno;
 use nix::fcntl::{FcntlArg, OFlag, fcntl};
@@ -27,6 +28,8 @@ use nix::sys::wait::waitpid;
 use nix::unistd::Pid;
 
 use super::isolation::Confinement;
+use super::limits::Rlimits;
+use super::reaper;
 use crate::spool::Usage;
 
 /// Variables of the worker's own environment that must not leak into jobs:
@@ -46,13 +49,15 @@ pub(super) struct Spawner {
     /// The worker's environment less [`PRIVATE_ENV`], as pairs.
     base: Vec<(OsString, OsString)>,
     /// The same, as `KEY=VALUE` strings for `posix_spawn`.
-    base_c: Vec<CString>,
+    base_c: Arc<Vec<CString>>,
     dev_null: io::Result<File>,
     confinement: std::sync::Arc<Confinement>,
 }
 
 /// What to start.
 pub(super) struct Spec<'a> {
+    /// The job's id, which the started process is registered under.
+    pub id: &'a str,
     pub shell: &'a Path,
     /// The arguments after the shell's own name.
     pub args: [&'a OsStr; 2],
@@ -62,6 +67,8 @@ pub(super) struct Spec<'a> {
     pub env: &'a BTreeMap<String, String>,
     pub extra_env: [(&'a str, &'a str); 2],
     pub cwd: Option<&'a Path>,
+    /// Set in the child before `exec`.
+    pub rlimits: Rlimits,
 }
 
 impl Spawner {
@@ -71,10 +78,11 @@ impl Spawner {
         let base: Vec<(OsString, OsString)> = std::env::vars_os()
             .filter(|(k, _)| !PRIVATE_ENV.iter().any(|p| OsStr::new(p) == k))
             .collect();
-        let base_c = base
-            .iter()
-            .filter_map(|(k, v)| env_entry(k.as_bytes(), v.as_bytes()))
-            .collect();
+        let base_c = Arc::new(
+            base.iter()
+                .filter_map(|(k, v)| env_entry(k.as_bytes(), v.as_bytes()))
+                .collect(),
+        );
         Spawner {
             base,
             base_c,
@@ -99,41 +107,24 @@ impl Spawner {
         };
         let (rd, wr) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
         fcntl(&rd, FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
-        // Our copy of the write end is closed as soon as the child has it,
-        // so the reader sees end-of-file once the job's processes close
-        // theirs.
-        let pid = self.confinement.start(|| match spec.cwd {
-            None => {
-                let pid = self.posix_spawn(spec, dev_null, &wr);
-                drop(wr);
-                pid
-            }
+        let launch = if spec.cwd.is_none() && spec.rlimits.is_empty() {
+            self.launch(spec, dev_null.as_raw_fd(), wr)?
+        } else {
             // `Command` takes its stdin by value: a duplicate of ours.
-            Some(cwd) => self.command_spawn(spec, cwd, dev_null.try_clone()?, wr),
-        })?;
+            self.command(spec, dev_null.try_clone()?, wr)?
+        };
+        let spawning = reaper::spawning();
+        // `dev_null` outlives the start: `start` returns once the process
+        // has been started.
+        let pid = self.confinement.start(move || launch.run())?;
         let child = Child::track(pid)?;
+        spawning.started(pid, spec.id);
         Ok((child, File::from(rd)))
     }
 
-    fn posix_spawn(&self, spec: &Spec<'_>, stdin: &File, out: &OwnedFd) -> io::Result<Pid> {
-        let mut actions = PosixSpawnFileActions::init()?;
-        actions.add_dup2(stdin.as_raw_fd(), 0)?;
-        actions.add_dup2(out.as_raw_fd(), 1)?;
-        actions.add_dup2(out.as_raw_fd(), 2)?;
-        let mut attr = PosixSpawnAttr::init()?;
-        attr.set_flags(
-            PosixSpawnFlags::POSIX_SPAWN_SETPGROUP
-                | PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK
-                | PosixSpawnFlags::POSIX_SPAWN_SETSIGDEF,
-        )?;
-        attr.set_pgroup(Pid::from_raw(0))?;
-        attr.set_sigmask(&SigSet::empty())?;
-        // The Rust runtime ignores SIGPIPE, and an ignored signal stays
-        // ignored across exec; a shell job expects the default.
-        let mut sigdef = SigSet::empty();
-        sigdef.add(Signal::SIGPIPE);
-        attr.set_sigdefault(&sigdef)?;
-
+    /// What `posix_spawn` needs for `spec`, owned, so that another thread
+    /// can start it.
+    fn launch(&self, spec: &Spec<'_>, stdin: RawFd, out: OwnedFd) -> io::Result<Launch> {
         let argv0 = cstring(spec.shell.as_os_str(), "the shell path")?;
         let mut argv: Vec<CString> = vec![argv0];
         for a in &spec.args[..spec.argc] {
@@ -153,49 +144,125 @@ impl Spawner {
                 })
             })
             .collect::<io::Result<_>>()?;
-        let overridden = |entry: &CStr| {
-            let name = entry.to_bytes().split(|b| *b == b'=').next().unwrap_or(b"");
-            spec.env.keys().any(|k| k.as_bytes() == name)
-                || spec.extra_env.iter().any(|(k, _)| k.as_bytes() == name)
-        };
-        let envp: Vec<&CStr> = self
-            .base_c
-            .iter()
-            .map(CString::as_c_str)
-            .filter(|e| !overridden(e))
-            .chain(own.iter().map(CString::as_c_str))
-            .collect();
-        posix_spawn(spec.shell, &actions, &attr, &argv, &envp).map_err(|e| {
-            io::Error::new(
-                io::Error::from(e).kind(),
-                format!("{}: {e}", spec.shell.display()),
-            )
+        Ok(Launch::Spawn {
+            shell: spec.shell.to_owned(),
+            argv,
+            base: Arc::clone(&self.base_c),
+            own,
+            stdin,
+            out,
         })
     }
 
-    fn command_spawn(
-        &self,
-        spec: &Spec<'_>,
-        cwd: &Path,
-        stdin: File,
-        out: OwnedFd,
-    ) -> io::Result<Pid> {
+    /// What `Command` needs for `spec`: a job with a `cwd`, or with
+    /// rlimits to set in the child.
+    fn command(&self, spec: &Spec<'_>, stdin: File, out: OwnedFd) -> io::Result<Launch> {
         let mut cmd = std::process::Command::new(spec.shell);
         cmd.args(&spec.args[..spec.argc])
             .env_clear()
             .envs(self.base.iter().map(|(k, v)| (k, v)))
             .envs(spec.env)
             .envs(spec.extra_env)
-            .current_dir(cwd)
             .stdin(Stdio::from(stdin))
             .stdout(Stdio::from(out.try_clone()?))
             .stderr(Stdio::from(out))
             .process_group(0);
-        let child = cmd
-            .spawn()
-            .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", spec.shell.display())))?;
-        let pid = i32::try_from(child.id()).map_err(io::Error::other)?;
-        Ok(Pid::from_raw(pid))
+        if let Some(cwd) = spec.cwd {
+            cmd.current_dir(cwd);
+        }
+        if !spec.rlimits.is_empty() {
+            let rlimits = spec.rlimits;
+            #[allow(unsafe_code)]
+            // SAFETY: the closure runs in the child between `fork` and
+            // `exec`, where only async-signal-safe calls are allowed: it
+            // only calls `setrlimit` on values copied in before the fork,
+            // and allocates nothing (an error is an errno, not a string).
+            unsafe {
+                cmd.pre_exec(move || rlimits.apply());
+            }
+        }
+        Ok(Launch::Command(Box::new(cmd)))
+    }
+}
+
+/// A job's process, ready to be started from any thread (the job's
+/// confined starting thread): what `posix_spawn`, or `Command` for a job
+/// with a `cwd`, needs.
+enum Launch {
+    Spawn {
+        shell: PathBuf,
+        argv: Vec<CString>,
+        /// The worker's environment less [`PRIVATE_ENV`]; entries the job
+        /// sets itself (in `own`) are left out.
+        base: Arc<Vec<CString>>,
+        own: Vec<CString>,
+        /// `/dev/null`, open for as long as the start takes.
+        stdin: RawFd,
+        /// The output pipe's write end: closed here once the child has it,
+        /// so the reader sees end-of-file once the job's processes close
+        /// theirs.
+        out: OwnedFd,
+    },
+    Command(Box<std::process::Command>),
+}
+
+impl Launch {
+    fn run(self) -> io::Result<Pid> {
+        match self {
+            Launch::Spawn {
+                shell,
+                argv,
+                base,
+                own,
+                stdin,
+                out,
+            } => {
+                let mut actions = PosixSpawnFileActions::init()?;
+                actions.add_dup2(stdin, 0)?;
+                actions.add_dup2(out.as_raw_fd(), 1)?;
+                actions.add_dup2(out.as_raw_fd(), 2)?;
+                let mut attr = PosixSpawnAttr::init()?;
+                attr.set_flags(
+                    PosixSpawnFlags::POSIX_SPAWN_SETPGROUP
+                        | PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK
+                        | PosixSpawnFlags::POSIX_SPAWN_SETSIGDEF,
+                )?;
+                attr.set_pgroup(Pid::from_raw(0))?;
+                attr.set_sigmask(&SigSet::empty())?;
+                // The Rust runtime ignores SIGPIPE, and an ignored signal
+                // stays ignored across exec; a shell job expects the default.
+                let mut sigdef = SigSet::empty();
+                sigdef.add(Signal::SIGPIPE);
+                attr.set_sigdefault(&sigdef)?;
+                let name = |entry: &CStr| -> Vec<u8> {
+                    let bytes = entry.to_bytes();
+                    bytes.split(|b| *b == b'=').next().unwrap_or(b"").to_vec()
+                };
+                let set: Vec<Vec<u8>> = own.iter().map(|e| name(e)).collect();
+                let envp: Vec<&CStr> = base
+                    .iter()
+                    .map(CString::as_c_str)
+                    .filter(|e| !set.contains(&name(e)))
+                    .chain(own.iter().map(CString::as_c_str))
+                    .collect();
+                let pid = posix_spawn(shell.as_path(), &actions, &attr, &argv, &envp);
+                drop(out);
+                pid.map_err(|e| {
+                    io::Error::new(
+                        io::Error::from(e).kind(),
+                        format!("{}: {e}", shell.display()),
+                    )
+                })
+            }
+            Launch::Command(mut cmd) => {
+                let shell = PathBuf::from(cmd.get_program());
+                let child = cmd
+                    .spawn()
+                    .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", shell.display())))?;
+                let pid = i32::try_from(child.id()).map_err(io::Error::other)?;
+                Ok(Pid::from_raw(pid))
+            }
+        }
     }
 }
 
@@ -348,6 +415,7 @@ mod tests {
         cwd: Option<&'a Path>,
     ) -> Spec<'a> {
         Spec {
+            id: "j1",
             shell,
             args: [OsStr::new("-c"), OsStr::new(command)],
             argc: 2,
@@ -357,6 +425,7 @@ mod tests {
                 ("AI_CMD_EXECUTOR_ATTEMPT", "1"),
             ],
             cwd,
+            rlimits: Rlimits::default(),
         }
     }
 

@@ -81,6 +81,41 @@ impl Gate {
     pub fn open(&self) {
         fs::write(&self.gate, "").expect("opening the gate");
     }
+
+    /// The processes still waiting at this gate (their command line names it).
+    fn waiting(&self) -> Vec<i32> {
+        let gate = self.gate.to_string_lossy().into_owned();
+        let Ok(dir) = fs::read_dir("/proc") else {
+            return Vec::new();
+        };
+        dir.flatten()
+            .filter_map(|e| e.file_name().to_str()?.parse::<i32>().ok())
+            .filter(|pid| {
+                fs::read(format!("/proc/{pid}/cmdline"))
+                    .is_ok_and(|c| String::from_utf8_lossy(&c).contains(&gate))
+            })
+            .collect()
+    }
+}
+
+/// A gated job can outlive its worker (one killed with SIGKILL, in the
+/// foreground): the gate opens when the test ends, before the spool and
+/// its gate file go, and what still waits at it after the deadline is
+/// killed, so that no test leaves a process looping on the machine.
+impl Drop for Gate {
+    fn drop(&mut self) {
+        let _ = fs::write(&self.gate, "");
+        let start = Instant::now();
+        while !self.waiting().is_empty() && start.elapsed() < DEADLINE {
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        for pid in self.waiting() {
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
+            );
+        }
+    }
 }
 
 /// A spool directory that outlives worker restarts.
@@ -95,6 +130,16 @@ impl Spool {
             dir: tempfile::Builder::new()
                 .prefix("aice-test-")
                 .tempdir()
+                .expect("tempdir"),
+        }
+    }
+
+    /// A fresh spool location in a new directory under `parent`.
+    pub fn new_in(parent: &Path) -> Self {
+        Spool {
+            dir: tempfile::Builder::new()
+                .prefix("aice-test-")
+                .tempdir_in(parent)
                 .expect("tempdir"),
         }
     }
@@ -444,4 +489,33 @@ pub fn webhook_on(
         }
     });
     (url, bodies)
+}
+
+/// Run as root (as CI does), the worker and its jobs are `nobody`'s, as on
+/// an installed host where they are the service user's: isolation matters
+/// between processes of one unprivileged user (root's jobs can do anything).
+pub fn as_nobody(spool: &Spool) -> Option<(u32, u32)> {
+    as_uid(spool, 65534)
+}
+
+/// As [`as_nobody`], for a uid (and gid) of the caller's choosing: one no
+/// other test uses when the test counts the user's processes.
+pub fn as_uid(spool: &Spool, id: u32) -> Option<(u32, u32)> {
+    if !nix::unistd::Uid::effective().is_root() {
+        return None;
+    }
+    spool.open_to_all();
+    ai_cmd_executor::spool::Spool::new(spool.root())
+        .ensure_layout()
+        .expect("layout");
+    let scratch = spool.scratch("");
+    std::fs::create_dir_all(&scratch).unwrap();
+    let out = std::process::Command::new("chown")
+        .args(["-R", &format!("{id}:{id}")])
+        .arg(spool.root())
+        .arg(&scratch)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    Some((id, id))
 }

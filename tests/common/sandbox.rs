@@ -44,6 +44,10 @@ fn unavailable() -> Option<String> {
 }
 
 /// Runs `cmd`, panicking with its output if it fails.
+/// Lets the sandbox's processes use Landlock (see [`Sandbox::boot`]).
+const LANDLOCK_CALLS: &str =
+    "--system-call-filter=landlock_create_ruleset landlock_add_rule landlock_restrict_self";
+
 fn run(cmd: &mut Command) -> Output {
     let out = cmd
         .output()
@@ -191,6 +195,7 @@ pub fn run_without_systemd(test: &str, binds: &[&Path], script: &str) -> Option<
     let mut cmd = Command::new("systemd-nspawn");
     cmd.args([
         "--as-pid2",
+        LANDLOCK_CALLS,
         "--register=no",
         "--keep-unit",
         "--quiet",
@@ -243,6 +248,9 @@ impl Sandbox {
             // Its own network namespace (loopback only): nothing in it can
             // clash with the host's services, nor another sandbox's.
             "--private-network",
+            // nspawn's own system-call filter (systemd 252) predates
+            // Landlock; a host's services have it, so the sandbox must too.
+            LANDLOCK_CALLS,
             "--register=no",
             "--keep-unit",
             "--console=passive",

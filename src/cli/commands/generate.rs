@@ -98,7 +98,8 @@ pub fn protocol_page(markdown: &str) -> String {
     out
 }
 
-/// Writes `man/ai-cmd-executor.1` and `completions/{bash,zsh,fish}` files.
+/// Writes `man/ai-cmd-executor.1`, `man/ai-cmd-executor-mcp.1`, the
+/// protocol's page and `completions/{bash,zsh,fish}` files.
 pub fn run(dir: &Path) -> anyhow::Result<ExitCode> {
     let man_dir = dir.join("man");
     let comp_dir = dir.join("completions");
@@ -131,6 +132,11 @@ pub fn run(dir: &Path) -> anyhow::Result<ExitCode> {
     );
     let man = man_dir.join("ai-cmd-executor.1");
     std::fs::write(&man, page).with_context(|| format!("writing {}", man.display()))?;
+    let server = man_dir.join(format!("{}.1", super::mcp::SERVER));
+    let mut page = Vec::new();
+    clap_mangen::Man::new(super::mcp::ServerArgs::command()).render(&mut page)?;
+    page.extend_from_slice(b".SH \"SEE ALSO\"\nai-cmd-executor(1), ai-cmd-executor-protocol(7)\n");
+    std::fs::write(&server, page).with_context(|| format!("writing {}", server.display()))?;
     let protocol = man_dir.join("ai-cmd-executor-protocol.7");
     std::fs::write(
         &protocol,

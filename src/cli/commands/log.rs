@@ -1,7 +1,7 @@
 //! `log`: print (and follow) the latest log of a job.
 
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, Seek, SeekFrom, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
@@ -30,6 +30,8 @@ pub fn run(ctx: &Context, args: LogArgs) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::FAILURE);
     };
     let mut file = File::open(&path).with_context(|| format!("opening {}", path.display()))?;
+    file.seek(SeekFrom::Start(args.from))
+        .with_context(|| format!("reading {}", path.display()))?;
     let mut out = io::stdout().lock();
     io::copy(&mut file, &mut out).with_context(|| format!("reading {}", path.display()))?;
     out.flush()?;

@@ -1,12 +1,14 @@
 //! One handler per subcommand. Each resolves the configuration and spool the
 //! same way (through [`Context`]) and calls into the library.
 
+pub mod cancel;
 pub mod config;
 pub mod generate;
 pub mod health;
 pub mod install;
 pub mod list;
 pub mod log;
+pub mod mcp;
 pub mod result;
 pub mod run;
 pub mod service;
@@ -157,6 +159,9 @@ pub fn print_result(client: &Client, r: &JobResult) {
     }
     if let Some(usage) = usage_line(&r.usage) {
         println!("usage:     {usage}");
+    }
+    if let Some(limits) = &r.limits {
+        println!("limits:    {limits}");
     }
     println!("attempt:   {}", r.attempt);
 }

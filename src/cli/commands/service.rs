@@ -313,6 +313,19 @@ pub fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<ExitCode> {
                 worker = json!({"pid": pid, "rss_bytes": p.memory(), "cpu_ms": p.accumulated_cpu_time()});
             }
         }
+        // What the last probe job (`diagnose`, the health timer) could
+        // reach: measured, not what the configuration asks.
+        let probe_id = crate::spool::JobId::new(crate::health::checks::PROBE_ID).expect("valid");
+        let isolation = client
+            .result(&probe_id)
+            .ok()
+            .flatten()
+            .zip(client.latest_log(&probe_id).ok().flatten())
+            .and_then(|(r, log)| {
+                let text = std::fs::read_to_string(log).ok()?;
+                let (worker, spool) = crate::health::checks::probe_isolation(&text)?;
+                Some(json!({"worker_guarded": worker, "spool_guarded": spool, "measured_at": r.finished_at}))
+            });
         let used = dir_size(c.spool.root());
         let free = nix::sys::statvfs::statvfs(c.spool.root())
             .map(|s| s.blocks_available() * s.fragment_size())
@@ -322,6 +335,7 @@ pub fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<ExitCode> {
             "queue": {"pending": count("pending"), "running": count("running"), "completed": count("completed")},
             "last_job": last,
             "worker": worker,
+            "isolation": isolation,
             "spool": {"path": c.spool.root(), "used_bytes": used, "free_bytes": free},
         });
         if args.json {
@@ -385,6 +399,23 @@ pub fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<ExitCode> {
                 worker["rss_bytes"].as_u64().unwrap_or(0) >> 20,
                 worker["cpu_ms"]
             );
+        }
+        match &isolation {
+            Some(i) => println!(
+                "isolation: a job {} the worker and {} the spool (measured by the probe job at {})",
+                if i["worker_guarded"] == true {
+                    "cannot signal"
+                } else {
+                    "CAN signal"
+                },
+                if i["spool_guarded"] == true {
+                    "cannot change"
+                } else {
+                    "CAN change"
+                },
+                i["measured_at"].as_str().unwrap_or("?")
+            ),
+            None => println!("isolation: not measured yet (`diagnose` runs a probe job that does)"),
         }
         println!(
             "spool:     {}, {} MiB used, {} free",

@@ -9,7 +9,9 @@ use super::{Context, parse_id, report, secs, waiting};
 use crate::cli::SubmitArgs;
 use crate::client::Submission;
 use crate::spool::Timestamp;
-use crate::spool::job::OnInterrupt;
+use crate::spool::job::{OnInterrupt, SubmittedVia};
+use crate::spool::limits::Limits;
+use std::num::NonZeroU32;
 
 /// Queues the job, prints its id, and with `--wait` waits for its result.
 pub fn run(ctx: &Context, args: SubmitArgs) -> anyhow::Result<ExitCode> {
@@ -39,7 +41,11 @@ pub fn run(ctx: &Context, args: SubmitArgs) -> anyhow::Result<ExitCode> {
             if let Some(t) = args.timeout {
                 s = s.with_timeout(t);
             }
-            s
+            s.via(SubmittedVia::Cli).with_limits(Limits {
+                memory_max: args.memory_max,
+                tasks_max: args.tasks_max.and_then(NonZeroU32::new),
+                cpu_max: args.cpu_max,
+            })
         }
     };
     if let Some(id) = &args.id {
