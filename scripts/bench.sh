@@ -94,9 +94,26 @@ if [ "$bench" = throughput ] && [ "$(id -u)" = 0 ] && [ -z "${BENCH_FULL_BASE:-}
     mount -t tmpfs -o mode=0755,size=2g tmpfs "$full"
     export BENCH_FULL_BASE="$full"
 fi
+if [ "$bench" = throughput ] && [ "$(id -u)" = 0 ] && [ -z "${BENCH_CGROUP:-}" ] &&
+    mnt="$(findmnt -n -t cgroup2 -o TARGET | head -n1)" && [ -n "$mnt" ]; then
+    # A cgroup per job needs a delegated cgroup v2 subtree, as Delegate=yes
+    # gives the packaged unit: one made here (marked as systemd marks it),
+    # handed to nobody, who runs the worker at isolation = "full".
+    cg="$mnt/ai-cmd-bench.$$"
+    mkdir "$cg"
+    chown 65534:65534 "$cg" "$cg/cgroup.procs" "$cg/cgroup.subtree_control" "$cg/cgroup.threads"
+    python3 -c 'import os, sys; os.setxattr(sys.argv[1], "user.delegate", b"1")' "$cg"
+    export BENCH_CGROUP="$cg"
+fi
 cleanup() {
     if [ -n "${work:-}" ]; then umount "$work/mnt" 2>/dev/null || true; rm -rf "$work"; fi
     if [ -n "${full:-}" ]; then umount "$full" 2>/dev/null || true; rmdir "$full" 2>/dev/null || true; fi
+    if [ -n "${cg:-}" ]; then
+        for d in "$cg"/*/ "$cg"; do
+            echo 1 > "$d/cgroup.kill" 2>/dev/null || true
+            for _ in 1 2 3 4 5 6 7 8 9 10; do rmdir "$d" 2>/dev/null && break; sleep 0.2; done
+        done
+    fi
 }
 trap cleanup EXIT
 

@@ -39,6 +39,9 @@ pub mod message_id {
     /// The worker runs jobs with less isolation than the strongest there
     /// is (`isolation = "auto"` on a kernel without what it needs).
     pub const ISOLATION_LIMITED: &str = "a7c8adaac2274f2da292100641fb0448";
+    /// How jobs are contained, said once at start: a cgroup each (and
+    /// which controllers limit them), or their process group.
+    pub const CONTAINMENT: &str = "a5fffbdfc6b8401d8ed2eaf7f5b19141";
     /// An alert (a unit failed, the spool's disk is full) with no
     /// notifier to send it to, or whose notifier failed: this entry, at
     /// priority err, is the alert.

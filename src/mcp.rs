@@ -211,6 +211,7 @@ fn finished(r: &JobResult) -> Value {
             "cpu_user_ms",
             "cpu_system_ms",
             "max_rss_bytes",
+            "memory_peak_bytes",
             "limits",
             "submitted_by",
             "submitted_via",

@@ -9,25 +9,16 @@
 
 mod common;
 
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
 use common::installed::{BIN_INSIDE, SERVICE, SPOOL, installed};
 use common::sandbox::Sandbox;
+use common::token;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
 /// How long a job's leftovers may outlive the SIGKILLed worker.
 const GONE_WITHIN: Duration = Duration::from_secs(10);
-
-/// A token no other run uses, digits only (it is the fraction of a
-/// `sleep` argument).
-fn token() -> String {
-    let nanos = SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .expect("a clock after 1970")
-        .subsec_nanos();
-    format!("{:07}{nanos:09}", std::process::id() % 10_000_000)
-}
 
 /// The processes in the sandbox whose command line matches `pattern`
 /// (`pgrep -af`), one per line; empty when there are none.

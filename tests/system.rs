@@ -90,6 +90,33 @@ fn service_runs_jobs_reloads_logs_to_the_journal_and_stops_cleanly() {
         "{result}"
     );
 
+    // 4c. Each job runs in a cgroup of its own in the unit's delegated
+    // subtree (Delegate=yes), the worker in its leaf, and the job's cgroup
+    // goes with the job.
+    let unit_cgroup = format!("/system.slice/{SERVICE}");
+    let contained = journal(&sb, &format!("MESSAGE_ID={}", message_id::CONTAINMENT));
+    assert!(
+        contained.iter().any(|e| e["MESSAGE"]
+            .as_str()
+            .is_some_and(|m| m.starts_with("each job runs in a cgroup of its own under"))),
+        "{contained:?}"
+    );
+    let worker_cgroup = sb.ok(&format!("sed -n 's/^0:://p' /proc/{main_pid}/cgroup"));
+    assert_eq!(worker_cgroup, format!("{unit_cgroup}/worker"));
+    sb.ok(&format!(
+        "runuser -u agent -- {BIN_INSIDE} submit --id cg --wait -- 'sed -n \"s/^0:://p\" /proc/self/cgroup; (setsid sleep 1077 &)'"
+    ));
+    let log = sb.ok(&format!("runuser -u agent -- {BIN_INSIDE} log cg"));
+    assert_eq!(log, format!("{unit_cgroup}/job-cg"));
+    sb.wait_until(
+        "the job's cgroup and its daemon to be gone",
+        DEADLINE,
+        &format!(
+            "ls \"$(findmnt -n -t cgroup2 -o TARGET | head -n1){unit_cgroup}\"; pgrep -c -f '^sleep 1077$' || true"
+        ),
+        |s| !s.contains("job-cg") && s.lines().last() == Some("0"),
+    );
+
     // 5. Journal fields are queryable as written.
     let entries = common::wait_for("journal entries for CMD_ID=who", DEADLINE, || {
         let e = journal(&sb, "CMD_ID=who");

@@ -742,22 +742,31 @@ impl Fixture {
     /// parallel` (no config file when `None`); waits for a warm-up job.
     pub fn start(base: Option<&Path>, parallel: Option<usize>, env: &DaemonEnv) -> Result<Self> {
         let config = parallel.map(|p| format!("max_parallel = {p}\n"));
-        Self::start_as(base, config, env, None)
+        Self::start_as(base, config, env, None, None)
     }
 
     /// [`Fixture::start`] with the configuration file `config`, the worker
-    /// run as user and group `user` (who then owns the spool) when given.
+    /// run as user and group `user` (who then owns the spool) when given,
+    /// in the (delegated) cgroup `cgroup` when given, as systemd would.
     pub fn start_as(
         base: Option<&Path>,
         config: Option<String>,
         env: &DaemonEnv,
         user: Option<u32>,
+        cgroup: Option<&Path>,
     ) -> Result<Self> {
         use std::os::unix::fs::PermissionsExt as _;
         let root = RunDir::new("ai-cmd-bench-", base)?;
         let spool = root.path().join("spool");
         fs::create_dir(&spool)?;
         let mut cmd = Command::new(worker_bin());
+        if let Some(cg) = cgroup {
+            // Into the cgroup as root, then the worker as `user`.
+            let enter = r#"echo $$ > "$0/cgroup.procs" && u=$1 && shift && exec setpriv --reuid=$u --regid=$u --clear-groups -- "$@""#;
+            cmd = Command::new("/bin/sh");
+            let ids = user.unwrap_or(0).to_string();
+            cmd.args(["-c", enter]).arg(cg).arg(ids).arg(worker_bin());
+        }
         env.apply(&mut cmd).arg("run").arg("--spool").arg(&spool);
         if let Some(text) = config {
             let config = root.path().join("worker.toml");
@@ -767,7 +776,9 @@ impl Fixture {
         if let Some(id) = user {
             fs::set_permissions(root.path(), fs::Permissions::from_mode(0o755))?;
             std::os::unix::fs::chown(&spool, Some(id), Some(id))?;
-            cmd.uid(id).gid(id);
+            if cgroup.is_none() {
+                cmd.uid(id).gid(id);
+            }
         }
         let mut worker = Daemon::spawn("ai-cmd-executor", cmd, &root.path().join("worker.log"))?;
         let what = "the worker to create its spool";

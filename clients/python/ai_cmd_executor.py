@@ -92,7 +92,10 @@ STATUSES = frozenset({
 #: (the peak resident memory of one process, in bytes) say what the job's
 #: process and the commands it waited for used; they are None for a job that
 #: did not run, one whose end a crash hid, and in results written before
-#: they existed.  ``"limits"`` is None for a run without resource limits,
+#: they existed.  Where the job had a cgroup of its own (a worker under
+#: systemd with ``Delegate=yes``), the CPU times are its whole tree's, and
+#: ``"memory_peak_bytes"`` is the most memory the whole job held at once
+#: (with the memory controller; None otherwise).  ``"limits"`` is None for a run without resource limits,
 #: else ``{"memory_max": bytes, "tasks_max": int, "cpu_max": "50%",
 #: "enforced_by": {key: how}}`` with the keys of the limits it had.
 #: ``"submitted_via"`` is how the job was submitted: ``"python"`` (this
@@ -101,14 +104,14 @@ STATUSES = frozenset({
 RESULT_KEYS = frozenset({
     "id", "status", "exit_code", "signal", "started_at", "finished_at",
     "duration_ms", "log", "output_truncated", "error", "attempt",
-    "submitted_by", "cpu_user_ms", "cpu_system_ms", "max_rss_bytes", "limits",
-    "submitted_via", "cancelled_by",
+    "submitted_by", "cpu_user_ms", "cpu_system_ms", "max_rss_bytes", "memory_peak_bytes",
+    "limits", "submitted_via", "cancelled_by",
 })
 #: Keys a result may lack (written by an older worker, or a run without
 #: limits); they read as None.
 _LATER_KEYS = (
-    "submitted_by", "cpu_user_ms", "cpu_system_ms", "max_rss_bytes", "limits", "submitted_via",
-    "cancelled_by",
+    "submitted_by", "cpu_user_ms", "cpu_system_ms", "max_rss_bytes", "memory_peak_bytes", "limits",
+    "submitted_via", "cancelled_by",
 )
 #: The keys of a job's ``"limits"``.
 LIMIT_KEYS = ("memory_max", "tasks_max", "cpu_max")

@@ -101,8 +101,10 @@ class FakeWorker:
             os.fsync(f.fileno())
         os.rename(tmp, os.path.join(self.root, "completed", cmd_id + ".json"))
         # As the worker does, a run without limits has no "limits" key in
-        # the file; the client reads it as None.
+        # the file, nor one without a cgroup "memory_peak_bytes"; the
+        # client reads them as None.
         result.setdefault("limits", None)
+        result.setdefault("memory_peak_bytes", None)
         result.setdefault("cancelled_by", None)
         return result
 

@@ -1536,7 +1536,7 @@ async fn check_probe(
 
 /// What the probe job runs besides echoing its token: whether it can
 /// signal its parent (the worker) and create an entry in the spool (a
-/// directory in `tmp/`, removed at once).
+/// directory in `tmp/`, removed at once), and which cgroup it runs in.
 pub fn probe_isolation_script(spool: &Path) -> String {
     let tmp = shell_quote(
         &spool
@@ -1546,7 +1546,8 @@ pub fn probe_isolation_script(spool: &Path) -> String {
     );
     format!(
         "if kill -0 $PPID 2>/dev/null; then echo 'probe: worker reachable'; else echo 'probe: worker guarded'; fi\n\
-         if mkdir {tmp} 2>/dev/null; then rmdir {tmp}; echo 'probe: spool writable'; else echo 'probe: spool guarded'; fi"
+         if mkdir {tmp} 2>/dev/null; then rmdir {tmp}; echo 'probe: spool writable'; else echo 'probe: spool guarded'; fi\n\
+         sed -n 's/^0::/probe: cgroup /p' /proc/self/cgroup"
     )
 }
 
@@ -1569,8 +1570,20 @@ pub fn probe_isolation(log: &str) -> Option<(bool, bool)> {
     Some((worker, log.contains("probe: spool guarded")))
 }
 
+/// The cgroup the probe job ran in when it was one of its own (the
+/// worker's `job-ID` cgroup), from its log.
+pub fn probe_cgroup(log: &str) -> Option<&str> {
+    log.lines()
+        .find_map(|l| l.strip_prefix("probe: cgroup "))
+        .filter(|path| {
+            path.rsplit('/')
+                .next()
+                .is_some_and(|leaf| leaf.starts_with("job-"))
+        })
+}
+
 /// `jobs.isolation`: what the probe job could reach, against what the
-/// configuration asks.
+/// configuration asks, and whether it had a cgroup of its own.
 fn check_isolation(ctx: &Ctx, log: &str) -> Finding {
     use crate::config::Isolation;
     let Some((worker, spool)) = probe_isolation(log) else {
@@ -1597,8 +1610,13 @@ fn check_isolation(ctx: &Ctx, log: &str) -> Finding {
             "; isolation = \"{asked}\" asks for more: the worker's warning at start says why it could not (docs/OPERATING.md, \"Isolation\")"
         ),
     };
-    Finding::new("jobs.isolation", level, format!("{said}{hint}"))
-        .detail(json!({"worker_guarded": worker, "spool_guarded": spool}))
+    let cgroup = probe_cgroup(log);
+    let contained = match cgroup {
+        Some(path) => format!("; each job runs in a cgroup of its own ({path})"),
+        None => "; jobs have no cgroup of their own (their process group and the worker as subreaper contain them)".to_owned(),
+    };
+    Finding::new("jobs.isolation", level, format!("{said}{contained}{hint}"))
+        .detail(json!({"worker_guarded": worker, "spool_guarded": spool, "cgroup": cgroup}))
 }
 
 /// The probe itself; beside its finding, the probe job's log when it ran.

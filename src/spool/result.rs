@@ -128,8 +128,10 @@ pub struct Submitter {
 }
 
 /// What a run used, as `wait4(2)` reports it for the job's main process and
-/// every descendant it waited for (a shell waits for its commands). A
-/// process left running in the background is not counted. All `None` for a
+/// every descendant it waited for (a shell waits for its commands); where
+/// the job had a cgroup, the CPU times are its whole tree's (`cpu.stat`),
+/// background processes included. Otherwise a process left running in the
+/// background is not counted. All `None` for a
 /// job that did not run (rejected, expired) or whose end was not seen (a
 /// run interrupted by a crash), and in results written before these keys
 /// existed.
@@ -144,6 +146,11 @@ pub struct Usage {
     /// The largest resident set of any one of those processes, in bytes.
     #[serde(default)]
     pub max_rss_bytes: Option<u64>,
+    /// The most memory the job's whole tree held at once (its cgroup's
+    /// `memory.peak`), in bytes; only where the job had a cgroup with the
+    /// memory controller (the key is absent otherwise).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_peak_bytes: Option<u64>,
 }
 
 /// The result record of one run, as the contract defines it.
@@ -297,6 +304,7 @@ mod tests {
                 cpu_user_ms: Some(12),
                 cpu_system_ms: Some(3),
                 max_rss_bytes: Some(4 << 20),
+                memory_peak_bytes: None,
             },
             limits: Some(crate::spool::limits::Applied {
                 memory_max: Some(crate::spool::limits::Bytes::new(64 << 20).unwrap()),

@@ -442,13 +442,20 @@ pub fn follow(
             }
         }
     };
+    // What the whole tree used, read before its cgroup is removed.
+    let tree = super::cgroup::tree().and_then(|t| super::cgroup::usage(&t.job_dir(f.id.as_str())));
     reaper::ended(f.child.child.pid(), f.kill.leftovers_by());
-    Outcome::Done(f.finish(status, &mut buf))
+    Outcome::Done(f.finish(status, tree, &mut buf))
 }
 
 impl Followed {
     /// The result of a job whose process has ended (or was lost track of).
-    fn finish(self, status: io::Result<(ExitStatus, Usage)>, buf: &mut [u8]) -> JobResult {
+    fn finish(
+        self,
+        status: io::Result<(ExitStatus, Usage)>,
+        tree: Option<super::cgroup::TreeUsage>,
+        buf: &mut [u8],
+    ) -> JobResult {
         let Followed {
             id,
             attempt,
@@ -496,13 +503,19 @@ impl Followed {
             submitted_via: Some(submitted_via),
             cancelled_by: None,
         };
-        let (status, usage) = match status {
+        let (status, mut usage) = match status {
             Ok(s) => s,
             Err(e) => {
                 let msg = format!("lost track of the job process: {e}");
                 return result(Status::Failed, None, None, Some(msg), Usage::default());
             }
         };
+        if let Some(t) = &tree {
+            // The whole tree's, background processes included.
+            usage.cpu_user_ms = t.cpu_user_ms.or(usage.cpu_user_ms);
+            usage.cpu_system_ms = t.cpu_system_ms.or(usage.cpu_system_ms);
+            usage.memory_peak_bytes = t.memory_peak_bytes;
+        }
         let exit_code = status.code();
         let signal = status.signal().and_then(|s| Signal::try_from(s).ok());
         let log_note = log_error.map(|e| format!("; writing its log failed: {e}"));
@@ -556,9 +569,9 @@ impl Followed {
                 usage,
             ),
             None => {
-                let reached = limits
-                    .as_ref()
-                    .and_then(|l| super::limits::reached(l, timeout, &status, &usage));
+                let reached = limits.as_ref().and_then(|l| {
+                    super::limits::reached(l, timeout, &status, &usage, tree.as_ref())
+                });
                 let error = match (reached, log_note) {
                     (Some(r), note) => Some(r + note.as_deref().unwrap_or("")),
                     (None, note) => note.map(|n| n.trim_start_matches("; ").to_owned()),
@@ -778,14 +791,19 @@ fn poll_timeout(left: Duration) -> PollTimeout {
 
 /// Starts the job's process; see [`Spawner::spawn`].
 pub fn spawn(run: &mut Run, spawner: &Spawner) -> std::io::Result<Spawned> {
-    let (rlimits, applied) = super::limits::plan(&run.limits, run.timeout)?;
+    let tree = super::cgroup::tree();
+    let (rlimits, applied) = super::limits::plan(&run.limits, run.timeout, tree)?;
     run.applied = applied;
+    let cgroup = tree
+        .map(|t| t.create(run.id.as_str(), &run.limits))
+        .transpose()?
+        .map(|c| c.procs);
     let (args, argc) = match &run.job.body {
         JobBody::Command(c) => ([OsStr::new("-c"), OsStr::new(c.as_str())], 2),
         JobBody::Script => ([run.running_path.as_os_str(), OsStr::new("")], 1),
     };
     let attempt = run.job.attempt.to_string();
-    let spawned = spawner.spawn(&Spec {
+    let spawned = spawner.spawn(Spec {
         id: run.id.as_str(),
         shell: &run.shell,
         args,
@@ -797,6 +815,7 @@ pub fn spawn(run: &mut Run, spawner: &Spawner) -> std::io::Result<Spawned> {
         ],
         cwd: run.job.cwd.as_deref(),
         rlimits,
+        cgroup,
     });
     spawned.map(|(child, output)| (JobProcess::new(child), output))
 }
@@ -819,7 +838,7 @@ mod tests {
         let (child, _output) = Spawner::new(std::sync::Arc::new(
             super::super::isolation::Confinement::none(),
         ))
-        .spawn(&Spec {
+        .spawn(Spec {
             id: "test",
             shell: Path::new("/bin/sh"),
             args: [OsStr::new("-c"), OsStr::new(command)],
@@ -831,6 +850,7 @@ mod tests {
             ],
             cwd: None,
             rlimits: super::super::limits::Rlimits::default(),
+            cgroup: None,
         })
         .expect("starting the job");
         child

@@ -86,11 +86,18 @@ impl Confinement {
         }
     }
 
-    /// The confinement `want` asks for, for jobs of the spool at `spool`.
-    /// `Auto` takes the strongest level the host allows and returns, beside
-    /// it, a warning that says what is missing and why when that is less
-    /// than `full`; `Full` and `Process` fail when they cannot be had.
-    pub fn new(want: Isolation, spool: &Path) -> Result<(Confinement, Option<String>), String> {
+    /// The confinement `want` asks for, for jobs of the spool at `spool`
+    /// (and of the worker's cgroup subtree `cgroup`, which `full` keeps
+    /// them out of too: a job must not raise its own limits or leave its
+    /// cgroup). `Auto` takes the strongest level the host allows and
+    /// returns, beside it, a warning that says what is missing and why
+    /// when that is less than `full`; `Full` and `Process` fail when they
+    /// cannot be had.
+    pub fn new(
+        want: Isolation,
+        spool: &Path,
+        cgroup: Option<&Path>,
+    ) -> Result<(Confinement, Option<String>), String> {
         let at = |level, ruleset| Confinement {
             ruleset: Some(ruleset),
             level,
@@ -104,10 +111,10 @@ impl Confinement {
             Isolation::Process => ruleset(None)
                 .map(|r| (at(Isolation::Process, r), None))
                 .map_err(refused(Isolation::Process)),
-            Isolation::Full => ruleset(Some(spool))
+            Isolation::Full => ruleset(Some((spool, cgroup)))
                 .map(|r| (at(Isolation::Full, r), None))
                 .map_err(refused(Isolation::Full)),
-            Isolation::Auto => Ok(match ruleset(Some(spool)) {
+            Isolation::Auto => Ok(match ruleset(Some((spool, cgroup))) {
                 Ok(r) => (at(Isolation::Full, r), None),
                 Err(no_guard) => match ruleset(None) {
                     Ok(r) => (
@@ -212,8 +219,10 @@ impl Spare {
 /// signals scoped to the domain, which also (as every Landlock domain
 /// does) confines `ptrace` and `/proc` access; with `spool`, no write
 /// beneath it (see the module's comment).
-fn ruleset(spool: Option<&Path>) -> Result<RulesetCreated, String> {
-    let guard = spool.map(spool_guard).transpose()?;
+fn ruleset(spool: Option<(&Path, Option<&Path>)>) -> Result<RulesetCreated, String> {
+    let guard = spool
+        .map(|(spool, cgroup)| spool_guard(spool, cgroup))
+        .transpose()?;
     let unsupported = |e: RulesetError| {
         format!(
             "the kernel does not offer Landlock signal scoping (Landlock ABI {} or later, Linux 6.12): {e}",
@@ -241,38 +250,55 @@ fn ruleset(spool: Option<&Path>) -> Result<RulesetCreated, String> {
     Ok(created.no_new_privs(!root))
 }
 
-/// The rules that allow writing everywhere but beneath `spool`: on every
-/// entry of each directory from `/` down to the spool's parent, except the
-/// one that leads to the spool. Fails when one of those directories is
-/// writable by this process (jobs would lose writes it allows them).
-fn spool_guard(spool: &Path) -> Result<Vec<PathBeneath<OwnedFd>>, String> {
-    let spool = resolve(spool)?;
-    let mut rules = Vec::new();
-    let mut dir = PathBuf::from("/");
-    for component in spool.strip_prefix("/").unwrap_or(&spool).components() {
-        let writable =
-            rustix::fs::accessat(rustix::fs::CWD, &dir, Access::WRITE_OK, AtFlags::EACCESS).is_ok();
-        if writable {
-            return Err(format!(
-                "the spool's parent directory {} is writable by the worker's user, and keeping jobs out of the spool would stop them writing there; a spool under directories only root may write (as the package's /var/lib/ai-cmd-executor) can be guarded",
-                dir.display()
-            ));
-        }
-        let next = component.as_os_str();
-        let entries =
-            fs::read_dir(&dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
-        for entry in entries {
-            let entry = entry.map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
-            if entry.file_name() == next {
-                continue;
-            }
-            if let Some(rule) = allow_beneath(&entry.path()) {
-                rules.push(rule);
-            }
-        }
-        dir.push(next);
+/// The rules that allow writing everywhere but beneath `spool` (and
+/// `cgroup`): on every entry of each directory from `/` down to the
+/// spool's parent, except the one that leads to the spool. Fails when one
+/// of those directories is writable by this process (jobs would lose
+/// writes it allows them).
+fn spool_guard(spool: &Path, cgroup: Option<&Path>) -> Result<Vec<PathBeneath<OwnedFd>>, String> {
+    let mut guarded = vec![resolve(spool)?];
+    if let Some(c) = cgroup {
+        guarded.push(resolve(c)?);
     }
+    let mut rules = Vec::new();
+    allow_all_but(Path::new("/"), &guarded, &mut rules)?;
     Ok(rules)
+}
+
+/// Adds to `rules` every entry of `dir` but those in `guarded` and those
+/// above one (whose entries it goes through in turn).
+fn allow_all_but(
+    dir: &Path,
+    guarded: &[PathBuf],
+    rules: &mut Vec<PathBeneath<OwnedFd>>,
+) -> Result<(), String> {
+    let writable =
+        rustix::fs::accessat(rustix::fs::CWD, dir, Access::WRITE_OK, AtFlags::EACCESS).is_ok();
+    if writable {
+        let what = if guarded[0].starts_with(dir) {
+            "the spool's parent directory"
+        } else {
+            "the directory above the worker's cgroup"
+        };
+        return Err(format!(
+            "{what} {} is writable by the worker's user, and keeping jobs out of the spool would stop them writing there; a spool under directories only root may write (as the package's /var/lib/ai-cmd-executor) can be guarded",
+            dir.display()
+        ));
+    }
+    let entries = fs::read_dir(dir).map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+    for entry in entries {
+        let entry = entry.map_err(|e| format!("cannot list {}: {e}", dir.display()))?;
+        let path = entry.path();
+        if guarded.contains(&path) {
+            continue;
+        }
+        if guarded.iter().any(|g| g.starts_with(&path)) {
+            allow_all_but(&path, guarded, rules)?;
+        } else if let Some(rule) = allow_beneath(&path) {
+            rules.push(rule);
+        }
+    }
+    Ok(())
 }
 
 /// `path` with every link resolved, as far as it exists yet (the worker
@@ -332,7 +358,7 @@ mod tests {
 
     #[test]
     fn process_confines_another_thread_or_says_why_not() {
-        match Confinement::new(Isolation::Process, Path::new("/")) {
+        match Confinement::new(Isolation::Process, Path::new("/"), None) {
             Ok((c, why)) => {
                 assert!(why.is_none());
                 assert_eq!(c.level(), Isolation::Process);
@@ -345,7 +371,7 @@ mod tests {
             }
             Err(why) => {
                 assert!(why.contains("Landlock"), "{why}");
-                let (c, why) = Confinement::new(Isolation::Auto, Path::new("/")).unwrap();
+                let (c, why) = Confinement::new(Isolation::Auto, Path::new("/"), None).unwrap();
                 assert_eq!(c.level(), Isolation::None);
                 assert!(why.is_some());
             }

@@ -1,10 +1,16 @@
 //! Enforcing a run's resource limits (`limits` in the job file, `[limits]`
 //! in the configuration).
 //!
-//! Where the worker has no cgroup subtree with the memory, pids and cpu
-//! controllers to give each job, every limit becomes an rlimit of each of
-//! the job's processes, set in the child between `fork` and `exec` and
-//! inherited by everything the job starts:
+//! Where the worker has a cgroup subtree (see `cgroup.rs`) with the
+//! controller, a limit holds for the job as a whole: `memory.max` (with an
+//! OOM kill of the whole job when it is reached, named in the result),
+//! `pids.max` (a fork past it fails, and the result says how many did),
+//! `cpu.max` (a throttle: the job gets that share of a CPU, for as long as
+//! its timeout allows).
+//!
+//! Otherwise each limit becomes an rlimit of each of the job's processes,
+//! set in the child between `fork` and `exec` and inherited by everything
+//! the job starts:
 //!
 //! - `memory_max`: `RLIMIT_DATA`, the process's private writable memory
 //!   (heap and anonymous mappings). An allocation past it fails with
@@ -31,6 +37,7 @@ use std::time::Duration;
 use nix::sys::resource::{Resource, setrlimit};
 use nix::sys::signal::Signal;
 
+use super::cgroup::{Tree, TreeUsage};
 use crate::spool::Usage;
 use crate::spool::limits::{Applied, CpuQuota, Limits};
 
@@ -73,7 +80,11 @@ pub(super) fn cpu_secs(quota: CpuQuota, timeout: Duration) -> u64 {
 
 /// How `limits` are enforced for a run with `timeout`: the rlimits to set
 /// and what its result records. `None` for a run with no limits.
-pub(super) fn plan(limits: &Limits, timeout: Duration) -> io::Result<(Rlimits, Option<Applied>)> {
+pub(super) fn plan(
+    limits: &Limits,
+    timeout: Duration,
+    cgroup: Option<&Tree>,
+) -> io::Result<(Rlimits, Option<Applied>)> {
     if limits.is_empty() {
         return Ok((Rlimits::default(), None));
     }
@@ -90,14 +101,25 @@ pub(super) fn plan(limits: &Limits, timeout: Duration) -> io::Result<(Rlimits, O
     } else {
         ""
     };
-    if let Some(m) = limits.memory_max {
+    let by_cgroup = |file: &str| format!("cgroup {file}");
+    let tree = cgroup;
+    if limits.memory_max.is_some() && tree.is_some_and(|t| t.memory) {
+        applied.enforced_by.insert(
+            "memory_max".into(),
+            by_cgroup("memory.max (the whole job; an OOM kill ends it)"),
+        );
+    } else if let Some(m) = limits.memory_max {
         rl.data = Some(m.get());
         applied.enforced_by.insert(
             "memory_max".into(),
             format!("RLIMIT_DATA per process{raisable}"),
         );
     }
-    if let Some(t) = limits.tasks_max {
+    if limits.tasks_max.is_some() && tree.is_some_and(|t| t.pids) {
+        applied
+            .enforced_by
+            .insert("tasks_max".into(), by_cgroup("pids.max"));
+    } else if let Some(t) = limits.tasks_max {
         let by = if privileged {
             "not enforced: root and CAP_SYS_RESOURCE are exempt from RLIMIT_NPROC".to_owned()
         } else {
@@ -110,7 +132,12 @@ pub(super) fn plan(limits: &Limits, timeout: Duration) -> io::Result<(Rlimits, O
         };
         applied.enforced_by.insert("tasks_max".into(), by);
     }
-    if let Some(q) = limits.cpu_max {
+    if limits.cpu_max.is_some() && tree.is_some_and(|t| t.cpu) {
+        applied.enforced_by.insert(
+            "cpu_max".into(),
+            by_cgroup("cpu.max (a throttle on the whole job)"),
+        );
+    } else if let Some(q) = limits.cpu_max {
         let secs = cpu_secs(q, timeout);
         rl.cpu_secs = Some(secs);
         applied.enforced_by.insert(
@@ -170,15 +197,35 @@ fn user_tasks(uid: u32) -> io::Result<u64> {
 
 /// Which limit ended a run that was not stopped by the worker, as its
 /// result's error says it: `None` when no limit can be told to have.
-/// Only `RLIMIT_CPU` leaves a trace (the signal, and the CPU time); an
-/// allocation or fork refused at a limit is the job's own failure, so a
-/// failed run with limits names them as in force.
+/// A job's cgroup counts OOM kills and refused forks (`tree`); of the
+/// rlimits only `RLIMIT_CPU` leaves a trace (the signal, and the CPU time).
+/// An allocation or fork refused at an rlimit is the job's own failure, so
+/// a failed run with limits names them as in force.
 pub(super) fn reached(
     applied: &Applied,
     timeout: Duration,
     status: &ExitStatus,
     usage: &Usage,
+    tree: Option<&TreeUsage>,
 ) -> Option<String> {
+    if let Some(t) = tree {
+        if let Some(m) = applied.memory_max
+            && t.oom_kills > 0
+        {
+            return Some(format!(
+                "memory limit {m} reached (killed by the OOM killer: the job's cgroup memory.max)"
+            ));
+        }
+        if let Some(n) = applied.tasks_max
+            && t.pids_refused > 0
+            && !status.success()
+        {
+            return Some(format!(
+                "task limit {n} reached: {} fork(s) refused (the job's cgroup pids.max)",
+                t.pids_refused
+            ));
+        }
+    }
     let cpu_ms = usage
         .cpu_user_ms
         .unwrap_or(0)
@@ -231,6 +278,7 @@ mod tests {
         let (_, applied) = plan(
             &serde_json::from_str(r#"{"memory_max":"64M","cpu_max":"50%"}"#).unwrap(),
             Duration::from_secs(4),
+            None,
         )
         .unwrap();
         let applied = applied.unwrap();
@@ -238,33 +286,87 @@ mod tests {
             cpu_user_ms: Some(ms),
             cpu_system_ms: Some(0),
             max_rss_bytes: None,
+            memory_peak_bytes: None,
         };
         let t = Duration::from_secs(4);
         let xcpu = ExitStatus::from_raw(Signal::SIGXCPU as i32);
-        let named = reached(&applied, t, &xcpu, &used(2000)).unwrap();
+        let named = reached(&applied, t, &xcpu, &used(2000), None).unwrap();
         assert!(
             named.starts_with("cpu limit 50% reached: a process used its 2 s"),
             "{named}"
         );
         // SIGXCPU is proof whatever rusage says.
-        let early = reached(&applied, t, &xcpu, &used(1500)).unwrap();
+        let early = reached(&applied, t, &xcpu, &used(1500), None).unwrap();
         assert!(early.starts_with("cpu limit"), "{early}");
         let killed = ExitStatus::from_raw(Signal::SIGKILL as i32);
-        let other = reached(&applied, t, &killed, &used(100)).unwrap();
+        let other = reached(&applied, t, &killed, &used(100), None).unwrap();
         assert!(!other.starts_with("cpu limit"), "{other}");
         let by_shell = ExitStatus::from_raw((128 + Signal::SIGXCPU as i32) << 8);
         assert!(
-            reached(&applied, t, &by_shell, &used(2010))
+            reached(&applied, t, &by_shell, &used(2010), None)
                 .unwrap()
                 .starts_with("cpu limit")
         );
         // Exit 1 with little CPU: not the CPU limit, but the limits show.
         let one = ExitStatus::from_raw(1 << 8);
-        let other = reached(&applied, t, &one, &used(10)).unwrap();
+        let other = reached(&applied, t, &one, &used(10), None).unwrap();
         assert!(other.contains("memory_max 64M (RLIMIT_DATA"), "{other}");
         assert_eq!(
-            reached(&applied, t, &ExitStatus::from_raw(0), &used(10)),
+            reached(&applied, t, &ExitStatus::from_raw(0), &used(10), None),
             None
+        );
+    }
+
+    #[test]
+    fn a_cgroup_names_the_limit_a_job_reached() {
+        let tree = Tree::for_test(true, true, false);
+        let (rl, applied) = plan(
+            &serde_json::from_str(r#"{"memory_max":"64M","tasks_max":8,"cpu_max":"50%"}"#).unwrap(),
+            Duration::from_secs(4),
+            Some(&tree),
+        )
+        .unwrap();
+        let applied = applied.unwrap();
+        assert!(applied.enforced_by["memory_max"].starts_with("cgroup memory.max"));
+        assert!(applied.enforced_by["tasks_max"].starts_with("cgroup pids.max"));
+        // No cpu controller here: the rlimit stands in.
+        assert!(applied.enforced_by["cpu_max"].starts_with("RLIMIT_CPU"));
+        assert_eq!(
+            rl,
+            Rlimits {
+                data: None,
+                nproc: None,
+                cpu_secs: Some(2)
+            }
+        );
+        let killed = ExitStatus::from_raw(Signal::SIGKILL as i32);
+        let usage = Usage::default();
+        let oom = TreeUsage {
+            oom_kills: 1,
+            ..TreeUsage::default()
+        };
+        let named = reached(
+            &applied,
+            Duration::from_secs(4),
+            &killed,
+            &usage,
+            Some(&oom),
+        );
+        assert_eq!(
+            named.as_deref(),
+            Some(
+                "memory limit 64M reached (killed by the OOM killer: the job's cgroup memory.max)"
+            )
+        );
+        let forks = TreeUsage {
+            pids_refused: 3,
+            ..TreeUsage::default()
+        };
+        let one = ExitStatus::from_raw(1 << 8);
+        let named = reached(&applied, Duration::from_secs(4), &one, &usage, Some(&forks)).unwrap();
+        assert!(
+            named.starts_with("task limit 8 reached: 3 fork(s) refused"),
+            "{named}"
         );
     }
 }

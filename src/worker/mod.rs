@@ -7,6 +7,7 @@
 //! while the worker is idle. Start-up: load the config, ensure the layout,
 //! recover `running/`, scan `pending/`, start the slots, then serve.
 
+mod cgroup;
 mod claim;
 mod exec;
 pub mod handover;
@@ -109,11 +110,15 @@ pub fn run(opts: WorkerOptions, inherited: handover::Inherited) -> Result<Exit, 
         let spool = Spool::new(opts.spool.clone());
         let (to_loop, inbox) = unbounded_channel();
         let config = &opts.loaded.config;
-        let (confinement, weaker) =
-            Confinement::new(config.isolation, spool.root()).map_err(|e| WorkerError::Setup {
-                what: "isolating jobs",
-                source: io::Error::other(e),
-            })?;
+        let (confinement, weaker) = Confinement::new(
+            config.isolation,
+            spool.root(),
+            cgroup::locate().ok().as_deref(),
+        )
+        .map_err(|e| WorkerError::Setup {
+            what: "isolating jobs",
+            source: io::Error::other(e),
+        })?;
         let confinement = Arc::new(confinement);
         let shared = Arc::new(Shared::new(
             spool.clone(),
@@ -353,6 +358,9 @@ impl Worker {
         // recovery does not take their jobs for interrupted.
         self.deliver_held();
         let taken_over = adopted.len();
+        // Job cgroups a worker killed outside systemd left are cleared;
+        // those of jobs handed over stay theirs.
+        let contained = cgroup::describe(cgroup::init(taken_over == 0));
         if taken_over > 0 {
             // Before recovery, which then passes over their files (locked).
             self.shared.adopt(adopted);
@@ -377,6 +385,7 @@ impl Worker {
                 "{why}"
             );
         }
+        info!(message_id = message_id::CONTAINMENT, "{contained}");
         info!(
             message_id = message_id::WORKER_READY,
             spool = %self.spool.root().display(),
@@ -1488,10 +1497,11 @@ fn log_result(r: &JobResult, command: Option<&CommandDigest>) {
     let submitter = r.submitted_by.as_ref().and_then(|s| s.name.as_deref());
     let cmd = command.map(|c| c.excerpt.as_str());
     let cmd_sha256 = command.map(|c| c.sha256.as_str());
-    let (cpu_user_ms, cpu_system_ms, max_rss_bytes) = (
+    let (cpu_user_ms, cpu_system_ms, max_rss_bytes, memory_peak_bytes) = (
         r.usage.cpu_user_ms,
         r.usage.cpu_system_ms,
         r.usage.max_rss_bytes,
+        r.usage.memory_peak_bytes,
     );
     let limits = r.limits.as_ref().map(ToString::to_string);
     let limits = limits.as_deref();
@@ -1499,7 +1509,7 @@ fn log_result(r: &JobResult, command: Option<&CommandDigest>) {
         Status::Succeeded => info!(
             message_id = message_id::JOB_FINISHED,
             cmd_id = %r.id, cmd_status = %r.status, exit_code = %exit, duration_ms = r.duration_ms,
-            submitter_uid, submitter, cmd, cmd_sha256, cpu_user_ms, cpu_system_ms, max_rss_bytes, limits,
+            submitter_uid, submitter, cmd, cmd_sha256, cpu_user_ms, cpu_system_ms, max_rss_bytes, memory_peak_bytes, limits,
             "job {} finished: succeeded", r.id
         ),
         _ => {
@@ -1512,7 +1522,7 @@ fn log_result(r: &JobResult, command: Option<&CommandDigest>) {
             warn!(
                 message_id = message_id::JOB_FINISHED,
                 cmd_id = %r.id, cmd_status = %r.status, exit_code = %exit, signal, duration_ms = r.duration_ms,
-                submitter_uid, submitter, cmd, cmd_sha256, cpu_user_ms, cpu_system_ms, max_rss_bytes, limits,
+                submitter_uid, submitter, cmd, cmd_sha256, cpu_user_ms, cpu_system_ms, max_rss_bytes, memory_peak_bytes, limits,
                 "job {} finished: {outcome}", r.id
             );
         }

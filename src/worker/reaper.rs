@@ -29,16 +29,22 @@
 //! A scan runs only while no job is being started: a child seen between
 //! `posix_spawn` and its registration would look like an orphan.
 //!
+//! Where the worker has a cgroup subtree (`cgroup.rs`), each job also has
+//! a cgroup, which everything it starts stays in: signals then go to every
+//! member of it as well, the final kill is `cgroup.kill`, and a job has
+//! ended only once its cgroup is empty and removed.
+//!
 //! What this cannot do: a process that leaves the worker's tree by other
 //! means (`systemd-run`, `at`, `ssh localhost`) is not a descendant; and a
 //! worker killed with SIGKILL kills nothing. Under systemd the unit's
 //! cgroup covers that: when the main process dies, systemd kills what is
-//! left in the unit (`KillMode=mixed`).
+//! left in the unit (`KillMode=mixed`), job cgroups included.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs;
 use std::io::{self, Read};
 use std::os::fd::{AsFd, OwnedFd};
+use std::path::PathBuf;
 use std::sync::{Condvar, Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -47,6 +53,8 @@ use nix::sys::signal::{Signal, kill, killpg};
 use nix::sys::wait::{WaitPidFlag, waitpid};
 use nix::unistd::Pid;
 use tracing::{info, warn};
+
+use super::cgroup;
 
 /// The shortest time between two scans prompted by jobs ending.
 const SCAN_GAP: Duration = Duration::from_millis(20);
@@ -88,6 +96,8 @@ struct Ended {
     id: String,
     pgid: i32,
     kill_by: Instant,
+    /// The job's cgroup, while processes are left in it.
+    cgroup: Option<PathBuf>,
 }
 
 struct Doomed {
@@ -189,6 +199,17 @@ pub(super) fn adopt(pid: Pid, id: &str) {
 pub(super) fn main_exited(pid: Pid) {
     // ESRCH: nothing is left in the group.
     let _ = killpg(pid, Signal::SIGTERM);
+    if let Some(dir) = cgroup_of(pid) {
+        cgroup::signal_all(&dir, Signal::SIGTERM);
+    }
+}
+
+/// The cgroup of the running job whose main process is `pid`, where jobs
+/// have cgroups.
+fn cgroup_of(pid: Pid) -> Option<PathBuf> {
+    let tree = cgroup::tree()?;
+    let st = lock();
+    st.running.get(&pid.as_raw()).map(|id| tree.job_dir(id))
 }
 
 /// The job whose main process was `pid` has been reaped: its leftovers
@@ -198,13 +219,21 @@ pub(super) fn ended(pid: Pid, kill_by: Instant) {
     let Some(id) = st.running.remove(&pid.as_raw()) else {
         return;
     };
+    // Most jobs leave nothing: their cgroup goes at once.
+    let cgroup = cgroup::tree()
+        .map(|t| t.job_dir(&id))
+        .filter(|dir| !cgroup::remove(dir));
     if !st.active {
+        if let Some(dir) = cgroup {
+            cgroup::kill_all(&dir);
+        }
         return;
     }
     st.ended.push_back(Ended {
         id,
         pgid: pid.as_raw(),
         kill_by,
+        cgroup,
     });
     st.scan_due = true;
     notify();
@@ -216,6 +245,13 @@ pub(super) fn signal_job(pid: Pid, sig: Signal) {
     let _ = killpg(pid, sig);
     for p in descendants(pid.as_raw()) {
         let _ = kill(Pid::from_raw(p), sig);
+    }
+    if let Some(dir) = cgroup_of(pid) {
+        if sig == Signal::SIGKILL {
+            cgroup::kill_all(&dir);
+        } else {
+            cgroup::signal_all(&dir, sig);
+        }
     }
 }
 
@@ -242,7 +278,8 @@ fn run() {
     loop {
         let now = Instant::now();
         let since_scan = st.last_scan.map(|t| now.saturating_duration_since(t));
-        let every = if !st.doomed.is_empty() || st.finishing {
+        let emptying = st.ended.iter().any(|e| e.cgroup.is_some());
+        let every = if !st.doomed.is_empty() || st.finishing || emptying {
             Some(SCAN_WHILE_KILLING)
         } else if !st.running.is_empty() {
             // An idle worker with nothing to kill does not wake: what a job
@@ -299,7 +336,7 @@ fn run() {
                 let last = st.doomed.iter().map(|d| d.kill_by).max();
                 last.unwrap_or(now).max(now) + FINISH_MARGIN
             });
-            if left == 0 && st.doomed.is_empty() {
+            if left == 0 && st.doomed.is_empty() && !st.ended.iter().any(|e| e.cgroup.is_some()) {
                 break;
             }
             if Instant::now() >= by {
@@ -322,10 +359,21 @@ fn run() {
 /// SIGKILL where due. Returns how many orphans are alive.
 fn scan(st: &mut State) -> usize {
     let now = Instant::now();
+    // Job cgroups with processes left: everything in them is killed at the
+    // deadline, and each goes once it is empty.
+    for e in st.ended.iter_mut() {
+        if let Some(dir) = &e.cgroup {
+            if cgroup::remove(dir) {
+                e.cgroup = None;
+            } else if e.kill_by <= now {
+                cgroup::kill_all(dir);
+            }
+        }
+    }
     while st
         .ended
         .front()
-        .is_some_and(|e| e.kill_by + SCAN_WHILE_RUNNING < now)
+        .is_some_and(|e| e.kill_by + SCAN_WHILE_RUNNING < now && e.cgroup.is_none())
     {
         st.ended.pop_front();
     }
@@ -416,7 +464,11 @@ fn scan(st: &mut State) -> usize {
     // With no job running and no process of ours left, nothing can turn
     // up to be told apart: the ended jobs are forgotten now, not at the
     // next job's scan (after a burst they were thousands, held while idle).
-    if alive == 0 && st.running.is_empty() && st.doomed.is_empty() {
+    if alive == 0
+        && st.running.is_empty()
+        && st.doomed.is_empty()
+        && st.ended.iter().all(|e| e.cgroup.is_none())
+    {
         st.ended = VecDeque::new();
     }
     alive

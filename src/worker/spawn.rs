@@ -69,6 +69,9 @@ pub(super) struct Spec<'a> {
     pub cwd: Option<&'a Path>,
     /// Set in the child before `exec`.
     pub rlimits: Rlimits,
+    /// The job's cgroup (its `cgroup.procs`), which the child enters
+    /// before `exec`; `None` where the worker has no cgroup subtree.
+    pub cgroup: Option<OwnedFd>,
 }
 
 impl Spawner {
@@ -95,7 +98,7 @@ impl Spawner {
     /// stdout and stderr into one pipe (so they interleave in the order
     /// written). Returns the child and the pipe's read end, which does not
     /// block.
-    pub fn spawn(&self, spec: &Spec<'_>) -> io::Result<(Child, File)> {
+    pub fn spawn(&self, spec: Spec<'_>) -> io::Result<(Child, File)> {
         let dev_null = match &self.dev_null {
             Ok(f) => f,
             Err(e) => {
@@ -105,10 +108,11 @@ impl Spawner {
                 ));
             }
         };
+        let id = spec.id;
         let (rd, wr) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
         fcntl(&rd, FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
-        let launch = if spec.cwd.is_none() && spec.rlimits.is_empty() {
-            self.launch(spec, dev_null.as_raw_fd(), wr)?
+        let launch = if spec.cwd.is_none() && spec.rlimits.is_empty() && spec.cgroup.is_none() {
+            self.launch(&spec, dev_null.as_raw_fd(), wr)?
         } else {
             // `Command` takes its stdin by value: a duplicate of ours.
             self.command(spec, dev_null.try_clone()?, wr)?
@@ -118,7 +122,7 @@ impl Spawner {
         // has been started.
         let pid = self.confinement.start(move || launch.run())?;
         let child = Child::track(pid)?;
-        spawning.started(pid, spec.id);
+        spawning.started(pid, id);
         Ok((child, File::from(rd)))
     }
 
@@ -155,8 +159,8 @@ impl Spawner {
     }
 
     /// What `Command` needs for `spec`: a job with a `cwd`, or with
-    /// rlimits to set in the child.
-    fn command(&self, spec: &Spec<'_>, stdin: File, out: OwnedFd) -> io::Result<Launch> {
+    /// rlimits to set or a cgroup to enter in the child.
+    fn command(&self, spec: Spec<'_>, stdin: File, out: OwnedFd) -> io::Result<Launch> {
         let mut cmd = std::process::Command::new(spec.shell);
         cmd.args(&spec.args[..spec.argc])
             .env_clear()
@@ -170,15 +174,23 @@ impl Spawner {
         if let Some(cwd) = spec.cwd {
             cmd.current_dir(cwd);
         }
-        if !spec.rlimits.is_empty() {
+        if !spec.rlimits.is_empty() || spec.cgroup.is_some() {
             let rlimits = spec.rlimits;
+            // Closed in this process when `cmd` is dropped, after the start.
+            let cgroup = spec.cgroup;
             #[allow(unsafe_code)]
             // SAFETY: the closure runs in the child between `fork` and
             // `exec`, where only async-signal-safe calls are allowed: it
-            // only calls `setrlimit` on values copied in before the fork,
-            // and allocates nothing (an error is an errno, not a string).
+            // only calls `write` on a descriptor opened before the fork and
+            // `setrlimit` on values copied in before it, and allocates
+            // nothing (an error is an errno, not a string).
             unsafe {
-                cmd.pre_exec(move || rlimits.apply());
+                cmd.pre_exec(move || {
+                    if let Some(procs) = &cgroup {
+                        super::cgroup::enter(procs.as_fd())?;
+                    }
+                    rlimits.apply()
+                });
             }
         }
         Ok(Launch::Command(Box::new(cmd)))
@@ -356,6 +368,7 @@ fn usage_of(ru: &nix::libc::rusage) -> Usage {
                 .unwrap_or(0)
                 .saturating_mul(1024),
         ),
+        memory_peak_bytes: None,
     }
 }
 
@@ -384,7 +397,7 @@ mod tests {
     use std::path::PathBuf;
 
     /// Reads the job's output to its end, then reaps it.
-    fn run(spawner: &Spawner, spec: &Spec<'_>) -> (ExitStatus, String) {
+    fn run(spawner: &Spawner, spec: Spec<'_>) -> (ExitStatus, String) {
         let (child, mut out) = spawner.spawn(spec).unwrap();
         let mut bytes = Vec::new();
         let mut buf = [0u8; 4096];
@@ -426,6 +439,7 @@ mod tests {
             ],
             cwd,
             rlimits: Rlimits::default(),
+            cgroup: None,
         }
     }
 
@@ -440,7 +454,7 @@ mod tests {
         let cmd = r#"echo "$JOB_VAR|$AI_CMD_EXECUTOR_JOB_ID|$AI_CMD_EXECUTOR_ATTEMPT|$PATH"; env | grep -c '^PATH='; [ "$(ps -o pgid= $$ | tr -d ' ')" = "$$" ] && echo own-group; read -r x || echo stdin-empty; echo err >&2; exit 3"#;
         let dir = tempfile::tempdir().unwrap();
         for cwd in [None, Some(dir.path())] {
-            let (status, out) = run(&spawner, &spec(&shell, cmd, &env, cwd));
+            let (status, out) = run(&spawner, spec(&shell, cmd, &env, cwd));
             assert_eq!(status.code(), Some(3), "{out}");
             assert_eq!(
                 out, "x y|j1|1|/usr/bin:/bin\n1\nown-group\nstdin-empty\nerr\n",
@@ -454,11 +468,11 @@ mod tests {
         let spawner = Spawner::new(std::sync::Arc::new(Confinement::none()));
         let env = BTreeMap::new();
         let shell = PathBuf::from("/bin/sh");
-        let (status, _) = run(&spawner, &spec(&shell, "kill -TERM $$", &env, None));
+        let (status, _) = run(&spawner, spec(&shell, "kill -TERM $$", &env, None));
         assert_eq!(status.signal(), Some(libc_sigterm()));
         let missing = PathBuf::from("/nonexistent/shell");
         let err = spawner
-            .spawn(&spec(&missing, "true", &env, None))
+            .spawn(spec(&missing, "true", &env, None))
             .err()
             .expect("no such shell");
         assert_eq!(err.kind(), io::ErrorKind::NotFound, "{err}");

@@ -178,7 +178,13 @@ impl Spool {
 
     /// Starts a worker from another copy of the binary (`bin`).
     pub fn start_binary(&self, bin: &Path, config: &str) -> Worker {
-        Worker::start_inner_from(bin, self, config, &[], None)
+        Worker::start_inner_from(bin, self, config, &[], None, None)
+    }
+
+    /// Starts a worker in the cgroup (v2) at `cgroup`, as systemd starts
+    /// one in its unit's (the test must be root).
+    pub fn start_in_cgroup(&self, config: &str, cgroup: &Path) -> Worker {
+        Worker::start_inner_from(Path::new(BIN), self, config, &[], None, Some(cgroup))
     }
 
     /// Starts a worker as another user (the test must be root).
@@ -298,7 +304,7 @@ impl Worker {
         env: &[(&str, &str)],
         ids: Option<(u32, u32)>,
     ) -> Worker {
-        Worker::start_inner_from(Path::new(BIN), spool, config, env, ids)
+        Worker::start_inner_from(Path::new(BIN), spool, config, env, ids, None)
     }
 
     fn start_inner_from(
@@ -307,6 +313,7 @@ impl Worker {
         config: &str,
         env: &[(&str, &str)],
         ids: Option<(u32, u32)>,
+        cgroup: Option<&Path>,
     ) -> Worker {
         static N: AtomicU32 = AtomicU32::new(0);
         let cfg = spool.config(config);
@@ -314,7 +321,17 @@ impl Worker {
             "worker-{}.stderr",
             N.fetch_add(1, Ordering::Relaxed)
         ));
-        let mut cmd = Command::new(bin);
+        let mut cmd = match cgroup {
+            None => Command::new(bin),
+            Some(dir) => {
+                // A shell that enters the cgroup, then becomes the worker.
+                let mut c = Command::new("/bin/sh");
+                c.args(["-c", r#"echo $$ > "$0/cgroup.procs" && exec "$@""#])
+                    .arg(dir)
+                    .arg(bin);
+                c
+            }
+        };
         // Not under systemd unless a test says so (the later `envs` wins).
         for var in [
             "NOTIFY_SOCKET",
@@ -424,6 +441,16 @@ impl Drop for Worker {
             let _ = c.wait();
         }
     }
+}
+
+/// A token no other run uses, digits only (it can be the fraction of a
+/// `sleep` argument, to find a test's processes by).
+pub fn token() -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("a clock after 1970")
+        .subsec_nanos();
+    format!("{:07}{nanos:09}", std::process::id() % 10_000_000)
 }
 
 /// Reads a pid written by a job into `path`.

@@ -176,6 +176,11 @@ fn usage_line(u: &crate::spool::Usage) -> Option<String> {
         let mib = rss as f64 / f64::from(1u32 << 20);
         line.push_str(&format!(", peak memory {mib:.1} MiB"));
     }
+    if let Some(tree) = u.memory_peak_bytes {
+        #[allow(clippy::cast_precision_loss)]
+        let mib = tree as f64 / f64::from(1u32 << 20);
+        line.push_str(&format!(" ({mib:.1} MiB for the whole job)"));
+    }
     Some(line)
 }
 

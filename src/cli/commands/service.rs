@@ -324,7 +324,8 @@ pub fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<ExitCode> {
             .and_then(|(r, log)| {
                 let text = std::fs::read_to_string(log).ok()?;
                 let (worker, spool) = crate::health::checks::probe_isolation(&text)?;
-                Some(json!({"worker_guarded": worker, "spool_guarded": spool, "measured_at": r.finished_at}))
+                let cgroup = crate::health::checks::probe_cgroup(&text);
+                Some(json!({"worker_guarded": worker, "spool_guarded": spool, "cgroup": cgroup, "measured_at": r.finished_at}))
             });
         let used = dir_size(c.spool.root());
         let free = nix::sys::statvfs::statvfs(c.spool.root())
@@ -401,20 +402,28 @@ pub fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<ExitCode> {
             );
         }
         match &isolation {
-            Some(i) => println!(
-                "isolation: a job {} the worker and {} the spool (measured by the probe job at {})",
-                if i["worker_guarded"] == true {
-                    "cannot signal"
-                } else {
-                    "CAN signal"
-                },
-                if i["spool_guarded"] == true {
-                    "cannot change"
-                } else {
-                    "CAN change"
-                },
-                i["measured_at"].as_str().unwrap_or("?")
-            ),
+            Some(i) => {
+                println!(
+                    "isolation: a job {} the worker and {} the spool (measured by the probe job at {})",
+                    if i["worker_guarded"] == true {
+                        "cannot signal"
+                    } else {
+                        "CAN signal"
+                    },
+                    if i["spool_guarded"] == true {
+                        "cannot change"
+                    } else {
+                        "CAN change"
+                    },
+                    i["measured_at"].as_str().unwrap_or("?")
+                );
+                match i["cgroup"].as_str() {
+                    Some(path) => println!("cgroups:   one per job (the probe job's: {path})"),
+                    None => println!(
+                        "cgroups:   none per job (no delegated cgroup v2 subtree): the job's process group and the worker as subreaper contain it"
+                    ),
+                }
+            }
             None => println!("isolation: not measured yet (`diagnose` runs a probe job that does)"),
         }
         println!(
