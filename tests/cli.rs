@@ -547,7 +547,11 @@ fn mcp_starts_the_server_installed_beside_it() {
     let spool = Spool::new();
     let alone = tempfile::tempdir().unwrap();
     let copy = alone.path().join("ai-cmd-executor");
-    fs::copy(BIN, &copy).unwrap();
+    // Copied by `cp`, not here: a child another test forks while this
+    // process holds the copy open for writing would keep it open, and
+    // running the copy would fail with ETXTBSY.
+    let copied = Command::new("cp").arg(BIN).arg(&copy).status().unwrap();
+    assert!(copied.success());
     let out = Command::new(&copy)
         .args(["--spool", spool.root().to_str().unwrap(), "mcp"])
         .stdin(Stdio::null())

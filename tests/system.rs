@@ -117,6 +117,25 @@ fn service_runs_jobs_reloads_logs_to_the_journal_and_stops_cleanly() {
         |s| !s.contains("job-cg") && s.lines().last() == Some("0"),
     );
 
+    // The operator sees it: `diagnose` runs a probe job and says which
+    // cgroup it ran in, and `status` repeats it.
+    let diagnosis = sb.sh(&format!("{BIN_INSIDE} diagnose"));
+    let diagnosis = String::from_utf8_lossy(&diagnosis.stdout);
+    let probe_cgroup = format!("{unit_cgroup}/job-");
+    assert!(
+        diagnosis.contains(&format!(
+            "each job runs in a cgroup of its own ({probe_cgroup}"
+        )),
+        "{diagnosis}"
+    );
+    let status = sb.ok(&format!("{BIN_INSIDE} status"));
+    assert!(
+        status.contains(&format!(
+            "cgroups:   one per job (the probe job's: {probe_cgroup}"
+        )),
+        "{status}"
+    );
+
     // 5. Journal fields are queryable as written.
     let entries = common::wait_for("journal entries for CMD_ID=who", DEADLINE, || {
         let e = journal(&sb, "CMD_ID=who");

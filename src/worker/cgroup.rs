@@ -66,11 +66,12 @@ pub fn tree() -> Option<&'static Tree> {
 
 /// Finds the worker's delegated cgroup, moves the worker into its leaf and
 /// enables the controllers (once per process; call it holding the spool's
-/// serving lock). With `sweep`, job cgroups a previous worker left (one
-/// killed outside systemd) are emptied and removed; a worker that was
-/// handed jobs keeps theirs. Returns the tree, or why jobs run without one.
-pub fn init(sweep: bool) -> Result<&'static Tree, &'static str> {
-    TREE.get_or_init(|| setup(sweep))
+/// serving lock). Job cgroups a previous worker left (one killed outside
+/// systemd, or what ended jobs left before a hand-over) are emptied and
+/// removed, but those of the running jobs `keep` (handed over). Returns
+/// the tree, or why jobs run without one.
+pub fn init(keep: &[&str]) -> Result<&'static Tree, &'static str> {
+    TREE.get_or_init(|| setup(keep))
         .as_ref()
         .map_err(String::as_str)
 }
@@ -97,7 +98,7 @@ pub fn locate() -> Result<PathBuf, String> {
     }
 }
 
-fn setup(sweep: bool) -> Result<Tree, String> {
+fn setup(keep: &[&str]) -> Result<Tree, String> {
     let root = locate()?;
     let leaf = root.join(WORKER_LEAF);
     match fs::create_dir(&leaf) {
@@ -109,11 +110,14 @@ fn setup(sweep: bool) -> Result<Tree, String> {
     // "0": the writing process, all its threads.
     fs::write(leaf.join("cgroup.procs"), "0")
         .map_err(|e| format!("cannot move into {}: {e}", leaf.display()))?;
-    if sweep {
-        for entry in fs::read_dir(&root).into_iter().flatten().flatten() {
-            if entry.file_name().to_string_lossy().starts_with(JOB_PREFIX) {
-                let _ = remove_stale(&entry.path());
-            }
+    for entry in fs::read_dir(&root).into_iter().flatten().flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        let kept = name
+            .strip_prefix(JOB_PREFIX)
+            .is_some_and(|id| keep.contains(&id));
+        if name.starts_with(JOB_PREFIX) && !kept {
+            let _ = remove_stale(&entry.path());
         }
     }
     let offered = fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
@@ -308,8 +312,10 @@ pub struct TreeUsage {
     pub pids_refused: u64,
 }
 
-/// Reads what the job in the cgroup at `dir` used; `None` if it has none.
-pub fn usage(dir: &Path) -> Option<TreeUsage> {
+/// Reads what the job in the cgroup at `dir` used, and (with `limits`)
+/// whether it hit them; `None` if it has no cgroup. Only the files that
+/// can say something are read: this is on every job's path.
+pub fn usage(tree: &Tree, dir: &Path, limits: Option<&Limits>) -> Option<TreeUsage> {
     let cpu = fs::read_to_string(dir.join("cpu.stat")).ok()?;
     let key = |text: &str, k: &str| {
         text.lines().find_map(|l| {
@@ -317,28 +323,26 @@ pub fn usage(dir: &Path) -> Option<TreeUsage> {
             (name == k).then(|| v.trim().parse::<u64>().ok()).flatten()
         })
     };
-    let events = |file: &str, k: &str| {
-        fs::read_to_string(dir.join(file))
-            .ok()
+    let events = |limited: bool, file: &str, k: &str| {
+        limited
+            .then(|| fs::read_to_string(dir.join(file)).ok())
+            .flatten()
             .and_then(|t| key(&t, k))
             .unwrap_or(0)
     };
+    let memory_limited = tree.memory && limits.is_some_and(|l| l.memory_max.is_some());
+    let pids_limited = tree.pids && limits.is_some_and(|l| l.tasks_max.is_some());
     Some(TreeUsage {
         cpu_user_ms: key(&cpu, "user_usec").map(|us| us / 1000),
         cpu_system_ms: key(&cpu, "system_usec").map(|us| us / 1000),
-        memory_peak_bytes: fs::read_to_string(dir.join("memory.peak"))
-            .ok()
+        memory_peak_bytes: tree
+            .memory
+            .then(|| fs::read_to_string(dir.join("memory.peak")).ok())
+            .flatten()
             .and_then(|t| t.trim().parse().ok()),
-        oom_kills: events("memory.events", "oom_kill"),
-        pids_refused: events("pids.events", "max"),
+        oom_kills: events(memory_limited, "memory.events", "oom_kill"),
+        pids_refused: events(pids_limited, "pids.events", "max"),
     })
-}
-
-/// Writes `0` (this process) to `procs`: run in a job's child before
-/// `exec`. Only `write`, which is async-signal-safe.
-pub fn enter(procs: std::os::fd::BorrowedFd<'_>) -> io::Result<()> {
-    rustix::io::write(procs, b"0")?;
-    Ok(())
 }
 
 /// A line for the worker's log at start: how jobs are contained.

@@ -443,7 +443,10 @@ pub fn follow(
         }
     };
     // What the whole tree used, read before its cgroup is removed.
-    let tree = super::cgroup::tree().and_then(|t| super::cgroup::usage(&t.job_dir(f.id.as_str())));
+    let tree = super::cgroup::tree().and_then(|t| {
+        let limits = f.limits.as_ref().map(Applied::limits);
+        super::cgroup::usage(t, &t.job_dir(f.id.as_str()), limits.as_ref())
+    });
     reaper::ended(f.child.child.pid(), f.kill.leftovers_by());
     Outcome::Done(f.finish(status, tree, &mut buf))
 }

@@ -18,6 +18,7 @@ mod record;
 mod settle;
 mod slots;
 mod spawn;
+mod vfork;
 
 use std::ffi::OsString;
 use std::fs::{self, File, TryLockError};
@@ -360,7 +361,8 @@ impl Worker {
         let taken_over = adopted.len();
         // Job cgroups a worker killed outside systemd left are cleared;
         // those of jobs handed over stay theirs.
-        let contained = cgroup::describe(cgroup::init(taken_over == 0));
+        let keep: Vec<&str> = adopted.iter().map(|h| h.followed.id.as_str()).collect();
+        let contained = cgroup::describe(cgroup::init(&keep));
         if taken_over > 0 {
             // Before recovery, which then passes over their files (locked).
             self.shared.adopt(adopted);

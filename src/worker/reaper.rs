@@ -197,11 +197,9 @@ pub(super) fn adopt(pid: Pid, id: &str) {
 /// its process group id cannot have been reused): what is left in its
 /// process group is sent SIGTERM now (and SIGKILL later, see [`ended`]).
 pub(super) fn main_exited(pid: Pid) {
-    // ESRCH: nothing is left in the group.
+    // ESRCH: nothing is left in the group. What left the group is found by
+    // the scan its end asks for (and, in a cgroup, killed with it).
     let _ = killpg(pid, Signal::SIGTERM);
-    if let Some(dir) = cgroup_of(pid) {
-        cgroup::signal_all(&dir, Signal::SIGTERM);
-    }
 }
 
 /// The cgroup of the running job whose main process is `pid`, where jobs
@@ -219,12 +217,13 @@ pub(super) fn ended(pid: Pid, kill_by: Instant) {
     let Some(id) = st.running.remove(&pid.as_raw()) else {
         return;
     };
-    // Most jobs leave nothing: their cgroup goes at once.
-    let cgroup = cgroup::tree()
-        .map(|t| t.job_dir(&id))
-        .filter(|dir| !cgroup::remove(dir));
+    // Removed by the reaper's next scan, off the slot's path (or killed
+    // first, if processes are left in it at the deadline).
+    let cgroup = cgroup::tree().map(|t| t.job_dir(&id));
     if !st.active {
-        if let Some(dir) = cgroup {
+        if let Some(dir) = cgroup
+            && !cgroup::remove(&dir)
+        {
             cgroup::kill_all(&dir);
         }
         return;

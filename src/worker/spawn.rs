@@ -6,18 +6,19 @@
 //! followed through a pidfd by the slot thread that started it, then
 //! reaped with `wait4` for its resource usage. The pidfd also means no
 //! `SIGCHLD` handler: a child's exit costs the worker one readiness event,
-//! not a signal delivery. A job with a `cwd` goes through
-//! `std::process::Command`, which can change directory in the child.
+//! not a signal delivery. A job with a `cwd`, rlimits or a cgroup goes
+//! through [`super::vfork`], the same kind of start with those steps in
+//! the child.
 
 use std::collections::BTreeMap;
-use std::ffi::{CStr, CString, OsStr, OsString};
+use std::ffi::{CStr, CString, OsStr};
 use std::fs::File;
 use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
-use std::os::unix::process::{CommandExt, ExitStatusExt};
+use std::os::unix::process::ExitStatusExt;
 use std::path::{Path, PathBuf};
-use std::process::{ExitStatus, Stdio};
+use std::process::ExitStatus;
 use std::sync::Arc;
 
 use nix::errno::Errno;
@@ -30,6 +31,7 @@ use nix::unistd::Pid;
 use super::isolation::Confinement;
 use super::limits::Rlimits;
 use super::reaper;
+use super::vfork::{self, Setup};
 use crate::spool::Usage;
 
 /// Variables of the worker's own environment that must not leak into jobs:
@@ -46,9 +48,7 @@ const PRIVATE_ENV: [&str; 6] = [
 /// What every job is started with: its environment before the job's own
 /// variables, `/dev/null` for its stdin, and its isolation.
 pub(super) struct Spawner {
-    /// The worker's environment less [`PRIVATE_ENV`], as pairs.
-    base: Vec<(OsString, OsString)>,
-    /// The same, as `KEY=VALUE` strings for `posix_spawn`.
+    /// The worker's environment less [`PRIVATE_ENV`], as `KEY=VALUE`.
     base_c: Arc<Vec<CString>>,
     dev_null: io::Result<File>,
     confinement: std::sync::Arc<Confinement>,
@@ -78,16 +78,13 @@ impl Spawner {
     /// Takes the worker's environment and opens `/dev/null`; jobs are
     /// started under `confinement`.
     pub fn new(confinement: std::sync::Arc<Confinement>) -> Self {
-        let base: Vec<(OsString, OsString)> = std::env::vars_os()
-            .filter(|(k, _)| !PRIVATE_ENV.iter().any(|p| OsStr::new(p) == k))
-            .collect();
         let base_c = Arc::new(
-            base.iter()
+            std::env::vars_os()
+                .filter(|(k, _)| !PRIVATE_ENV.iter().any(|p| OsStr::new(p) == k))
                 .filter_map(|(k, v)| env_entry(k.as_bytes(), v.as_bytes()))
                 .collect(),
         );
         Spawner {
-            base,
             base_c,
             dev_null: File::open("/dev/null"),
             confinement,
@@ -111,12 +108,7 @@ impl Spawner {
         let id = spec.id;
         let (rd, wr) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
         fcntl(&rd, FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
-        let launch = if spec.cwd.is_none() && spec.rlimits.is_empty() && spec.cgroup.is_none() {
-            self.launch(&spec, dev_null.as_raw_fd(), wr)?
-        } else {
-            // `Command` takes its stdin by value: a duplicate of ours.
-            self.command(spec, dev_null.try_clone()?, wr)?
-        };
+        let launch = self.launch(spec, dev_null.as_raw_fd(), wr)?;
         let spawning = reaper::spawning();
         // `dev_null` outlives the start: `start` returns once the process
         // has been started.
@@ -128,7 +120,7 @@ impl Spawner {
 
     /// What `posix_spawn` needs for `spec`, owned, so that another thread
     /// can start it.
-    fn launch(&self, spec: &Spec<'_>, stdin: RawFd, out: OwnedFd) -> io::Result<Launch> {
+    fn launch(&self, spec: Spec<'_>, stdin: RawFd, out: OwnedFd) -> io::Result<Launch> {
         let argv0 = cstring(spec.shell.as_os_str(), "the shell path")?;
         let mut argv: Vec<CString> = vec![argv0];
         for a in &spec.args[..spec.argc] {
@@ -148,133 +140,99 @@ impl Spawner {
                 })
             })
             .collect::<io::Result<_>>()?;
-        Ok(Launch::Spawn {
+        let setup = Setup {
+            cwd: spec
+                .cwd
+                .map(|d| cstring(d.as_os_str(), "the working directory"))
+                .transpose()?,
+            rlimits: spec.rlimits,
+            cgroup: spec.cgroup.as_ref().map(AsRawFd::as_raw_fd),
+        };
+        Ok(Launch {
             shell: spec.shell.to_owned(),
             argv,
             base: Arc::clone(&self.base_c),
             own,
             stdin,
             out,
+            setup,
+            _cgroup: spec.cgroup,
         })
-    }
-
-    /// What `Command` needs for `spec`: a job with a `cwd`, or with
-    /// rlimits to set or a cgroup to enter in the child.
-    fn command(&self, spec: Spec<'_>, stdin: File, out: OwnedFd) -> io::Result<Launch> {
-        let mut cmd = std::process::Command::new(spec.shell);
-        cmd.args(&spec.args[..spec.argc])
-            .env_clear()
-            .envs(self.base.iter().map(|(k, v)| (k, v)))
-            .envs(spec.env)
-            .envs(spec.extra_env)
-            .stdin(Stdio::from(stdin))
-            .stdout(Stdio::from(out.try_clone()?))
-            .stderr(Stdio::from(out))
-            .process_group(0);
-        if let Some(cwd) = spec.cwd {
-            cmd.current_dir(cwd);
-        }
-        if !spec.rlimits.is_empty() || spec.cgroup.is_some() {
-            let rlimits = spec.rlimits;
-            // Closed in this process when `cmd` is dropped, after the start.
-            let cgroup = spec.cgroup;
-            #[allow(unsafe_code)]
-            // SAFETY: the closure runs in the child between `fork` and
-            // `exec`, where only async-signal-safe calls are allowed: it
-            // only calls `write` on a descriptor opened before the fork and
-            // `setrlimit` on values copied in before it, and allocates
-            // nothing (an error is an errno, not a string).
-            unsafe {
-                cmd.pre_exec(move || {
-                    if let Some(procs) = &cgroup {
-                        super::cgroup::enter(procs.as_fd())?;
-                    }
-                    rlimits.apply()
-                });
-            }
-        }
-        Ok(Launch::Command(Box::new(cmd)))
     }
 }
 
 /// A job's process, ready to be started from any thread (the job's
-/// confined starting thread): what `posix_spawn`, or `Command` for a job
-/// with a `cwd`, needs.
-enum Launch {
-    Spawn {
-        shell: PathBuf,
-        argv: Vec<CString>,
-        /// The worker's environment less [`PRIVATE_ENV`]; entries the job
-        /// sets itself (in `own`) are left out.
-        base: Arc<Vec<CString>>,
-        own: Vec<CString>,
-        /// `/dev/null`, open for as long as the start takes.
-        stdin: RawFd,
-        /// The output pipe's write end: closed here once the child has it,
-        /// so the reader sees end-of-file once the job's processes close
-        /// theirs.
-        out: OwnedFd,
-    },
-    Command(Box<std::process::Command>),
+/// confined starting thread): with `posix_spawn`, or for a job that needs
+/// more set up in the child (a `cwd`, rlimits, a cgroup) with
+/// [`vfork::spawn`].
+struct Launch {
+    shell: PathBuf,
+    argv: Vec<CString>,
+    /// The worker's environment less [`PRIVATE_ENV`]; entries the job
+    /// sets itself (in `own`) are left out.
+    base: Arc<Vec<CString>>,
+    own: Vec<CString>,
+    /// `/dev/null`, open for as long as the start takes.
+    stdin: RawFd,
+    /// The output pipe's write end: closed here once the child has it,
+    /// so the reader sees end-of-file once the job's processes close
+    /// theirs.
+    out: OwnedFd,
+    setup: Setup,
+    /// The cgroup's `cgroup.procs` that `setup` names, open until the start.
+    _cgroup: Option<OwnedFd>,
 }
 
 impl Launch {
     fn run(self) -> io::Result<Pid> {
-        match self {
-            Launch::Spawn {
-                shell,
-                argv,
-                base,
-                own,
-                stdin,
-                out,
-            } => {
-                let mut actions = PosixSpawnFileActions::init()?;
-                actions.add_dup2(stdin, 0)?;
-                actions.add_dup2(out.as_raw_fd(), 1)?;
-                actions.add_dup2(out.as_raw_fd(), 2)?;
-                let mut attr = PosixSpawnAttr::init()?;
-                attr.set_flags(
-                    PosixSpawnFlags::POSIX_SPAWN_SETPGROUP
-                        | PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK
-                        | PosixSpawnFlags::POSIX_SPAWN_SETSIGDEF,
-                )?;
-                attr.set_pgroup(Pid::from_raw(0))?;
-                attr.set_sigmask(&SigSet::empty())?;
-                // The Rust runtime ignores SIGPIPE, and an ignored signal
-                // stays ignored across exec; a shell job expects the default.
-                let mut sigdef = SigSet::empty();
-                sigdef.add(Signal::SIGPIPE);
-                attr.set_sigdefault(&sigdef)?;
-                let name = |entry: &CStr| -> Vec<u8> {
-                    let bytes = entry.to_bytes();
-                    bytes.split(|b| *b == b'=').next().unwrap_or(b"").to_vec()
-                };
-                let set: Vec<Vec<u8>> = own.iter().map(|e| name(e)).collect();
-                let envp: Vec<&CStr> = base
-                    .iter()
-                    .map(CString::as_c_str)
-                    .filter(|e| !set.contains(&name(e)))
-                    .chain(own.iter().map(CString::as_c_str))
-                    .collect();
-                let pid = posix_spawn(shell.as_path(), &actions, &attr, &argv, &envp);
-                drop(out);
-                pid.map_err(|e| {
-                    io::Error::new(
-                        io::Error::from(e).kind(),
-                        format!("{}: {e}", shell.display()),
-                    )
-                })
-            }
-            Launch::Command(mut cmd) => {
-                let shell = PathBuf::from(cmd.get_program());
-                let child = cmd
-                    .spawn()
-                    .map_err(|e| io::Error::new(e.kind(), format!("{}: {e}", shell.display())))?;
-                let pid = i32::try_from(child.id()).map_err(io::Error::other)?;
-                Ok(Pid::from_raw(pid))
-            }
+        let name = |entry: &CStr| -> Vec<u8> {
+            let bytes = entry.to_bytes();
+            bytes.split(|b| *b == b'=').next().unwrap_or(b"").to_vec()
+        };
+        let set: Vec<Vec<u8>> = self.own.iter().map(|e| name(e)).collect();
+        let envp: Vec<&CStr> = self
+            .base
+            .iter()
+            .map(CString::as_c_str)
+            .filter(|e| !set.contains(&name(e)))
+            .chain(self.own.iter().map(CString::as_c_str))
+            .collect();
+        if !self.setup.is_plain() {
+            let path = &self.argv[0];
+            return vfork::spawn(
+                path,
+                &self.argv,
+                &envp,
+                self.stdin,
+                self.out.as_raw_fd(),
+                &self.setup,
+            );
         }
+        let mut actions = PosixSpawnFileActions::init()?;
+        actions.add_dup2(self.stdin, 0)?;
+        actions.add_dup2(self.out.as_raw_fd(), 1)?;
+        actions.add_dup2(self.out.as_raw_fd(), 2)?;
+        let mut attr = PosixSpawnAttr::init()?;
+        attr.set_flags(
+            PosixSpawnFlags::POSIX_SPAWN_SETPGROUP
+                | PosixSpawnFlags::POSIX_SPAWN_SETSIGMASK
+                | PosixSpawnFlags::POSIX_SPAWN_SETSIGDEF,
+        )?;
+        attr.set_pgroup(Pid::from_raw(0))?;
+        attr.set_sigmask(&SigSet::empty())?;
+        // The Rust runtime ignores SIGPIPE, and an ignored signal stays
+        // ignored across exec; a shell job expects the default.
+        let mut sigdef = SigSet::empty();
+        sigdef.add(Signal::SIGPIPE);
+        attr.set_sigdefault(&sigdef)?;
+        let pid = posix_spawn(self.shell.as_path(), &actions, &attr, &self.argv, &envp);
+        drop(self.out);
+        pid.map_err(|e| {
+            io::Error::new(
+                io::Error::from(e).kind(),
+                format!("{}: {e}", self.shell.display()),
+            )
+        })
     }
 }
 
@@ -477,6 +435,22 @@ mod tests {
             .expect("no such shell");
         assert_eq!(err.kind(), io::ErrorKind::NotFound, "{err}");
         assert!(err.to_string().contains("/nonexistent/shell"), "{err}");
+        // The same through the start that sets up more in the child, and
+        // each step's failure is named.
+        let tmp = tempfile::tempdir().unwrap();
+        let err = spawner
+            .spawn(spec(&missing, "true", &env, Some(tmp.path())))
+            .err()
+            .expect("no such shell");
+        assert_eq!(err.kind(), io::ErrorKind::NotFound, "{err}");
+        assert!(err.to_string().contains("/nonexistent/shell"), "{err}");
+        let gone = tmp.path().join("gone");
+        let err = spawner
+            .spawn(spec(&shell, "true", &env, Some(&gone)))
+            .err()
+            .expect("no such directory");
+        let want = format!("changing to its working directory {}: ", gone.display());
+        assert!(err.to_string().starts_with(&want), "{err}");
     }
 
     fn libc_sigterm() -> i32 {
