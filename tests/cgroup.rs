@@ -2,7 +2,7 @@
 //! subtree (issue 19, points 1 to 3). The test makes a cgroup, marks it
 //! delegated as systemd does for `Delegate=yes` (`user.delegate`), and
 //! starts a foreground worker in it; the worker moves into `worker/` and
-//! runs each job in `job-ID/`. Needs root and a cgroup v2 mount (the
+//! runs each job in a cgroup of its own, `run-N/`, reused once empty. Needs root and a cgroup v2 mount (the
 //! unified hierarchy of a hybrid host will do: its core files, `cgroup.kill`
 //! among them, need no controller). Skipped with a notice where there is
 //! none, except in CI, where that is a failure.
@@ -92,7 +92,7 @@ impl Delegated {
             .is_ok_and(|c| c.split_whitespace().any(|x| x == controller))
     }
 
-    /// The cgroups in it (`worker`, `job-…`).
+    /// The cgroups in it (`worker`, `run-…`).
     fn children(&self) -> Vec<String> {
         let mut names: Vec<String> = fs::read_dir(&self.dir)
             .into_iter()
@@ -178,11 +178,10 @@ fn each_job_runs_in_a_cgroup_of_its_own_and_leaves_nothing() {
     let r = spool.wait_result("daemoniser");
     assert_eq!(r["status"], "succeeded", "{r}");
     let log = spool.log_of(&r);
-    let job_cgroup = format!(
-        "/{}/job-daemoniser",
-        cg.dir.file_name().unwrap().to_string_lossy()
-    );
-    assert!(log.starts_with(&job_cgroup), "the job's cgroup: {log}");
+    let within = format!("/{}/run-", cg.dir.file_name().unwrap().to_string_lossy());
+    assert!(log.starts_with(&within), "the job's cgroup: {log}");
+    let job_cgroup = log.lines().next().unwrap().to_owned();
+    let leaf = job_cgroup.rsplit('/').next().unwrap().to_owned();
     assert!(
         r["cpu_user_ms"].is_u64() && r["cpu_system_ms"].is_u64(),
         "{r}"
@@ -201,21 +200,35 @@ fn each_job_runs_in_a_cgroup_of_its_own_and_leaves_nothing() {
         "still running {:?} after the job: {left:?}",
         ended.elapsed()
     );
-    wait_for("the job's cgroup to be removed", DEADLINE, || {
-        (cg.children() == ["worker"]).then_some(())
+    // Empty now, and kept for the next job.
+    wait_for("the job's cgroup to be empty", DEADLINE, || {
+        let events = fs::read_to_string(cg.dir.join(&leaf).join("cgroup.events")).ok()?;
+        events.contains("populated 0").then_some(())
     });
 
     // A timeout: everything in the job's cgroup goes, daemon included.
     spool.submit_json(
         "slow",
         json!({
-            "command": "( setsid sh -c \"trap '' TERM; sleep 1004.$MARK\" >/dev/null 2>&1 & ); sleep 300",
+            "command": "sed -n 's/^0:://p' /proc/self/cgroup; ( setsid sh -c \"trap '' TERM; sleep 1004.$MARK\" >/dev/null 2>&1 & ); sleep 300",
             "env": {"MARK": token},
             "timeout_secs": 1,
         }),
     );
     let r = spool.wait_result("slow");
     assert_eq!(r["status"], "timed_out", "{r}");
+    assert!(spool.log_of(&r).starts_with(&within), "{r}");
+    // Empty cgroups are reused: one at a time, eight jobs need fewer
+    // (each is given back by the reaper's next scan after its job).
+    let mut seen = std::collections::BTreeSet::new();
+    for i in 0..8 {
+        let id = format!("quick-{i}");
+        spool.submit(&id, "sed -n 's/^0:://p' /proc/self/cgroup");
+        let r = spool.wait_result(&id);
+        seen.insert(spool.log_of(&r).trim().to_owned());
+    }
+    assert!(seen.len() < 8, "no cgroup was reused: {seen:?}");
+    assert!(seen.iter().all(|c| c.starts_with(&within)), "{seen:?}");
     let ended = Instant::now();
     wait_for(
         "the timed-out job's daemon to be killed",

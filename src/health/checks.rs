@@ -1571,14 +1571,14 @@ pub fn probe_isolation(log: &str) -> Option<(bool, bool)> {
 }
 
 /// The cgroup the probe job ran in when it was one of its own (the
-/// worker's `job-ID` cgroup), from its log.
+/// worker's `run-N` job cgroups), from its log.
 pub fn probe_cgroup(log: &str) -> Option<&str> {
     log.lines()
         .find_map(|l| l.strip_prefix("probe: cgroup "))
         .filter(|path| {
             path.rsplit('/')
                 .next()
-                .is_some_and(|leaf| leaf.starts_with("job-"))
+                .is_some_and(|leaf| leaf.starts_with("run-"))
         })
 }
 

@@ -10,15 +10,17 @@
 //!   children may hold no process: the "no internal processes" rule);
 //! - enables the `memory`, `pids` and `cpu` controllers its cgroup offers
 //!   for its children;
-//! - starts each job in a new cgroup `job-ID/`, which the job's first
-//!   process enters before `exec`, so everything it ever starts is in it,
-//!   daemonised or not: `cgroup.kill` ends them all at once;
+//! - starts each job in a cgroup of its own, `run-N/`, which the job's
+//!   first process enters before `exec`, so everything it ever starts is
+//!   in it, daemonised or not: `cgroup.kill` ends them all at once;
 //! - sets the job's limits there (`memory.max` with `memory.oom.group`, so
 //!   that an out-of-memory kill takes the whole job, `pids.max`,
 //!   `cpu.max`), where the controller is available;
 //! - reads what the whole tree used (`cpu.stat`, `memory.peak`) and
 //!   whether a limit was hit (`memory.events`, `pids.events`) when the job
-//!   ends, then removes the cgroup once it is empty.
+//!   ends, and once the cgroup is empty gives it to a later job (the
+//!   counters' growth is each job's) or, with the memory controller, whose
+//!   `memory.peak` cannot start again, removes it.
 //!
 //! Without such a subtree (a worker started by hand, cron, an older
 //! systemd, cgroup v1 controllers), the reaper's process group and child
@@ -28,7 +30,8 @@ use std::fs;
 use std::io;
 use std::os::fd::OwnedFd;
 use std::path::{Path, PathBuf};
-use std::sync::OnceLock;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use nix::sys::signal::{Signal, kill};
@@ -38,8 +41,10 @@ use crate::spool::limits::Limits;
 
 /// The leaf the worker moves itself into.
 pub const WORKER_LEAF: &str = "worker";
-/// A job's cgroup is this prefix and the job's id.
-pub const JOB_PREFIX: &str = "job-";
+/// Jobs' cgroups are this prefix and a number: `run-1`, `run-2`, ….
+pub const RUN_PREFIX: &str = "run-";
+/// The most empty cgroups kept for reuse.
+const POOL_MAX: usize = 64;
 /// The period of `cpu.max`, in microseconds (the kernel's default).
 const CPU_PERIOD_US: u64 = 100_000;
 /// How long removing a stale job cgroup waits for it to empty.
@@ -49,6 +54,15 @@ const STALE_WAIT: Duration = Duration::from_secs(2);
 #[derive(Debug)]
 pub struct Tree {
     root: PathBuf,
+    /// Empty job cgroups, ready for the next jobs: creating and removing a
+    /// cgroup per job costs the kernel more than the rest of the worker's
+    /// work on it (BENCHMARKS.md). Not with the memory controller, whose
+    /// `memory.peak` cannot be started again for another job.
+    /// Each with its counters as they were when it was given back (the
+    /// next job's usage is their growth), read off the jobs' path.
+    pool: Option<Mutex<Vec<(PathBuf, Counters)>>>,
+    /// The number of the next new job cgroup.
+    next: AtomicU64,
     /// `memory.max`, `memory.peak` and OOM kills per job.
     pub memory: bool,
     /// `pids.max` per job.
@@ -70,7 +84,7 @@ pub fn tree() -> Option<&'static Tree> {
 /// systemd, or what ended jobs left before a hand-over) are emptied and
 /// removed, but those of the running jobs `keep` (handed over). Returns
 /// the tree, or why jobs run without one.
-pub fn init(keep: &[&str]) -> Result<&'static Tree, &'static str> {
+pub fn init(keep: &[&Path]) -> Result<&'static Tree, &'static str> {
     TREE.get_or_init(|| setup(keep))
         .as_ref()
         .map_err(String::as_str)
@@ -98,7 +112,7 @@ pub fn locate() -> Result<PathBuf, String> {
     }
 }
 
-fn setup(keep: &[&str]) -> Result<Tree, String> {
+fn setup(keep: &[&Path]) -> Result<Tree, String> {
     let root = locate()?;
     let leaf = root.join(WORKER_LEAF);
     match fs::create_dir(&leaf) {
@@ -110,13 +124,19 @@ fn setup(keep: &[&str]) -> Result<Tree, String> {
     // "0": the writing process, all its threads.
     fs::write(leaf.join("cgroup.procs"), "0")
         .map_err(|e| format!("cannot move into {}: {e}", leaf.display()))?;
+    let mut next = 1;
     for entry in fs::read_dir(&root).into_iter().flatten().flatten() {
         let name = entry.file_name();
-        let name = name.to_string_lossy();
-        let kept = name
-            .strip_prefix(JOB_PREFIX)
-            .is_some_and(|id| keep.contains(&id));
-        if name.starts_with(JOB_PREFIX) && !kept {
+        let Some(n) = name
+            .to_string_lossy()
+            .strip_prefix(RUN_PREFIX)
+            .map(str::to_owned)
+        else {
+            continue;
+        };
+        if keep.contains(&entry.path().as_path()) {
+            next = next.max(n.parse::<u64>().map_or(next, |n| n + 1));
+        } else {
             let _ = remove_stale(&entry.path());
         }
     }
@@ -125,10 +145,13 @@ fn setup(keep: &[&str]) -> Result<Tree, String> {
         offered.split_whitespace().any(|c| c == name)
             && fs::write(root.join("cgroup.subtree_control"), format!("+{name}")).is_ok()
     };
+    let memory = enable("memory");
     Ok(Tree {
-        memory: enable("memory"),
+        memory,
         pids: enable("pids"),
         cpu: enable("cpu"),
+        pool: (!memory).then(|| Mutex::new(Vec::new())),
+        next: AtomicU64::new(next),
         root,
     })
 }
@@ -170,17 +193,31 @@ fn delegated(dir: &Path) -> bool {
 
 /// A job's cgroup, ready for its first process to enter.
 pub struct JobCgroup {
+    pub assigned: Assigned,
     /// `cgroup.procs`, open for writing: the child writes `0` to it
     /// before `exec`.
     pub procs: OwnedFd,
 }
 
-impl Tree {
-    /// The cgroup of job `id`.
-    pub fn job_dir(&self, id: &str) -> PathBuf {
-        self.root.join(format!("{JOB_PREFIX}{id}"))
-    }
+/// Which cgroup a job runs in, and what it had counted before the job
+/// (a cgroup is reused): handed over with the job at an upgrade.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Assigned {
+    pub dir: PathBuf,
+    #[serde(default)]
+    pub before: Counters,
+}
 
+/// The cumulative counters of a cgroup that a job's usage is the growth of.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct Counters {
+    pub cpu_user_us: u64,
+    pub cpu_system_us: u64,
+    pub oom_kills: u64,
+    pub pids_refused: u64,
+}
+
+impl Tree {
     /// A tree with the given controllers, for tests of what uses one.
     #[cfg(test)]
     pub fn for_test(memory: bool, pids: bool, cpu: bool) -> Tree {
@@ -189,29 +226,43 @@ impl Tree {
             memory,
             pids,
             cpu,
+            pool: None,
+            next: AtomicU64::new(1),
         }
     }
 
-    /// Creates job `id`'s cgroup with `limits` set where this tree has the
-    /// controller (the caller enforces the others another way). A cgroup
-    /// left by an earlier run of the same job is emptied and replaced.
-    pub fn create(&self, id: &str, limits: &Limits) -> io::Result<JobCgroup> {
-        let dir = self.job_dir(id);
-        if let Err(e) = fs::create_dir(&dir) {
-            if e.kind() != io::ErrorKind::AlreadyExists {
-                return Err(annotate(e, "creating", &dir));
-            }
-            remove_stale(&dir)?;
-            fs::create_dir(&dir).map_err(|e| annotate(e, "creating", &dir))?;
-        }
+    /// A cgroup for a job, empty, with `limits` set where this tree has
+    /// the controller (the caller enforces the others another way): one
+    /// from the pool, else a new one.
+    pub fn create(&self, limits: &Limits) -> io::Result<JobCgroup> {
+        let pooled = self
+            .pool
+            .as_ref()
+            .and_then(|p| p.lock().unwrap_or_else(|e| e.into_inner()).pop());
+        // A new cgroup has counted nothing yet.
+        let (dir, before) = match pooled {
+            Some(entry) => entry,
+            None => loop {
+                let n = self.next.fetch_add(1, Ordering::Relaxed);
+                let dir = self.root.join(format!("{RUN_PREFIX}{n}"));
+                match fs::create_dir(&dir) {
+                    Ok(()) => break (dir, Counters::default()),
+                    Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {}
+                    Err(e) => return Err(annotate(e, "creating", &dir)),
+                }
+            },
+        };
         let set = |file: &str, value: String| {
             fs::write(dir.join(file), value).map_err(|e| annotate(e, "writing", &dir.join(file)))
         };
         let configured = (|| {
-            if self.memory
-                && let Some(m) = limits.memory_max
-            {
-                set("memory.max", m.get().to_string())?;
+            // Every controller's limit is written, "max" where the job has
+            // none: the cgroup may have had another job's.
+            if self.memory {
+                let max = limits
+                    .memory_max
+                    .map_or("max".into(), |m| m.get().to_string());
+                set("memory.max", max)?;
                 // No swap: the limit is the memory, and reaching it ends
                 // the whole job rather than leaving half of it.
                 if dir.join("memory.swap.max").exists() {
@@ -219,15 +270,18 @@ impl Tree {
                 }
                 set("memory.oom.group", "1".into())?;
             }
-            if self.pids
-                && let Some(t) = limits.tasks_max
-            {
-                set("pids.max", t.get().to_string())?;
+            if self.pids {
+                set(
+                    "pids.max",
+                    limits
+                        .tasks_max
+                        .map_or("max".into(), |t| t.get().to_string()),
+                )?;
             }
-            if self.cpu
-                && let Some(q) = limits.cpu_max
-            {
-                let quota = u64::from(q.get()) * CPU_PERIOD_US / 100;
+            if self.cpu {
+                let quota = limits.cpu_max.map_or("max".into(), |q| {
+                    (u64::from(q.get()) * CPU_PERIOD_US / 100).to_string()
+                });
                 set("cpu.max", format!("{quota} {CPU_PERIOD_US}"))?;
             }
             let procs = rustix::fs::open(
@@ -236,13 +290,76 @@ impl Tree {
                 rustix::fs::Mode::empty(),
             )
             .map_err(|e| annotate(e.into(), "opening", &dir.join("cgroup.procs")))?;
-            Ok(JobCgroup { procs })
+            Ok(JobCgroup {
+                assigned: Assigned {
+                    dir: dir.clone(),
+                    before,
+                },
+                procs,
+            })
         })();
         if configured.is_err() {
             let _ = fs::remove_dir(&dir);
         }
         configured
     }
+
+    /// Gives back a job's cgroup once it is empty, for another job (or
+    /// removes it): `true` once done, `false` while a process is left in it.
+    pub fn release(&self, dir: &Path) -> bool {
+        let Some(pool) = &self.pool else {
+            return remove(dir);
+        };
+        match fs::read_to_string(dir.join("cgroup.events")) {
+            Ok(events) if events.lines().any(|l| l == "populated 0") => {
+                let counted = counters(self, dir);
+                let mut pool = pool.lock().unwrap_or_else(|e| e.into_inner());
+                if pool.len() < POOL_MAX {
+                    pool.push((dir.to_owned(), counted));
+                    true
+                } else {
+                    drop(pool);
+                    remove(dir)
+                }
+            }
+            Ok(_) => false,
+            Err(_) => true,
+        }
+    }
+
+    /// Removes the pooled cgroups (at the worker's stop).
+    pub fn drain(&self) {
+        if let Some(pool) = &self.pool {
+            for (dir, _) in pool.lock().unwrap_or_else(|e| e.into_inner()).drain(..) {
+                remove(&dir);
+            }
+        }
+    }
+}
+
+/// The counters of the cgroup at `dir` that `tree` has.
+fn counters(tree: &Tree, dir: &Path) -> Counters {
+    let cpu = fs::read_to_string(dir.join("cpu.stat")).unwrap_or_default();
+    let events = |on: bool, file: &str, k: &str| {
+        on.then(|| fs::read_to_string(dir.join(file)).ok())
+            .flatten()
+            .and_then(|t| key(&t, k))
+            .unwrap_or(0)
+    };
+    Counters {
+        cpu_user_us: key(&cpu, "user_usec").unwrap_or(0),
+        cpu_system_us: key(&cpu, "system_usec").unwrap_or(0),
+        oom_kills: events(tree.memory, "memory.events", "oom_kill"),
+        pids_refused: events(tree.pids, "pids.events", "max"),
+    }
+}
+
+/// The value of `k` in a flat-keyed cgroup file (`user_usec 1234`).
+fn key(text: &str, k: &str) -> Option<u64> {
+    text.lines().find_map(|l| {
+        let (name, v) = l.split_once(' ')?;
+        (name == k).then(|| v.trim().parse::<u64>().ok()).flatten()
+    })
 }
 
 fn annotate(e: io::Error, doing: &str, path: &Path) -> io::Error {
@@ -312,37 +429,22 @@ pub struct TreeUsage {
     pub pids_refused: u64,
 }
 
-/// Reads what the job in the cgroup at `dir` used, and (with `limits`)
-/// whether it hit them; `None` if it has no cgroup. Only the files that
-/// can say something are read: this is on every job's path.
-pub fn usage(tree: &Tree, dir: &Path, limits: Option<&Limits>) -> Option<TreeUsage> {
-    let cpu = fs::read_to_string(dir.join("cpu.stat")).ok()?;
-    let key = |text: &str, k: &str| {
-        text.lines().find_map(|l| {
-            let (name, v) = l.split_once(' ')?;
-            (name == k).then(|| v.trim().parse::<u64>().ok()).flatten()
-        })
-    };
-    let events = |limited: bool, file: &str, k: &str| {
-        limited
-            .then(|| fs::read_to_string(dir.join(file)).ok())
-            .flatten()
-            .and_then(|t| key(&t, k))
-            .unwrap_or(0)
-    };
-    let memory_limited = tree.memory && limits.is_some_and(|l| l.memory_max.is_some());
-    let pids_limited = tree.pids && limits.is_some_and(|l| l.tasks_max.is_some());
-    Some(TreeUsage {
-        cpu_user_ms: key(&cpu, "user_usec").map(|us| us / 1000),
-        cpu_system_ms: key(&cpu, "system_usec").map(|us| us / 1000),
+/// What the job in the cgroup `a` used and hit since it was given it.
+pub fn usage(tree: &Tree, a: &Assigned) -> TreeUsage {
+    let now = counters(tree, &a.dir);
+    let was = a.before;
+    TreeUsage {
+        cpu_user_ms: Some(now.cpu_user_us.saturating_sub(was.cpu_user_us) / 1000),
+        cpu_system_ms: Some(now.cpu_system_us.saturating_sub(was.cpu_system_us) / 1000),
+        // A cgroup with the memory controller serves one job only.
         memory_peak_bytes: tree
             .memory
-            .then(|| fs::read_to_string(dir.join("memory.peak")).ok())
+            .then(|| fs::read_to_string(a.dir.join("memory.peak")).ok())
             .flatten()
             .and_then(|t| t.trim().parse().ok()),
-        oom_kills: events(memory_limited, "memory.events", "oom_kill"),
-        pids_refused: events(pids_limited, "pids.events", "max"),
-    })
+        oom_kills: now.oom_kills.saturating_sub(was.oom_kills),
+        pids_refused: now.pids_refused.saturating_sub(was.pids_refused),
+    }
 }
 
 /// A line for the worker's log at start: how jobs are contained.

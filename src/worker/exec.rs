@@ -149,6 +149,8 @@ impl Kill {
 /// every other way out keeps its own behaviour.
 pub struct JobProcess {
     child: Child,
+    /// The job's cgroup, where jobs have them.
+    cgroup: Option<super::cgroup::Assigned>,
     /// The process has been waited for: its pid (and group id) may belong
     /// to someone else now, so it must not be signalled any more.
     reaped: bool,
@@ -158,9 +160,10 @@ pub struct JobProcess {
 const REAP_ON_PANIC_WAIT_MS: u16 = 10_000;
 
 impl JobProcess {
-    fn new(child: Child) -> Self {
+    fn new(child: Child, cgroup: Option<super::cgroup::Assigned>) -> Self {
         JobProcess {
             child,
+            cgroup,
             reaped: false,
         }
     }
@@ -443,10 +446,9 @@ pub fn follow(
         }
     };
     // What the whole tree used, read before its cgroup is removed.
-    let tree = super::cgroup::tree().and_then(|t| {
-        let limits = f.limits.as_ref().map(Applied::limits);
-        super::cgroup::usage(t, &t.job_dir(f.id.as_str()), limits.as_ref())
-    });
+    let tree = super::cgroup::tree()
+        .zip(f.child.cgroup.as_ref())
+        .map(|(t, a)| super::cgroup::usage(t, a));
     reaper::ended(f.child.child.pid(), f.kill.leftovers_by());
     Outcome::Done(f.finish(status, tree, &mut buf))
 }
@@ -586,6 +588,11 @@ impl Followed {
 }
 
 impl Followed {
+    /// The job's cgroup, where jobs have them.
+    pub fn cgroup_dir(&self) -> Option<&std::path::Path> {
+        self.child.cgroup.as_ref().map(|a| a.dir.as_path())
+    }
+
     /// What a new worker needs to follow this job, in a form that survives
     /// `execve`: the descriptors (process, output pipe, log) are kept open
     /// across it and named by number.
@@ -635,6 +642,7 @@ impl Followed {
                 .kill
                 .deadline
                 .map(|d| millis(d.saturating_duration_since(now))),
+            cgroup: self.child.cgroup.clone(),
         };
         // The pidfd is not passed on (it closes at `execve`): the new worker
         // opens its own, as the job is still this process's child.
@@ -657,7 +665,7 @@ impl Followed {
         let reader = w.output_fd.map(take).transpose()?.map(File::from);
         let log = File::from(take(w.log_fd)?);
         let child = Child::track(nix::unistd::Pid::from_raw(w.pid))?;
-        reaper::adopt(child.pid(), &w.id);
+        reaper::adopt(child.pid(), &w.id, w.cgroup.as_ref().map(|a| a.dir.clone()));
         let now = Instant::now();
         let t0 = now
             .checked_sub(Duration::from_millis(w.elapsed_ms))
@@ -693,7 +701,7 @@ impl Followed {
             submitted_by: w.submitted_by,
             limits: w.limits,
             submitted_via: w.submitted_via.unwrap_or(SubmittedVia::File),
-            child: JobProcess::new(child),
+            child: JobProcess::new(child, w.cgroup),
             reader,
             sink: LogSink {
                 file: log,
@@ -758,6 +766,9 @@ pub struct WireJob {
     /// When the next step of the kill sequence is due (the timeout, or
     /// KILL), from the hand-over.
     pub kill_deadline_in_ms: Option<u64>,
+    /// The job's cgroup, where jobs have them.
+    #[serde(default)]
+    pub cgroup: Option<super::cgroup::Assigned>,
 }
 
 fn millis(d: Duration) -> u64 {
@@ -797,10 +808,10 @@ pub fn spawn(run: &mut Run, spawner: &Spawner) -> std::io::Result<Spawned> {
     let tree = super::cgroup::tree();
     let (rlimits, applied) = super::limits::plan(&run.limits, run.timeout, tree)?;
     run.applied = applied;
-    let cgroup = tree
-        .map(|t| t.create(run.id.as_str(), &run.limits))
-        .transpose()?
-        .map(|c| c.procs);
+    let (assigned, procs) = match tree.map(|t| t.create(&run.limits)).transpose()? {
+        Some(c) => (Some(c.assigned), Some(c.procs)),
+        None => (None, None),
+    };
     let (args, argc) = match &run.job.body {
         JobBody::Command(c) => ([OsStr::new("-c"), OsStr::new(c.as_str())], 2),
         JobBody::Script => ([run.running_path.as_os_str(), OsStr::new("")], 1),
@@ -818,9 +829,19 @@ pub fn spawn(run: &mut Run, spawner: &Spawner) -> std::io::Result<Spawned> {
         ],
         cwd: run.job.cwd.as_deref(),
         rlimits,
-        cgroup,
+        cgroup: procs,
+        cgroup_dir: assigned.as_ref().map(|a| a.dir.clone()),
     });
-    spawned.map(|(child, output)| (JobProcess::new(child), output))
+    match spawned {
+        Ok((child, output)) => Ok((JobProcess::new(child, assigned), output)),
+        Err(e) => {
+            // Nothing entered it: back to the pool.
+            if let (Some(t), Some(a)) = (tree, &assigned) {
+                t.release(&a.dir);
+            }
+            Err(e)
+        }
+    }
 }
 
 #[cfg(test)]
@@ -854,6 +875,7 @@ mod tests {
             cwd: None,
             rlimits: super::super::limits::Rlimits::default(),
             cgroup: None,
+            cgroup_dir: None,
         })
         .expect("starting the job");
         child
@@ -896,7 +918,7 @@ mod tests {
             thread::sleep(Duration::from_millis(5));
         };
         let caught = catch_unwind(AssertUnwindSafe(|| {
-            let _process = JobProcess::new(child);
+            let _process = JobProcess::new(child, None);
             panic!("a bug while the job runs");
         }));
         assert!(caught.is_err());
@@ -910,7 +932,7 @@ mod tests {
     fn without_a_panic_the_reaper_leaves_the_job_alone() {
         let child = start("sleep 60");
         let pid = child.pid();
-        drop(JobProcess::new(child));
+        drop(JobProcess::new(child, None));
         assert_eq!(kill(pid, None), Ok(()), "the job still runs");
         killpg(pid, Signal::SIGKILL).unwrap();
         nix::sys::wait::waitpid(pid, None).unwrap();

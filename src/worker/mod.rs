@@ -139,6 +139,9 @@ pub fn run(opts: WorkerOptions, inherited: handover::Inherited) -> Result<Exit, 
         if !handing {
             // What the jobs left behind is gone before the worker is.
             reaper::finish();
+            if let Some(tree) = cgroup::tree() {
+                tree.drain();
+            }
         }
         if let Some((mut sigterm, mut sigint)) = served {
             // The only thread left blocks the stop signals: one that comes
@@ -361,7 +364,10 @@ impl Worker {
         let taken_over = adopted.len();
         // Job cgroups a worker killed outside systemd left are cleared;
         // those of jobs handed over stay theirs.
-        let keep: Vec<&str> = adopted.iter().map(|h| h.followed.id.as_str()).collect();
+        let keep: Vec<&std::path::Path> = adopted
+            .iter()
+            .filter_map(|h| h.followed.cgroup_dir())
+            .collect();
         let contained = cgroup::describe(cgroup::init(&keep));
         if taken_over > 0 {
             // Before recovery, which then passes over their files (locked).

@@ -79,6 +79,8 @@ struct State {
     spawning: usize,
     /// Running jobs: main process id (= process group id) → job id.
     running: HashMap<i32, String>,
+    /// Their cgroups, where jobs have them.
+    cgroups: HashMap<i32, PathBuf>,
     /// Jobs whose main process ended, until their leftovers' kill deadline.
     ended: VecDeque<Ended>,
     /// Processes sent SIGTERM, to be sent SIGKILL at their deadline.
@@ -164,10 +166,13 @@ pub(super) fn spawning() -> Spawning {
 }
 
 impl Spawning {
-    /// The job `id` runs as `pid` (its process group too).
-    pub fn started(mut self, pid: Pid, id: &str) {
+    /// The job `id` runs as `pid` (its process group too), in `cgroup`.
+    pub fn started(mut self, pid: Pid, id: &str, cgroup: Option<PathBuf>) {
         let mut st = lock();
         st.running.insert(pid.as_raw(), id.to_owned());
+        if let Some(dir) = cgroup {
+            st.cgroups.insert(pid.as_raw(), dir);
+        }
         st.spawning -= 1;
         self.registered = true;
         if st.spawning == 0 {
@@ -189,8 +194,12 @@ impl Drop for Spawning {
 }
 
 /// Registers a running job taken over from a previous worker.
-pub(super) fn adopt(pid: Pid, id: &str) {
-    lock().running.insert(pid.as_raw(), id.to_owned());
+pub(super) fn adopt(pid: Pid, id: &str, cgroup: Option<PathBuf>) {
+    let mut st = lock();
+    st.running.insert(pid.as_raw(), id.to_owned());
+    if let Some(dir) = cgroup {
+        st.cgroups.insert(pid.as_raw(), dir);
+    }
 }
 
 /// The main process `pid` of a job has exited and is not reaped yet (so
@@ -205,9 +214,7 @@ pub(super) fn main_exited(pid: Pid) {
 /// The cgroup of the running job whose main process is `pid`, where jobs
 /// have cgroups.
 fn cgroup_of(pid: Pid) -> Option<PathBuf> {
-    let tree = cgroup::tree()?;
-    let st = lock();
-    st.running.get(&pid.as_raw()).map(|id| tree.job_dir(id))
+    lock().cgroups.get(&pid.as_raw()).cloned()
 }
 
 /// The job whose main process was `pid` has been reaped: its leftovers
@@ -217,12 +224,12 @@ pub(super) fn ended(pid: Pid, kill_by: Instant) {
     let Some(id) = st.running.remove(&pid.as_raw()) else {
         return;
     };
-    // Removed by the reaper's next scan, off the slot's path (or killed
-    // first, if processes are left in it at the deadline).
-    let cgroup = cgroup::tree().map(|t| t.job_dir(&id));
+    // Given back by the reaper's next scan, off the slot's path, once
+    // empty (killed first if processes are left in it at the deadline).
+    let cgroup = st.cgroups.remove(&pid.as_raw());
     if !st.active {
         if let Some(dir) = cgroup
-            && !cgroup::remove(&dir)
+            && !cgroup::tree().is_some_and(|t| t.release(&dir))
         {
             cgroup::kill_all(&dir);
         }
@@ -362,7 +369,7 @@ fn scan(st: &mut State) -> usize {
     // deadline, and each goes once it is empty.
     for e in st.ended.iter_mut() {
         if let Some(dir) = &e.cgroup {
-            if cgroup::remove(dir) {
+            if cgroup::tree().is_none_or(|t| t.release(dir)) {
                 e.cgroup = None;
             } else if e.kill_by <= now {
                 cgroup::kill_all(dir);

@@ -72,6 +72,8 @@ pub(super) struct Spec<'a> {
     /// The job's cgroup (its `cgroup.procs`), which the child enters
     /// before `exec`; `None` where the worker has no cgroup subtree.
     pub cgroup: Option<OwnedFd>,
+    /// That cgroup's directory, which the reaper follows the job by.
+    pub cgroup_dir: Option<PathBuf>,
 }
 
 impl Spawner {
@@ -105,7 +107,7 @@ impl Spawner {
                 ));
             }
         };
-        let id = spec.id;
+        let (id, cgroup_dir) = (spec.id, spec.cgroup_dir.clone());
         let (rd, wr) = nix::unistd::pipe2(OFlag::O_CLOEXEC)?;
         fcntl(&rd, FcntlArg::F_SETFL(OFlag::O_NONBLOCK))?;
         let launch = self.launch(spec, dev_null.as_raw_fd(), wr)?;
@@ -114,7 +116,7 @@ impl Spawner {
         // has been started.
         let pid = self.confinement.start(move || launch.run())?;
         let child = Child::track(pid)?;
-        spawning.started(pid, id);
+        spawning.started(pid, id, cgroup_dir);
         Ok((child, File::from(rd)))
     }
 
@@ -398,6 +400,7 @@ mod tests {
             cwd,
             rlimits: Rlimits::default(),
             cgroup: None,
+            cgroup_dir: None,
         }
     }
 
