@@ -225,6 +225,9 @@ fn each_job_runs_in_a_cgroup_of_its_own_and_leaves_nothing() {
         let id = format!("quick-{i}");
         spool.submit(&id, "sed -n 's/^0:://p' /proc/self/cgroup");
         let r = spool.wait_result(&id);
+        // A cgroup a kill was written to is not reused: a process created
+        // in it would be killed at once.
+        assert_eq!(r["status"], "succeeded", "{r}");
         seen.insert(spool.log_of(&r).trim().to_owned());
     }
     assert!(seen.len() < 8, "no cgroup was reused: {seen:?}");

@@ -63,6 +63,11 @@ pub struct Tree {
     pool: Option<Mutex<Vec<(PathBuf, Counters)>>>,
     /// The number of the next new job cgroup.
     next: AtomicU64,
+    /// Cgroups `cgroup.kill` was written to, and those of jobs handed over
+    /// (which may have been): never reused, because a process later
+    /// created in such a cgroup with `CLONE_INTO_CGROUP` is killed at
+    /// once (seen on Linux 6.18: the kill is still counted against it).
+    killed: Mutex<std::collections::HashSet<PathBuf>>,
     /// `memory.max`, `memory.peak` and OOM kills per job.
     pub memory: bool,
     /// `pids.max` per job.
@@ -146,7 +151,9 @@ fn setup(keep: &[&Path]) -> Result<Tree, String> {
             && fs::write(root.join("cgroup.subtree_control"), format!("+{name}")).is_ok()
     };
     let memory = enable("memory");
+    let killed = keep.iter().map(|p| p.to_path_buf()).collect();
     Ok(Tree {
+        killed: Mutex::new(killed),
         memory,
         pids: enable("pids"),
         cpu: enable("cpu"),
@@ -194,9 +201,8 @@ fn delegated(dir: &Path) -> bool {
 /// A job's cgroup, ready for its first process to enter.
 pub struct JobCgroup {
     pub assigned: Assigned,
-    /// `cgroup.procs`, open for writing: the child writes `0` to it
-    /// before `exec`.
-    pub procs: OwnedFd,
+    /// The cgroup's directory, open: the child is created in it.
+    pub fd: OwnedFd,
 }
 
 /// Which cgroup a job runs in, and what it had counted before the job
@@ -228,6 +234,7 @@ impl Tree {
             cpu,
             pool: None,
             next: AtomicU64::new(1),
+            killed: Mutex::default(),
         }
     }
 
@@ -284,18 +291,20 @@ impl Tree {
                 });
                 set("cpu.max", format!("{quota} {CPU_PERIOD_US}"))?;
             }
-            let procs = rustix::fs::open(
-                dir.join("cgroup.procs"),
-                rustix::fs::OFlags::WRONLY | rustix::fs::OFlags::CLOEXEC,
+            let fd = rustix::fs::open(
+                &dir,
+                rustix::fs::OFlags::RDONLY
+                    | rustix::fs::OFlags::DIRECTORY
+                    | rustix::fs::OFlags::CLOEXEC,
                 rustix::fs::Mode::empty(),
             )
-            .map_err(|e| annotate(e.into(), "opening", &dir.join("cgroup.procs")))?;
+            .map_err(|e| annotate(e.into(), "opening", &dir))?;
             Ok(JobCgroup {
                 assigned: Assigned {
                     dir: dir.clone(),
                     before,
                 },
-                procs,
+                fd,
             })
         })();
         if configured.is_err() {
@@ -307,8 +316,20 @@ impl Tree {
     /// Gives back a job's cgroup once it is empty, for another job (or
     /// removes it): `true` once done, `false` while a process is left in it.
     pub fn release(&self, dir: &Path) -> bool {
-        let Some(pool) = &self.pool else {
-            return remove(dir);
+        let killed = self
+            .killed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .contains(dir);
+        let Some(pool) = self.pool.as_ref().filter(|_| !killed) else {
+            let gone = remove(dir);
+            if gone && killed {
+                self.killed
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(dir);
+            }
+            return gone;
         };
         match fs::read_to_string(dir.join("cgroup.events")) {
             Ok(events) if events.lines().any(|l| l == "populated 0") => {
@@ -367,6 +388,18 @@ fn annotate(e: io::Error, doing: &str, path: &Path) -> io::Error {
         e.kind(),
         format!("{doing} the job's cgroup {}: {e}", path.display()),
     )
+}
+
+impl Tree {
+    /// Kills everything in the job cgroup at `dir` (see [`kill_all`]);
+    /// the cgroup is removed, not reused, once empty.
+    pub fn kill(&self, dir: &Path) {
+        self.killed
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(dir.to_owned());
+        kill_all(dir);
+    }
 }
 
 /// Kills everything in the cgroup at `dir` (`cgroup.kill`; on a kernel

@@ -809,7 +809,7 @@ pub fn spawn(run: &mut Run, spawner: &Spawner) -> std::io::Result<Spawned> {
     let (rlimits, applied) = super::limits::plan(&run.limits, run.timeout, tree)?;
     run.applied = applied;
     let (assigned, procs) = match tree.map(|t| t.create(&run.limits)).transpose()? {
-        Some(c) => (Some(c.assigned), Some(c.procs)),
+        Some(c) => (Some(c.assigned), Some(c.fd)),
         None => (None, None),
     };
     let (args, argc) = match &run.job.body {

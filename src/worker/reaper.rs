@@ -221,17 +221,17 @@ fn cgroup_of(pid: Pid) -> Option<PathBuf> {
 /// outside its process group are looked for, and killed by `kill_by`.
 pub(super) fn ended(pid: Pid, kill_by: Instant) {
     let mut st = lock();
-    let Some(id) = st.running.remove(&pid.as_raw()) else {
-        return;
-    };
     // Given back by the reaper's next scan, off the slot's path, once
     // empty (killed first if processes are left in it at the deadline).
     let cgroup = st.cgroups.remove(&pid.as_raw());
+    let Some(id) = st.running.remove(&pid.as_raw()) else {
+        return;
+    };
     if !st.active {
-        if let Some(dir) = cgroup
-            && !cgroup::tree().is_some_and(|t| t.release(&dir))
+        if let (Some(dir), Some(tree)) = (cgroup, cgroup::tree())
+            && !tree.release(&dir)
         {
-            cgroup::kill_all(&dir);
+            tree.kill(&dir);
         }
         return;
     }
@@ -254,7 +254,9 @@ pub(super) fn signal_job(pid: Pid, sig: Signal) {
     }
     if let Some(dir) = cgroup_of(pid) {
         if sig == Signal::SIGKILL {
-            cgroup::kill_all(&dir);
+            if let Some(tree) = cgroup::tree() {
+                tree.kill(&dir);
+            }
         } else {
             cgroup::signal_all(&dir, sig);
         }
@@ -371,8 +373,10 @@ fn scan(st: &mut State) -> usize {
         if let Some(dir) = &e.cgroup {
             if cgroup::tree().is_none_or(|t| t.release(dir)) {
                 e.cgroup = None;
-            } else if e.kill_by <= now {
-                cgroup::kill_all(dir);
+            } else if e.kill_by <= now
+                && let Some(tree) = cgroup::tree()
+            {
+                tree.kill(dir);
             }
         }
     }

@@ -69,8 +69,8 @@ pub(super) struct Spec<'a> {
     pub cwd: Option<&'a Path>,
     /// Set in the child before `exec`.
     pub rlimits: Rlimits,
-    /// The job's cgroup (its `cgroup.procs`), which the child enters
-    /// before `exec`; `None` where the worker has no cgroup subtree.
+    /// The job's cgroup (its directory, open), which the child starts in;
+    /// `None` where the worker has no cgroup subtree.
     pub cgroup: Option<OwnedFd>,
     /// That cgroup's directory, which the reaper follows the job by.
     pub cgroup_dir: Option<PathBuf>,
@@ -181,7 +181,7 @@ struct Launch {
     /// theirs.
     out: OwnedFd,
     setup: Setup,
-    /// The cgroup's `cgroup.procs` that `setup` names, open until the start.
+    /// The cgroup's directory that `setup` names, open until the start.
     _cgroup: Option<OwnedFd>,
 }
 
