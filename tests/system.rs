@@ -40,7 +40,7 @@ fn service_runs_jobs_reloads_logs_to_the_journal_and_stops_cleanly() {
     assert_eq!(sb.prop(SERVICE, "WatchdogUSec"), "30s");
 
     // The hardening holds: `systemd-analyze security` stays at its measured
-    // exposure (3.0 with systemd 252; docs/OPERATING.md, "Hardening").
+    // exposure (3.2 with systemd 252; docs/OPERATING.md, "Hardening").
     let security = sb.ok(&format!(
         "systemd-analyze security --no-pager {SERVICE} | tail -n 1"
     ));
