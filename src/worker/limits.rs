@@ -83,7 +83,7 @@ pub(super) fn cpu_secs(quota: CpuQuota, timeout: Duration) -> u64 {
 pub(super) fn plan(
     limits: &Limits,
     timeout: Duration,
-    cgroup: Option<&Tree>,
+    tree: Option<&Tree>,
 ) -> io::Result<(Rlimits, Option<Applied>)> {
     if limits.is_empty() {
         return Ok((Rlimits::default(), None));
@@ -102,7 +102,6 @@ pub(super) fn plan(
         ""
     };
     let by_cgroup = |file: &str| format!("cgroup {file}");
-    let tree = cgroup;
     if limits.memory_max.is_some() && tree.is_some_and(|t| t.memory) {
         applied.enforced_by.insert(
             "memory_max".into(),
