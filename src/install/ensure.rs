@@ -184,13 +184,27 @@ pub fn lock_holder(path: &Path) -> anyhow::Result<Option<i32>> {
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
     };
-    let locks = std::fs::read_to_string("/proc/locks").context("reading /proc/locks")?;
     let dev = meta.dev();
     let (major, minor) = (nix::sys::stat::major(dev), nix::sys::stat::minor(dev));
-    Ok(holder_in(&locks, major, minor, meta.ino(), |pid| {
-        has_open(pid, dev, meta.ino())
-    }))
+    // The kernel writes /proc/locks a page per `read` and resumes each
+    // read by position in its list, so a lock let go elsewhere meanwhile
+    // (a busy host, a test suite) can shift a held one out of a copy:
+    // about one read in seventy under heavy churn here. A lock that is
+    // held shows in some read of a few.
+    for _ in 0..PROC_LOCKS_READS {
+        let locks = std::fs::read_to_string("/proc/locks").context("reading /proc/locks")?;
+        if let Some(pid) = holder_in(&locks, major, minor, meta.ino(), |pid| {
+            has_open(pid, dev, meta.ino())
+        }) {
+            return Ok(Some(pid));
+        }
+    }
+    Ok(None)
 }
+
+/// How many copies of `/proc/locks` [`lock_holder`] reads before it
+/// concludes that nobody holds the lock.
+const PROC_LOCKS_READS: usize = 5;
 
 /// Whether process `pid` has the file `dev:ino` open, as far as this
 /// process may look (its own processes, or any as root).
@@ -506,6 +520,39 @@ mod tests {
             "no entry with the inode number (overlayfs xino): the one that has it open"
         );
         assert_eq!(holder_in(two, 8, 3, 99, |_| true), None, "ambiguous");
+    }
+
+    #[test]
+    fn a_held_lock_is_found_while_other_locks_come_and_go() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        let d = tempfile::tempdir().unwrap();
+        let path = worker_lock_path(d.path());
+        let _lock = acquire_worker_lock(&path).unwrap();
+        // Locks taken after ours and let go in the order taken: each
+        // release shifts the entries behind it in the kernel's list.
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            for t in 0..2 {
+                let (dir, stop) = (d.path(), &stop);
+                s.spawn(move || {
+                    let files: Vec<File> = (0..75)
+                        .map(|i| File::create(dir.join(format!("churn-{t}-{i}"))).unwrap())
+                        .collect();
+                    while !stop.load(Ordering::Relaxed) {
+                        files.iter().for_each(|f| f.lock().unwrap());
+                        files.iter().for_each(|f| f.unlock().unwrap());
+                    }
+                });
+            }
+            let missed = (0..300)
+                .filter(|_| lock_holder(&path).unwrap() != Some(std::process::id() as i32))
+                .count();
+            stop.store(true, Ordering::Relaxed);
+            assert_eq!(
+                missed, 0,
+                "the held lock was missed in {missed} of 300 looks"
+            );
+        });
     }
 
     #[test]
