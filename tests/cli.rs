@@ -565,9 +565,11 @@ fn mcp_starts_the_server_installed_beside_it() {
     );
     assert!(text.contains(&expected), "{text}");
 
-    // The real one answers `initialize` on stdout, in the same process.
+    // The real one answers `initialize` on stdout, in the same process,
+    // which logs where the command line said.
     let mut child = Command::new(BIN)
-        .args(["--spool", spool.root().to_str().unwrap(), "mcp"])
+        .args(["--log-target", "stderr", "--spool"])
+        .args([spool.root().to_str().unwrap(), "mcp"])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -584,6 +586,9 @@ fn mcp_starts_the_server_installed_beside_it() {
     assert!(line.contains("\"serverInfo\""), "{line}");
     let exe = fs::read_link(format!("/proc/{}/exe", child.id())).unwrap();
     assert!(exe.ends_with("ai-cmd-executor-mcp"), "{}", exe.display());
+    let cmdline = fs::read(format!("/proc/{}/cmdline", child.id())).unwrap();
+    let args: Vec<&[u8]> = cmdline.split(|&b| b == 0).collect();
+    assert!(args.contains(&&b"--log-target=stderr"[..]), "{args:?}");
     drop(stdin);
     let end = child.wait_with_output().unwrap();
     assert!(end.status.success(), "{}", stderr(&end));

@@ -484,7 +484,7 @@ impl Cli {
             Command::Wait(a) => commands::wait::run(&ctx, a),
             Command::List(a) => commands::list::run(&ctx, a),
             Command::Cancel(a) => commands::cancel::run(&ctx, a),
-            Command::Mcp => commands::mcp::run(&ctx),
+            Command::Mcp => commands::mcp::run(&ctx, self.log_target),
             Command::Config {
                 action: ConfigAction::Check { quiet },
             } => commands::config::check(&ctx, quiet),

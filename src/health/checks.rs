@@ -819,7 +819,7 @@ fn check_cron(ctx: &Ctx) -> Finding {
             "cron.fallback",
             Level::Ok,
             format!(
-                "a foreground worker, pid {pid}, serves the spool (started by hand, not by cron:                  nothing restarts it if it stops){}",
+                "a foreground worker, pid {pid}, serves the spool (started by hand, not by cron: nothing restarts it if it stops){}",
                 if file {
                     ""
                 } else {
@@ -1323,7 +1323,7 @@ fn check_notifier(ctx: &Ctx) -> Finding {
                     "notifier",
                     Level::Ok,
                     format!(
-                        "the notifier is configured; its URL file {} is private to root,                          so this user checked only that it is there and not empty",
+                        "the notifier is configured; its URL file {} is private to root, so this user checked only that it is there and not empty",
                         path.display()
                     ),
                 ),

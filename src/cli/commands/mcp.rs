@@ -22,14 +22,19 @@ pub fn server_path() -> anyhow::Result<PathBuf> {
 }
 
 /// Resolves the spool as every client does (warnings included), then
-/// replaces this process with the server, which keeps its PID: an MCP
-/// client that signals the process it started reaches the server.
-pub fn run(ctx: &Context) -> anyhow::Result<ExitCode> {
+/// replaces this process with the server (with the same `--log-target`),
+/// which keeps its PID: an MCP client that signals the process it started
+/// reaches the server.
+pub fn run(ctx: &Context, log_target: crate::logging::LogTarget) -> anyhow::Result<ExitCode> {
     let spool = ctx.client_spool()?;
     let server = server_path()?;
     let mut spool_arg = OsString::from("--spool=");
     spool_arg.push(&spool);
-    let e = std::process::Command::new(&server).arg(spool_arg).exec();
+    let target = clap::ValueEnum::to_possible_value(&log_target).expect("no value is skipped");
+    let e = std::process::Command::new(&server)
+        .arg(spool_arg)
+        .arg(format!("--log-target={}", target.get_name()))
+        .exec();
     Err(e).with_context(|| {
         format!(
             "starting the MCP server {} (it is installed beside ai-cmd-executor; \
