@@ -386,7 +386,16 @@ fn a_foreground_worker_is_seen_and_a_missing_spool_is_unknown() {
             .clone();
         assert_eq!(c["level"], "ok", "{c}");
     }
-    drop(worker);
+    // `stop` stops it: the process the kernel says holds the lock.
+    let out = spool.cli(&["stop"]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert!(
+        stdout(&out).contains(&format!("stopped worker pid {pid} (it was started by hand")),
+        "{}",
+        stdout(&out)
+    );
+    let mut worker = worker;
+    assert!(worker.wait_exit().success());
 
     let missing = spool.scratch("no-such-spool");
     let m = missing.to_str().unwrap();

@@ -7,6 +7,7 @@ mod common;
 
 use std::path::Path;
 use std::process::Output;
+use std::time::Duration;
 
 use common::BIN;
 use common::installed::{BIN_INSIDE, SERVICE, SPOOL, installed};
@@ -232,4 +233,88 @@ fn start_stop_restart_and_status_work_through_the_cli_in_cron_mode() {
         section("stop again").contains("no worker was running"),
         "{stdout}"
     );
+}
+
+/// A worker an agent started by hand on a spool of its own, on a host
+/// where systemd runs the service on another: `status`, `health` and
+/// `stop` with that `--spool` see it, not the service, and leave the
+/// service alone.
+#[test]
+fn a_foreground_worker_beside_the_service_is_seen_and_stopped_by_its_spool() {
+    let Some(sb) = installed("control-foreground", None) else {
+        return;
+    };
+    let service_pid = main_pid(&sb);
+    let own = "/home/agent/spool";
+    let agent = format!("runuser -u agent -- {BIN_INSIDE} --spool {own}");
+    sb.ok(&format!(
+        "runuser -u agent -- setsid {BIN_INSIDE} --log-target stderr run --spool {own} \
+         > /home/agent/worker.log 2>&1 < /dev/null &"
+    ));
+    let status = sb.wait_until(
+        "the foreground worker to show in `status`",
+        Duration::from_secs(30),
+        &format!("{agent} status"),
+        |s| s.contains("foreground worker pid"),
+    );
+    let pid = sb.ok(&format!(
+        "pgrep -u agent -f '^{BIN_INSIDE} --log-target stderr run'"
+    ));
+    assert!(
+        status.contains(&format!("foreground worker pid {pid} running")),
+        "{status}"
+    );
+    let json: serde_json::Value =
+        serde_json::from_str(&sb.ok(&format!("{agent} status --json"))).expect("JSON");
+    assert_eq!(json["service"]["mode"], "foreground", "{json}");
+    assert_eq!(json["worker"]["pid"].to_string(), pid, "{json}");
+    let ran = sb.ok(&format!(
+        "{agent} submit --wait --wait-timeout 60 -- 'echo by-hand'"
+    ));
+    assert!(ran.contains("status:    succeeded"), "{ran}");
+
+    // health names the worker and checks nothing of the service's.
+    let health = |expect: i32| -> serde_json::Value {
+        let out = sb.sh(&format!("{agent} health --format json"));
+        assert_eq!(out.status.code(), Some(expect), "{}", said(&out));
+        serde_json::from_slice(&out.stdout).expect("JSON")
+    };
+    let doc = health(0);
+    let checks = doc["checks"].as_array().expect("checks");
+    let foreground = checks.iter().find(|c| c["id"] == "worker.foreground");
+    let foreground = foreground.unwrap_or_else(|| panic!("no worker.foreground: {doc}"));
+    assert_eq!(foreground["level"], "ok", "{doc}");
+    assert_eq!(foreground["detail"]["worker_pid"].to_string(), pid, "{doc}");
+    assert!(
+        !checks
+            .iter()
+            .any(|c| c["id"].as_str().unwrap().starts_with("service.")),
+        "{doc}"
+    );
+
+    // stop stops it, and only it.
+    let out = sb.ok(&format!("{agent} stop"));
+    assert!(out.contains(&format!("stopped worker pid {pid}")), "{out}");
+    assert!(!sb.sh(&format!("kill -0 {pid}")).status.success(), "{out}");
+    assert_eq!(main_pid(&sb), service_pid, "the service was touched");
+    assert_eq!(sb.prop(SERVICE, "ActiveState"), "active");
+    let status = sb.ok(&format!("{agent} status"));
+    assert!(status.contains("no worker serves this spool"), "{status}");
+    let doc = health(2);
+    let checks = doc["checks"].as_array().expect("checks");
+    let foreground = checks.iter().find(|c| c["id"] == "worker.foreground");
+    assert_eq!(
+        foreground.expect("worker.foreground")["level"],
+        "critical",
+        "{doc}"
+    );
+    // start is not this command's to do for a spool the service does not serve.
+    let out = sb.sh(&format!("{agent} start"));
+    assert!(!out.status.success(), "{}", said(&out));
+    assert!(
+        said(&out).contains(&format!("ai-cmd-executor run --spool {own}")),
+        "{}",
+        said(&out)
+    );
+    assert_eq!(main_pid(&sb), service_pid, "the service was touched");
 }

@@ -116,6 +116,33 @@ fn service_runs_jobs_reloads_logs_to_the_journal_and_stops_cleanly() {
         ),
         |s| s.contains("populated 0") && s.lines().last() == Some("0"),
     );
+    // The subtree belongs to the worker's user, as the job does; Landlock
+    // keeps the job out of it all the same: it cannot kill the worker's
+    // leaf, move itself there (out of its cgroup's kill), make a cgroup
+    // of its own, or hand controllers down.
+    sb.ok(&format!(
+        "runuser -u agent -- {BIN_INSIDE} submit --id cgtamper --wait -- \
+         'cg=$(findmnt -n -t cgroup2 -o TARGET | head -n1)$(sed -n \"s/^0:://p\" /proc/self/cgroup); u=${{cg%/*}}; \
+          ls -ld $u/worker $cg/cgroup.procs; \
+          echo 1 > $u/worker/cgroup.kill || echo refused; \
+          echo $$ > $u/worker/cgroup.procs || echo refused; \
+          mkdir $u/escape || echo refused; mkdir $cg/sub || echo refused; \
+          echo +pids > $cg/cgroup.subtree_control || echo refused'"
+    ));
+    let log = sb.ok(&format!("runuser -u agent -- {BIN_INSIDE} log cgtamper"));
+    assert_eq!(log.matches("refused").count(), 5, "{log}");
+    assert!(
+        log.contains(" ai-cmd "),
+        "the subtree is the worker user's: {log}"
+    );
+    assert_eq!(sb.prop(SERVICE, "MainPID"), main_pid);
+    let escaped = sb.sh(&format!(
+        "ls -d \"$(findmnt -n -t cgroup2 -o TARGET | head -n1){unit_cgroup}\"/escape"
+    ));
+    assert!(
+        !escaped.status.success(),
+        "a job made a cgroup beside the worker's"
+    );
 
     // The operator sees it: `diagnose` runs a probe job and says which
     // cgroup it ran in, and `status` repeats it.

@@ -39,11 +39,12 @@ pub async fn run_checks(ctx: &Ctx, scope: Scope) -> Vec<Finding> {
             Err(e) => Err(e),
         },
         Supervision::Cron => Err("cron mode".into()),
+        Supervision::Foreground => Err("not the service's spool".into()),
     };
     let down = match (ctx.supervision, &service) {
         (Supervision::Systemd, Ok(s)) => service_down(ctx, s, booted_at(ctx).await),
         (Supervision::Systemd, Err(_)) => None,
-        (Supervision::Cron, _) => cron_down(ctx),
+        (Supervision::Cron | Supervision::Foreground, _) => cron_down(ctx),
     };
     let held = match &down {
         Some(Down::Held(h)) => Some(h),
@@ -61,10 +62,15 @@ pub async fn run_checks(ctx: &Ctx, scope: Scope) -> Vec<Finding> {
             out.push(check_timers(ctx).await);
         }
         Supervision::Cron => out.push(check_cron(ctx)),
+        Supervision::Foreground => out.push(check_foreground(ctx)),
     }
     let user = match ctx.supervision {
         // A foreground worker's spool belongs to whoever runs it.
         Supervision::Cron => foreground_user(ctx).unwrap_or_else(|| service_user(&service)),
+        // Not the service's spool: whoever runs its worker, else its owner.
+        Supervision::Foreground => foreground_user(ctx)
+            .or_else(|| owner_of(ctx.spool.root()))
+            .unwrap_or_else(|| service_user(&service)),
         Supervision::Systemd => service_user(&service),
     };
     out.push(check_layout(ctx, &user));
@@ -261,7 +267,7 @@ pub async fn current_hold(ctx: &Ctx) -> Option<Hold> {
             let s = ctx.bus().ok()?.service_info(SERVICE).await.ok()?;
             service_down(ctx, &s, booted_at(ctx).await)
         }
-        Supervision::Cron => cron_down(ctx),
+        Supervision::Cron | Supervision::Foreground => cron_down(ctx),
     };
     match down {
         Some(Down::Held(h)) => Some(h),
@@ -896,6 +902,61 @@ fn check_cron(ctx: &Ctx) -> Finding {
     }
 }
 
+/// On a host systemd runs, a spool its service does not serve: the worker
+/// started by hand that serves it, if one does. Nothing restarts it, and no
+/// fix starts one (whoever runs it chose where and as whom).
+fn check_foreground(ctx: &Ctx) -> Finding {
+    let spool = ctx.spool.root();
+    let theirs = (ctx.config.spool.clone()).unwrap_or_else(|| crate::config::SYSTEM_SPOOL.into());
+    match ensure::local_worker(spool) {
+        Ok(Some((pid, how))) => Finding::new(
+            "worker.foreground",
+            Level::Ok,
+            format!(
+                "a worker, pid {pid}, serves the spool ({}; {SERVICE} serves {}, not this spool): nothing restarts it if it stops",
+                match how {
+                    ensure::Started::Cron => "started by `ensure-running`",
+                    ensure::Started::Foreground => "started by hand",
+                },
+                theirs.display()
+            ),
+        )
+        .detail(json!({"worker_pid": pid, "mode": "foreground", "service_spool": theirs})),
+        Ok(None) => {
+            let (level, why) = match ensure::stop_mark(spool).ok().flatten() {
+                Some(m) => (
+                    Level::Warning,
+                    format!("it was {}", Hold::Stopped(Some(m.since)).describe()),
+                ),
+                None => (Level::Critical, "its jobs wait in pending/".to_owned()),
+            };
+            Finding::new(
+                "worker.foreground",
+                level,
+                format!(
+                    "no worker serves {} ({SERVICE} serves {}): {why}; `ai-cmd-executor run --spool {}` serves it",
+                    spool.display(),
+                    theirs.display(),
+                    spool.display()
+                ),
+            )
+            .detail(json!({"worker_pid": null, "mode": "foreground", "service_spool": theirs}))
+        }
+        Err(e) => unknown(
+            "worker.foreground",
+            &format!("looking for the spool's worker: {}", crate::error::chain(e.as_ref())),
+        ),
+    }
+}
+
+/// The name of the user who owns `path`.
+fn owner_of(path: &Path) -> Option<String> {
+    use std::os::unix::fs::MetadataExt;
+    let uid = fs::symlink_metadata(path).ok()?.uid();
+    let user = nix::unistd::User::from_uid(nix::unistd::Uid::from_raw(uid));
+    user.ok().flatten().map(|u| u.name)
+}
+
 fn check_layout(ctx: &Ctx, user: &str) -> Finding {
     let ids = match (User::from_name(user), Group::from_name(user)) {
         (Ok(Some(u)), Ok(Some(g))) => Some((u.uid.as_raw(), g.gid.as_raw())),
@@ -1299,6 +1360,8 @@ fn check_orphans(ctx: &Ctx, held: Option<&Hold>) -> Finding {
                 },
                 (Supervision::Systemd, None) => f.fix(Fix::RestartService),
                 (Supervision::Cron, None) => f.fix(Fix::RestoreCronFallback),
+                // A worker started by hand on it records them.
+                (Supervision::Foreground, None) => f,
             }
         }
         Err(e) if super::is_denied(&e) => denied_spool(ctx, "spool.orphans", "running/", &e),
@@ -1372,10 +1435,11 @@ fn check_process(ctx: &Ctx, service: &Result<ServiceInfo, String>, held: Option<
     let pid = match (ctx.supervision, service) {
         (Supervision::Systemd, Ok(s)) => s.main_pid,
         (Supervision::Systemd, Err(e)) => return unknown("service.process", e),
-        (Supervision::Cron, _) => ensure::local_worker(ctx.spool.root())
+        (Supervision::Cron | Supervision::Foreground, _) => ensure::local_worker(ctx.spool.root())
             .ok()
             .flatten()
-            .map_or(0, |(pid, _)| pid) as u32,
+            .map_or(0, |(pid, _)| pid)
+            as u32,
     };
     if pid == 0 {
         return match held {
@@ -1405,7 +1469,9 @@ fn check_process(ctx: &Ctx, service: &Result<ServiceInfo, String>, held: Option<
     let children = sys
         .processes()
         .values()
-        .filter(|c| c.parent() == Some(spid))
+        // sysinfo lists the worker's threads too, each with the worker as
+        // its parent: only processes are jobs.
+        .filter(|c| c.parent() == Some(spid) && c.thread_kind().is_none())
         .count();
     let open_files = fs::read_dir(format!("/proc/{pid}/fd"))
         .map(|d| d.count())
@@ -1629,7 +1695,7 @@ async fn run_probe(
         Supervision::Systemd => service
             .as_ref()
             .is_ok_and(|s| s.unit.active_state == "active"),
-        Supervision::Cron => ensure::local_worker(ctx.spool.root())
+        Supervision::Cron | Supervision::Foreground => ensure::local_worker(ctx.spool.root())
             .ok()
             .flatten()
             .is_some(),

@@ -10,7 +10,7 @@ pub mod repair;
 
 use std::fmt;
 use std::io::IsTerminal;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use serde::Serialize;
 
@@ -158,14 +158,19 @@ impl Finding {
     }
 }
 
-/// How the worker is kept running on this host.
+/// How the worker of the spool is kept running.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Supervision {
-    /// systemd is PID 1: the service and timers.
+    /// systemd is PID 1 and its service serves the spool: the service and
+    /// timers.
     Systemd,
-    /// No systemd: the cron fallback.
+    /// No systemd: the cron fallback (or a worker started by hand).
     Cron,
+    /// systemd is PID 1, but its service does not serve this spool: a
+    /// worker started by hand does (`ai-cmd-executor run --spool DIR`), or
+    /// none. Nothing restarts it, and no fix starts one.
+    Foreground,
 }
 
 /// Which checks to run.
@@ -229,18 +234,20 @@ impl Ctx {
             Ok(l) => (l.config, None),
             Err(e) => (Config::default(), Some(e)),
         };
-        let supervision = if crate::systemd::booted() {
-            Supervision::Systemd
-        } else {
-            Supervision::Cron
-        };
-        let bus = match supervision {
-            Supervision::Systemd => Some(
+        let bus = match crate::systemd::booted() {
+            true => Some(
                 Systemd::connect()
                     .await
                     .map_err(|e| crate::error::chain(&e)),
             ),
-            Supervision::Cron => None,
+            false => None,
+        };
+        let supervision = match &bus {
+            None => Supervision::Cron,
+            Some(bus) if served_by_hand(&spool, &config, bus.as_ref().ok()).await => {
+                Supervision::Foreground
+            }
+            Some(_) => Supervision::Systemd,
         };
         Ctx {
             config,
@@ -259,6 +266,29 @@ impl Ctx {
             Some(Ok(b)) => Ok(b),
             Some(Err(e)) => Err(format!("the system bus is unreachable: {e}")),
             None => Err("systemd is not running on this host".into()),
+        }
+    }
+}
+
+/// Whether, on a host systemd runs, the spool at `spool` is not the
+/// service's: a worker other than the service's main process serves it,
+/// or none does and the service's spool (the configuration's, as the
+/// service reads it) is another directory. Where the bus cannot tell,
+/// it is the service's.
+async fn served_by_hand(spool: &Path, config: &Config, bus: Option<&Systemd>) -> bool {
+    match crate::install::ensure::serving_worker(spool) {
+        Ok(Some(pid)) if pid > 0 => match bus {
+            Some(bus) => match bus.service_info(crate::systemd::units::SERVICE).await {
+                Ok(s) => s.main_pid != pid as u32,
+                Err(_) => false,
+            },
+            None => false,
+        },
+        _ => {
+            let theirs =
+                (config.spool.clone()).unwrap_or_else(|| crate::config::SYSTEM_SPOOL.into());
+            let real = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned());
+            real(spool) != real(&theirs)
         }
     }
 }

@@ -388,7 +388,7 @@ pub async fn repair(ctx: &Ctx, opts: RepairOptions) -> bool {
     // A service restarting (by a fix, or by systemd after a watchdog
     // timeout) is given time to settle; one that ends up down is started,
     // unless an administrator stopped it.
-    if ctx.supervision == Supervision::Cron
+    if matches!(ctx.supervision, Supervision::Cron | Supervision::Foreground)
         && let Some(h) = current_hold(ctx).await
     {
         step(
@@ -533,6 +533,14 @@ pub async fn repair(ctx: &Ctx, opts: RepairOptions) -> bool {
                 step(4, format!("persistence: {e}"), &mut steps);
             }
         },
+        Supervision::Foreground => {
+            let why = format!(
+                "{SERVICE} does not serve {}; whoever started its worker by hand keeps it running",
+                ctx.spool.root().display()
+            );
+            step(3, format!("watchdog: none: {why}"), &mut steps);
+            step(4, format!("persistence: none: {why}"), &mut steps);
+        }
         Supervision::Cron => {
             step(3, "watchdog: not available without systemd; cron's ensure-running restarts a dead worker (not one an administrator stopped)".into(), &mut steps);
             if Path::new(install::CRON_FILE).exists() {

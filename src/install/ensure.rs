@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, bail};
+use anyhow::{Context, bail, ensure};
 use nix::sys::signal::{Signal, kill};
 use nix::unistd::Pid;
 
@@ -159,6 +159,40 @@ pub fn local_worker(spool: &Path) -> anyhow::Result<Option<(i32, Started)>> {
         return Ok(Some((pid, Started::Cron)));
     }
     Ok(serving_worker(spool)?.map(|pid| (pid, Started::Foreground)))
+}
+
+/// Stops the worker that serves the spool where no systemd service does:
+/// cron's (through its lock, [`stop_worker`]), else one started by hand,
+/// found as the holder of the serving lock that the kernel names (never a
+/// pid a file gives). Sends SIGTERM and waits for it to let go. Returns
+/// its pid and how it was started, or `None` if none ran.
+pub fn stop_local_worker(spool: &Path) -> anyhow::Result<Option<(i32, Started)>> {
+    if let Some(pid) = stop_worker(spool)? {
+        return Ok(Some((pid, Started::Cron)));
+    }
+    let Some(pid) = serving_worker(spool)? else {
+        return Ok(None);
+    };
+    let lock = crate::spool::serving::serving_lock_path(spool);
+    ensure!(
+        pid != 0,
+        "a worker serves {}, but which process holds {} cannot be told; not signalling any",
+        spool.display(),
+        lock.display()
+    );
+    match kill(Pid::from_raw(pid), Signal::SIGTERM) {
+        Ok(()) | Err(nix::errno::Errno::ESRCH) => {}
+        Err(e) => return Err(e).with_context(|| format!("signalling worker pid {pid}")),
+    }
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_secs(60) {
+        let gone = kill(Pid::from_raw(pid), None).is_err();
+        if gone || lock_holder(&lock)? != Some(pid) {
+            return Ok(Some((pid, Started::Foreground)));
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    bail!("worker {pid} did not stop within 60 s")
 }
 
 /// The pid of a worker serving the spool (any worker, in any mode: each

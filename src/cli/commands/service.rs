@@ -59,6 +59,7 @@ pub fn control(ctx: &Context, action: Action) -> anyhow::Result<ExitCode> {
             // Blocking file and process work; nothing else runs on this
             // runtime meanwhile.
             Supervision::Cron => control_cron(&c, action),
+            Supervision::Foreground => control_foreground(&c, action),
         }
     })
 }
@@ -146,7 +147,7 @@ fn control_cron(c: &Ctx, action: Action) -> anyhow::Result<ExitCode> {
     let spool = c.spool.root();
     let marker = || spool.join(ensure::STOPPED_MARKER);
     if let Action::Reload = action {
-        let Some(pid) = ensure::running_worker(spool)? else {
+        let Some((pid, _)) = ensure::local_worker(spool)? else {
             anyhow::bail!(
                 "no worker is running on {}: nothing to reload",
                 spool.display()
@@ -164,8 +165,8 @@ fn control_cron(c: &Ctx, action: Action) -> anyhow::Result<ExitCode> {
         return Ok(ExitCode::SUCCESS);
     }
     if matches!(action, Action::Stop | Action::Restart) {
-        let running = ensure::running_worker(spool)?;
-        if let Some(pid) = running {
+        let running = ensure::local_worker(spool)?;
+        if let Some((pid, _)) = running {
             may_signal(pid, action)?;
         }
         // Marked before the worker goes, so cron's next `ensure-running`
@@ -185,8 +186,11 @@ fn control_cron(c: &Ctx, action: Action) -> anyhow::Result<ExitCode> {
             ),
             _ => None,
         };
-        match ensure::stop_worker(spool)? {
-            Some(pid) => println!("stopped worker pid {pid}"),
+        match ensure::stop_local_worker(spool)? {
+            Some((pid, ensure::Started::Cron)) => println!("stopped worker pid {pid}"),
+            Some((pid, ensure::Started::Foreground)) => {
+                println!("stopped worker pid {pid} (it was started by hand, in the foreground)")
+            }
             None => println!("no worker was running"),
         }
         if let Some(mark) = mark {
@@ -210,6 +214,32 @@ fn control_cron(c: &Ctx, action: Action) -> anyhow::Result<ExitCode> {
         start_as_service_user(spool)?;
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// A spool systemd's service does not serve, on a host systemd runs: its
+/// worker, started by hand, can be stopped or reloaded; starting one is
+/// left to whoever chooses where and as whom it runs.
+fn control_foreground(c: &Ctx, action: Action) -> anyhow::Result<ExitCode> {
+    let spool = c.spool.root();
+    match action {
+        Action::Reload => control_cron(c, action),
+        Action::Stop => {
+            if let Some((pid, _)) = ensure::local_worker(spool)? {
+                may_signal(pid, action)?;
+            }
+            match ensure::stop_local_worker(spool)? {
+                Some((pid, _)) => println!("stopped worker pid {pid}"),
+                None => println!("no worker was running on {}", spool.display()),
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Action::Start | Action::Restart => anyhow::bail!(
+            "{SERVICE} does not serve {spool}, so neither systemd nor this command starts its worker; \
+             run one with `ai-cmd-executor run --spool {spool}`, or name the service's spool \
+             (its configuration's `spool`)",
+            spool = spool.display()
+        ),
+    }
 }
 
 /// Refuses, before anything is done, to stop a worker this user may not
@@ -282,19 +312,19 @@ pub fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<ExitCode> {
                 },
                 Err(e) => service = json!({"mode": "systemd", "error": e}),
             },
-            Supervision::Cron => {
+            Supervision::Cron | Supervision::Foreground => {
                 let worker = ensure::local_worker(c.spool.root()).ok().flatten();
                 pid = worker.map_or(0, |(p, _)| p) as u32;
-                let mode = match worker {
-                    Some((_, ensure::Started::Foreground)) => "foreground",
+                let mode = match (c.supervision, worker) {
+                    (Supervision::Foreground, _) => "foreground",
+                    (_, Some((_, ensure::Started::Foreground))) => "foreground",
                     _ => "cron",
                 };
                 let stopped = ensure::stop_mark(c.spool.root())
                     .ok()
                     .flatten()
                     .map(|m| humantime::format_rfc3339_seconds(m.since.0).to_string());
-                service =
-                    json!({"mode": mode, "worker_running": pid != 0, "stopped_since": stopped});
+                service = json!({"mode": mode, "worker_running": worker.is_some(), "stopped_since": stopped});
             }
         }
         let list = client.list(None).unwrap_or_default();
@@ -344,7 +374,15 @@ pub fn status(ctx: &Context, args: StatusArgs) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::SUCCESS);
         }
         let s = &doc["service"];
-        if s["mode"] == "foreground" {
+        if s["mode"] == "foreground" && s["worker_running"] == false {
+            println!(
+                "service:   no worker serves this spool (a foreground spool: only a worker started by hand serves it){}",
+                match c.supervision {
+                    Supervision::Foreground => format!("; {SERVICE} serves another"),
+                    _ => String::new(),
+                }
+            );
+        } else if s["mode"] == "foreground" {
             println!(
                 "service:   foreground worker pid {pid} running (started by hand, not supervised: nothing restarts it)"
             );
