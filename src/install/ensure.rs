@@ -167,6 +167,7 @@ pub fn local_worker(spool: &Path) -> anyhow::Result<Option<(i32, Started)>> {
 /// pid a file gives). Sends SIGTERM and waits for it to let go. Returns
 /// its pid and how it was started, or `None` if none ran.
 pub fn stop_local_worker(spool: &Path) -> anyhow::Result<Option<(i32, Started)>> {
+    use std::os::unix::fs::MetadataExt;
     if let Some(pid) = stop_worker(spool)? {
         return Ok(Some((pid, Started::Cron)));
     }
@@ -178,6 +179,20 @@ pub fn stop_local_worker(spool: &Path) -> anyhow::Result<Option<(i32, Started)>>
         pid != 0,
         "a worker serves {}, but which process holds {} cannot be told; not signalling any",
         spool.display(),
+        lock.display()
+    );
+    // A worker runs as the spool's owner. Whoever could replace the lock
+    // file (a job, where jobs may write the spool) could make it a link to
+    // a file another process holds locked: such a process is not signalled.
+    let owner = std::fs::metadata(spool)
+        .with_context(|| format!("reading {}", spool.display()))?
+        .uid();
+    let uid = std::fs::metadata(format!("/proc/{pid}"))
+        .with_context(|| format!("reading /proc/{pid}"))?
+        .uid();
+    ensure!(
+        uid == owner,
+        "pid {pid} holds {}, but runs as uid {uid}, not as the spool's owner (uid {owner}) as a worker does; not signalling it",
         lock.display()
     );
     match kill(Pid::from_raw(pid), Signal::SIGTERM) {
@@ -605,6 +620,27 @@ mod tests {
         assert!(err.to_string().contains("not signalling"), "{err:#}");
         drop(lock);
         assert_eq!(lock_holder(&path).unwrap(), None);
+    }
+
+    #[test]
+    fn a_lock_holder_that_is_not_the_spools_owner_is_not_signalled() {
+        use std::os::unix::fs::MetadataExt;
+        let d = tempfile::tempdir().unwrap();
+        // This process holds the serving lock, as a worker would; the
+        // spool belongs to someone else (as root: nobody; else this user
+        // owns it, and the check cannot be shown).
+        let _held = crate::spool::serving::Serving::take(d.path(), Duration::ZERO).unwrap();
+        if !nix::unistd::geteuid().is_root() {
+            return;
+        }
+        std::os::unix::fs::chown(d.path(), Some(65534), Some(65534)).unwrap();
+        let err = stop_local_worker(d.path()).unwrap_err();
+        assert!(err.to_string().contains("not signalling it"), "{err:#}");
+        assert!(
+            err.to_string()
+                .contains(&format!("pid {} holds", std::process::id()))
+        );
+        assert_eq!(std::fs::metadata(d.path()).unwrap().uid(), 65534);
     }
 
     #[test]
