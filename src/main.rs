@@ -15,6 +15,19 @@ fn main() -> ExitCode {
         _ => "warn",
     };
     ai_cmd_executor::logging::init(level, cli.log_target);
+    if !matches!(cli.command, Command::Run(_)) {
+        // A command whose reader went away (`list | head`) ends quietly, as
+        // other Unix tools do, not with a panic about a broken pipe. The
+        // worker keeps SIGPIPE ignored: a write error is for it to handle.
+        // SAFETY: no other thread runs yet, and no handler is installed.
+        #[allow(unsafe_code)]
+        let _ = unsafe {
+            nix::sys::signal::signal(
+                nix::sys::signal::Signal::SIGPIPE,
+                nix::sys::signal::SigHandler::SigDfl,
+            )
+        };
+    }
     match cli.run() {
         Ok(code) => code,
         Err(e) => {

@@ -146,6 +146,38 @@ fn only_the_submitter_or_root_may_cancel() {
     assert_eq!(r["status"], "succeeded", "{r}");
 }
 
+/// What no `close` follows in `cancel/` (a symbolic link, a FIFO, a
+/// directory) is removed as soon as it appears, and a hard link (which
+/// would speak as the owner of the file it shares) cancels nothing: the
+/// job runs on, and the linked file is untouched.
+#[test]
+fn links_and_odd_files_in_cancel_are_removed_and_cancel_nothing() {
+    let spool = Spool::new();
+    let mut w = spool.start("max_parallel = 1\n");
+    let gate = Gate::new(&spool);
+    spool.submit("kept", &gate.command("kept"));
+    gate.wait_started(1);
+    let target = spool.scratch("someone-elses-file");
+    fs::write(&target, "keep me").unwrap();
+    let req = spool.path("cancel/kept");
+    std::os::unix::fs::symlink(&target, &req).unwrap();
+    wait_for("the link to be removed", DEADLINE, || {
+        (fs::symlink_metadata(&req).is_err()).then_some(())
+    });
+    nix::unistd::mkfifo(&req, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    wait_for("the FIFO to be removed", DEADLINE, || {
+        (fs::symlink_metadata(&req).is_err()).then_some(())
+    });
+    fs::hard_link(&target, &req).unwrap();
+    w.wait_log("cancel/kept has other hard links");
+    assert!(fs::symlink_metadata(&req).is_err(), "the link is consumed");
+    assert_eq!(fs::read_to_string(&target).unwrap(), "keep me");
+    assert!(spool.result("kept").is_none(), "it runs on");
+    gate.open();
+    let r = spool.wait_result("kept");
+    assert_eq!(r["status"], "succeeded", "{r}");
+}
+
 use std::os::unix::process::CommandExt;
 
 /// 200 jobs, each cancelled at a random moment of its life (queued,

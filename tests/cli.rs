@@ -602,3 +602,41 @@ fn mcp_starts_the_server_installed_beside_it() {
     let end = child.wait_with_output().unwrap();
     assert!(end.status.success(), "{}", stderr(&end));
 }
+
+/// A reader that goes away early (`list | head -1`): the command ends
+/// quietly by SIGPIPE, as other Unix tools do, and prints no panic.
+#[test]
+fn a_closed_pipe_ends_a_command_quietly() {
+    use std::os::unix::process::ExitStatusExt;
+    let spool = Spool::new();
+    let worker = spool.start("");
+    for i in 0..3 {
+        spool.submit(&format!("piped-{i}"), "seq 1 100000");
+    }
+    for i in 0..3 {
+        spool.wait_result(&format!("piped-{i}"));
+    }
+    drop(worker);
+    let root = spool.root();
+    for args in [&["list"][..], &["log", "piped-0"], &["status"]] {
+        let (reader, writer) = std::io::pipe().unwrap();
+        drop(reader);
+        let out = Command::new(BIN)
+            .arg("--spool")
+            .arg(&root)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(writer)
+            .stderr(Stdio::piped())
+            .output()
+            .unwrap();
+        let err = stderr(&out);
+        assert_eq!(
+            out.status.signal(),
+            Some(13),
+            "{args:?}: {:?} {err}",
+            out.status
+        );
+        assert!(err.is_empty(), "{args:?}: {err}");
+    }
+}

@@ -582,12 +582,15 @@ impl Worker {
         }
     }
 
-    /// Watches `cancel/` for requests (renamed in, or written and closed).
+    /// Watches `cancel/` for requests (renamed in, or written and closed),
+    /// and for what never gets a close (a link, a directory, a FIFO), which
+    /// is removed at once.
     fn watch_cancel<T>(&self, events: &inotify::EventStream<T>) -> Option<inotify::WatchDescriptor>
     where
         T: AsMut<[u8]> + AsRef<[u8]>,
     {
-        let mask = WatchMask::MOVED_TO | WatchMask::CLOSE_WRITE | WatchMask::ONLYDIR;
+        let mask =
+            WatchMask::MOVED_TO | WatchMask::CLOSE_WRITE | WatchMask::CREATE | WatchMask::ONLYDIR;
         match events.watches().add(self.spool.cancel(), mask) {
             Ok(wd) => Some(wd),
             Err(e) => {
@@ -634,6 +637,11 @@ impl Worker {
         }
         if !meta.is_file() {
             warn!("cancel/{shown} is not a regular file: removed, nothing cancelled");
+            return;
+        }
+        // A hard link to someone else's file would speak as its owner.
+        if meta.nlink() > 1 {
+            warn!("cancel/{shown} has other hard links: removed, nothing cancelled");
             return;
         }
         let Ok(id) = shown.parse::<JobId>() else {
