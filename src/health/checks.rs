@@ -928,7 +928,7 @@ fn check_foreground(ctx: &Ctx) -> Finding {
                     Level::Warning,
                     format!("it was {}", Hold::Stopped(Some(m.since)).describe()),
                 ),
-                None => (Level::Critical, "its jobs wait in pending/".to_owned()),
+                None => (Level::Critical, "jobs submitted to it wait in pending/".to_owned()),
             };
             Finding::new(
                 "worker.foreground",
