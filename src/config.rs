@@ -532,6 +532,13 @@ impl Config {
         toml::to_string(self).expect("a config always serializes")
     }
 
+    /// The spool the installed service serves, as it reads this file: its
+    /// `spool`, else the package's ([`SYSTEM_SPOOL`]; the unit's state
+    /// directory).
+    pub fn service_spool(&self) -> PathBuf {
+        self.spool.clone().unwrap_or_else(|| SYSTEM_SPOOL.into())
+    }
+
     /// The spool to use: `cli` (from `--spool` or `AI_CMD_EXECUTOR_SPOOL`),
     /// then this file's `spool`, then [`default_spool`].
     pub fn resolve_spool(&self, cli: Option<&Path>) -> PathBuf {

@@ -907,7 +907,7 @@ fn check_cron(ctx: &Ctx) -> Finding {
 /// fix starts one (whoever runs it chose where and as whom).
 fn check_foreground(ctx: &Ctx) -> Finding {
     let spool = ctx.spool.root();
-    let theirs = (ctx.config.spool.clone()).unwrap_or_else(|| crate::config::SYSTEM_SPOOL.into());
+    let theirs = ctx.config.service_spool();
     match ensure::local_worker(spool) {
         Ok(Some((pid, how))) => Finding::new(
             "worker.foreground",

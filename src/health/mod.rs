@@ -285,10 +285,8 @@ async fn served_by_hand(spool: &Path, config: &Config, bus: Option<&Systemd>) ->
             None => false,
         },
         _ => {
-            let theirs =
-                (config.spool.clone()).unwrap_or_else(|| crate::config::SYSTEM_SPOOL.into());
             let real = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_owned());
-            real(spool) != real(&theirs)
+            real(spool) != real(&config.service_spool())
         }
     }
 }

@@ -30,9 +30,9 @@ pub fn uninstall(ctx: &Context, args: UninstallArgs) -> anyhow::Result<ExitCode>
         Some(s) => s.clone(),
         None => ctx
             .load_config()
-            .ok()
-            .and_then(|l| l.config.spool)
-            .unwrap_or_else(|| crate::config::SYSTEM_SPOOL.into()),
+            .map(|l| l.config)
+            .unwrap_or_default()
+            .service_spool(),
     };
     install::uninstall(&UninstallOptions {
         root: args.root,
